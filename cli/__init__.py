@@ -1,0 +1,1 @@
+"""The `tedcache` command line (installed as the tedcache.cli package)."""

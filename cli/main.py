@@ -1,0 +1,184 @@
+"""click app: flags -> config dataclasses -> tedcache API. Errors become one line on stderr."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from tedcache.config import DEFAULT_CACHE_DIR, DataConfig, DistillConfig, ExtractConfig, FilterConfig, \
+    FinetuneConfig, TrainConfig
+
+
+def _paths(values: tuple[str, ...]) -> list[str] | None:
+    return [p for v in values for p in v.split(",") if p] or None
+
+
+def data_options(f):
+    """Flags that say which data and how to read it (shared by extract and finetune)."""
+    options = [
+        click.option("--data", "data", multiple=True, required=True,
+                     help="Training data: csv/json/jsonl/parquet files, a datasets save_to_disk folder, or a hub name."),
+        click.option("--eval-data", multiple=True, help="Evaluation split (same formats); used to pick the best epoch."),
+        click.option("--test-data", multiple=True, help="Test split, scored once with the best model."),
+        click.option("--task", default="classification", show_default=True, help="classification or regression."),
+        click.option("--text-column", default="text", show_default=True),
+        click.option("--text-pair-column", default=None, help="Second text of sentence-pair tasks."),
+        click.option("--label-column", default="label", show_default=True),
+        click.option("--max-length", default=128, show_default=True, type=int, help="Tokens per example (truncated)."),
+        click.option("--limit", default=None, type=int, help="Use only the first N training rows."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _data_config(kw: dict) -> DataConfig:
+    return DataConfig(train=_paths(kw.pop("data")), eval=_paths(kw.pop("eval_data")), test=_paths(kw.pop("test_data")),
+                      task=kw.pop("task"), text_column=kw.pop("text_column"),
+                      text_pair_column=kw.pop("text_pair_column"), label_column=kw.pop("label_column"),
+                      max_length=kw.pop("max_length"), limit=kw.pop("limit"))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="tedcache")
+def app():
+    """tedcache: TED distillation through an offline, compressed teacher feature cache."""
+
+
+@app.command()
+@click.option("--teacher", required=True, help="Fine-tuned teacher: an HF model folder or hub name.")
+@data_options
+@click.option("--layers", default="all", show_default=True, help="Teacher layers to filter: all, every:K, or 0,5 (0-based).")
+@click.option("--filter", "filter_kind", default="linear", show_default=True, help="linear or mlp.")
+@click.option("--filter-dim", default=None, type=int, help="Filter output width [default: teacher hidden size].")
+@click.option("--stage1-epochs", default=3.0, show_default=True, type=float)
+@click.option("--stage1-lr", default=1e-3, show_default=True, type=float)
+@click.option("--stage1-batch-size", default=32, show_default=True, type=int)
+@click.option("--seed", default=42, show_default=True, type=int, help="Stage I seed and storage order.")
+@click.option("--precision", default="fp16", show_default=True, help="Stored states: fp32, fp16 or bf16.")
+@click.option("--batch-size", default=64, show_default=True, type=int, help="Teacher batch for the cache pass.")
+@click.option("--cache-dir", default=str(DEFAULT_CACHE_DIR / "caches"), show_default=True)
+@click.option("--force", is_flag=True, help="Rebuild even if a cache of the same inputs exists.")
+def extract(teacher, layers, filter_kind, filter_dim, stage1_epochs, stage1_lr, stage1_batch_size, seed, precision,
+            batch_size, cache_dir, force, **kw):
+    """Stage one: train teacher filters (Stage I), run the teacher once, write the cache. Prints its path last."""
+    from tedcache.extraction import extract as run
+
+    cfg = ExtractConfig(teacher=teacher, data=_data_config(kw),
+                        filters=FilterConfig(layers=layers, kind=filter_kind, dim=filter_dim),
+                        stage1=TrainConfig(epochs=stage1_epochs, lr=stage1_lr, batch_size=stage1_batch_size, seed=seed),
+                        cache_dir=cache_dir, precision=precision, batch_size=batch_size, force=force)
+    click.echo(run(cfg))
+
+
+@app.command()
+@click.option("--cache", required=True, help="Cache folder printed by tedcache extract.")
+@click.option("--student", required=True, help="Student: an HF model folder or hub name (same tokenizer as the teacher).")
+@click.option("--out", required=True, help="Folder for the best student, its tokenizer and metrics.json.")
+@click.option("--method", default="ted", show_default=True, help="ted, kd or finetune.")
+@click.option("--kl-alpha", default=1.0, show_default=True, type=float)
+@click.option("--mse-alpha", default=1.0, show_default=True, type=float)
+@click.option("--temperature", default=2.0, show_default=True, type=float)
+@click.option("--epochs", default=3.0, show_default=True, type=float)
+@click.option("--lr", default=5e-5, show_default=True, type=float)
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--weight-decay", default=0.0, show_default=True, type=float)
+@click.option("--warmup-ratio", default=0.0, show_default=True, type=float)
+@click.option("--seed", default=42, show_default=True, type=int)
+@click.option("--student-layers", default="all", show_default=True, help="Student layers that get filters (ted).")
+@click.option("--layer-map", default=None, help="Explicit student:teacher pairs, e.g. 0:2,1:5.")
+@click.option("--finetune-first", default=0.0, show_default=True, type=float,
+              help="ted: epochs of plain fine-tuning before Stage I (the reference's practice).")
+@click.option("--stage1-epochs", default=1.0, show_default=True, type=float)
+@click.option("--stage1-lr", default=1e-3, show_default=True, type=float)
+@click.option("--eval-every", default=0, show_default=True, type=int, help="Steps between evaluations (0: each epoch).")
+@click.option("--max-steps", default=None, type=int)
+def distill(cache, student, out, method, kl_alpha, mse_alpha, temperature, epochs, lr, batch_size, weight_decay,
+            warmup_ratio, seed, student_layers, layer_map, finetune_first, stage1_epochs, stage1_lr, eval_every,
+            max_steps):
+    """Stage two: train a student against a cache. The teacher is never loaded."""
+    from tedcache.distillation import distill as run
+
+    train = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                        warmup_ratio=warmup_ratio, seed=seed)
+    cfg = DistillConfig(cache=cache, student=student, out=out, method=method, kl_alpha=kl_alpha, mse_alpha=mse_alpha,
+                        temperature=temperature, train=train, student_layers=student_layers, layer_map=layer_map,
+                        finetune_first=finetune_first,
+                        stage1=TrainConfig(epochs=stage1_epochs, lr=stage1_lr, batch_size=batch_size, seed=seed),
+                        eval_every=eval_every, max_steps=max_steps)
+    run(cfg)
+    click.echo(out)
+
+
+@app.command()
+@click.option("--model", required=True, help="Model to fine-tune: an HF folder or hub name.")
+@data_options
+@click.option("--out", required=True)
+@click.option("--epochs", default=3.0, show_default=True, type=float)
+@click.option("--lr", default=5e-5, show_default=True, type=float)
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--warmup-ratio", default=0.0, show_default=True, type=float)
+@click.option("--seed", default=42, show_default=True, type=int)
+def finetune(model, out, epochs, lr, batch_size, warmup_ratio, seed, **kw):
+    """Ordinary fine-tuning (to make a teacher, or a baseline)."""
+    from tedcache.finetuning import finetune as run
+
+    run(FinetuneConfig(model=model, data=_data_config(kw), out=out,
+                       train=TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, warmup_ratio=warmup_ratio,
+                                         seed=seed)))
+    click.echo(out)
+
+
+@app.command("init-student")
+@click.option("--from", "source", required=True, help="Model to copy layers from.")
+@click.option("--layers", required=True, help="0-based layers to keep, e.g. 0,5.")
+@click.option("--out", required=True)
+def init_student(source, layers, out):
+    """A shallower copy of a model keeping the given layers (DistilBERT-style initialisation)."""
+    from tedcache.models import init_student as run
+    from tedcache.taps import parse_layers
+
+    click.echo(run(source, parse_layers(layers, 10**6), out))
+
+
+@app.command()
+@click.option("--full", is_flag=True, help="All of Rotten Tomatoes and longer training (tens of minutes).")
+@click.option("--workdir", default=str(DEFAULT_CACHE_DIR / "demo"), show_default=True,
+              help="Where the fine-tuned teacher, the cache and the students go (reused by later runs).")
+@click.option("--seed", default=42, show_default=True, type=int)
+def demo(full, workdir, seed):
+    """The embedded default: MiniLM teacher -> 2-layer student on Rotten Tomatoes, TED vs KD vs fine-tuning."""
+    from tedcache.demo import run_demo
+
+    run_demo(workdir=workdir, full=full, seed=seed)
+
+
+def main() -> None:
+    """Entry point: run the app; user errors print one line (no traceback) and exit 2."""
+    from tedcache.errors import TedcacheError
+
+    try:
+        app.main(standalone_mode=False)
+    except TedcacheError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()} (see --help)", err=True)
+        sys.exit(exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("TEDCACHE_DEBUG"):
+            raise
+        click.echo(f"error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                   "(set TEDCACHE_DEBUG=1 for a traceback, and please report it)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

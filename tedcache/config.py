@@ -1,0 +1,94 @@
+"""Typed configuration shared by the Python API and the CLI (the CLI only fills these in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TASKS = ("classification", "regression")
+METHODS = ("ted", "kd", "finetune")
+PRECISIONS = ("fp32", "fp16", "bf16")
+FILTER_KINDS = ("linear", "mlp")
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "tedcache"
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they are read and tokenized."""
+
+    train: list[str]
+    eval: list[str] | None = None
+    test: list[str] | None = None
+    task: str = "classification"
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    max_length: int = 128
+    limit: int | None = None  # keep only the first N training examples (after loading)
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser settings for one training phase (fine-tuning, Stage I, Stage II)."""
+
+    epochs: float = 3.0
+    lr: float = 5e-5
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    seed: int = 42
+
+
+@dataclass
+class FilterConfig:
+    """TED filters: which layers get one, its shape and its output width."""
+
+    layers: str = "all"  # "all", "every:K" or a comma list of 0-based layer indices
+    kind: str = "linear"
+    dim: int | None = None  # None: the teacher's hidden size
+
+
+@dataclass
+class ExtractConfig:
+    """`tedcache extract`: Stage I on the teacher, then one teacher pass written to a cache."""
+
+    teacher: str
+    data: DataConfig
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    stage1: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=1e-3))
+    cache_dir: str = str(DEFAULT_CACHE_DIR / "caches")
+    precision: str = "fp16"
+    batch_size: int = 64  # teacher forward batch during extraction
+    shard_tokens: int = 16384
+    force: bool = False
+
+
+@dataclass
+class DistillConfig:
+    """`tedcache distill`: train a student against a cache (the teacher is never loaded)."""
+
+    cache: str
+    student: str
+    out: str
+    method: str = "ted"
+    kl_alpha: float = 1.0
+    mse_alpha: float = 1.0
+    temperature: float = 2.0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=5e-5))
+    student_layers: str = "all"  # which student layers get filters (ted)
+    layer_map: str | None = None  # "s:t,s:t" student layer -> cache layer; default pairs in order
+    finetune_first: float = 0.0  # epochs of plain fine-tuning before Stage I (the reference does it)
+    stage1: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=1e-3))
+    eval_every: int = 0  # steps between evaluations; 0 = once per epoch
+    max_steps: int | None = None
+
+
+@dataclass
+class FinetuneConfig:
+    """`tedcache finetune`: ordinary fine-tuning of a model on labelled data."""
+
+    model: str
+    data: DataConfig
+    out: str
+    train: TrainConfig = field(default_factory=TrainConfig)

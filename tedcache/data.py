@@ -1,0 +1,218 @@
+"""Reading labelled text, turning labels into ids, tokenizing, and fingerprinting the result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import TedcacheError
+
+FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class Examples:
+    """Tokenized examples stored flat (CSR): example i owns tokens offsets[i]:offsets[i+1]."""
+
+    input_ids: np.ndarray  # (T,) int32
+    offsets: np.ndarray  # (E+1,) int64
+    token_type_ids: np.ndarray | None  # (T,) int8, when the tokenizer makes them
+    labels: np.ndarray  # (E,) int64 class ids or float32 targets
+    fingerprint: str  # hash of the raw texts and labels that produced these examples
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def reorder(self, order: np.ndarray) -> "Examples":
+        """The examples in `order` (a permutation or subset of example indices), still flat."""
+        lengths = np.diff(self.offsets)[order]
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        token_index = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in order]) \
+            if len(order) else np.zeros(0, dtype=np.int64)
+        tt = None if self.token_type_ids is None else self.token_type_ids[token_index]
+        return Examples(self.input_ids[token_index], offsets, tt, self.labels[order], self.fingerprint)
+
+
+def load_table(paths: list[str]):
+    """Load csv/json/jsonl/parquet files, a folder saved by `datasets`, or (online) a hub dataset."""
+    import datasets
+
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        folder = Path(paths[0])
+        if not ((folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists()):
+            raise TedcacheError(f"{folder} is a folder but not one saved by datasets.save_to_disk; "
+                                "pass the data files themselves (csv, json, jsonl, parquet)")
+        loaded = datasets.load_from_disk(str(folder))
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise TedcacheError(f"{folder} holds splits {list(loaded)} but no 'train'; "
+                                    "save the split you want with Dataset.save_to_disk")
+            loaded = loaded["train"]
+        return loaded
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        if len(paths) == 1 and "/" in paths[0] and not paths[0].startswith((".", "/")) \
+                and Path(paths[0]).suffix == "":
+            return _load_from_hub(paths[0])
+        raise TedcacheError(f"data file {missing[0]} does not exist; check the path")
+    builders = {FILE_BUILDERS.get(Path(p).suffix.lower()) for p in paths}
+    if None in builders or len(builders) != 1:
+        raise TedcacheError(f"cannot read {paths}: give files of one kind among "
+                            f"{', '.join(sorted(FILE_BUILDERS))}")
+    builder = builders.pop()
+    kwargs = {"delimiter": "\t"} if builder == "csv" and paths[0].endswith(".tsv") else {}
+    try:
+        return datasets.load_dataset(builder, data_files=list(paths), split="train", **kwargs)
+    except Exception as exc:  # datasets raises many types for unreadable files
+        if "empty" in str(exc).lower() or "no columns" in str(exc).lower():
+            raise TedcacheError(f"{paths[0]} holds no examples; give a file with at least one row") from exc
+        raise TedcacheError(f"cannot read {paths[0]} as {builder}: {str(exc).splitlines()[0]}") from exc
+
+
+def _load_from_hub(name: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split="train")
+    except Exception as exc:
+        raise TedcacheError(f"{name} is neither a local path nor a reachable hub dataset "
+                            f"({type(exc).__name__}); check the path or go online") from exc
+
+
+def check_columns(table, columns: list[str | None], source: str) -> None:
+    """Fail with one line when the table is empty or lacks a needed column."""
+    if len(table) == 0:
+        raise TedcacheError(f"{source} holds no examples; give a data set with at least one row")
+    for col in columns:
+        if col is not None and col not in table.column_names:
+            raise TedcacheError(f"{source} has no column '{col}' (columns: {', '.join(table.column_names)}); "
+                                "name the right one with --text-column / --text-pair-column / --label-column")
+
+
+def label_names_from_data(table, label_column: str) -> list[str]:
+    """Label names for a classification set: ClassLabel names, sorted strings, or 0..max ints."""
+    feature = table.features[label_column]
+    if hasattr(feature, "names"):
+        return list(feature.names)
+    values = table[label_column][:]
+    if any(v is None for v in values):
+        raise TedcacheError(f"column '{label_column}' has empty labels; drop those rows or fill them in")
+    if all(isinstance(v, str) for v in values):
+        return sorted(set(values))
+    ints = np.asarray(values)
+    if not np.issubdtype(ints.dtype, np.integer) or ints.min() < 0:
+        raise TedcacheError(f"column '{label_column}' holds {ints.dtype} values; classification labels "
+                            "must be class names or integers 0..K-1 (use --task regression for numbers)")
+    return [str(i) for i in range(int(ints.max()) + 1)]
+
+
+def encode_labels(table, label_column: str, task: str, label_names: list[str] | None, source: str) -> np.ndarray:
+    """Labels as class ids (classification) or float targets (regression), checked against the label set."""
+    values = table[label_column][:]
+    if any(v is None for v in values):
+        raise TedcacheError(f"{source}: column '{label_column}' has empty labels; drop those rows or fill them in")
+    if task == "regression":
+        try:
+            return np.asarray(values, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise TedcacheError(f"{source}: column '{label_column}' is not numeric; regression needs numbers") from exc
+    assert label_names is not None
+    if all(isinstance(v, str) for v in values):
+        index = {name: i for i, name in enumerate(label_names)}
+        unknown = sorted({v for v in values if v not in index})
+        if unknown:
+            raise TedcacheError(f"{source}: labels {unknown[:5]} are outside the label set {label_names}; "
+                                "fix the labels or use a model trained on this label set")
+        return np.asarray([index[v] for v in values], dtype=np.int64)
+    ids = np.asarray(values)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TedcacheError(f"{source}: column '{label_column}' holds {ids.dtype} values; classification labels "
+                            "must be class names or integers 0..K-1")
+    bad = sorted({int(v) for v in ids if not 0 <= v < len(label_names)})
+    if bad:
+        raise TedcacheError(f"{source}: labels {bad[:5]} are outside the label set 0..{len(label_names) - 1}; "
+                            "fix the labels or use a model with that many labels")
+    return ids.astype(np.int64)
+
+
+def fingerprint_table(table, columns: list[str | None]) -> str:
+    """A content hash of the columns that determine the examples (order-sensitive)."""
+    digest = hashlib.sha256()
+    for col in columns:
+        if col is None:
+            continue
+        digest.update(col.encode())
+        for start in range(0, len(table), 10_000):
+            chunk = table[start:start + 10_000][col]  # a plain list
+            digest.update(json.dumps(chunk, default=str).encode())
+    return digest.hexdigest()
+
+
+def tokenize(table, tokenizer, text_column: str, text_pair_column: str | None, max_length: int,
+             labels: np.ndarray, source: str) -> Examples:
+    """Tokenize (truncating, no padding) into flat CSR arrays."""
+    texts = table[text_column][:]
+    pairs = table[text_pair_column][:] if text_pair_column else None
+    for name, col in ((text_column, texts), (text_pair_column, pairs)):
+        if col is not None and any(not isinstance(t, str) for t in col):
+            raise TedcacheError(f"{source}: column '{name}' has empty or non-text rows; drop or fill them")
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    lengths = np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=len(texts))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    input_ids = np.concatenate([np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]])
+    token_type_ids = None
+    if "token_type_ids" in enc:
+        token_type_ids = np.concatenate([np.asarray(t, dtype=np.int8) for t in enc["token_type_ids"]])
+    columns = [text_column, text_pair_column, None]
+    return Examples(input_ids, offsets, token_type_ids, labels,
+                    fingerprint=fingerprint_table(table, columns) + _hash_array(labels))
+
+
+def _hash_array(values: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()[:16]
+
+
+def resolve_label_names(table, label_column: str, model_config) -> list[str]:
+    """The label set: the model's own names when the data uses them, else names from the data,
+    checked against the model's number of labels."""
+    num_labels = model_config.num_labels if model_config is not None else None
+    model_names = [model_config.id2label[i] for i in range(num_labels)] if num_labels else None
+    values = table[label_column][:]
+    if model_names and values and all(isinstance(v, str) for v in values) and set(values) <= set(model_names):
+        return model_names
+    names = label_names_from_data(table, label_column)
+    if num_labels is None:
+        return names
+    if all(n.isdigit() for n in names):  # integer labels: encode_labels checks the range
+        return model_names if not _generic(model_names) else [str(i) for i in range(num_labels)]
+    if len(names) != num_labels:
+        raise TedcacheError(f"the data has {len(names)} labels {names[:5]} but the model has {num_labels}; "
+                            "fine-tune a model on this label set first (tedcache finetune)")
+    return names
+
+
+def _generic(names: list[str]) -> bool:
+    return all(n == f"LABEL_{i}" for i, n in enumerate(names))
+
+
+def load_examples(paths: list[str], cfg, tokenizer, label_names: list[str] | None, source: str,
+                  limit: int | None = None, model_config=None) -> tuple[Examples, list[str] | None]:
+    """Read one split, check it, encode labels and tokenize. With label_names=None (classification)
+    the label set is resolved from the data and model_config; returns (examples, label_names)."""
+    table = load_table(paths)
+    check_columns(table, [cfg.text_column, cfg.text_pair_column, cfg.label_column], source)
+    if limit is not None and limit < len(table):
+        table = table.select(range(limit))
+    if cfg.task == "classification" and label_names is None:
+        label_names = resolve_label_names(table, cfg.label_column, model_config)
+    labels = encode_labels(table, cfg.label_column, cfg.task, label_names, source)
+    examples = tokenize(table, tokenizer, cfg.text_column, cfg.text_pair_column, cfg.max_length, labels, source)
+    return examples, label_names

@@ -1,0 +1,155 @@
+"""Stage two: train a student against a cache (TED, and the KD / fine-tuning baselines).
+
+The teacher is never loaded: targets come from the cache. The loss code is shared with the online
+path (targets computed live, see tedcache.extraction.teacher_targets)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+
+import torch
+
+from .config import METHODS, DistillConfig
+from .errors import TedcacheError, note
+from .evaluate import PRIMARY_METRIC, metrics, predict
+from .filters import FilterBank, FilterSpec
+from .losses import filtered_mse, kd_loss, task_loss
+from .models import load_classifier, load_tokenizer, vocab_hash
+from .reader import CacheSource, iterate_batches, num_batches
+from .stage1 import train_filters
+from .store import Cache
+from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
+from .train import fit, save_run
+
+
+def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: str | None,
+               student_total: int) -> tuple[list[int], list[int]]:
+    """Pair student layers with cached teacher layers; returns (student_layers, teacher_layers).
+
+    Default: with m student layers and K cached layers, K a multiple of m, student layer j is paired
+    with cached layer (j+1)*K/m - 1 (TED's interval rule applied to the cache: every (K/m)-th, ending
+    at the last). An explicit map "s:t,s:t" names 0-based student and teacher layers."""
+    if layer_map:
+        try:
+            pairs = [tuple(int(x) for x in item.split(":")) for item in layer_map.split(",") if item.strip()]
+            assert pairs and all(len(p) == 2 for p in pairs)
+        except (ValueError, AssertionError):
+            raise TedcacheError(f"--layer-map '{layer_map}' is not a list like 0:2,1:5 "
+                                "(student layer:teacher layer)") from None
+        bad = [f"{s}:{t}" for s, t in pairs if not 0 <= s < student_total or t not in cache_layers]
+        if bad:
+            raise TedcacheError(f"--layer-map pairs {bad} do not fit: student layers are 0..{student_total - 1}, "
+                                f"cached teacher layers are {cache_layers}")
+        return [s for s, _ in pairs], [t for _, t in pairs]
+    m, k = len(student_layers), len(cache_layers)
+    if m > k or k % m:
+        raise TedcacheError(f"cannot map {m} student layers {student_layers} onto the cache's {k} layers "
+                            f"{cache_layers}; choose --student-layers so their count divides {k}, "
+                            "or give --layer-map s:t,...")
+    step = k // m
+    return student_layers, [cache_layers[(j + 1) * step - 1] for j in range(m)]
+
+
+def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfig, task: str):
+    """L = task + kl_alpha * T^2 * KL(teacher || student) + mse_alpha * mean-over-layers filtered MSE.
+    batch carries the targets: teacher_logits (B, C) and teacher_states [(B, L, d_f)] (cached or live)."""
+    layers = bank.spec.layers if bank is not None else []
+    logits, hidden = forward_with_taps(student, batch, layers)
+    terms = {"task": task_loss(logits, batch["labels"], task)}
+    loss = terms["task"]
+    if cfg.kl_alpha > 0:
+        terms["kl"] = kd_loss(logits, batch["teacher_logits"], cfg.temperature)
+        loss = loss + cfg.kl_alpha * terms["kl"]
+    if bank is not None and cfg.mse_alpha > 0:
+        terms["mse"] = filtered_mse(bank(hidden), batch["teacher_states"], batch["attention_mask"])
+        loss = loss + cfg.mse_alpha * terms["mse"]
+    return loss, {k: v.detach() for k, v in terms.items()}
+
+
+def effective_weights(cfg: DistillConfig) -> DistillConfig:
+    """The baselines run the same loop with the distillation terms switched off."""
+    if cfg.method not in METHODS:
+        raise TedcacheError(f"unknown method '{cfg.method}'; use one of {', '.join(METHODS)}")
+    if cfg.method == "kd":
+        return replace(cfg, mse_alpha=0.0)
+    if cfg.method == "finetune":
+        return replace(cfg, mse_alpha=0.0, kl_alpha=0.0)
+    return cfg
+
+
+def distill(cfg: DistillConfig, log=None) -> dict:
+    """Train `cfg.student` against `cfg.cache` with `cfg.method`; save the best epoch to `cfg.out`."""
+    log = log or note
+    cfg = effective_weights(cfg)
+    started = time.perf_counter()
+    cache = Cache(cfg.cache)
+    meta = cache.metadata
+    task = meta["task"]
+    tokenizer = load_tokenizer(cfg.student, "student")
+    if vocab_hash(tokenizer) != meta["tokenizer_vocab_sha256"]:
+        raise TedcacheError(f"the student's tokenizer vocabulary differs from the cache's ({meta['tokenizer']}); "
+                            "use a student with the teacher's tokenizer, or extract a cache with a matching teacher")
+    student = load_classifier(cfg.student, "student", task, meta.get("label_names"))
+    bank = None
+    if cfg.method == "ted":
+        total = num_layers(student)
+        student_layers, teacher_layers = map_layers(parse_layers(cfg.student_layers, total), cache.layers,
+                                                    cfg.layer_map, total)
+        bank = FilterBank(FilterSpec(student_layers, hidden_size(student), meta["filter_dim"], meta["filter_kind"]))
+        log(f"layer map (student -> teacher): {dict(zip(student_layers, teacher_layers))}")
+    else:
+        teacher_layers = []
+    train_split, eval_split = cache.split("train"), cache.split("eval")
+    pad_id = meta["pad_token_id"]
+    precision = meta["precision"]
+    torch.manual_seed(cfg.train.seed)
+    phases = {}
+
+    labels_only = CacheSource(train_split, precision)
+    if cfg.method == "ted" and cfg.finetune_first > 0:
+        ft_cfg = replace(cfg.train, epochs=cfg.finetune_first)
+        phases["finetune_first"] = fit(
+            list(student.parameters()), [student],
+            lambda e: iterate_batches(labels_only, ft_cfg.batch_size, pad_id, True, ft_cfg.seed, e),
+            num_batches(labels_only, ft_cfg.batch_size),
+            lambda b: stage2_loss(student, None, b, replace(cfg, kl_alpha=0.0), task),
+            ft_cfg, "fine-tune student first")
+    if bank is not None:
+        phases["stage1"] = train_filters(student, bank, labels_only, task, meta["num_outputs"], cfg.stage1, pad_id,
+                                         desc="stage I (student filters)")
+        student.requires_grad_(True)
+
+    source = CacheSource(train_split, precision, teacher_layers)
+
+    def evaluate_split(split) -> dict:
+        logits, labels = predict(student, iterate_batches(CacheSource(split, precision), 64, pad_id))
+        return metrics(logits, labels, task)
+
+    modules = [student] + ([bank] if bank is not None else [])
+    params = [p for m in modules for p in m.parameters()]
+    result = fit(params, modules,
+                 lambda e: iterate_batches(source, cfg.train.batch_size, pad_id, True, cfg.train.seed, e),
+                 num_batches(source, cfg.train.batch_size), lambda b: stage2_loss(student, bank, b, cfg, task),
+                 cfg.train, f"stage II ({cfg.method})",
+                 evaluate=(lambda: evaluate_split(eval_split)) if eval_split is not None else None,
+                 select=PRIMARY_METRIC[task], eval_every=cfg.eval_every, max_steps=cfg.max_steps)
+    report = {
+        "method": cfg.method, "config": asdict(cfg), "cache": str(cache.path), "task": task,
+        "layer_map": dict(zip(bank.spec.layers, teacher_layers)) if bank is not None else None,
+        "history": result["history"], "eval": result["evals"], "best": result["best"],
+        "phases": {k: {"history": v["history"], "seconds": v["seconds"]} for k, v in phases.items()},
+        "teacher": {s: metrics(cache.split(s).teacher_logits, cache.split(s).labels, task)
+                    for s in ("eval", "test") if cache.split(s) is not None},
+        "stage2_seconds": result["seconds"],
+    }
+    test_split = cache.split("test")
+    if test_split is not None:
+        report["test"] = evaluate_split(test_split)
+    report["seconds"] = time.perf_counter() - started
+    save_run(student, tokenizer, cfg.out, report)
+    best = report["best"] or {}
+    log(f"{cfg.method}: best eval {PRIMARY_METRIC[task]} {best.get(PRIMARY_METRIC[task], float('nan')):.4f}"
+        + (f", test {report['test'][PRIMARY_METRIC[task]]:.4f}" if "test" in report else "")
+        + f" ({report['seconds']:.0f}s); saved to {cfg.out}")
+    return report

@@ -1,0 +1,57 @@
+"""Task metrics from predictions, and running a model over a split."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+PRIMARY_METRIC = {"classification": "accuracy", "regression": "spearman"}
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean of their positions)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
+
+
+def metrics(logits: np.ndarray, labels: np.ndarray, task: str) -> dict[str, float]:
+    """accuracy + F1 (binary: positive class 1; else macro) for classification; pearson/spearman for regression."""
+    if task == "regression":
+        pred = logits.reshape(-1).astype(np.float64)
+        gold = labels.astype(np.float64)
+        return {"pearson": _pearson(pred, gold), "spearman": _pearson(_ranks(pred), _ranks(gold)),
+                "mse": float(((pred - gold) ** 2).mean())}
+    pred = logits.argmax(-1)
+    num_classes = logits.shape[-1]
+    f1s = []
+    for c in range(num_classes):
+        tp = np.sum((pred == c) & (labels == c))
+        fp = np.sum((pred == c) & (labels != c))
+        fn = np.sum((pred != c) & (labels == c))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    f1 = f1s[1] if num_classes == 2 else float(np.mean(f1s))
+    return {"accuracy": float((pred == labels).mean()), "f1": float(f1)}
+
+
+@torch.no_grad()
+def predict(model, batches) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels over batches, in source order."""
+    model.eval()
+    logits, labels, index = [], [], []
+    for batch in batches:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        logits.append(model(**inputs).logits.float().cpu())
+        labels.append(batch["labels"])
+        index.append(batch["example_index"])
+    order = torch.cat(index).argsort()
+    return torch.cat(logits)[order].numpy(), torch.cat(labels)[order].numpy()

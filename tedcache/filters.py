@@ -1,0 +1,58 @@
+"""TED filters (one per tapped layer) and the throw-away Stage-I task heads."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+@dataclass
+class FilterSpec:
+    layers: list[int]  # 0-based tapped layers, one filter each
+    in_dim: int
+    out_dim: int
+    kind: str = "linear"  # "linear" or "mlp"
+
+
+class FilterBank(nn.Module):
+    """filters[j] maps the hidden state of layers[j] (B, L, in_dim) to (B, L, out_dim)."""
+
+    def __init__(self, spec: FilterSpec):
+        super().__init__()
+        self.spec = spec
+        self.filters = nn.ModuleList(self._make(spec) for _ in spec.layers)
+
+    @staticmethod
+    def _make(spec: FilterSpec) -> nn.Module:
+        if spec.kind == "linear":
+            return nn.Linear(spec.in_dim, spec.out_dim)
+        return nn.Sequential(nn.Linear(spec.in_dim, spec.in_dim), nn.GELU(), nn.Linear(spec.in_dim, spec.out_dim))
+
+    def forward(self, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [f(h) for f, h in zip(self.filters, hidden_states)]
+
+    def save(self, folder: Path, name: str) -> None:
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / f"{name}.safetensors"))
+        (folder / f"{name}.json").write_text(json.dumps(asdict(self.spec)))
+
+    @classmethod
+    def load(cls, folder: Path, name: str) -> "FilterBank":
+        bank = cls(FilterSpec(**json.loads((folder / f"{name}.json").read_text())))
+        bank.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+        return bank
+
+
+class SequenceHead(nn.Module):
+    """Stage-I head on a filter's output at token 0: the shape of a BERT classification head."""
+
+    def __init__(self, dim: int, num_outputs: int, dropout: float = 0.1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, num_outputs))
+
+    def forward(self, filtered: torch.Tensor) -> torch.Tensor:
+        return self.net(filtered[:, 0])

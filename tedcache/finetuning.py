@@ -1,0 +1,53 @@
+"""Ordinary fine-tuning on labelled data: makes a teacher, or a baseline from raw data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+
+from .config import TASKS, FinetuneConfig
+from .data import load_examples
+from .errors import TedcacheError, note
+from .evaluate import PRIMARY_METRIC, metrics, predict
+from .losses import task_loss
+from .models import load_classifier, load_tokenizer
+from .reader import ExamplesSource, iterate_batches, num_batches
+from .taps import forward_with_taps
+from .train import fit, save_run
+
+
+def finetune(cfg: FinetuneConfig, log=None) -> dict:
+    """Fine-tune `cfg.model` with a fresh head sized to the data's labels; save the best epoch to `cfg.out`."""
+    log = log or note
+    task = cfg.data.task
+    if task not in TASKS:
+        raise TedcacheError(f"unknown task '{task}'; use one of {', '.join(TASKS)}")
+    tokenizer = load_tokenizer(cfg.model)
+    train, label_names = load_examples(cfg.data.train, cfg.data, tokenizer, None, "--data", cfg.data.limit)
+    evaluation = None
+    if cfg.data.eval:
+        evaluation, _ = load_examples(cfg.data.eval, cfg.data, tokenizer, label_names, "--eval-data")
+    torch.manual_seed(cfg.train.seed)
+    model = load_classifier(cfg.model, "model", task, label_names)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    source = ExamplesSource(train)
+
+    def loss_fn(batch):
+        logits, _ = forward_with_taps(model, batch, [])
+        loss = task_loss(logits, batch["labels"], task)
+        return loss, {"task": loss.detach()}
+
+    def evaluate():
+        return metrics(*predict(model, iterate_batches(ExamplesSource(evaluation), 64, pad_id)), task)
+
+    result = fit(list(model.parameters()), [model],
+                 lambda e: iterate_batches(source, cfg.train.batch_size, pad_id, True, cfg.train.seed, e),
+                 num_batches(source, cfg.train.batch_size), loss_fn, cfg.train, "fine-tune",
+                 evaluate=evaluate if evaluation is not None else None, select=PRIMARY_METRIC[task])
+    report = {"method": "finetune", "config": asdict(cfg), "task": task, "label_names": label_names,
+              "history": result["history"], "eval": result["evals"], "best": result["best"],
+              "seconds": result["seconds"]}
+    save_run(model, tokenizer, cfg.out, report)
+    log(f"fine-tuned in {result['seconds']:.0f}s; saved to {cfg.out}")
+    return report

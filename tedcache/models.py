@@ -1,0 +1,107 @@
+"""Loading HF models and tokenizers, their identity hashes, and making shallower students."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import TedcacheError
+
+
+def _check_source(name: str, what: str) -> None:
+    path = Path(name)
+    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise TedcacheError(f"{what} folder {name} does not exist; give a model folder or a hub name")
+
+
+def load_tokenizer(name: str, what: str = "model"):
+    from transformers import AutoTokenizer
+
+    _check_source(name, what)
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:
+        raise TedcacheError(f"cannot load a tokenizer from {what} {name} ({type(exc).__name__}); "
+                            "give a folder with tokenizer files, or a hub name when online") from exc
+
+
+def load_classifier(name: str, what: str = "model", task: str | None = None,
+                    label_names: list[str] | None = None):
+    """An AutoModelForSequenceClassification; with label_names/task given, its head is sized to them."""
+    from transformers import AutoModelForSequenceClassification
+
+    _check_source(name, what)
+    kwargs = {}
+    if task == "regression":
+        kwargs = {"num_labels": 1, "problem_type": "regression"}
+    elif label_names is not None:
+        kwargs = {"num_labels": len(label_names), "problem_type": "single_label_classification",
+                  "id2label": dict(enumerate(label_names)),
+                  "label2id": {n: i for i, n in enumerate(label_names)}}
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(name, ignore_mismatched_sizes=bool(kwargs),
+                                                                  **kwargs)
+    except Exception as exc:
+        raise TedcacheError(f"cannot load {what} {name} as a sequence classifier "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer, in name order: the model's identity in a cache."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def vocab_hash(tokenizer) -> str:
+    """sha256 of the token -> id map plus the special tokens: equal hashes mean interchangeable ids."""
+    payload = {"vocab": sorted(tokenizer.get_vocab().items()),
+               "special": sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())}
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+def layer_list(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer layers (the ModuleList as long as num_hidden_layers)."""
+    from .taps import num_layers
+
+    total = num_layers(model)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == total:
+            return module
+    raise TedcacheError(f"cannot find the transformer layer stack of {type(model).__name__}")
+
+
+def init_student(source: str, layers: list[int], out: str) -> Path:
+    """A shallower copy of `source` keeping the given 0-based layers (DistilBERT-style), saved to `out`."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    from .taps import num_layers, parse_layers
+
+    _check_source(source, "source model")
+    config = AutoConfig.from_pretrained(source)
+    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    auto = AutoModelForSequenceClassification if has_head else AutoModel
+    model = auto.from_pretrained(source)
+    keep = parse_layers(",".join(map(str, layers)), num_layers(model))
+    stack = layer_list(model)
+    kept = [stack[i] for i in keep]
+    for new_index, layer in enumerate(kept):
+        for module in layer.modules():  # decoders index their KV cache by layer_idx
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    stack._modules.clear()
+    for i, layer in enumerate(kept):
+        stack.add_module(str(i), layer)
+    model.config.num_hidden_layers = len(kept)
+    out_path = Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_path)
+    load_tokenizer(source, "source model").save_pretrained(out_path)
+    return out_path

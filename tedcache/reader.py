@@ -1,0 +1,136 @@
+"""Batches for training and evaluation, from tokenized examples in memory or from a cache on disk.
+
+Both sources expose the same window read, so one batching routine serves fine-tuning, Stage I,
+extraction and Stage II. Training order: the example range is cut into windows of contiguous
+examples (~window_tokens tokens, with a random start each epoch), windows are visited in random
+order and shuffled in memory. Caches store examples pre-shuffled, so contiguous windows are random
+samples and each window costs one slice read per array.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import Examples
+from .store import Split, decode_states
+
+
+@dataclass
+class Window:
+    """Arrays for examples [first, last): token arrays start at token offsets[first]."""
+
+    first: int
+    offsets: np.ndarray  # (n+1,) absolute token offsets of these examples
+    input_ids: np.ndarray
+    token_type_ids: np.ndarray | None
+    states: list[np.ndarray] | None  # one (tokens, d) array per requested layer
+
+
+class ExamplesSource:
+    """Tokenized examples held in memory (no teacher targets)."""
+
+    def __init__(self, examples: Examples):
+        self.examples = examples
+        self.offsets, self.labels, self.teacher_logits = examples.offsets, examples.labels, None
+        self.precision = None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def read(self, first: int, last: int) -> Window:
+        a, b = self.offsets[first], self.offsets[last]
+        tt = self.examples.token_type_ids
+        return Window(first, self.offsets[first:last + 1], self.examples.input_ids[a:b],
+                      None if tt is None else tt[a:b], None)
+
+
+class CacheSource:
+    """One split of a cache: tokens, labels, teacher logits and (optionally) the states of some layers."""
+
+    def __init__(self, split: Split, precision: str, layers: list[int] | None = None):
+        self.split, self.precision, self.layers = split, precision, layers or []
+        self.offsets, self.labels, self.teacher_logits = split.offsets, split.labels, split.teacher_logits
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def read(self, first: int, last: int) -> Window:
+        a, b = int(self.offsets[first]), int(self.offsets[last])
+        tt = self.split.tokens("token_type_ids", a, b) if self.split.has_token_types else None
+        states = [self.split.states(layer, a, b) for layer in self.layers] if self.layers else None
+        return Window(first, self.offsets[first:last + 1], self.split.tokens("input_ids", a, b), tt, states)
+
+
+def _windows(num_examples: int, size: int, rng: np.random.Generator | None) -> list[tuple[int, int]]:
+    shift = int(rng.integers(size)) if rng is not None and num_examples > size else 0
+    cuts = sorted({0, num_examples, *range(shift, num_examples, size)})
+    spans = list(zip(cuts[:-1], cuts[1:]))
+    if rng is not None:
+        rng.shuffle(spans)
+    return spans
+
+
+def iterate_batches(source, batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0,
+                    epoch: int = 0, window_tokens: int = 65536, drop_last: bool = False):
+    """Yield padded batch dicts (see `collate`) over the whole source, once."""
+    n = len(source)
+    mean_len = max(1.0, source.offsets[-1] / max(n, 1))
+    window_size = max(batch_size, int(window_tokens / mean_len))
+    rng = np.random.default_rng([seed, epoch]) if shuffle else None
+    pending: list[tuple[Window, int]] = []
+    for first, last in _windows(n, window_size, rng):
+        window = source.read(first, last)
+        order = np.arange(first, last)
+        if rng is not None:
+            rng.shuffle(order)
+        for i in order:
+            pending.append((window, int(i)))
+            if len(pending) == batch_size:
+                yield collate(pending, source, pad_id)
+                pending = []
+    if pending and not drop_last:
+        yield collate(pending, source, pad_id)
+
+
+def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
+    """Pad examples to the batch's longest. Keys: input_ids, attention_mask, [token_type_ids], labels,
+    example_index, [teacher_logits], [teacher_states: list of (B, L, d) compact-dtype tensors]."""
+    spans = []
+    for window, i in items:
+        base = window.offsets[0]
+        spans.append((int(window.offsets[i - window.first] - base), int(window.offsets[i - window.first + 1] - base)))
+    batch_len = max(b - a for a, b in spans)
+    size = len(items)
+    input_ids = np.full((size, batch_len), pad_id, dtype=np.int64)
+    mask = np.zeros((size, batch_len), dtype=np.int64)
+    has_tt = items[0][0].token_type_ids is not None
+    token_types = np.zeros((size, batch_len), dtype=np.int64) if has_tt else None
+    states = None
+    if items[0][0].states is not None:
+        states = [np.zeros((size, batch_len, s.shape[1]), dtype=s.dtype) for s in items[0][0].states]
+    for row, ((window, _), (a, b)) in enumerate(zip(items, spans)):
+        input_ids[row, :b - a] = window.input_ids[a:b]
+        mask[row, :b - a] = 1
+        if has_tt:
+            token_types[row, :b - a] = window.token_type_ids[a:b]
+        if states is not None:
+            for out, layer_states in zip(states, window.states):
+                out[row, :b - a] = layer_states[a:b]
+    index = np.array([i for _, i in items])
+    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
+             "labels": torch.from_numpy(source.labels[index]), "example_index": torch.from_numpy(index)}
+    if has_tt:
+        batch["token_type_ids"] = torch.from_numpy(token_types)
+    if source.teacher_logits is not None:
+        batch["teacher_logits"] = torch.from_numpy(source.teacher_logits[index])
+    if states is not None:
+        batch["teacher_states"] = [decode_states(s, source.precision) for s in states]
+    return batch
+
+
+def num_batches(source, batch_size: int, drop_last: bool = False) -> int:
+    n = len(source)
+    return n // batch_size if drop_last else -(-n // batch_size)

@@ -1,0 +1,34 @@
+"""Stage I: train one filter + throw-away head per tapped layer on a frozen model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .filters import FilterBank, SequenceHead
+from .losses import task_loss
+from .reader import iterate_batches, num_batches
+from .taps import forward_with_taps
+from .train import fit
+
+
+def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, cfg: TrainConfig, pad_id: int,
+                  desc: str = "stage I") -> dict:
+    """Train `bank` in place; only filter and head weights change. The loss is the mean over filters of
+    each head's task loss. The frozen backbone stays in train mode (dropout on), as in the reference,
+    and runs without autograd since nothing in it is trained."""
+    torch.manual_seed(cfg.seed)
+    heads = nn.ModuleList(SequenceHead(bank.spec.out_dim, num_outputs) for _ in bank.spec.layers)
+    model.requires_grad_(False)
+
+    def loss_fn(batch):
+        with torch.no_grad():
+            _, hidden = forward_with_taps(model, batch, bank.spec.layers)
+        losses = torch.stack([task_loss(head(f), batch["labels"], task) for head, f in zip(heads, bank(hidden))])
+        return losses.mean(), {f"layer_{layer}": l for layer, l in zip(bank.spec.layers, losses.detach())}
+
+    params = list(bank.parameters()) + list(heads.parameters())
+    return fit(params, [model, bank, heads],
+               lambda epoch: iterate_batches(source, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed, epoch=epoch),
+               num_batches(source, cfg.batch_size), loss_fn, cfg, desc)

@@ -1,0 +1,55 @@
+"""Which transformer layers are tapped, and reading their output hidden states from any HF model."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import TedcacheError
+
+
+def num_layers(model) -> int:
+    config = model.config
+    return int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer"))
+
+
+def hidden_size(model) -> int:
+    config = model.config
+    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd"))
+
+
+def parse_layers(spec: str, total: int) -> list[int]:
+    """0-based layer indices from "all", "every:K" (TED's rule: layer i when (i+1) % K == 0) or "0,5"."""
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(total))
+    if spec.startswith("every:"):
+        try:
+            k = int(spec.split(":", 1)[1])
+        except ValueError:
+            k = 0
+        if not 1 <= k <= total:
+            raise TedcacheError(f"layers '{spec}': K must be an integer in 1..{total}; e.g. every:2")
+        return [i for i in range(total) if (i + 1) % k == 0]
+    try:
+        layers = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise TedcacheError(f"layers '{spec}' is not 'all', 'every:K' or a list like 0,5") from None
+    bad = [i for i in layers if not 0 <= i < total]
+    if not layers or bad or len(set(layers)) != len(layers) or layers != sorted(layers):
+        raise TedcacheError(f"layers '{spec}': give distinct increasing indices in 0..{total - 1} "
+                            "(0-based transformer layers)")
+    return layers
+
+
+def forward_with_taps(model, batch: dict, layers: list[int]):
+    """Run the model; return (logits, [hidden state after layer i for i in layers]).
+
+    hidden_states[0] is the embedding output, so layer i's output is hidden_states[i + 1]."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    out = model(**inputs, output_hidden_states=True)
+    return out.logits, [out.hidden_states[i + 1] for i in layers]
+
+
+def freeze(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
