@@ -155,10 +155,21 @@ def demo(full, workdir, seed):
     run_demo(workdir=workdir, full=full, seed=seed)
 
 
+def _quiet_libraries() -> None:
+    """Keep stderr for tedcache's own progress: no per-file bars or load reports from the libraries."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main() -> None:
     """Entry point: run the app; user errors print one line (no traceback) and exit 2."""
     from tedcache.errors import TedcacheError
 
+    _quiet_libraries()
     try:
         app.main(standalone_mode=False)
     except TedcacheError as exc:

@@ -1,0 +1,147 @@
+"""Stage I, the cache round trip, Stage II on cached vs live targets, distill without the teacher."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tedcache import DataConfig, DistillConfig, ExtractConfig, TrainConfig, distill, extract
+from tedcache.config import FilterConfig
+from tedcache.data import load_examples
+from tedcache.distillation import map_layers, stage2_loss
+from tedcache.errors import TedcacheError
+from tedcache.extraction import teacher_targets
+from tedcache.filters import FilterBank, FilterSpec
+from tedcache.models import load_classifier, load_tokenizer
+from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
+from tedcache.stage1 import train_filters
+from tedcache.store import Cache, decode_states
+
+
+def _extract(assets, tmp_path, **kw):
+    data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], test=[str(assets["test"])],
+                      max_length=24)
+    cfg = ExtractConfig(teacher=str(assets["teacher"]), data=data, cache_dir=str(tmp_path / "caches"),
+                        stage1=TrainConfig(epochs=1, lr=1e-3, batch_size=16), batch_size=16, shard_tokens=256, **kw)
+    return cfg, extract(cfg)
+
+
+def test_stage1_changes_only_filters_and_heads(assets):
+    tokenizer = load_tokenizer(str(assets["teacher"]))
+    model = load_classifier(str(assets["teacher"]))
+    examples, _ = load_examples([str(assets["train"])], DataConfig(train=[]), tokenizer, None, "--data",
+                                model_config=model.config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bank = FilterBank(FilterSpec([1, 3], 48, 40))
+    bank_before = [p.detach().clone() for p in bank.parameters()]
+    train_filters(model, bank, ExamplesSource(examples), "classification", 2,
+                  TrainConfig(epochs=1, lr=1e-2, batch_size=16), tokenizer.pad_token_id)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not torch.equal(a, b) for a, b in zip(bank_before, bank.parameters()))
+
+
+@pytest.mark.parametrize("precision,atol", [("fp32", 0.0), ("fp16", 2e-3), ("bf16", 2e-2)])
+def test_cache_round_trip_matches_live_teacher(assets, tmp_path, precision, atol):
+    cfg, path = _extract(assets, tmp_path, precision=precision)
+    cache = Cache(str(path))
+    meta = cache.metadata
+    assert meta["complete"] and meta["precision"] == precision and meta["layers"] == [0, 1, 2, 3]
+    for key in ("format_version", "teacher_weights_sha256", "tokenizer_vocab_sha256", "data_fingerprint",
+                "label_names", "filter_dim", "stage1", "created_by", "max_length"):
+        assert key in meta
+    teacher = load_classifier(str(assets["teacher"])).eval()
+    bank = FilterBank.load(path, "teacher_filters").eval()
+    tokenizer = load_tokenizer(str(assets["teacher"]))
+    examples, _ = load_examples([str(assets["train"])], cfg.data, tokenizer, None, "--data",
+                                model_config=teacher.config)
+    split = cache.split("train")
+    stored = examples.reorder(split.example_ids)  # rows are stored in a seeded shuffled order
+    assert np.array_equal(split.tokens("input_ids", 0, split.offsets[-1]), stored.input_ids)
+    assert np.array_equal(split.labels, stored.labels)
+    source = CacheSource(split, precision, meta["layers"])
+    live = ExamplesSource(stored)
+    for cached, fresh in zip(iterate_batches(source, 16, 0), iterate_batches(live, 16, 0)):
+        logits, states = teacher_targets(teacher, bank, fresh)
+        assert torch.allclose(cached["teacher_logits"], logits, atol=1e-5)
+        mask = fresh["attention_mask"].bool()
+        for got, want in zip(cached["teacher_states"], states):
+            assert got.dtype != torch.float32 or precision == "fp32"
+            torch.testing.assert_close(got.float()[mask], want[mask], atol=atol, rtol=atol)
+    assert cache.split("eval") is not None and len(cache.split("test")) == 32
+
+
+def test_same_inputs_reuse_the_cache_and_different_inputs_do_not_collide(assets, tmp_path):
+    cfg, path = _extract(assets, tmp_path)
+    stamp = (path / "zarr.json").stat().st_mtime_ns
+    assert extract(cfg) == path and (path / "zarr.json").stat().st_mtime_ns == stamp
+    cfg.filters = FilterConfig(layers="every:2", dim=16)
+    other = extract(cfg)
+    assert other != path and Cache(str(other)).metadata["layers"] == [1, 3]
+    assert Cache(str(other)).split("train").states(1, 0, 5).shape == (5, 16)
+
+
+def test_stage2_loss_on_cached_targets_equals_live_teacher(assets, tmp_path):
+    cfg, path = _extract(assets, tmp_path, precision="fp32")
+    cache = Cache(str(path))
+    teacher = load_classifier(str(assets["teacher"])).eval()
+    bank_t = FilterBank.load(path, "teacher_filters").eval()
+    student = load_classifier(str(assets["student"]), task="classification", label_names=["0", "1"]).eval()
+    s_layers, t_layers = map_layers([0, 1], cache.layers, None, 2)
+    assert t_layers == [1, 3]
+    bank_s = FilterBank(FilterSpec(s_layers, 32, cache.metadata["filter_dim"]))
+    dcfg = DistillConfig(cache=str(path), student="", out="", kl_alpha=3.0, mse_alpha=5.0)
+    batch = next(iterate_batches(CacheSource(cache.split("train"), "fp32", t_layers), 16, 0))
+    offline, _ = stage2_loss(student, bank_s, batch, dcfg, "classification")
+    logits, states = teacher_targets(teacher, bank_t, batch)
+    live = {**batch, "teacher_logits": logits, "teacher_states": [states[cache.layers.index(t)] for t in t_layers]}
+    online, terms = stage2_loss(student, bank_s, live, dcfg, "classification")
+    assert set(terms) == {"task", "kl", "mse"}
+    torch.testing.assert_close(offline, online, atol=1e-6, rtol=1e-6)
+
+
+def test_distill_without_teacher_all_methods(assets, tmp_path):
+    teacher = tmp_path / "teacher-copy"
+    shutil.copytree(assets["teacher"], teacher)
+    data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], test=[str(assets["test"])])
+    path = extract(ExtractConfig(teacher=str(teacher), data=data, cache_dir=str(tmp_path / "c"),
+                                 stage1=TrainConfig(epochs=1, batch_size=16)))
+    shutil.rmtree(teacher)
+    for method in ("ted", "kd", "finetune"):
+        out = tmp_path / method
+        report = distill(DistillConfig(cache=str(path), student=str(assets["student"]), out=str(out), method=method,
+                                       train=TrainConfig(epochs=2, batch_size=16, lr=1e-3)))
+        saved = json.loads((out / "metrics.json").read_text())
+        assert saved["method"] == method and len(saved["eval"]) == 2 and saved["best"] in saved["eval"]
+        assert "accuracy" in saved["test"] and "accuracy" in saved["teacher"]["test"]
+        assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+        terms = set(report["history"][-1])
+        assert ("mse" in terms) == (method == "ted") and ("kl" in terms) == (method != "finetune")
+
+
+def test_layer_map_rules():
+    assert map_layers([0, 1], [0, 1, 2, 3, 4, 5], None, 2) == ([0, 1], [2, 5])
+    assert map_layers([0, 1, 2], [1, 3, 5], None, 3) == ([0, 1, 2], [1, 3, 5])
+    assert map_layers([0, 1], [0, 1, 2], "0:0,1:2", 2) == ([0, 1], [0, 2])
+    for student, cache, explicit in (([0, 1, 2], [0, 1], None), ([0, 1], [0, 1, 2], None),
+                                     ([0, 1], [0, 1], "0:7"), ([0, 1], [0, 1], "x")):
+        with pytest.raises(TedcacheError):
+            map_layers(student, cache, explicit, 2)
+
+
+def test_regression_end_to_end(tmp_path):
+    from conftest import make_model, sentiment_rows, write_rows
+
+    teacher = make_model(tmp_path / "t", layers=2, hidden=32, num_labels=1)
+    train = write_rows(tmp_path / "r.csv", sentiment_rows(48, seed=5, regression=True))
+    data = DataConfig(train=[str(train)], eval=[str(train)], task="regression")
+    path = extract(ExtractConfig(teacher=str(teacher), data=data, cache_dir=str(tmp_path / "c"),
+                                 stage1=TrainConfig(epochs=1, batch_size=16)))
+    student = make_model(tmp_path / "s", layers=1, hidden=32, num_labels=1)
+    report = distill(DistillConfig(cache=str(path), student=str(student), out=str(tmp_path / "o"),
+                                   student_layers="all", layer_map="0:1", train=TrainConfig(epochs=1, batch_size=16)))
+    assert {"pearson", "spearman"} <= set(report["best"])
+    with pytest.raises(TedcacheError, match="regression"):
+        extract(ExtractConfig(teacher=str(tmp_path / "s"), data=DataConfig(train=[str(train)], task="classification"),
+                              cache_dir=str(tmp_path / "c")))
