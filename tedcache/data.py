@@ -72,7 +72,7 @@ def load_table(paths: list[str]):
     try:
         return datasets.load_dataset(builder, data_files=list(paths), split="train", **kwargs)
     except Exception as exc:  # datasets raises many types for unreadable files
-        if "empty" in str(exc).lower() or "no columns" in str(exc).lower():
+        if any(s in str(exc).lower() for s in ("empty", "no columns", "corresponds to no data")):
             raise TedcacheError(f"{paths[0]} holds no examples; give a file with at least one row") from exc
         raise TedcacheError(f"cannot read {paths[0]} as {builder}: {str(exc).splitlines()[0]}") from exc
 

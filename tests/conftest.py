@@ -20,9 +20,8 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 def make_tokenizer(folder: Path, extra: list[str] = ()) -> BertTokenizerFast:
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(SPECIAL + POSITIVE + NEGATIVE + FILLER + list(extra)) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    words = SPECIAL + POSITIVE + NEGATIVE + FILLER + list(extra)
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
     tokenizer.save_pretrained(folder)
     return tokenizer
 
