@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-fast clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,13 @@ install: $(STAMP)
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/tedcache demo
 
+# The whole suite, slow tests on the real MiniLM + Rotten Tomatoes included (what CI runs).
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
-
-test-all: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m ""
+
+# Tiny random-initialised models only (about two minutes).
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

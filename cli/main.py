@@ -150,9 +150,9 @@ def init_student(source, layers, out):
 @click.option("--seed", default=42, show_default=True, type=int)
 def demo(full, workdir, seed):
     """The embedded default: MiniLM teacher -> 2-layer student on Rotten Tomatoes, TED vs KD vs fine-tuning."""
-    from tedcache.demo import run_demo
+    from tedcache.demo import FULL, QUICK, run_demo
 
-    run_demo(workdir=workdir, full=full, seed=seed)
+    run_demo(workdir=workdir, size=FULL if full else QUICK, seed=seed)
 
 
 def _quiet_libraries() -> None:

@@ -81,13 +81,12 @@ def _timed(label: str, times: dict, fn, *args):
     return result
 
 
-def run_demo(workdir: str, full: bool = False, seed: int = 42) -> dict:
+def run_demo(workdir: str, size: DemoSize = QUICK, seed: int = 42) -> dict:
     """Run the whole pipeline; print and return the results table."""
     from . import distill, extract, finetune
     from .models import init_student
 
-    size = FULL if full else QUICK
-    work = Path(workdir) / ("full" if full else "quick")
+    work = Path(workdir) / f"train{size.train}-len{size.max_length}-seed{seed}"
     times: dict[str, float] = {}
     files = _timed("data", times, rotten_tomatoes, work / "data", size, seed)
     data = DataConfig(train=[files["train"]], eval=[files["validation"]], test=[files["test"]],
@@ -113,21 +112,20 @@ def run_demo(workdir: str, full: bool = False, seed: int = 42) -> dict:
             train=TrainConfig(epochs=size.student_epochs, lr=STUDENT_LR, batch_size=32, warmup_ratio=0.1, seed=seed)))
         rows[method] = report
     teacher = rows["ted"]["teacher"]["test"]
-    table = [("teacher (MiniLM 6x384)", teacher["accuracy"], teacher["f1"], times.get("fine-tune teacher"))]
     names = {"finetune": "fine-tuned student (2 layers)", "kd": "KD student", "ted": "TED student"}
-    for method, report in rows.items():
-        table.append((names[method], report["test"]["accuracy"], report["test"]["f1"], times[f"distill {method}"]))
+    results = [("teacher (MiniLM-L6, 6x384)", teacher["accuracy"], teacher["f1"])]
+    results += [(names[m], r["test"]["accuracy"], r["test"]["f1"]) for m, r in rows.items()]
     cache_mb = Cache(str(cache)).bytes_on_disk() / 2**20
-    lines = ["| model | test accuracy | test F1 | wall time (s) |", "|---|---|---|---|"]
-    for name, acc, f1, seconds in table:
-        lines.append(f"| {name} | {acc:.4f} | {f1:.4f} | {'reused' if seconds is None else f'{seconds:.0f}'} |")
-    lines.append("")
-    lines.append(f"cache: {cache} ({cache_mb:.1f} MiB on disk); extract {times['extract']:.0f}s "
-                 f"(includes Stage I; reused if 0); data: {size.train if not full else 'all'} train / "
-                 f"{size.validation} validation examples, max_length {size.max_length}")
-    lines.append(f"total wall time: {sum(times.values()):.0f}s")
+    lines = ["| model | test accuracy | test F1 |", "|---|---|---|"]
+    lines += [f"| {name} | {acc:.4f} | {f1:.4f} |" for name, acc, f1 in results]
+    lines += ["", "| stage | wall time (s) |", "|---|---|"]
+    lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in times.items()]
+    lines += [f"| total | {sum(times.values()):.0f} |", "",
+              f"cache: {cache} ({cache_mb:.1f} MiB on disk); {len(Cache(str(cache)).split('train'))} train / "
+              f"{size.validation} validation / {len(Cache(str(cache)).split('test'))} test examples, "
+              f"max_length {size.max_length}; stages missing above were reused from {work}"]
     text = "\n".join(lines)
-    (work / "demo_results.json").write_text(json.dumps({"table": table, "times": times, "cache": str(cache),
+    (work / "demo_results.json").write_text(json.dumps({"results": results, "times": times, "cache": str(cache),
                                                          "cache_mib": cache_mb}, indent=2))
     print(text)
-    return {"table": table, "times": times, "cache_mib": cache_mb}
+    return {"results": results, "times": times, "cache_mib": cache_mb}
