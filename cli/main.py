@@ -57,19 +57,26 @@ def app():
 @click.option("--stage1-lr", default=1e-3, show_default=True, type=float)
 @click.option("--stage1-batch-size", default=32, show_default=True, type=int)
 @click.option("--seed", default=42, show_default=True, type=int, help="Stage I seed and storage order.")
-@click.option("--precision", default="fp16", show_default=True, help="Stored states: fp32, fp16 or bf16.")
+@click.option("--precision", default="int8", show_default=True, help="Stored states: fp32, fp16, bf16 or int8.")
+@click.option("--states", default="filtered", show_default=True,
+              help="filtered (TED) or raw (unfiltered hidden states, for --method lwd).")
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Teacher batch for the cache pass.")
-@click.option("--cache-dir", default=str(DEFAULT_CACHE_DIR / "caches"), show_default=True)
+@click.option("--shard-tokens", default=16384, show_default=True, type=int,
+              help="Tokens per shard: the unit of writing, resuming and checksumming.")
+@click.option("--cache-dir", default=str(DEFAULT_CACHE_DIR / "caches"), show_default=True,
+              help="A folder or an fsspec URL (s3://bucket/prefix).")
 @click.option("--force", is_flag=True, help="Rebuild even if a cache of the same inputs exists.")
 def extract(teacher, layers, filter_kind, filter_dim, stage1_epochs, stage1_lr, stage1_batch_size, seed, precision,
-            batch_size, cache_dir, force, **kw):
-    """Stage one: train teacher filters (Stage I), run the teacher once, write the cache. Prints its path last."""
+            states, batch_size, shard_tokens, cache_dir, force, **kw):
+    """Stage one: train teacher filters (Stage I), run the teacher once, write the cache. Prints its path last.
+    Interrupted? Run the same command again: it resumes."""
     from tedcache.extraction import extract as run
 
     cfg = ExtractConfig(teacher=teacher, data=_data_config(kw),
                         filters=FilterConfig(layers=layers, kind=filter_kind, dim=filter_dim),
                         stage1=TrainConfig(epochs=stage1_epochs, lr=stage1_lr, batch_size=stage1_batch_size, seed=seed),
-                        cache_dir=cache_dir, precision=precision, batch_size=batch_size, force=force)
+                        cache_dir=cache_dir, precision=precision, states=states, batch_size=batch_size,
+                        shard_tokens=shard_tokens, seed=seed, force=force)
     click.echo(run(cfg))
 
 
@@ -77,7 +84,7 @@ def extract(teacher, layers, filter_kind, filter_dim, stage1_epochs, stage1_lr, 
 @click.option("--cache", required=True, help="Cache folder printed by tedcache extract.")
 @click.option("--student", required=True, help="Student: an HF model folder or hub name (same tokenizer as the teacher).")
 @click.option("--out", required=True, help="Folder for the best student, its tokenizer and metrics.json.")
-@click.option("--method", default="ted", show_default=True, help="ted, kd or finetune.")
+@click.option("--method", default="ted", show_default=True, help="ted, kd, lwd (raw-state cache) or finetune.")
 @click.option("--kl-alpha", default=1.0, show_default=True, type=float)
 @click.option("--mse-alpha", default=1.0, show_default=True, type=float)
 @click.option("--temperature", default=2.0, show_default=True, type=float)
@@ -95,9 +102,10 @@ def extract(teacher, layers, filter_kind, filter_dim, stage1_epochs, stage1_lr, 
 @click.option("--stage1-lr", default=1e-3, show_default=True, type=float)
 @click.option("--eval-every", default=0, show_default=True, type=int, help="Steps between evaluations (0: each epoch).")
 @click.option("--max-steps", default=None, type=int)
+@click.option("--verify", "verify_first", is_flag=True, help="Check every shard's checksum before training.")
 def distill(cache, student, out, method, kl_alpha, mse_alpha, temperature, epochs, lr, batch_size, weight_decay,
             warmup_ratio, seed, student_layers, layer_map, finetune_first, stage1_epochs, stage1_lr, eval_every,
-            max_steps):
+            max_steps, verify_first):
     """Stage two: train a student against a cache. The teacher is never loaded."""
     from tedcache.distillation import distill as run
 
@@ -107,7 +115,7 @@ def distill(cache, student, out, method, kl_alpha, mse_alpha, temperature, epoch
                         temperature=temperature, train=train, student_layers=student_layers, layer_map=layer_map,
                         finetune_first=finetune_first,
                         stage1=TrainConfig(epochs=stage1_epochs, lr=stage1_lr, batch_size=batch_size, seed=seed),
-                        eval_every=eval_every, max_steps=max_steps)
+                        eval_every=eval_every, max_steps=max_steps, verify=verify_first)
     run(cfg)
     click.echo(out)
 
@@ -141,6 +149,75 @@ def init_student(source, layers, out):
     from tedcache.taps import parse_layers
 
     click.echo(run(source, parse_layers(layers, 10**6), out))
+
+
+@app.command()
+@click.argument("cache")
+@click.option("--repair", is_flag=True, help="Forget the damaged units, so the extract command recomputes them.")
+def verify(cache, repair):
+    """Read a whole cache and check every shard against its checksum. Exit 1 when anything is wrong."""
+    from tedcache.store import repair as forget_units, verify as run
+
+    problems = run(cache)
+    for problem in problems:
+        click.echo(str(problem))
+    if not problems:
+        click.echo(f"ok: {cache}")
+        return
+    if repair:
+        count = forget_units(cache, problems)
+        click.echo(f"forgot {count} damaged units; re-run the extract command that made {cache} to recompute them")
+    sys.exit(1)
+
+
+@app.command("ls")
+@click.option("--cache-dir", default=str(DEFAULT_CACHE_DIR / "caches"), show_default=True)
+def list_command(cache_dir):
+    """The caches in a cache folder, one line each."""
+    from tedcache.catalog import list_caches
+
+    for row in list_caches(cache_dir):
+        state = "complete" if row["complete"] else f"incomplete{' (writing: ' + row['writing'] + ')' if row['writing'] else ''}"
+        click.echo(f"{row['path']}  teacher={row['teacher']}  data={row['data']}  layers={row['layers']}  "
+                   f"{row['states']}/{row['precision']}  {row['bytes_on_disk'] / 2**20:.1f}MiB  {state}")
+
+
+@app.command()
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def inspect(cache, as_json):
+    """Everything about one cache: metadata, sizes, bytes per value, per-layer statistics."""
+    import json
+
+    from tedcache.catalog import inspect_cache
+
+    info = inspect_cache(cache)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    for key, value in info.items():
+        click.echo(f"{key}: {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}")
+
+
+@app.command()
+@click.argument("caches", nargs=-1, required=True)
+def rm(caches):
+    """Delete caches (refused while an extraction is writing one)."""
+    from tedcache.catalog import remove_cache
+
+    for cache in caches:
+        remove_cache(cache)
+        click.echo(f"removed {cache}")
+
+
+@app.command()
+@click.option("--cache-dir", default=str(DEFAULT_CACHE_DIR / "caches"), show_default=True)
+def gc(cache_dir):
+    """Delete the incomplete caches that no running extraction is writing."""
+    from tedcache.catalog import collect_garbage
+
+    for path in collect_garbage(cache_dir):
+        click.echo(f"removed {path}")
 
 
 @app.command()

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TASKS = ("classification", "regression")
-METHODS = ("ted", "kd", "finetune")
-PRECISIONS = ("fp32", "fp16", "bf16")
+METHODS = ("ted", "kd", "lwd", "finetune")
 FILTER_KINDS = ("linear", "mlp")
+STATE_KINDS = ("filtered", "raw")  # raw: unfiltered hidden states, for the LWD baseline
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "tedcache"
 
@@ -57,10 +57,12 @@ class ExtractConfig:
     data: DataConfig
     filters: FilterConfig = field(default_factory=FilterConfig)
     stage1: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=1e-3))
-    cache_dir: str = str(DEFAULT_CACHE_DIR / "caches")
-    precision: str = "fp16"
+    cache_dir: str = str(DEFAULT_CACHE_DIR / "caches")  # a folder or an fsspec URL (s3://...)
+    precision: str = "int8"  # fp32 | fp16 | bf16 | int8 (see docs/design.md for the measurements)
+    states: str = "filtered"
     batch_size: int = 64  # teacher forward batch during extraction
-    shard_tokens: int = 16384
+    shard_tokens: int = 16384  # tokens per shard: the unit of writing, resuming and checksumming
+    seed: int = 42  # storage order (Stage I has its own seed in stage1)
     force: bool = False
 
 
@@ -82,6 +84,7 @@ class DistillConfig:
     stage1: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=1e-3))
     eval_every: int = 0  # steps between evaluations; 0 = once per epoch
     max_steps: int | None = None
+    verify: bool = False  # check every shard's checksum before training
 
 
 @dataclass

@@ -18,7 +18,7 @@ from .losses import filtered_mse, kd_loss, task_loss
 from .models import load_classifier, load_tokenizer, vocab_hash
 from .reader import CacheSource, iterate_batches, num_batches
 from .stage1 import train_filters
-from .store import Cache
+from .store import Cache, verify
 from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
 from .train import fit, save_run
 
@@ -53,7 +53,8 @@ def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: st
 
 def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfig, task: str):
     """L = task + kl_alpha * T^2 * KL(teacher || student) + mse_alpha * mean-over-layers filtered MSE.
-    batch carries the targets: teacher_logits (B, C) and teacher_states [(B, L, d_f)] (cached or live)."""
+    batch carries the targets: teacher_logits (B, C) and teacher_states, one CompactStates (B, L, d_f) per
+    mapped layer (cached or live). For LWD `bank` holds the student's projections and the states are raw."""
     layers = bank.spec.layers if bank is not None else []
     logits, hidden = forward_with_taps(student, batch, layers)
     terms = {"task": task_loss(logits, batch["labels"], task)}
@@ -62,13 +63,14 @@ def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfi
         terms["kl"] = kd_loss(logits, batch["teacher_logits"], cfg.temperature)
         loss = loss + cfg.kl_alpha * terms["kl"]
     if bank is not None and cfg.mse_alpha > 0:
-        terms["mse"] = filtered_mse(bank(hidden), batch["teacher_states"], batch["attention_mask"])
+        targets = [s.widen() for s in batch["teacher_states"]]  # compact on the wire, fp32 only here
+        terms["mse"] = filtered_mse(bank(hidden), targets, batch["attention_mask"])
         loss = loss + cfg.mse_alpha * terms["mse"]
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
 def effective_weights(cfg: DistillConfig) -> DistillConfig:
-    """The baselines run the same loop with the distillation terms switched off."""
+    """The baselines run the same loop with terms switched off (KD: no state term; fine-tuning: neither)."""
     if cfg.method not in METHODS:
         raise TedcacheError(f"unknown method '{cfg.method}'; use one of {', '.join(METHODS)}")
     if cfg.method == "kd":
@@ -85,28 +87,35 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     started = time.perf_counter()
     cache = Cache(cfg.cache)
     meta = cache.metadata
+    if cfg.verify:
+        problems = verify(cfg.cache)
+        if problems:
+            raise TedcacheError(f"cache {cfg.cache} failed verification ({len(problems)} problems, first: "
+                                f"{problems[0]}); run tedcache verify {cfg.cache} --repair, then the extract command")
     task = meta["task"]
     tokenizer = load_tokenizer(cfg.student, "student")
     if vocab_hash(tokenizer) != meta["tokenizer_vocab_sha256"]:
         raise TedcacheError(f"the student's tokenizer vocabulary differs from the cache's ({meta['tokenizer']}); "
                             "use a student with the teacher's tokenizer, or extract a cache with a matching teacher")
     student = load_classifier(cfg.student, "student", task, meta.get("label_names"))
-    bank = None
-    if cfg.method == "ted":
+    bank, teacher_layers = None, []
+    if cfg.method in ("ted", "lwd"):
+        needed = "filtered" if cfg.method == "ted" else "raw"
+        if meta["states"] != needed:
+            raise TedcacheError(f"--method {cfg.method} needs a cache of {needed} teacher states, {cfg.cache} holds "
+                                f"{meta['states']} ones; extract one with --states {needed}")
         total = num_layers(student)
         student_layers, teacher_layers = map_layers(parse_layers(cfg.student_layers, total), cache.layers,
                                                     cfg.layer_map, total)
-        bank = FilterBank(FilterSpec(student_layers, hidden_size(student), meta["filter_dim"], meta["filter_kind"]))
+        bank = FilterBank(FilterSpec(student_layers, hidden_size(student), meta["filter_dim"],
+                                     meta["filter_kind"] or "linear"))
         log(f"layer map (student -> teacher): {dict(zip(student_layers, teacher_layers))}")
-    else:
-        teacher_layers = []
     train_split, eval_split = cache.split("train"), cache.split("eval")
     pad_id = meta["pad_token_id"]
-    precision = meta["precision"]
     torch.manual_seed(cfg.train.seed)
     phases = {}
 
-    labels_only = CacheSource(train_split, precision)
+    labels_only = CacheSource(train_split)
     if cfg.method == "ted" and cfg.finetune_first > 0:
         ft_cfg = replace(cfg.train, epochs=cfg.finetune_first)
         phases["finetune_first"] = fit(
@@ -115,15 +124,15 @@ def distill(cfg: DistillConfig, log=None) -> dict:
             num_batches(labels_only, ft_cfg.batch_size),
             lambda b: stage2_loss(student, None, b, replace(cfg, kl_alpha=0.0), task),
             ft_cfg, "fine-tune student first")
-    if bank is not None:
+    if cfg.method == "ted":
         phases["stage1"] = train_filters(student, bank, labels_only, task, meta["num_outputs"], cfg.stage1, pad_id,
                                          desc="stage I (student filters)")
         student.requires_grad_(True)
 
-    source = CacheSource(train_split, precision, teacher_layers)
+    source = CacheSource(train_split, teacher_layers)
 
     def evaluate_split(split) -> dict:
-        logits, labels = predict(student, iterate_batches(CacheSource(split, precision), 64, pad_id))
+        logits, labels = predict(student, iterate_batches(CacheSource(split), 64, pad_id))
         return metrics(logits, labels, task)
 
     modules = [student] + ([bank] if bank is not None else [])

@@ -1,4 +1,7 @@
-"""Stage one: Stage I on the teacher, then one frozen-teacher pass written to a cache."""
+"""Stage one: Stage I on the teacher, then one frozen-teacher pass written to a cache, unit by unit.
+
+Killing an extraction at any moment and running the same command again resumes it: the Stage-I
+filters, the token arrays and every finished unit are kept, and only the missing units are computed."""
 
 from __future__ import annotations
 
@@ -12,42 +15,53 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import FILTER_KINDS, PRECISIONS, TASKS, ExtractConfig
-from .data import load_examples
+from .config import FILTER_KINDS, STATE_KINDS, TASKS, ExtractConfig
+from .data import Examples, load_examples
 from .errors import TedcacheError, note
 from .filters import FilterBank, FilterSpec
 from .models import load_classifier, load_tokenizer, vocab_hash, weights_hash
 from .reader import ExamplesSource, iterate_batches
 from .stage1 import train_filters
-from .store import Cache, CacheWriter, cache_key, encode_states, read_metadata
+from .store import PRECISIONS, CacheLock, CacheWriter, Location, cache_key, calibrate_channel_scales, \
+    encode_states, read_metadata
 from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
 
 
 @torch.no_grad()
-def teacher_targets(teacher, bank: FilterBank, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """What the cache stores for a batch: teacher logits (B, C) and filtered states, (B, L, d_f) per layer.
+def teacher_targets(teacher, bank: FilterBank | None, batch: dict,
+                    layers: list[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """What the cache stores for a batch: teacher logits (B, C) and per tapped layer the filtered state
+    (B, L, d_f), or the raw hidden state (B, L, d) when `bank` is None (then `layers` says which).
     Teacher and filters must be in eval mode; the online path calls this same function."""
-    logits, hidden = forward_with_taps(teacher, batch, bank.spec.layers)
-    return logits.float(), [s.float() for s in bank(hidden)]
+    logits, hidden = forward_with_taps(teacher, batch, bank.spec.layers if bank is not None else layers)
+    states = bank(hidden) if bank is not None else hidden
+    return logits.float(), [s.float() for s in states]
 
 
 def _validate(cfg: ExtractConfig) -> None:
-    if cfg.data.task not in TASKS:
-        raise TedcacheError(f"unknown task '{cfg.data.task}'; use one of {', '.join(TASKS)}")
-    if cfg.precision not in PRECISIONS:
-        raise TedcacheError(f"unknown precision '{cfg.precision}'; use one of {', '.join(PRECISIONS)}")
-    if cfg.filters.kind not in FILTER_KINDS:
-        raise TedcacheError(f"unknown filter '{cfg.filters.kind}'; use one of {', '.join(FILTER_KINDS)}")
+    choices = {"task": (cfg.data.task, TASKS), "precision": (cfg.precision, PRECISIONS),
+               "filter": (cfg.filters.kind, FILTER_KINDS), "states": (cfg.states, STATE_KINDS)}
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise TedcacheError(f"unknown {flag} '{value}'; use one of {', '.join(allowed)}")
     if cfg.filters.dim is not None and cfg.filters.dim < 1:
         raise TedcacheError(f"--filter-dim must be positive, got {cfg.filters.dim}")
+    if cfg.shard_tokens < cfg.data.max_length:
+        raise TedcacheError(f"--shard-tokens ({cfg.shard_tokens}) must be at least --max-length "
+                            f"({cfg.data.max_length}): an example never straddles a shard")
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", Path(name.rstrip("/")).name).strip("-")[:40] or "teacher"
 
 
-def extract(cfg: ExtractConfig, log=None) -> Path:
-    """Build (or reuse) the cache for `cfg`; returns its path. Progress notes go to `log(msg)` (stderr)."""
+def storage_order(split: str, size: int, seed: int) -> np.ndarray:
+    """Training rows are stored in a seeded shuffled order (so contiguous reads are random samples)."""
+    return np.random.default_rng(seed).permutation(size) if split == "train" else np.arange(size)
+
+
+def extract(cfg: ExtractConfig, log=None) -> str:
+    """Build, resume or reuse the cache for `cfg`; returns its location (a path or URL)."""
     log = log or note
     _validate(cfg)
     started = time.perf_counter()
@@ -59,68 +73,141 @@ def extract(cfg: ExtractConfig, log=None) -> Path:
                             f"{teacher.config.num_labels}; fine-tune one with tedcache finetune --task regression")
     train, label_names = load_examples(cfg.data.train, cfg.data, tokenizer, None, "--data", cfg.data.limit,
                                        teacher.config if task == "classification" else None)
-    others = {}
+    splits = {"train": train}
     for split, paths in (("eval", cfg.data.eval), ("test", cfg.data.test)):
         if paths:
-            others[split], _ = load_examples(paths, cfg.data, tokenizer, label_names, f"--{split}-data")
+            splits[split], _ = load_examples(paths, cfg.data, tokenizer, label_names, f"--{split}-data")
     layers = parse_layers(cfg.filters.layers, num_layers(teacher))
-    spec = FilterSpec(layers, hidden_size(teacher), cfg.filters.dim or hidden_size(teacher), cfg.filters.kind)
+    raw = cfg.states == "raw"
+    dim = hidden_size(teacher) if raw else (cfg.filters.dim or hidden_size(teacher))
+    spec = FilterSpec(layers, hidden_size(teacher), dim, cfg.filters.kind)
 
     identity = {
         "teacher_weights": weights_hash(teacher), "tokenizer_vocab": vocab_hash(tokenizer),
-        "data": train.fingerprint, **{f"{s}_data": ex.fingerprint for s, ex in others.items()},
-        "task": task, "max_length": cfg.data.max_length, "filters": asdict(spec),
-        "stage1": asdict(cfg.stage1), "precision": cfg.precision,
+        **{f"{s}_data" if s != "train" else "data": ex.fingerprint for s, ex in splits.items()},
+        "task": task, "max_length": cfg.data.max_length, "states": cfg.states, "layers": layers,
+        "filters": None if raw else asdict(spec), "stage1": None if raw else asdict(cfg.stage1),
+        "precision": cfg.precision, "shard_tokens": cfg.shard_tokens, "seed": cfg.seed,
     }
-    path = Path(cfg.cache_dir) / f"{_slug(cfg.teacher)}-{cache_key(identity)}"
-    if path.exists() and not cfg.force:
-        if read_metadata(str(path)).get("complete"):
+    location = Location(cfg.cache_dir).child(f"{_slug(cfg.teacher)}-{cache_key(identity)}")
+    with CacheLock(location):
+        existing = read_metadata(location) if location.exists("zarr.json") else None
+        if existing and existing.get("complete") and not cfg.force:
             log("reusing the cache built earlier from the same inputs (--force rebuilds it)")
-            return path
-        log("an incomplete cache from an interrupted run is there; rebuilding it")
+            return location.url
+        resuming = (existing is not None and not cfg.force and existing.get("inputs_written")
+                    and existing.get("identity") == identity)
+        teacher.eval()
+        if resuming:
+            writer = CacheWriter(location)
+            bank = None if raw else FilterBank.from_bytes(
+                {s: location.read_bytes(f"teacher_filters{s}") for s in (".safetensors", ".json")})
+        else:
+            bank = None if raw else _train_teacher_filters(teacher, spec, train, task, label_names, tokenizer, cfg)
+            writer = _create_cache(location, cfg, identity, splits, label_names, spec, tokenizer, teacher, bank)
+        if bank is not None:
+            bank.eval()
+        _teacher_pass(writer, teacher, bank, layers, splits, cfg, log)
+        writer.complete()
+    log(f"cache complete in {time.perf_counter() - started:.0f}s: {len(train)} examples, {train.num_tokens} tokens, "
+        f"layers {layers}, {cfg.precision}, {location.size() / 2**20:.1f} MiB")
+    return location.url
 
+
+def _train_teacher_filters(teacher, spec, train, task, label_names, tokenizer, cfg) -> FilterBank:
     torch.manual_seed(cfg.stage1.seed)
     bank = FilterBank(spec)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     num_outputs = 1 if task == "regression" else len(label_names)
-    stage1 = train_filters(teacher, bank, ExamplesSource(train), task, num_outputs, cfg.stage1, pad_id,
-                           desc="stage I (teacher filters)")
+    train_filters(teacher, bank, ExamplesSource(train), task, num_outputs, cfg.stage1, _pad_id(tokenizer),
+                  desc="stage I (teacher filters)")
+    teacher.eval()
+    return bank
 
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _create_cache(location, cfg, identity, splits, label_names, spec, tokenizer, teacher, bank) -> CacheWriter:
+    """Metadata, token arrays and the teacher filters: everything before the teacher pass."""
     metadata = {
-        "identity": identity, "created_by": f"tedcache {__version__}", "task": task, "label_names": label_names,
-        "num_outputs": num_outputs, "layers": layers, "filter_dim": spec.out_dim, "filter_kind": spec.kind,
-        "teacher": cfg.teacher, "teacher_hidden_size": spec.in_dim, "teacher_num_layers": num_layers(teacher),
+        "identity": identity, "created_by": f"tedcache {__version__}", "task": cfg.data.task,
+        "label_names": label_names, "num_outputs": 1 if cfg.data.task == "regression" else len(label_names),
+        "states": cfg.states, "layers": spec.layers, "filter_dim": spec.out_dim,
+        "filter_kind": None if bank is None else spec.kind, "teacher": cfg.teacher,
+        "teacher_hidden_size": spec.in_dim, "teacher_num_layers": num_layers(teacher),
         "teacher_weights_sha256": identity["teacher_weights"], "tokenizer": cfg.teacher,
-        "tokenizer_vocab_sha256": identity["tokenizer_vocab"], "pad_token_id": pad_id,
+        "tokenizer_vocab_sha256": identity["tokenizer_vocab"], "pad_token_id": _pad_id(tokenizer),
         "data": {"train": cfg.data.train, "eval": cfg.data.eval, "test": cfg.data.test,
                  "text_column": cfg.data.text_column, "text_pair_column": cfg.data.text_pair_column,
                  "label_column": cfg.data.label_column, "limit": cfg.data.limit},
-        "data_fingerprint": train.fingerprint, "max_length": cfg.data.max_length, "precision": cfg.precision,
-        "stage1": {**asdict(cfg.stage1), "final_losses": stage1["history"][-1:]},
-        "splits": {"train": len(train), **{s: len(ex) for s, ex in others.items()}},
+        "data_fingerprint": identity["data"], "max_length": cfg.data.max_length, "precision": cfg.precision,
+        "stage1": None if bank is None else asdict(cfg.stage1), "seed": cfg.seed,
+        "splits": {s: len(ex) for s, ex in splits.items()},
+        "tokens": {s: ex.num_tokens for s, ex in splits.items()},
     }
-    writer = CacheWriter(str(path), metadata, cfg.shard_tokens)
-    writer.save_filters(bank)
-    teacher.eval()
-    bank.eval()
-    for split, examples in (("train", train), *others.items()):
-        order = (np.random.default_rng(cfg.stage1.seed).permutation(len(examples)) if split == "train"
-                 else np.arange(len(examples)))
-        examples = examples.reorder(order)
-        if split == "train":
-            writer.start_states(split, layers, examples.num_tokens, spec.out_dim, cfg.precision)
-        logits = []
-        source = ExamplesSource(examples)
-        total = -(-len(examples) // cfg.batch_size)
-        for batch in tqdm(iterate_batches(source, cfg.batch_size, pad_id), total=total, leave=False,
-                          desc=f"teacher pass ({split})", disable=None):
-            batch_logits, states = teacher_targets(teacher, bank, batch)
-            logits.append(batch_logits.numpy())
+    writer = CacheWriter.create(location, metadata, cfg.shard_tokens)
+    for split, examples in splits.items():
+        order = storage_order(split, len(examples), cfg.seed)
+        writer.write_inputs(split, examples.reorder(order), order)
+    if bank is not None:
+        writer.save_filters(bank)
+    writer.create_state_arrays(spec.layers, spec.out_dim)
+    writer.finish_inputs()
+    return writer
+
+
+def _run_unit(teacher, bank, layers, examples: Examples, pad_id: int, batch_size: int):
+    """Teacher logits (n, C) and, per layer, the states of the unit's real tokens in storage order."""
+    logits, states = [], [[] for _ in layers]
+    for batch in iterate_batches(ExamplesSource(examples), batch_size, pad_id):
+        batch_logits, batch_states = teacher_targets(teacher, bank, batch, layers)
+        logits.append(batch_logits)
+        real = batch["attention_mask"].bool()  # row-major: tokens come out in storage order
+        for out, s in zip(states, batch_states):
+            out.append(s[real])
+    return torch.cat(logits).numpy(), [torch.cat(s) for s in states]
+
+
+def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, cfg: ExtractConfig, log) -> None:
+    meta = writer.metadata
+    shard, precision = meta["shard_tokens"], meta["precision"]
+    pad_id = meta["pad_token_id"]
+    todo = {s: sorted(set(range(meta["units"][s])) - writer.done_units(s)) for s in splits}
+    total = sum(meta["units"].values())
+    remaining = sum(len(v) for v in todo.values())
+    if remaining < total:
+        log(f"resuming: {total - remaining} of {total} units already written, {remaining} to go")
+    channel_scales = _channel_scales(writer, teacher, bank, layers, splits["train"], cfg) \
+        if precision == "int8" else {}
+    bar = tqdm(total=remaining, desc="teacher pass (units)", leave=False, disable=None)
+    for split, units in todo.items():
+        examples = splits[split].reorder(storage_order(split, len(splits[split]), cfg.seed))
+        bounds = writer.root[f"{split}/unit_bounds"][...]
+        for unit in units:
+            part = examples.reorder(np.arange(bounds[unit], bounds[unit + 1]))
+            logits, states = _run_unit(teacher, bank, layers, part, pad_id, cfg.batch_size)
+            encoded = None
             if split == "train":
-                real = batch["attention_mask"].bool()  # row-major: tokens come out in CSR order
-                writer.append_states(split, layers, [encode_states(s[real], cfg.precision) for s in states])
-        writer.write_examples(split, examples, order, np.concatenate(logits))
-    writer.complete()
-    log(f"cache written in {time.perf_counter() - started:.0f}s: {len(train)} examples, "
-        f"{train.num_tokens} tokens, layers {layers}, {Cache(str(path)).bytes_on_disk() / 2**20:.1f} MiB")
-    return path
+                encoded = {}
+                for layer, values in zip(layers, states):
+                    padded = torch.zeros(shard, values.shape[1])
+                    padded[:len(values)] = values
+                    encoded[layer] = encode_states(padded, precision, channel_scales.get(layer))
+            writer.write_unit(split, unit, logits, encoded)
+            bar.update(1)
+    bar.close()
+
+
+def _channel_scales(writer, teacher, bank, layers, train, cfg) -> dict[int, torch.Tensor]:
+    """int8's per-channel scales, calibrated once per layer on the first unit's tokens (deterministic, so a
+    resumed run gets the same ones; they are stored before any unit)."""
+    if "train/channel_scales" in writer.root:
+        return {layer: torch.from_numpy(writer.root[f"train/channel_scales/{layer}"][...]) for layer in layers}
+    examples = train.reorder(storage_order("train", len(train), cfg.seed))
+    bounds = writer.root["train/unit_bounds"][...]
+    _, states = _run_unit(teacher, bank, layers, examples.reorder(np.arange(bounds[0], bounds[1])),
+                          writer.metadata["pad_token_id"], cfg.batch_size)
+    scales = [calibrate_channel_scales(s) for s in states]
+    writer.save_channel_scales(layers, scales)
+    return dict(zip(layers, scales))

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import nn
 
 
@@ -36,14 +34,15 @@ class FilterBank(nn.Module):
     def forward(self, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
         return [f(h) for f, h in zip(self.filters, hidden_states)]
 
-    def save(self, folder: Path, name: str) -> None:
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(folder / f"{name}.safetensors"))
-        (folder / f"{name}.json").write_text(json.dumps(asdict(self.spec)))
+    def to_bytes(self) -> dict[str, bytes]:
+        """{".safetensors": weights, ".json": spec}: what a cache stores for its teacher filters."""
+        weights = save({k: v.detach().contiguous() for k, v in self.state_dict().items()})
+        return {".safetensors": weights, ".json": json.dumps(asdict(self.spec)).encode()}
 
     @classmethod
-    def load(cls, folder: Path, name: str) -> "FilterBank":
-        bank = cls(FilterSpec(**json.loads((folder / f"{name}.json").read_text())))
-        bank.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+    def from_bytes(cls, files: dict[str, bytes]) -> "FilterBank":
+        bank = cls(FilterSpec(**json.loads(files[".json"])))
+        bank.load_state_dict(load(files[".safetensors"]))
         return bank
 
 

@@ -15,18 +15,18 @@ import numpy as np
 import torch
 
 from .data import Examples
-from .store import Split, decode_states
+from .store import CompactStates, Split, decode_values
 
 
 @dataclass
 class Window:
-    """Arrays for examples [first, last): token arrays start at token offsets[first]."""
+    """Arrays for examples [first, last): token arrays start at token `base`."""
 
     first: int
-    offsets: np.ndarray  # (n+1,) absolute token offsets of these examples
+    base: int
     input_ids: np.ndarray
     token_type_ids: np.ndarray | None
-    states: list[np.ndarray] | None  # one (tokens, d) array per requested layer
+    states: list[tuple[np.ndarray, np.ndarray | None]] | None  # per requested layer: values, int8 token scales
 
 
 class ExamplesSource:
@@ -34,34 +34,36 @@ class ExamplesSource:
 
     def __init__(self, examples: Examples):
         self.examples = examples
-        self.offsets, self.labels, self.teacher_logits = examples.offsets, examples.labels, None
-        self.precision = None
+        self.starts, self.lengths = examples.offsets[:-1], np.diff(examples.offsets)
+        self.labels, self.teacher_logits = examples.labels, None
+        self.precision, self.layers = None, []
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def read(self, first: int, last: int) -> Window:
-        a, b = self.offsets[first], self.offsets[last]
+        a, b = self.examples.offsets[first], self.examples.offsets[last]
         tt = self.examples.token_type_ids
-        return Window(first, self.offsets[first:last + 1], self.examples.input_ids[a:b],
-                      None if tt is None else tt[a:b], None)
+        return Window(first, int(a), self.examples.input_ids[a:b], None if tt is None else tt[a:b], None)
 
 
 class CacheSource:
     """One split of a cache: tokens, labels, teacher logits and (optionally) the states of some layers."""
 
-    def __init__(self, split: Split, precision: str, layers: list[int] | None = None):
-        self.split, self.precision, self.layers = split, precision, layers or []
-        self.offsets, self.labels, self.teacher_logits = split.offsets, split.labels, split.teacher_logits
+    def __init__(self, split: Split, layers: list[int] | None = None):
+        self.split, self.precision, self.layers = split, split.precision, layers or []
+        self.starts, self.lengths = split.starts, split.lengths
+        self.labels, self.teacher_logits = split.labels, split.teacher_logits
+        self.channel_scales = [split.channel_scale(layer) for layer in self.layers]
 
     def __len__(self) -> int:
         return len(self.split)
 
     def read(self, first: int, last: int) -> Window:
-        a, b = int(self.offsets[first]), int(self.offsets[last])
+        a, b = int(self.starts[first]), int(self.starts[last - 1] + self.lengths[last - 1])
         tt = self.split.tokens("token_type_ids", a, b) if self.split.has_token_types else None
         states = [self.split.states(layer, a, b) for layer in self.layers] if self.layers else None
-        return Window(first, self.offsets[first:last + 1], self.split.tokens("input_ids", a, b), tt, states)
+        return Window(first, a, self.split.tokens("input_ids", a, b), tt, states)
 
 
 def _windows(num_examples: int, size: int, rng: np.random.Generator | None) -> list[tuple[int, int]]:
@@ -77,7 +79,7 @@ def iterate_batches(source, batch_size: int, pad_id: int, shuffle: bool = False,
                     epoch: int = 0, window_tokens: int = 65536, drop_last: bool = False):
     """Yield padded batch dicts (see `collate`) over the whole source, once."""
     n = len(source)
-    mean_len = max(1.0, source.offsets[-1] / max(n, 1))
+    mean_len = max(1.0, float(source.lengths.mean())) if n else 1.0
     window_size = max(batch_size, int(window_tokens / mean_len))
     rng = np.random.default_rng([seed, epoch]) if shuffle else None
     pending: list[tuple[Window, int]] = []
@@ -97,37 +99,41 @@ def iterate_batches(source, batch_size: int, pad_id: int, shuffle: bool = False,
 
 def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
     """Pad examples to the batch's longest. Keys: input_ids, attention_mask, [token_type_ids], labels,
-    example_index, [teacher_logits], [teacher_states: list of (B, L, d) compact-dtype tensors]."""
-    spans = []
-    for window, i in items:
-        base = window.offsets[0]
-        spans.append((int(window.offsets[i - window.first] - base), int(window.offsets[i - window.first + 1] - base)))
-    batch_len = max(b - a for a, b in spans)
-    size = len(items)
+    example_index, [teacher_logits], [teacher_states: one CompactStates (B, L, d) per layer]."""
+    index = np.array([i for _, i in items])
+    lengths = source.lengths[index]
+    spans = [(int(source.starts[i]) - window.base, int(source.starts[i]) - window.base + int(n))
+             for (window, i), n in zip(items, lengths)]
+    size, batch_len = len(items), int(lengths.max())
     input_ids = np.full((size, batch_len), pad_id, dtype=np.int64)
     mask = np.zeros((size, batch_len), dtype=np.int64)
     has_tt = items[0][0].token_type_ids is not None
     token_types = np.zeros((size, batch_len), dtype=np.int64) if has_tt else None
-    states = None
-    if items[0][0].states is not None:
-        states = [np.zeros((size, batch_len, s.shape[1]), dtype=s.dtype) for s in items[0][0].states]
+    first_states = items[0][0].states
+    values = scales = None
+    if first_states is not None:
+        values = [np.zeros((size, batch_len, v.shape[1]), dtype=v.dtype) for v, _ in first_states]
+        scales = [None if t is None else np.ones((size, batch_len), dtype=t.dtype) for _, t in first_states]
     for row, ((window, _), (a, b)) in enumerate(zip(items, spans)):
         input_ids[row, :b - a] = window.input_ids[a:b]
         mask[row, :b - a] = 1
         if has_tt:
             token_types[row, :b - a] = window.token_type_ids[a:b]
-        if states is not None:
-            for out, layer_states in zip(states, window.states):
-                out[row, :b - a] = layer_states[a:b]
-    index = np.array([i for _, i in items])
+        if values is not None:
+            for layer, (v, t) in enumerate(window.states):
+                values[layer][row, :b - a] = v[a:b]
+                if t is not None:
+                    scales[layer][row, :b - a] = t[a:b]
     batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
              "labels": torch.from_numpy(source.labels[index]), "example_index": torch.from_numpy(index)}
     if has_tt:
         batch["token_type_ids"] = torch.from_numpy(token_types)
     if source.teacher_logits is not None:
         batch["teacher_logits"] = torch.from_numpy(source.teacher_logits[index])
-    if states is not None:
-        batch["teacher_states"] = [decode_states(s, source.precision) for s in states]
+    if values is not None:
+        batch["teacher_states"] = [
+            CompactStates(decode_values(v, source.precision), None if t is None else torch.from_numpy(t), c)
+            for v, t, c in zip(values, scales, source.channel_scales)]
     return batch
 
 

@@ -1,0 +1,141 @@
+"""The store: packing, int8 error, checksums and repair, the lock, ls / inspect / rm / gc, raw states + LWD."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from tedcache import DataConfig, DistillConfig, ExtractConfig, TrainConfig, distill, extract
+from tedcache.catalog import collect_garbage, inspect_cache, list_caches, remove_cache
+from tedcache.errors import TedcacheError
+from tedcache.store import Cache, CompactStates, calibrate_channel_scales, encode_states, pack, verify
+
+
+def _cfg(assets, cache_dir, **kw):
+    data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], max_length=24)
+    return ExtractConfig(teacher=str(assets["teacher"]), data=data, cache_dir=str(cache_dir),
+                         stage1=TrainConfig(epochs=1, batch_size=16), batch_size=16, shard_tokens=128, **kw)
+
+
+def test_pack_never_straddles_a_shard():
+    lengths = np.array([5, 7, 3, 8, 8, 1, 6])
+    starts, bounds = pack(lengths, 10)
+    assert starts.tolist() == [0, 10, 17, 20, 30, 38, 40]
+    assert bounds.tolist() == [0, 1, 3, 4, 6, 7]
+    assert all(s // 10 == (s + n - 1) // 10 for s, n in zip(starts, lengths))
+
+
+def test_int8_error_bound_with_outlier_channels():
+    torch.manual_seed(0)
+    states = torch.randn(4096, 64) * torch.exp(torch.randn(64))  # log-normal channel scales
+    states[:, :3] *= 40  # outlier channels, as real activations have
+    scales = calibrate_channel_scales(states)
+    q, token_scale = encode_states(states, "int8", scales)
+    assert q.dtype == np.int8 and token_scale.dtype == np.float16
+    decoded = CompactStates(torch.from_numpy(q), torch.from_numpy(token_scale), scales).widen()
+    per_channel = (decoded - states).pow(2).mean(0).sqrt() / states.pow(2).mean(0).sqrt()
+    assert per_channel.max() < 0.02  # every channel, outliers or not, within 2% RMS
+    # a per-token scale alone is broken by the outliers: ordinary channels lose most of their signal
+    alone, alone_scale = encode_states(states, "int8", torch.ones(64))
+    naive = CompactStates(torch.from_numpy(alone), torch.from_numpy(alone_scale), torch.ones(64)).widen()
+    naive_error = (naive - states).pow(2).mean(0).sqrt() / states.pow(2).mean(0).sqrt()
+    assert naive_error.max() > 5 * per_channel.max()
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_verify_names_a_corrupt_shard_distill_refuses_and_repair_recomputes(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "caches")
+    path = extract(cfg)
+    assert verify(path) == []
+    before = Cache(path).split("train").states(3, 0, 1 << 20)
+    shard = Path(path) / "train" / "states" / "3" / "c" / "2" / "0"
+    _flip_byte(shard)
+    problems = [str(p) for p in verify(path)]
+    assert problems == ["corrupt: train/states/3/c/2/0 (unit train/2) (checksum mismatch)"]
+    result = run_cli("verify", path)
+    assert result.returncode == 1 and "train/states/3/c/2/0" in result.stdout
+    refused = run_cli("distill", "--cache", path, "--student", assets["student"], "--out", tmp_path / "o", "--verify")
+    assert refused.returncode == 2 and "failed verification" in refused.stderr
+    assert not (tmp_path / "o").exists()
+    repaired = run_cli("verify", path, "--repair")
+    assert "forgot 1 damaged units" in repaired.stdout
+    with pytest.raises(TedcacheError, match="incomplete"):
+        Cache(path)
+    messages = []
+    assert extract(cfg, log=messages.append) == path
+    assert any("resuming" in m and "1 to go" in m for m in messages)
+    assert verify(path) == []
+    after = Cache(path).split("train").states(3, 0, 1 << 20)
+    assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
+
+
+def test_missing_shard_is_named(assets, tmp_path):
+    path = extract(_cfg(assets, tmp_path / "caches", precision="fp16"))
+    (Path(path) / "train" / "states" / "0" / "c" / "1" / "0").unlink()
+    assert [str(p) for p in verify(path)] == ["missing: train/states/0/c/1/0 (unit train/1)"]
+
+
+def test_lock_names_its_live_holder_and_stale_locks_are_taken_over(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path / "caches")
+    path = Path(extract(cfg))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (path / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid, "since": "now"}))
+        cfg.force = True
+        with pytest.raises(TedcacheError, match=f"being written by pid {holder.pid}"):
+            extract(cfg)
+        result = run_cli("rm", path)
+        assert result.returncode == 2 and f"pid {holder.pid}" in result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    assert extract(cfg) == str(path)  # the holder is dead: its lock is stale
+    assert not (path / ".lock").exists()
+
+
+def test_ls_inspect_rm_gc(assets, tmp_path):
+    cache_dir = tmp_path / "caches"
+    path = extract(_cfg(assets, cache_dir))
+    info = inspect_cache(path)
+    for key in ("complete", "examples", "tokens", "layers", "filter_dim", "precision", "bytes_on_disk",
+                "bytes_per_value", "compression_vs_fp32", "layer_stats", "teacher_weights_sha256"):
+        assert key in info
+    assert info["complete"] and info["examples"] == 96 and info["precision"] == "int8"
+    assert 1.0 <= info["bytes_per_value"] < 1.5  # int8 values + fp16 token scales + shard-end gaps
+    assert set(info["layer_stats"]) == {"0", "1", "2", "3"}
+    as_json = json.loads(run_cli("inspect", path, "--json").stdout)
+    assert as_json["tokens"] == info["tokens"]
+    incomplete = Path(extract(_cfg(assets, cache_dir, precision="fp16")))
+    meta_file = incomplete / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["attributes"]["tedcache"]["complete"] = False
+    meta_file.write_text(json.dumps(meta))
+    rows = {row["path"]: row for row in list_caches(str(cache_dir))}
+    assert rows[path]["complete"] and not rows[str(incomplete)]["complete"]
+    listed = run_cli("ls", "--cache-dir", cache_dir)
+    assert listed.returncode == 0 and len(listed.stdout.strip().splitlines()) == 2 and "incomplete" in listed.stdout
+    assert collect_garbage(str(cache_dir)) == [str(incomplete)]
+    remove_cache(path)
+    assert list_caches(str(cache_dir)) == []
+
+
+def test_raw_states_feed_lwd_and_ted_refuses_them(assets, tmp_path):
+    path = extract(_cfg(assets, tmp_path / "caches", states="raw", precision="fp16"))
+    meta = Cache(path).metadata
+    assert meta["states"] == "raw" and meta["filter_dim"] == 48 and meta["stage1"] is None
+    report = distill(DistillConfig(cache=path, student=str(assets["student"]), out=str(tmp_path / "lwd"), method="lwd",
+                                   train=TrainConfig(epochs=1, batch_size=16)))
+    assert "mse" in report["history"][-1] and report["layer_map"] == {0: 1, 1: 3}
+    with pytest.raises(TedcacheError, match="--states filtered"):
+        distill(DistillConfig(cache=path, student=str(assets["student"]), out=str(tmp_path / "ted")))
