@@ -1,0 +1,73 @@
+"""Crash safety: a real extraction process killed with SIGKILL, resumed by the same command, compared with
+an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from conftest import run_cli, sentiment_rows, write_rows
+from tedcache.store import Cache
+
+
+def _args(assets, data, cache_dir):
+    return ["extract", "--teacher", assets["teacher"], "--data", data, "--eval-data", assets["eval"],
+            "--max-length", "24", "--stage1-epochs", "0.2", "--shard-tokens", "64", "--batch-size", "8",
+            "--cache-dir", cache_dir]
+
+
+def _arrays(path: str) -> dict[str, np.ndarray]:
+    cache = Cache(path)
+    out = {}
+    for split in ("train", "eval"):
+        group = cache.root[split]
+        for name, arr in group.arrays():
+            out[f"{split}/{name}"] = arr[...]
+        if "states" in group:
+            for name, arr in group["states"].arrays():
+                out[f"{split}/states/{name}"] = arr[...]
+            for name, arr in group["token_scales"].arrays():
+                out[f"{split}/token_scales/{name}"] = arr[...]
+    return out
+
+
+def test_sigkill_then_same_command_resumes_to_identical_values(assets, tmp_path):
+    data = write_rows(tmp_path / "big.csv", sentiment_rows(2500, seed=7))
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "tedcache.cli.main", *map(str, _args(assets, data, killed_dir))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 240
+    records = []
+    while time.time() < deadline and proc.poll() is None:
+        records = list(killed_dir.glob("*/units/train/*.json"))
+        if len(records) >= 20:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "extraction finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cache_path = records[0].parents[2]
+    done_before = {p.name: p.stat().st_mtime_ns for p in (cache_path / "units" / "train").glob("*.json")}
+    assert run_cli("distill", "--cache", cache_path, "--student", assets["student"], "--out",
+                   tmp_path / "o").returncode == 2  # refused: incomplete
+
+    resumed = run_cli(*_args(assets, data, killed_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip().splitlines()[-1] == str(cache_path)
+    assert f"resuming: {len(done_before)} of" in resumed.stderr
+    for name, stamp in done_before.items():  # finished units were kept, not recomputed
+        assert (cache_path / "units" / "train" / name).stat().st_mtime_ns == stamp
+    assert not (cache_path / ".lock").exists()
+
+    clean = run_cli(*_args(assets, data, tmp_path / "clean"))
+    assert clean.returncode == 0, clean.stderr
+    clean_path = clean.stdout.strip().splitlines()[-1]
+    assert Path(clean_path).name == cache_path.name  # same inputs, same name
+    got, want = _arrays(str(cache_path)), _arrays(clean_path)
+    assert set(got) == set(want) and len(got) > 10
+    for key in want:
+        assert np.array_equal(got[key], want[key]), key
