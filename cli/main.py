@@ -103,9 +103,10 @@ def extract(teacher, layers, filter_kind, filter_dim, stage1_epochs, stage1_lr, 
 @click.option("--eval-every", default=0, show_default=True, type=int, help="Steps between evaluations (0: each epoch).")
 @click.option("--max-steps", default=None, type=int)
 @click.option("--verify", "verify_first", is_flag=True, help="Check every shard's checksum before training.")
+@click.option("--workers", default=0, show_default=True, type=int, help="DataLoader processes reading the cache.")
 def distill(cache, student, out, method, kl_alpha, mse_alpha, temperature, epochs, lr, batch_size, weight_decay,
             warmup_ratio, seed, student_layers, layer_map, finetune_first, stage1_epochs, stage1_lr, eval_every,
-            max_steps, verify_first):
+            max_steps, verify_first, workers):
     """Stage two: train a student against a cache. The teacher is never loaded."""
     from tedcache.distillation import distill as run
 
@@ -115,7 +116,8 @@ def distill(cache, student, out, method, kl_alpha, mse_alpha, temperature, epoch
                         temperature=temperature, train=train, student_layers=student_layers, layer_map=layer_map,
                         finetune_first=finetune_first,
                         stage1=TrainConfig(epochs=stage1_epochs, lr=stage1_lr, batch_size=batch_size, seed=seed),
-                        eval_every=eval_every, max_steps=max_steps, verify=verify_first)
+                        eval_every=eval_every, max_steps=max_steps, verify=verify_first,
+                        workers=workers)
     run(cfg)
     click.echo(out)
 

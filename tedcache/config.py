@@ -85,6 +85,7 @@ class DistillConfig:
     eval_every: int = 0  # steps between evaluations; 0 = once per epoch
     max_steps: int | None = None
     verify: bool = False  # check every shard's checksum before training
+    workers: int = 0  # DataLoader worker processes reading the cache (0: read in the training process)
 
 
 @dataclass

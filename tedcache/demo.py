@@ -81,17 +81,39 @@ def _timed(label: str, times: dict, fn, *args):
     return result
 
 
-def run_demo(workdir: str, size: DemoSize = QUICK, seed: int = 42) -> dict:
-    """Run the whole pipeline; print and return the results table."""
-    from . import distill, extract, finetune
+@dataclass
+class DemoSetup:
+    """Everything before the cache: data files, the fine-tuned teacher and the initial student."""
+
+    work: Path
+    data: DataConfig
+    teacher: str
+    student: str
+
+    def extract_config(self, seed: int, **overrides) -> ExtractConfig:
+        """The demo's cache: teacher layers 2 and 5 (TED's interval rule for 6 -> 2 layers)."""
+        settings = dict(teacher=self.teacher, data=self.data, filters=FilterConfig(layers="every:3"),
+                        stage1=TrainConfig(epochs=2, lr=1e-3, batch_size=32, seed=seed), seed=seed,
+                        cache_dir=str(self.work / "caches"))
+        return ExtractConfig(**{**settings, **overrides})
+
+    def distill_config(self, cache: str, method: str, out: str, size: "DemoSize", seed: int, **overrides):
+        settings = dict(cache=cache, student=self.student, out=out, method=method, kl_alpha=KL_ALPHA,
+                        mse_alpha=MSE_ALPHA, train=TrainConfig(epochs=size.student_epochs, lr=STUDENT_LR,
+                                                               batch_size=32, warmup_ratio=0.1, seed=seed))
+        return DistillConfig(**{**settings, **overrides})
+
+
+def prepare(workdir: str, size: DemoSize, seed: int, times: dict | None = None) -> DemoSetup:
+    """Data files, fine-tuned teacher and 2-layer student under `workdir` (each made once, then reused)."""
+    from . import finetune
     from .models import init_student
 
+    times = {} if times is None else times
     work = Path(workdir) / f"train{size.train}-len{size.max_length}-seed{seed}"
-    times: dict[str, float] = {}
     files = _timed("data", times, rotten_tomatoes, work / "data", size, seed)
     data = DataConfig(train=[files["train"]], eval=[files["validation"]], test=[files["test"]],
                       max_length=size.max_length)
-
     teacher_dir = work / "teacher"
     if not (teacher_dir / "metrics.json").exists():
         _timed("fine-tune teacher", times, finetune, FinetuneConfig(
@@ -100,29 +122,35 @@ def run_demo(workdir: str, size: DemoSize = QUICK, seed: int = 42) -> dict:
     student_dir = work / "student-init"
     if not (student_dir / "config.json").exists():
         _timed("init student", times, init_student, str(teacher_dir), [0, 5], str(student_dir))
-    cache = _timed("extract", times, extract, ExtractConfig(
-        teacher=str(teacher_dir), data=data, filters=FilterConfig(layers="every:3"),
-        stage1=TrainConfig(epochs=2, lr=1e-3, batch_size=32, seed=seed), cache_dir=str(work / "caches")))
+    return DemoSetup(work, data, str(teacher_dir), str(student_dir))
+
+
+def run_demo(workdir: str, size: DemoSize = QUICK, seed: int = 42) -> dict:
+    """Run the whole pipeline; print and return the results table."""
+    from . import distill, extract
+
+    times: dict[str, float] = {}
+    setup = prepare(workdir, size, seed, times)
+    work = setup.work
+    cache = _timed("extract", times, extract, setup.extract_config(seed))
 
     rows = {}
     for method in ("finetune", "kd", "ted"):
-        report = _timed(f"distill {method}", times, distill, DistillConfig(
-            cache=str(cache), student=str(student_dir), out=str(work / "students" / method), method=method,
-            kl_alpha=KL_ALPHA, mse_alpha=MSE_ALPHA,
-            train=TrainConfig(epochs=size.student_epochs, lr=STUDENT_LR, batch_size=32, warmup_ratio=0.1, seed=seed)))
-        rows[method] = report
+        out = str(work / "students" / method)
+        rows[method] = _timed(f"distill {method}", times, distill, setup.distill_config(cache, method, out, size, seed))
     teacher = rows["ted"]["teacher"]["test"]
     names = {"finetune": "fine-tuned student (2 layers)", "kd": "KD student", "ted": "TED student"}
     results = [("teacher (MiniLM-L6, 6x384)", teacher["accuracy"], teacher["f1"])]
     results += [(names[m], r["test"]["accuracy"], r["test"]["f1"]) for m, r in rows.items()]
-    cache_mb = Cache(str(cache)).bytes_on_disk() / 2**20
+    opened = Cache(cache)
+    cache_mb = opened.bytes_on_disk() / 2**20
     lines = ["| model | test accuracy | test F1 |", "|---|---|---|"]
     lines += [f"| {name} | {acc:.4f} | {f1:.4f} |" for name, acc, f1 in results]
     lines += ["", "| stage | wall time (s) |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in times.items()]
     lines += [f"| total | {sum(times.values()):.0f} |", "",
-              f"cache: {cache} ({cache_mb:.1f} MiB on disk); {len(Cache(str(cache)).split('train'))} train / "
-              f"{size.validation} validation / {len(Cache(str(cache)).split('test'))} test examples, "
+              f"cache: {cache} ({cache_mb:.1f} MiB on disk, {opened.precision}); {len(opened.split('train'))} train / "
+              f"{size.validation} validation / {len(opened.split('test'))} test examples, "
               f"max_length {size.max_length}; stages missing above were reused from {work}"]
     text = "\n".join(lines)
     (work / "demo_results.json").write_text(json.dumps({"results": results, "times": times, "cache": str(cache),

@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict, replace
 
 import torch
+from torch.utils.data import DataLoader
 
 from .config import METHODS, DistillConfig
 from .errors import TedcacheError, note
@@ -16,7 +17,7 @@ from .evaluate import PRIMARY_METRIC, metrics, predict
 from .filters import FilterBank, FilterSpec
 from .losses import filtered_mse, kd_loss, task_loss
 from .models import load_classifier, load_tokenizer, vocab_hash
-from .reader import CacheSource, iterate_batches, num_batches
+from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
 from .stage1 import train_filters
 from .store import Cache, verify
 from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
@@ -129,7 +130,12 @@ def distill(cfg: DistillConfig, log=None) -> dict:
                                          desc="stage I (student filters)")
         student.requires_grad_(True)
 
-    source = CacheSource(train_split, teacher_layers)
+    batches = CacheBatches(cfg.cache, "train", teacher_layers, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
+    loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers)
+
+    def epoch_batches(epoch: int):
+        batches.set_epoch(epoch)
+        return loader
 
     def evaluate_split(split) -> dict:
         logits, labels = predict(student, iterate_batches(CacheSource(split), 64, pad_id))
@@ -138,8 +144,8 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     modules = [student] + ([bank] if bank is not None else [])
     params = [p for m in modules for p in m.parameters()]
     result = fit(params, modules,
-                 lambda e: iterate_batches(source, cfg.train.batch_size, pad_id, True, cfg.train.seed, e),
-                 num_batches(source, cfg.train.batch_size), lambda b: stage2_loss(student, bank, b, cfg, task),
+                 epoch_batches, num_batches(labels_only, cfg.train.batch_size),
+                 lambda b: stage2_loss(student, bank, b, cfg, task),
                  cfg.train, f"stage II ({cfg.method})",
                  evaluate=(lambda: evaluate_split(eval_split)) if eval_split is not None else None,
                  select=PRIMARY_METRIC[task], eval_every=cfg.eval_every, max_steps=cfg.max_steps)

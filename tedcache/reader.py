@@ -9,6 +9,8 @@ samples and each window costs one slice read per array.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,10 +62,52 @@ class CacheSource:
         return len(self.split)
 
     def read(self, first: int, last: int) -> Window:
+        """One contiguous slice per array, the arrays read concurrently (a store's latency is paid once)."""
         a, b = int(self.starts[first]), int(self.starts[last - 1] + self.lengths[last - 1])
-        tt = self.split.tokens("token_type_ids", a, b) if self.split.has_token_types else None
-        states = [self.split.states(layer, a, b) for layer in self.layers] if self.layers else None
-        return Window(first, a, self.split.tokens("input_ids", a, b), tt, states)
+        reads = {"input_ids": lambda: self.split.tokens("input_ids", a, b)}
+        if self.split.has_token_types:
+            reads["token_type_ids"] = lambda: self.split.tokens("token_type_ids", a, b)
+        for layer in self.layers:
+            reads[layer] = lambda layer=layer: self.split.states(layer, a, b)
+        done = dict(zip(reads, _pool().map(lambda read: read(), reads.values())))
+        states = [done[layer] for layer in self.layers] if self.layers else None
+        return Window(first, a, done["input_ids"], done.get("token_type_ids"), states)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool() -> ThreadPoolExecutor:
+    """A read pool per process (threads do not survive the fork of a DataLoader worker)."""
+    pid = os.getpid()
+    if pid not in _POOLS:
+        _POOLS[pid] = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tedcache-read")
+    return _POOLS[pid]
+
+
+class CacheBatches(torch.utils.data.IterableDataset):
+    """The batches of one cache split as a torch IterableDataset, for DataLoader(batch_size=None,
+    num_workers=N): each worker opens the cache itself and reads its own share of the windows.
+    Batches hold compact dtypes; widen them after moving them to the training device."""
+
+    def __init__(self, cache: str, split: str, layers: list[int] | None, batch_size: int, shuffle: bool = True,
+                 seed: int = 0):
+        super().__init__()
+        self.cache, self.split, self.layers = cache, split, layers
+        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        from .store import Cache
+
+        cache = Cache(self.cache)
+        info = torch.utils.data.get_worker_info()
+        worker = (info.id, info.num_workers) if info is not None else (0, 1)
+        source = CacheSource(cache.split(self.split), self.layers)
+        yield from iterate_batches(source, self.batch_size, cache.metadata["pad_token_id"], self.shuffle, self.seed,
+                                   self.epoch, worker=worker)
 
 
 def _windows(num_examples: int, size: int, rng: np.random.Generator | None) -> list[tuple[int, int]]:
@@ -76,18 +120,22 @@ def _windows(num_examples: int, size: int, rng: np.random.Generator | None) -> l
 
 
 def iterate_batches(source, batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0,
-                    epoch: int = 0, window_tokens: int = 65536, drop_last: bool = False):
-    """Yield padded batch dicts (see `collate`) over the whole source, once."""
+                    epoch: int = 0, window_tokens: int = 65536, drop_last: bool = False,
+                    worker: tuple[int, int] = (0, 1)):
+    """Yield padded batch dicts (see `collate`) over the whole source, once. With worker=(i, n), only
+    every n-th window from the i-th (DataLoader workers split an epoch this way)."""
     n = len(source)
     mean_len = max(1.0, float(source.lengths.mean())) if n else 1.0
     window_size = max(batch_size, int(window_tokens / mean_len))
     rng = np.random.default_rng([seed, epoch]) if shuffle else None
     pending: list[tuple[Window, int]] = []
-    for first, last in _windows(n, window_size, rng):
+    for number, (first, last) in enumerate(_windows(n, window_size, rng)):
+        if number % worker[1] != worker[0]:
+            continue
         window = source.read(first, last)
         order = np.arange(first, last)
-        if rng is not None:
-            rng.shuffle(order)
+        if shuffle:
+            np.random.default_rng([seed, epoch, first]).shuffle(order)
         for i in order:
             pending.append((window, int(i)))
             if len(pending) == batch_size:

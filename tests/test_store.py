@@ -139,3 +139,21 @@ def test_raw_states_feed_lwd_and_ted_refuses_them(assets, tmp_path):
     assert "mse" in report["history"][-1] and report["layer_map"] == {0: 1, 1: 3}
     with pytest.raises(TedcacheError, match="--states filtered"):
         distill(DistillConfig(cache=path, student=str(assets["student"]), out=str(tmp_path / "ted")))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dataloader_workers_cover_the_epoch_with_compact_batches(assets, tmp_path, workers):
+    from torch.utils.data import DataLoader
+
+    from tedcache.reader import CacheBatches
+
+    path = extract(_cfg(assets, tmp_path / "caches"))
+    dataset = CacheBatches(path, "train", [1, 3], batch_size=16, shuffle=True, seed=3)
+    dataset.set_epoch(1)
+    seen = []
+    for batch in DataLoader(dataset, batch_size=None, num_workers=workers):
+        states = batch["teacher_states"]
+        assert states[0].values.dtype == torch.int8 and states[0].token_scale.dtype == torch.float16
+        assert states[0].values.shape[:2] == batch["input_ids"].shape
+        seen += batch["example_index"].tolist()
+    assert sorted(seen) == list(range(96))
