@@ -63,6 +63,7 @@ class ExtractConfig:
     batch_size: int = 64  # teacher forward batch during extraction
     shard_tokens: int = 16384  # tokens per shard: the unit of writing, resuming and checksumming
     seed: int = 42  # storage order (Stage I has its own seed in stage1)
+    device: str = "auto"  # auto: cuda when available, else cpu
     force: bool = False
 
 
@@ -84,8 +85,12 @@ class DistillConfig:
     stage1: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=1e-3))
     eval_every: int = 0  # steps between evaluations; 0 = once per epoch
     max_steps: int | None = None
+    log_every: int = 10  # steps between loss records in metrics.json
     verify: bool = False  # check every shard's checksum before training
     workers: int = 0  # DataLoader worker processes reading the cache (0: read in the training process)
+    teacher: str | None = None  # online mode: compute the targets live with this teacher (and the cache's filters)
+    device: str = "auto"  # auto: cuda when available, else cpu
+    autocast: bool | None = None  # bf16 autocast; None: on when the device is cuda
 
 
 @dataclass

@@ -16,12 +16,13 @@ from .errors import TedcacheError, note
 from .evaluate import PRIMARY_METRIC, metrics, predict
 from .filters import FilterBank, FilterSpec
 from .losses import filtered_mse, kd_loss, task_loss
-from .models import load_classifier, load_tokenizer, vocab_hash
+from .extraction import teacher_targets
+from .models import load_classifier, load_tokenizer, vocab_hash, weights_hash
 from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
 from .stage1 import train_filters
-from .store import Cache, verify
+from .store import Cache, CompactStates, verify
 from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
-from .train import fit, save_run
+from .train import fit, pick_device, save_run
 
 
 def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: str | None,
@@ -50,6 +51,29 @@ def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: st
                             "or give --layer-map s:t,...")
     step = k // m
     return student_layers, [cache_layers[(j + 1) * step - 1] for j in range(m)]
+
+
+class LiveTargets:
+    """Online mode: the teacher (and the cache's teacher filters) in memory, filling each batch with the
+    targets the cache would hold (same function as the extraction, so offline and online losses agree
+    to within the cache's precision, exactly with an fp32 cache). Only the mapped layers are kept."""
+
+    def __init__(self, teacher_dir: str, cache: Cache, teacher_layers: list[int], device: torch.device):
+        meta = cache.metadata
+        self.teacher = load_classifier(teacher_dir, "teacher").to(device).eval()
+        if weights_hash(self.teacher) != meta["teacher_weights_sha256"]:
+            raise TedcacheError(f"--teacher {teacher_dir} is not the teacher this cache was extracted from; "
+                                "pass that teacher, or extract a cache from this one")
+        self.bank = None
+        if meta["states"] == "filtered":
+            files = {s: cache.location.read_bytes(f"teacher_filters{s}") for s in (".safetensors", ".json")}
+            self.bank = FilterBank.from_bytes(files).to(device).eval()
+        self.positions = [cache.layers.index(layer) for layer in teacher_layers]
+        self.layers = cache.layers
+
+    def __call__(self, batch: dict) -> dict:
+        logits, states = teacher_targets(self.teacher, self.bank, batch, self.layers)
+        return {**batch, "teacher_logits": logits, "teacher_states": [CompactStates(states[i]) for i in self.positions]}
 
 
 def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfig, task: str):
@@ -98,7 +122,10 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     if vocab_hash(tokenizer) != meta["tokenizer_vocab_sha256"]:
         raise TedcacheError(f"the student's tokenizer vocabulary differs from the cache's ({meta['tokenizer']}); "
                             "use a student with the teacher's tokenizer, or extract a cache with a matching teacher")
-    student = load_classifier(cfg.student, "student", task, meta.get("label_names"))
+    device = pick_device(cfg.device)
+    autocast = device.type == "cuda" if cfg.autocast is None else cfg.autocast
+    torch.manual_seed(cfg.train.seed)  # a fresh head and the student's filters start from this seed
+    student = load_classifier(cfg.student, "student", task, meta.get("label_names")).to(device)
     bank, teacher_layers = None, []
     if cfg.method in ("ted", "lwd"):
         needed = "filtered" if cfg.method == "ted" else "raw"
@@ -109,11 +136,10 @@ def distill(cfg: DistillConfig, log=None) -> dict:
         student_layers, teacher_layers = map_layers(parse_layers(cfg.student_layers, total), cache.layers,
                                                     cfg.layer_map, total)
         bank = FilterBank(FilterSpec(student_layers, hidden_size(student), meta["filter_dim"],
-                                     meta["filter_kind"] or "linear"))
+                                     meta["filter_kind"] or "linear")).to(device)
         log(f"layer map (student -> teacher): {dict(zip(student_layers, teacher_layers))}")
     train_split, eval_split = cache.split("train"), cache.split("eval")
     pad_id = meta["pad_token_id"]
-    torch.manual_seed(cfg.train.seed)
     phases = {}
 
     labels_only = CacheSource(train_split)
@@ -124,14 +150,18 @@ def distill(cfg: DistillConfig, log=None) -> dict:
             lambda e: iterate_batches(labels_only, ft_cfg.batch_size, pad_id, True, ft_cfg.seed, e),
             num_batches(labels_only, ft_cfg.batch_size),
             lambda b: stage2_loss(student, None, b, replace(cfg, kl_alpha=0.0), task),
-            ft_cfg, "fine-tune student first")
+            ft_cfg, "fine-tune student first", device=device, autocast=autocast)
     if cfg.method == "ted":
         phases["stage1"] = train_filters(student, bank, labels_only, task, meta["num_outputs"], cfg.stage1, pad_id,
                                          desc="stage I (student filters)")
         student.requires_grad_(True)
 
-    batches = CacheBatches(cfg.cache, "train", teacher_layers, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
-    loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers)
+    live = LiveTargets(cfg.teacher, cache, teacher_layers, device) if cfg.teacher else None
+    batches = CacheBatches(cfg.cache, "train", [] if live else teacher_layers, cfg.train.batch_size, shuffle=True,
+                           seed=cfg.train.seed)
+    # its own generator: iterating a DataLoader draws a seed, which must not come from the global RNG
+    loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers,
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
 
     def epoch_batches(epoch: int):
         batches.set_epoch(epoch)
@@ -143,12 +173,14 @@ def distill(cfg: DistillConfig, log=None) -> dict:
 
     modules = [student] + ([bank] if bank is not None else [])
     params = [p for m in modules for p in m.parameters()]
+    torch.manual_seed(cfg.train.seed)  # Stage II's dropout does not depend on what ran before it
     result = fit(params, modules,
                  epoch_batches, num_batches(labels_only, cfg.train.batch_size),
-                 lambda b: stage2_loss(student, bank, b, cfg, task),
-                 cfg.train, f"stage II ({cfg.method})",
+                 lambda b: stage2_loss(student, bank, live(b) if live else b, cfg, task),
+                 cfg.train, f"stage II ({cfg.method}{', online' if live else ''})",
                  evaluate=(lambda: evaluate_split(eval_split)) if eval_split is not None else None,
-                 select=PRIMARY_METRIC[task], eval_every=cfg.eval_every, max_steps=cfg.max_steps)
+                 select=PRIMARY_METRIC[task], eval_every=cfg.eval_every, max_steps=cfg.max_steps,
+                 log_every=cfg.log_every, device=device, autocast=autocast)
     report = {
         "method": cfg.method, "config": asdict(cfg), "cache": str(cache.path), "task": task,
         "layer_map": dict(zip(bank.spec.layers, teacher_layers)) if bank is not None else None,

@@ -48,8 +48,9 @@ def predict(model, batches) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels over batches, in source order."""
     model.eval()
     logits, labels, index = [], [], []
+    device = next(model.parameters()).device
     for batch in batches:
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         logits.append(model(**inputs).logits.float().cpu())
         labels.append(batch["labels"])
         index.append(batch["example_index"])

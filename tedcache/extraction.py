@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,11 +21,12 @@ from .data import Examples, load_examples
 from .errors import TedcacheError, note
 from .filters import FilterBank, FilterSpec
 from .models import load_classifier, load_tokenizer, vocab_hash, weights_hash
-from .reader import ExamplesSource, iterate_batches
+from .reader import ExamplesSource, iterate_batches, to_device
 from .stage1 import train_filters
 from .store import PRECISIONS, CacheLock, CacheWriter, Location, cache_key, calibrate_channel_scales, \
     encode_states, read_metadata
 from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
+from .train import pick_device
 
 
 @torch.no_grad()
@@ -66,7 +68,7 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     _validate(cfg)
     started = time.perf_counter()
     tokenizer = load_tokenizer(cfg.teacher, "teacher")
-    teacher = load_classifier(cfg.teacher, "teacher")
+    teacher = load_classifier(cfg.teacher, "teacher").to(pick_device(cfg.device))
     task = cfg.data.task
     if task == "regression" and teacher.config.num_labels != 1:
         raise TedcacheError(f"--task regression needs a teacher with one output, {cfg.teacher} has "
@@ -102,6 +104,7 @@ def extract(cfg: ExtractConfig, log=None) -> str:
             writer = CacheWriter(location)
             bank = None if raw else FilterBank.from_bytes(
                 {s: location.read_bytes(f"teacher_filters{s}") for s in (".safetensors", ".json")})
+            bank = bank.to(pick_device(cfg.device))
         else:
             bank = None if raw else _train_teacher_filters(teacher, spec, train, task, label_names, tokenizer, cfg)
             writer = _create_cache(location, cfg, identity, splits, label_names, spec, tokenizer, teacher, bank)
@@ -116,7 +119,7 @@ def extract(cfg: ExtractConfig, log=None) -> str:
 
 def _train_teacher_filters(teacher, spec, train, task, label_names, tokenizer, cfg) -> FilterBank:
     torch.manual_seed(cfg.stage1.seed)
-    bank = FilterBank(spec)
+    bank = FilterBank(spec).to(next(teacher.parameters()).device)
     num_outputs = 1 if task == "regression" else len(label_names)
     train_filters(teacher, bank, ExamplesSource(train), task, num_outputs, cfg.stage1, _pad_id(tokenizer),
                   desc="stage I (teacher filters)")
@@ -159,13 +162,15 @@ def _create_cache(location, cfg, identity, splits, label_names, spec, tokenizer,
 
 def _run_unit(teacher, bank, layers, examples: Examples, pad_id: int, batch_size: int):
     """Teacher logits (n, C) and, per layer, the states of the unit's real tokens in storage order."""
+    device = next(teacher.parameters()).device
     logits, states = [], [[] for _ in layers]
     for batch in iterate_batches(ExamplesSource(examples), batch_size, pad_id):
+        batch = to_device(batch, device)
         batch_logits, batch_states = teacher_targets(teacher, bank, batch, layers)
-        logits.append(batch_logits)
+        logits.append(batch_logits.cpu())
         real = batch["attention_mask"].bool()  # row-major: tokens come out in storage order
         for out, s in zip(states, batch_states):
-            out.append(s[real])
+            out.append(s[real].cpu())
     return torch.cat(logits).numpy(), [torch.cat(s) for s in states]
 
 
@@ -180,22 +185,33 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, cfg: Extra
         log(f"resuming: {total - remaining} of {total} units already written, {remaining} to go")
     channel_scales = _channel_scales(writer, teacher, bank, layers, splits["train"], cfg) \
         if precision == "int8" else {}
+
+    def write(split, unit, logits, states):
+        encoded = None
+        if states is not None:
+            encoded = {}
+            for layer, values in zip(layers, states):
+                padded = torch.zeros(shard, values.shape[1])
+                padded[:len(values)] = values
+                encoded[layer] = encode_states(padded, precision, channel_scales.get(layer))
+        writer.write_unit(split, unit, logits, encoded)
+
+    # The teacher computes unit u+1 while a background thread encodes, writes and checksums unit u.
     bar = tqdm(total=remaining, desc="teacher pass (units)", leave=False, disable=None)
-    for split, units in todo.items():
-        examples = splits[split].reorder(storage_order(split, len(splits[split]), cfg.seed))
-        bounds = writer.root[f"{split}/unit_bounds"][...]
-        for unit in units:
-            part = examples.reorder(np.arange(bounds[unit], bounds[unit + 1]))
-            logits, states = _run_unit(teacher, bank, layers, part, pad_id, cfg.batch_size)
-            encoded = None
-            if split == "train":
-                encoded = {}
-                for layer, values in zip(layers, states):
-                    padded = torch.zeros(shard, values.shape[1])
-                    padded[:len(values)] = values
-                    encoded[layer] = encode_states(padded, precision, channel_scales.get(layer))
-            writer.write_unit(split, unit, logits, encoded)
-            bar.update(1)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tedcache-write") as background:
+        pending = None
+        for split, units in todo.items():
+            examples = splits[split].reorder(storage_order(split, len(splits[split]), cfg.seed))
+            bounds = writer.root[f"{split}/unit_bounds"][...]
+            for unit in units:
+                part = examples.reorder(np.arange(bounds[unit], bounds[unit + 1]))
+                logits, states = _run_unit(teacher, bank, layers, part, pad_id, cfg.batch_size)
+                if pending is not None:
+                    pending.result()  # at most one unit in flight: memory stays bounded
+                pending = background.submit(write, split, unit, logits, states if split == "train" else None)
+                bar.update(1)
+        if pending is not None:
+            pending.result()
     bar.close()
 
 

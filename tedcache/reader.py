@@ -188,3 +188,52 @@ def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
 def num_batches(source, batch_size: int, drop_last: bool = False) -> int:
     n = len(source)
     return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def to_device(batch: dict, device: torch.device, non_blocking: bool = False) -> dict:
+    """Move a batch (tensors and CompactStates) to `device`, keeping compact dtypes."""
+    if device.type == "cpu":
+        return batch
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, list):
+            moved[key] = [v.to(device, non_blocking=non_blocking) for v in value]
+        else:
+            moved[key] = value.to(device, non_blocking=non_blocking)
+    return moved
+
+
+def _pin(batch: dict) -> dict:
+    pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+    return {k: [CompactStates(pin(s.values), pin(s.token_scale), pin(s.channel_scale)) for s in v]
+            if isinstance(v, list) else v.pin_memory() for k, v in batch.items()}
+
+
+def prefetch(batches, device: torch.device, depth: int = 2):
+    """Iterate `batches` in a background thread, `depth` batches ahead, so reading (and, on a GPU, the
+    pinned host-to-device copy) overlaps the training step."""
+    import queue
+    import threading
+
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    failure: list[BaseException] = []
+
+    def produce():
+        try:
+            for batch in batches:
+                if device.type == "cuda":
+                    batch = to_device(_pin(batch), device, non_blocking=True)
+                slots.put(batch)
+        except BaseException as exc:  # re-raised in the consumer
+            failure.append(exc)
+        finally:
+            slots.put(done)
+
+    thread = threading.Thread(target=produce, daemon=True, name="tedcache-prefetch")
+    thread.start()
+    while (batch := slots.get()) is not done:
+        yield batch
+    thread.join()
+    if failure:
+        raise failure[0]

@@ -28,7 +28,9 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
         losses = torch.stack([task_loss(head(f), batch["labels"], task) for head, f in zip(heads, bank(hidden))])
         return losses.mean(), {f"layer_{layer}": l for layer, l in zip(bank.spec.layers, losses.detach())}
 
+    device = next(model.parameters()).device
+    heads.to(device)
     params = list(bank.parameters()) + list(heads.parameters())
     return fit(params, [model, bank, heads],
                lambda epoch: iterate_batches(source, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed, epoch=epoch),
-               num_batches(source, cfg.batch_size), loss_fn, cfg, desc)
+               num_batches(source, cfg.batch_size), loss_fn, cfg, desc, device=device)

@@ -16,17 +16,20 @@ from transformers import get_linear_schedule_with_warmup
 
 from .config import TrainConfig
 from .errors import TedcacheError
+from .reader import prefetch
 
 
 def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_batches: Callable[[int], Iterable],
         steps_per_epoch: int, loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], cfg: TrainConfig, desc: str,
         evaluate: Callable[[], dict] | None = None, select: str | None = None, eval_every: int = 0,
-        max_steps: int | None = None, log_every: int = 10) -> dict:
+        max_steps: int | None = None, log_every: int = 10, device: torch.device = torch.device("cpu"),
+        autocast: bool = False) -> dict:
     """AdamW + linear warm-up/decay over `cfg.epochs` (fractions allowed) of `epoch_batches(epoch)`.
 
     `modules` are put in train mode; with `evaluate`, it runs every `eval_every` steps (0: each epoch)
     and the state of `modules` at the best `select` metric is restored at the end.
-    Returns {"history": [...loss terms...], "evals": [...], "best": {...}, "seconds": s}."""
+    Batches are read ahead in a background thread and moved to `device`; `autocast` runs the forward
+    passes in bf16. Returns {"history": [...loss terms...], "evals": [...], "best": {...}, "seconds": s}."""
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     if max_steps is not None:
         total = min(total, max_steps)
@@ -49,8 +52,9 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
     while step < total:
         for m in modules:
             m.train()
-        for batch in epoch_batches(epoch):
-            loss, terms = loss_fn(batch)
+        for batch in prefetch(epoch_batches(epoch), device):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss, terms = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -94,3 +98,10 @@ def save_run(model, tokenizer, out: str, metrics: dict) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_path
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto": the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
