@@ -223,6 +223,23 @@ def gc(cache_dir):
 
 
 @app.command()
+@click.option("--pairs", default="minilm,bert", show_default=True, help="Which model pairs: minilm, bert.")
+@click.option("--steps", default=20, show_default=True, type=int, help="Timed steps per mode (first 3 are warm-up).")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--examples", default=1024, show_default=True, type=int, help="Training examples in the cache.")
+@click.option("--workdir", default=str(DEFAULT_CACHE_DIR / "bench"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per pair.")
+def bench(pairs, steps, batch_size, examples, workdir, as_json):
+    """Stage-two step time and memory: student alone vs offline TED vs online TED, side by side."""
+    import json
+
+    from tedcache.bench import format_table, run_bench
+
+    results = run_bench(workdir, tuple(p for p in pairs.split(",") if p), steps, batch_size, examples)
+    click.echo(json.dumps(results, indent=2) if as_json else format_table(results))
+
+
+@app.command()
 @click.option("--full", is_flag=True, help="All of Rotten Tomatoes and longer training (tens of minutes).")
 @click.option("--workdir", default=str(DEFAULT_CACHE_DIR / "demo"), show_default=True,
               help="Where the fine-tuned teacher, the cache and the students go (reused by later runs).")

@@ -110,7 +110,10 @@ def extract(cfg: ExtractConfig, log=None) -> str:
             writer = _create_cache(location, cfg, identity, splits, label_names, spec, tokenizer, teacher, bank)
         if bank is not None:
             bank.eval()
+        pass_started = time.perf_counter()
         _teacher_pass(writer, teacher, bank, layers, splits, cfg, log)
+        writer.metadata["timings"] = {"total_s": time.perf_counter() - started,
+                                      "teacher_pass_s": time.perf_counter() - pass_started}
         writer.complete()
     log(f"cache complete in {time.perf_counter() - started:.0f}s: {len(train)} examples, {train.num_tokens} tokens, "
         f"layers {layers}, {cfg.precision}, {location.size() / 2**20:.1f} MiB")

@@ -1,0 +1,226 @@
+"""`tedcache bench`: stage-two step time and memory side by side — student alone, offline TED (targets
+from the cache through the real reader) and online TED (teacher in memory) — on the same batches, plus
+extraction throughput against the teacher's forward-only throughput and cache read throughput.
+
+Each (pair, mode) runs in its own process so that its peak memory is its own (RSS on CPU, allocated
+GPU memory on a GPU). Pairs:
+  minilm: all-MiniLM-L6-v2 (6x384, random 2-label head) -> its 2-layer copy (layers 0, 5)
+  bert:   random BERT 12x768 -> random BERT 4x384 (the teacher's cost dominates, as in real use)
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig, ExtractConfig, FilterConfig, TrainConfig
+from .errors import note
+
+PAIRS = ("minilm", "bert")
+MODES = ("student", "offline", "online")
+
+
+def _pair_dirs(workdir: Path, pair: str) -> tuple[str, str]:
+    """Teacher and student folders of a pair (made once)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from .demo import minilm_path
+    from .models import init_student, load_classifier
+
+    teacher, student = workdir / pair / "teacher", workdir / pair / "student"
+    if (student / "config.json").exists():
+        return str(teacher), str(student)
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    if pair == "minilm":
+        load_classifier(minilm_path(), "teacher", "classification", ["0", "1"]).save_pretrained(teacher)
+        tokenizer.save_pretrained(teacher)
+        init_student(str(teacher), [0, 5], str(student))
+        return str(teacher), str(student)
+    for folder, (layers, hidden, heads) in ((teacher, (12, 768, 12)), (student, (4, 384, 12))):
+        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                            num_attention_heads=heads, intermediate_size=4 * hidden, num_labels=2)
+        BertForSequenceClassification(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return str(teacher), str(student)
+
+
+def _data(workdir: Path, examples: int) -> DataConfig:
+    from .demo import DemoSize, rotten_tomatoes
+
+    files = rotten_tomatoes(workdir / f"data-{examples}", DemoSize(examples, 200, 64, 1, 1), seed=0)
+    return DataConfig(train=[files["train"]], max_length=64)
+
+
+def _extract_config(workdir: Path, pair: str, teacher: str, data: DataConfig, **overrides) -> ExtractConfig:
+    layers = "every:3"  # minilm: 2 of 6 layers for a 2-layer student; bert: 4 of 12 for a 4-layer one
+    settings = dict(teacher=teacher, data=data, filters=FilterConfig(layers=layers),
+                    stage1=TrainConfig(epochs=0.05, lr=1e-3, batch_size=32), cache_dir=str(workdir / pair / "caches"))
+    return ExtractConfig(**{**settings, **overrides})
+
+
+@torch.no_grad()
+def _forward_only(teacher_dir: str, data: DataConfig, batch_size: int) -> float:
+    """Examples/s of the bare teacher forward (eval, no grad) over the data, batched as the extraction is."""
+    from .data import load_examples
+    from .models import load_classifier, load_tokenizer
+    from .reader import ExamplesSource, iterate_batches, to_device
+    from .train import pick_device
+
+    device = pick_device()
+    tokenizer = load_tokenizer(teacher_dir)
+    model = load_classifier(teacher_dir).to(device).eval()
+    examples, _ = load_examples(data.train, data, tokenizer, None, "--data", model_config=model.config)
+    _sync(device)
+    started = time.perf_counter()
+    for batch in iterate_batches(ExamplesSource(examples), batch_size, tokenizer.pad_token_id or 0):
+        model(**{k: v for k, v in to_device(batch, device).items()
+                 if k in ("input_ids", "attention_mask", "token_type_ids")})
+    _sync(device)
+    return len(examples) / (time.perf_counter() - started)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_steps(pair: str, mode: str, workdir: str, steps: int, batch_size: int) -> dict:
+    """Per-step wall time (data wait included) and peak memory of one mode; run in its own process."""
+    from torch.utils.data import DataLoader
+
+    from .distillation import LiveTargets, map_layers, stage2_loss
+    from .filters import FilterBank, FilterSpec
+    from .config import DistillConfig
+    from .losses import task_loss
+    from .models import load_classifier
+    from .reader import CacheBatches, prefetch
+    from .store import Cache
+    from .taps import forward_with_taps, hidden_size, num_layers
+    from .train import pick_device
+
+    work = Path(workdir)
+    info = json.loads((work / pair / "cache.json").read_text())
+    cache = Cache(info["cache"])
+    meta = cache.metadata
+    device = pick_device()
+    autocast = device.type == "cuda"
+    torch.manual_seed(0)
+    student = load_classifier(info["student"], "student", "classification", meta["label_names"]).to(device).train()
+    total = num_layers(student)
+    s_layers, t_layers = map_layers(list(range(total)), cache.layers, None, total)
+    bank = FilterBank(FilterSpec(s_layers, hidden_size(student), meta["filter_dim"])).to(device)
+    params = list(student.parameters()) + (list(bank.parameters()) if mode != "student" else [])
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    cfg = DistillConfig(cache=info["cache"], student=info["student"], out="", kl_alpha=1.0, mse_alpha=1.0)
+    live = LiveTargets(info["teacher"], cache, t_layers, device) if mode == "online" else None
+    layers = t_layers if mode == "offline" else []
+    loader = DataLoader(CacheBatches(info["cache"], "train", layers, batch_size, seed=0), batch_size=None,
+                        generator=torch.Generator().manual_seed(0))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    while len(times) < steps:
+        started = time.perf_counter()
+        for batch in prefetch(loader, device):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                if mode == "student":
+                    logits, _ = forward_with_taps(student, batch, [])
+                    loss = task_loss(logits, batch["labels"], "classification")
+                else:
+                    loss, _ = stage2_loss(student, bank, live(batch) if live else batch, cfg, "classification")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            _sync(device)
+            now = time.perf_counter()
+            times.append(now - started)
+            started = now
+            if len(times) == steps:
+                break
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"step_s": statistics.median(times[3:]), "peak_mb": peak, "device": str(device)}
+
+
+def _read_throughput(cache: str, layers: list[int], batch_size: int) -> tuple[float, float]:
+    """(examples/s, compact MB/s) of one shuffled epoch through the reader."""
+    from .reader import CacheBatches
+
+    started, nbytes, count = time.perf_counter(), 0, 0
+    for batch in CacheBatches(cache, "train", layers, batch_size, seed=0):
+        count += len(batch["labels"])
+        nbytes += sum(s.values.nbytes + (0 if s.token_scale is None else s.token_scale.nbytes)
+                      for s in batch["teacher_states"])
+    seconds = time.perf_counter() - started
+    return count / seconds, nbytes / 1e6 / seconds
+
+
+def run_bench(workdir: str, pairs: tuple[str, ...] = PAIRS, steps: int = 20, batch_size: int = 32,
+              examples: int = 1024) -> list[dict]:
+    """Everything for each pair; returns one result object per pair."""
+    from . import extract
+    from .store import Cache
+
+    work = Path(workdir)
+    data = _data(work, examples)
+    results = []
+    for pair in pairs:
+        note(f"== {pair}: preparing models and the cache")
+        teacher, student = _pair_dirs(work, pair)
+        cfg = _extract_config(work, pair, teacher, data)
+        forward = _forward_only(teacher, data, cfg.batch_size)
+        cache = extract(replace_force(cfg))
+        meta = Cache(cache).metadata
+        extraction = meta["splits"]["train"] / meta["timings"]["teacher_pass_s"]
+        (work / pair / "cache.json").write_text(json.dumps({"cache": cache, "teacher": teacher, "student": student}))
+        read_examples, read_mb = _read_throughput(cache, Cache(cache).layers, batch_size)
+        row = {"pair": pair, "batch_size": batch_size, "forward_examples_per_s": forward,
+               "extract_examples_per_s": extraction, "extract_over_forward": extraction / forward,
+               "read_examples_per_s": read_examples, "read_mb_per_s": read_mb}
+        for mode in MODES:
+            note(f"== {pair}: {mode} steps")
+            out = subprocess.run([sys.executable, "-m", "tedcache.bench", pair, mode, str(work), str(steps),
+                                  str(batch_size)], capture_output=True, text=True, check=True)
+            measured = json.loads(out.stdout.strip().splitlines()[-1])
+            row[f"{'student_only' if mode == 'student' else mode}_step_s"] = measured["step_s"]
+            row[f"peak_mem_{mode}_mb"] = measured["peak_mb"]
+            row["device"] = measured["device"]
+        row["offline_over_student"] = row["offline_step_s"] / row["student_only_step_s"]
+        row["online_over_offline"] = row["online_step_s"] / row["offline_step_s"]
+        row["consumed_examples_per_s"] = batch_size / row["offline_step_s"]
+        results.append(row)
+    return results
+
+
+def replace_force(cfg: ExtractConfig) -> ExtractConfig:
+    """The same extraction, rebuilt, so its teacher pass is timed in this run."""
+    from dataclasses import replace
+
+    return replace(cfg, force=True)
+
+
+def format_table(results: list[dict]) -> str:
+    lines = ["| pair | device | student-only step s | offline TED step s | online TED step s | offline / student | "
+             "online / offline | peak MB student / offline / online | extract / forward | read ex/s (MB/s) | "
+             "TED consumes ex/s |", "|" + "---|" * 11]
+    for r in results:
+        lines.append(
+            f"| {r['pair']} | {r['device']} | {r['student_only_step_s']:.3f} | {r['offline_step_s']:.3f} | "
+            f"{r['online_step_s']:.3f} | {r['offline_over_student']:.2f} | {r['online_over_offline']:.2f} | "
+            f"{r['peak_mem_student_mb']:.0f} / {r['peak_mem_offline_mb']:.0f} / {r['peak_mem_online_mb']:.0f} | "
+            f"{r['extract_over_forward']:.2f} | {r['read_examples_per_s']:,.0f} ({r['read_mb_per_s']:.0f}) | "
+            f"{r['consumed_examples_per_s']:,.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # one measurement process: PAIR MODE WORKDIR STEPS BATCH
+    pair_, mode_, workdir_, steps_, batch_ = sys.argv[1:6]
+    print(json.dumps(measure_steps(pair_, mode_, workdir_, int(steps_), int(batch_))))
