@@ -157,23 +157,27 @@ def fingerprint_table(table, columns: list[str | None]) -> str:
 
 
 def tokenize(table, tokenizer, text_column: str, text_pair_column: str | None, max_length: int,
-             labels: np.ndarray, source: str) -> Examples:
-    """Tokenize (truncating, no padding) into flat CSR arrays."""
-    texts = table[text_column][:]
-    pairs = table[text_pair_column][:] if text_pair_column else None
-    for name, col in ((text_column, texts), (text_pair_column, pairs)):
-        if col is not None and any(not isinstance(t, str) for t in col):
-            raise TedcacheError(f"{source}: column '{name}' has empty or non-text rows; drop or fill them")
-    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-    lengths = np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=len(texts))
+             labels: np.ndarray, source: str, chunk_rows: int = 8192) -> Examples:
+    """Tokenize (truncating, no padding) into flat CSR arrays, `chunk_rows` rows at a time so that only
+    compact arrays (5 bytes a token) outlive a chunk."""
+    ids, types, lengths = [], [], []
+    for start in range(0, len(table), chunk_rows):
+        rows = table[start:start + chunk_rows]
+        texts, pairs = rows[text_column], rows[text_pair_column] if text_pair_column else None
+        for name, col in ((text_column, texts), (text_pair_column, pairs)):
+            if col is not None and any(not isinstance(t, str) for t in col):
+                raise TedcacheError(f"{source}: column '{name}' has empty or non-text rows; drop or fill them")
+        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+        lengths.append(np.fromiter(map(len, enc["input_ids"]), dtype=np.int64, count=len(texts)))
+        ids.append(np.fromiter((t for row in enc["input_ids"] for t in row), dtype=np.int32))
+        if "token_type_ids" in enc:
+            types.append(np.fromiter((t for row in enc["token_type_ids"] for t in row), dtype=np.int8))
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    input_ids = np.concatenate([np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]])
-    token_type_ids = None
-    if "token_type_ids" in enc:
-        token_type_ids = np.concatenate([np.asarray(t, dtype=np.int8) for t in enc["token_type_ids"]])
-    columns = [text_column, text_pair_column, None]
+    input_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
+    token_type_ids = np.concatenate(types) if types else None
     return Examples(input_ids, offsets, token_type_ids, labels,
-                    fingerprint=fingerprint_table(table, columns) + _hash_array(labels))
+                    fingerprint=fingerprint_table(table, [text_column, text_pair_column]) + _hash_array(labels))
 
 
 def _hash_array(values: np.ndarray) -> str:
