@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader
 from .config import METHODS, DistillConfig
 from .errors import TedcacheError, note
 from .evaluate import PRIMARY_METRIC, metrics, predict
+from .extraction import teacher_targets
 from .filters import FilterBank, FilterSpec
 from .losses import filtered_mse, kd_loss, task_loss
-from .extraction import teacher_targets
 from .models import load_classifier, load_tokenizer, vocab_hash, weights_hash
 from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
 from .stage1 import train_filters
@@ -35,10 +35,11 @@ def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: st
     if layer_map:
         try:
             pairs = [tuple(int(x) for x in item.split(":")) for item in layer_map.split(",") if item.strip()]
-            assert pairs and all(len(p) == 2 for p in pairs)
-        except (ValueError, AssertionError):
+        except ValueError:
+            pairs = []
+        if not pairs or any(len(p) != 2 for p in pairs) or len({s for s, _ in pairs}) != len(pairs):
             raise TedcacheError(f"--layer-map '{layer_map}' is not a list like 0:2,1:5 "
-                                "(student layer:teacher layer)") from None
+                                "(distinct student layer:teacher layer pairs)")
         bad = [f"{s}:{t}" for s, t in pairs if not 0 <= s < student_total or t not in cache_layers]
         if bad:
             raise TedcacheError(f"--layer-map pairs {bad} do not fit: student layers are 0..{student_total - 1}, "
@@ -56,7 +57,7 @@ def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: st
 class LiveTargets:
     """Online mode: the teacher (and the cache's teacher filters) in memory, filling each batch with the
     targets the cache would hold (same function as the extraction, so offline and online losses agree
-    to within the cache's precision, exactly with an fp32 cache). Only the mapped layers are kept."""
+    to within the cache's precision; with an fp32 cache to float rounding). Only the mapped layers are kept."""
 
     def __init__(self, teacher_dir: str, cache: Cache, teacher_layers: list[int], device: torch.device):
         meta = cache.metadata
@@ -64,16 +65,14 @@ class LiveTargets:
         if weights_hash(self.teacher) != meta["teacher_weights_sha256"]:
             raise TedcacheError(f"--teacher {teacher_dir} is not the teacher this cache was extracted from; "
                                 "pass that teacher, or extract a cache from this one")
-        self.bank = None
+        self.bank, self.layers = None, teacher_layers
         if meta["states"] == "filtered":
             files = {s: cache.location.read_bytes(f"teacher_filters{s}") for s in (".safetensors", ".json")}
-            self.bank = FilterBank.from_bytes(files).to(device).eval()
-        self.positions = [cache.layers.index(layer) for layer in teacher_layers]
-        self.layers = cache.layers
+            self.bank = FilterBank.from_bytes(files).select(teacher_layers).to(device).eval()
 
     def __call__(self, batch: dict) -> dict:
         logits, states = teacher_targets(self.teacher, self.bank, batch, self.layers)
-        return {**batch, "teacher_logits": logits, "teacher_states": [CompactStates(states[i]) for i in self.positions]}
+        return {**batch, "teacher_logits": logits, "teacher_states": [CompactStates(s) for s in states]}
 
 
 def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfig, task: str):

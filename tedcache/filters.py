@@ -20,10 +20,10 @@ class FilterSpec:
 class FilterBank(nn.Module):
     """filters[j] maps the hidden state of layers[j] (B, L, in_dim) to (B, L, out_dim)."""
 
-    def __init__(self, spec: FilterSpec):
+    def __init__(self, spec: FilterSpec, filters: list[nn.Module] | None = None):
         super().__init__()
         self.spec = spec
-        self.filters = nn.ModuleList(self._make(spec) for _ in spec.layers)
+        self.filters = nn.ModuleList(filters if filters is not None else (self._make(spec) for _ in spec.layers))
 
     @staticmethod
     def _make(spec: FilterSpec) -> nn.Module:
@@ -33,6 +33,11 @@ class FilterBank(nn.Module):
 
     def forward(self, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
         return [f(h) for f, h in zip(self.filters, hidden_states)]
+
+    def select(self, layers: list[int]) -> "FilterBank":
+        """A bank holding only the filters of `layers` (the same modules, not copies)."""
+        spec = FilterSpec(list(layers), self.spec.in_dim, self.spec.out_dim, self.spec.kind)
+        return FilterBank(spec, [self.filters[self.spec.layers.index(layer)] for layer in layers])
 
     def to_bytes(self) -> dict[str, bytes]:
         """{".safetensors": weights, ".json": spec}: what a cache stores for its teacher filters."""
