@@ -20,7 +20,7 @@ from .losses import filtered_mse, kd_loss, task_loss
 from .models import load_classifier, load_tokenizer, vocab_hash, weights_hash
 from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
 from .stage1 import train_filters
-from .store import Cache, CompactStates, verify
+from .store import Cache, CompactStates, read_filters, verify
 from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
 from .train import fit, pick_device, save_run
 
@@ -67,8 +67,7 @@ class LiveTargets:
                                 "pass that teacher, or extract a cache from this one")
         self.bank, self.layers = None, teacher_layers
         if meta["states"] == "filtered":
-            files = {s: cache.location.read_bytes(f"teacher_filters{s}") for s in (".safetensors", ".json")}
-            self.bank = FilterBank.from_bytes(files).select(teacher_layers).to(device).eval()
+            self.bank = FilterBank.from_bytes(read_filters(cache.location)).select(teacher_layers).to(device).eval()
 
     def __call__(self, batch: dict) -> dict:
         logits, states = teacher_targets(self.teacher, self.bank, batch, self.layers)

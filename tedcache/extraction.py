@@ -24,7 +24,7 @@ from .models import load_classifier, load_tokenizer, vocab_hash, weights_hash
 from .reader import ExamplesSource, iterate_batches, to_device
 from .stage1 import train_filters
 from .store import PRECISIONS, CacheLock, CacheWriter, Location, cache_key, calibrate_channel_scales, \
-    encode_states, read_metadata
+    encode_states, read_filters, read_metadata
 from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
 from .train import pick_device
 
@@ -102,9 +102,7 @@ def extract(cfg: ExtractConfig, log=None) -> str:
         teacher.eval()
         if resuming:
             writer = CacheWriter(location)
-            bank = None if raw else FilterBank.from_bytes(
-                {s: location.read_bytes(f"teacher_filters{s}") for s in (".safetensors", ".json")})
-            bank = bank.to(pick_device(cfg.device))
+            bank = None if raw else FilterBank.from_bytes(read_filters(location)).to(pick_device(cfg.device))
         else:
             bank = None if raw else _train_teacher_filters(teacher, spec, train, task, label_names, tokenizer, cfg)
             writer = _create_cache(location, cfg, identity, splits, label_names, spec, tokenizer, teacher, bank)

@@ -316,6 +316,11 @@ class CacheWriter:
         self._save_metadata()
 
 
+def read_filters(location: Location) -> dict[str, bytes]:
+    """The teacher's Stage-I filters as stored ({suffix: bytes}, for FilterBank.from_bytes)."""
+    return {suffix: location.read_bytes(f"teacher_filters{suffix}") for suffix in (".safetensors", ".json")}
+
+
 def unit_record(split: str, unit: int) -> str:
     return f"units/{split}/{unit:06d}.json"
 

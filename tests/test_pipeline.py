@@ -18,7 +18,7 @@ from tedcache.filters import FilterBank, FilterSpec
 from tedcache.models import load_classifier, load_tokenizer
 from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
 from tedcache.stage1 import train_filters
-from tedcache.store import Cache, CompactStates, Location
+from tedcache.store import Cache, CompactStates, Location, read_filters
 
 
 def _extract(assets, tmp_path, **kw):
@@ -44,8 +44,7 @@ def test_stage1_changes_only_filters_and_heads(assets):
 
 
 def _teacher_bank(path) -> FilterBank:
-    location = Location(path)
-    return FilterBank.from_bytes({s: location.read_bytes(f"teacher_filters{s}") for s in (".safetensors", ".json")})
+    return FilterBank.from_bytes(read_filters(Location(path)))
 
 
 # relative RMS error bound of the stored states per precision

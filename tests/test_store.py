@@ -14,7 +14,7 @@ from conftest import run_cli
 from tedcache import DataConfig, DistillConfig, ExtractConfig, TrainConfig, distill, extract
 from tedcache.catalog import collect_garbage, inspect_cache, list_caches, remove_cache
 from tedcache.errors import TedcacheError
-from tedcache.store import Cache, CompactStates, calibrate_channel_scales, encode_states, pack, verify
+from tedcache.store import Cache, CompactStates, Problem, calibrate_channel_scales, encode_states, pack, repair, verify
 
 
 def _cfg(assets, cache_dir, **kw):
@@ -131,7 +131,11 @@ def test_ls_inspect_rm_gc(assets, tmp_path):
 
 
 def test_raw_states_feed_lwd_and_ted_refuses_them(assets, tmp_path):
-    path = extract(_cfg(assets, tmp_path / "caches", states="raw", precision="fp16"))
+    cfg = _cfg(assets, tmp_path / "caches", states="raw", precision="fp16")
+    path = extract(cfg)
+    assert repair(path, [Problem("forget unit 0", ("train", 0))]) == 1  # a raw cache resumes too
+    messages = []
+    assert extract(cfg, log=messages.append) == path and any("1 to go" in m for m in messages)
     meta = Cache(path).metadata
     assert meta["states"] == "raw" and meta["filter_dim"] == 48 and meta["stage1"] is None
     report = distill(DistillConfig(cache=path, student=str(assets["student"]), out=str(tmp_path / "lwd"), method="lwd",
