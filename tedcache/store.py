@@ -203,7 +203,8 @@ class CacheWriter:
             if name != ".lock":  # the caller holds it
                 location.remove(name)
         metadata = {**metadata, "format_version": FORMAT_VERSION, "complete": False, "inputs_written": False,
-                    "shard_tokens": shard_tokens, "chunk_tokens": min(CHUNK_TOKENS, shard_tokens),
+                    "shard_tokens": shard_tokens,  # inner chunks must tile a shard
+                    "chunk_tokens": CHUNK_TOKENS if shard_tokens % CHUNK_TOKENS == 0 else shard_tokens,
                     "checksums": {}}
         writer = cls(location, metadata)
         writer._save_metadata()
