@@ -6,13 +6,13 @@ Layout (FORMAT_VERSION 2), one zarr v3 group per cache, on local disk or behind 
     <split>/starts     (E,)        int64   first token of example i            split: train, eval, test
     <split>/lengths    (E,)        int32   its token count (no padding on disk)
     <split>/unit_bounds (U+1,)     int64   unit u owns examples unit_bounds[u]:unit_bounds[u+1]
-    <split>/input_ids  (U*S,)      int32   tokens; examples never straddle a shard of S tokens
-    <split>/token_type_ids (U*S,)  int8    when the tokenizer makes them
+    <split>/input_ids  (N,)        int32   tokens; examples never straddle a shard of S tokens; N <= U*S
+    <split>/token_type_ids (N,)    int8    when the tokenizer makes them
     <split>/labels     (E,)        int64 class ids | float32 targets
     <split>/example_ids (E,)       int64   source row of each example (training rows are stored shuffled)
     <split>/teacher_logits (E, C)  float32 (written when every unit is done)
-    train/states/<layer> (U*S, d)  fp32 | fp16 | bf16 bits in uint16 | int8
-    train/token_scales/<layer> (U*S,)  fp16     int8 only: per-token scale
+    train/states/<layer> (N, d)    fp32 | fp16 | bf16 bits in uint16 | int8
+    train/token_scales/<layer> (N,)    fp16     int8 only: per-token scale
     train/channel_scales/<layer> (d,)  float32  int8 only: per-channel scale, calibrated per layer
     teacher_filters.safetensors / .json   the teacher's Stage-I filters (saved before the teacher pass)
     units/<split>/<u>.json         done-marker of unit u: its teacher logits and the sha256 of every
@@ -250,8 +250,9 @@ class CacheWriter:
                                 "raise --shard-tokens or lower --max-length")
         starts, bounds = pack(lengths, shard)
         units = len(bounds) - 1
-        placed = np.zeros(units * shard, dtype=np.int64)  # token index of each slot (gaps stay 0)
-        used = np.zeros(units * shard, dtype=bool)
+        slots = int(starts[-1] + lengths[-1]) if len(lengths) else 0  # the last shard ends at its last token
+        placed = np.zeros(slots, dtype=np.int64)  # token index of each slot (gaps stay 0)
+        used = np.zeros(slots, dtype=bool)
         for begin, start, length in zip(examples.offsets[:-1], starts, lengths):
             placed[start:start + length] = np.arange(begin, begin + length)
             used[start:start + length] = True
@@ -266,6 +267,7 @@ class CacheWriter:
         self._write_whole(f"{split}/labels", examples.labels)
         self._write_whole(f"{split}/example_ids", example_ids.astype(np.int64))
         self.metadata.setdefault("units", {})[split] = units
+        self.metadata.setdefault("slots", {})[split] = slots
 
     def finish_inputs(self) -> None:
         self.metadata["inputs_written"] = True
@@ -282,7 +284,7 @@ class CacheWriter:
 
     def create_state_arrays(self, layers: list[int], dim: int) -> None:
         precision = self.metadata["precision"]
-        tokens = self.metadata["units"]["train"] * self.metadata["shard_tokens"]
+        tokens = self.metadata["slots"]["train"]
         for layer in layers:
             self._create(f"train/states/{layer}", (tokens, dim), STATE_DTYPES[precision], per_token=True,
                          compress=False)  # dense activations barely compress and reads slow down
@@ -299,7 +301,8 @@ class CacheWriter:
                 if data is None:
                     continue
                 arr = self.root[f"{split}/{name}"]
-                arr[unit * shard:(unit + 1) * shard] = data
+                stop = min((unit + 1) * shard, arr.shape[0])  # the last shard may be short
+                arr[unit * shard:stop] = data[:stop - unit * shard]
                 checksums.update(self._object_checksums(arr, [(unit,) + (0,) * (data.ndim - 1)]))
         record = {"split": split, "unit": unit, "logits": logits.tolist(), "checksums": checksums}
         self.location.write_bytes(unit_record(split, unit), json.dumps(record).encode())
