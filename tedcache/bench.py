@@ -194,8 +194,11 @@ def run_bench(workdir: str, pairs: tuple[str, ...] = PAIRS, steps: int = 20, bat
                "read_examples_per_s": read_examples, "read_mb_per_s": read_mb}
         for mode in MODES:
             note(f"== {pair}: {mode} steps")
+            # one glibc arena: RSS then follows live data, not the slack of per-thread arenas (the prefetch
+            # thread allocates batches that the training thread frees); the same for every mode
             out = subprocess.run([sys.executable, "-m", "tedcache.bench", pair, mode, str(work), str(steps),
-                                  str(batch_size)], capture_output=True, text=True, check=True)
+                                  str(batch_size)], capture_output=True, text=True, check=True,
+                                 env={**os.environ, "MALLOC_ARENA_MAX": "1"})
             measured = json.loads(out.stdout.strip().splitlines()[-1])
             row[f"{'student_only' if mode == 'student' else mode}_step_s"] = measured["step_s"]
             row[f"peak_mem_{mode}_mb"] = measured["peak_mb"]

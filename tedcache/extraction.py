@@ -184,8 +184,9 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, cfg: Extra
     remaining = sum(len(v) for v in todo.values())
     if remaining < total:
         log(f"resuming: {total - remaining} of {total} units already written, {remaining} to go")
-    channel_scales = _channel_scales(writer, teacher, bank, layers, splits["train"], cfg) \
-        if precision == "int8" else {}
+    channel_scales = {}
+    if precision == "int8" and "train/channel_scales" in writer.root:
+        channel_scales = {layer: torch.from_numpy(writer.root[f"train/channel_scales/{layer}"][...]) for layer in layers}
 
     def write(split, unit, logits, states):
         encoded = None
@@ -207,6 +208,11 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, cfg: Extra
             for unit in units:
                 part = examples.reorder(np.arange(bounds[unit], bounds[unit + 1]))
                 logits, states = _run_unit(teacher, bank, layers, part, pad_id, cfg.batch_size)
+                if precision == "int8" and not channel_scales:
+                    # int8's per-channel scales come from the first unit, stored before any unit is written,
+                    # so a resumed run (whose unit 0 is then done) reads the same ones
+                    channel_scales = dict(zip(layers, (calibrate_channel_scales(s) for s in states)))
+                    writer.save_channel_scales(layers, list(channel_scales.values()))
                 if pending is not None:
                     pending.result()  # at most one unit in flight: memory stays bounded
                 pending = background.submit(write, split, unit, logits, states if split == "train" else None)
@@ -214,17 +220,3 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, cfg: Extra
         if pending is not None:
             pending.result()
     bar.close()
-
-
-def _channel_scales(writer, teacher, bank, layers, train, cfg) -> dict[int, torch.Tensor]:
-    """int8's per-channel scales, calibrated once per layer on the first unit's tokens (deterministic, so a
-    resumed run gets the same ones; they are stored before any unit)."""
-    if "train/channel_scales" in writer.root:
-        return {layer: torch.from_numpy(writer.root[f"train/channel_scales/{layer}"][...]) for layer in layers}
-    examples = train.reorder(storage_order("train", len(train), cfg.seed))
-    bounds = writer.root["train/unit_bounds"][...]
-    _, states = _run_unit(teacher, bank, layers, examples.reorder(np.arange(bounds[0], bounds[1])),
-                          writer.metadata["pad_token_id"], cfg.batch_size)
-    scales = [calibrate_channel_scales(s) for s in states]
-    writer.save_channel_scales(layers, scales)
-    return dict(zip(layers, scales))
