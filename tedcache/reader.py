@@ -2,7 +2,7 @@
 
 Both sources expose the same window read, so one batching routine serves fine-tuning, Stage I,
 extraction and Stage II. Training order: the example range is cut into windows of contiguous
-examples (~window_tokens tokens, with a random start each epoch), windows are visited in random
+examples (at most 65,536 tokens and WINDOW_BYTES of states, with a random start each epoch), visited in random
 order and shuffled in memory. Caches store examples pre-shuffled, so contiguous windows are random
 samples and each window costs one slice read per array.
 """
@@ -38,7 +38,7 @@ class ExamplesSource:
         self.examples = examples
         self.starts, self.lengths = examples.offsets[:-1], np.diff(examples.offsets)
         self.labels, self.teacher_logits = examples.labels, None
-        self.precision, self.layers = None, []
+        self.precision, self.layers, self.state_bytes_per_token = None, [], 0
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -57,6 +57,7 @@ class CacheSource:
         self.starts, self.lengths = split.starts, split.lengths
         self.labels, self.teacher_logits = split.labels, split.teacher_logits
         self.channel_scales = [split.channel_scale(layer) for layer in self.layers]
+        self.state_bytes_per_token = sum(split.state_bytes_per_token(layer) for layer in self.layers)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -74,6 +75,7 @@ class CacheSource:
         return Window(first, a, done["input_ids"], done.get("token_type_ids"), states)
 
 
+WINDOW_BYTES = 16 * 2**20  # states held per window: bounds the reader's memory, still ~10 batches a window
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -120,12 +122,13 @@ def _windows(num_examples: int, size: int, rng: np.random.Generator | None) -> l
 
 
 def iterate_batches(source, batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0,
-                    epoch: int = 0, window_tokens: int = 65536, drop_last: bool = False,
+                    epoch: int = 0, drop_last: bool = False,
                     worker: tuple[int, int] = (0, 1)):
     """Yield padded batch dicts (see `collate`) over the whole source, once. With worker=(i, n), only
     every n-th window from the i-th (DataLoader workers split an epoch this way)."""
     n = len(source)
     mean_len = max(1.0, float(source.lengths.mean())) if n else 1.0
+    window_tokens = min(65536, WINDOW_BYTES // max(1, source.state_bytes_per_token))
     window_size = max(batch_size, int(window_tokens / mean_len))
     rng = np.random.default_rng([seed, epoch]) if shuffle else None
     pending: list[tuple[Window, int]] = []

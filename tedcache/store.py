@@ -418,6 +418,10 @@ class Split:
         scales = self.group[f"token_scales/{layer}"][start:stop] if self.precision == "int8" else None
         return values, scales
 
+    def state_bytes_per_token(self, layer: int) -> int:
+        values = self.group[f"states/{layer}"]
+        return values.dtype.itemsize * values.shape[1] + (2 if self.precision == "int8" else 0)
+
     def channel_scale(self, layer: int) -> torch.Tensor | None:
         if self.precision != "int8":
             return None
