@@ -152,9 +152,17 @@ def measure_steps(pair: str, mode: str, workdir: str, steps: int, batch_size: in
             started = now
             if len(times) == steps:
                 break
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
     return {"step_s": statistics.median(times[3:]), "peak_mb": peak, "device": str(device)}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that across fork and exec,
+    so a child started by a big parent would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _read_throughput(cache: str, layers: list[int], batch_size: int) -> tuple[float, float]:
