@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo bench test test-fast clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(STAMP)
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/tedcache demo
+
+# Stage-two speed and memory, side by side (about 6 minutes on 2 CPU cores).
+bench: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/tedcache bench
 
 # The whole suite, slow tests on the real MiniLM + Rotten Tomatoes included (what CI runs).
 test: install
