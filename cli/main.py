@@ -7,8 +7,15 @@ import sys
 
 import click
 
-from tedcache.config import DEFAULT_CACHE_DIR, DataConfig, DistillConfig, ExtractConfig, FilterConfig, \
-    FinetuneConfig, TrainConfig
+from tedcache.config import (
+    DEFAULT_CACHE_DIR,
+    DataConfig,
+    DistillConfig,
+    ExtractConfig,
+    FilterConfig,
+    FinetuneConfig,
+    TrainConfig,
+)
 
 
 def _paths(values: tuple[str, ...]) -> list[str] | None:
@@ -158,7 +165,8 @@ def init_student(source, layers, out):
 @click.option("--repair", is_flag=True, help="Forget the damaged units, so the extract command recomputes them.")
 def verify(cache, repair):
     """Read a whole cache and check every shard against its checksum. Exit 1 when anything is wrong."""
-    from tedcache.store import repair as forget_units, verify as run
+    from tedcache.store import repair as forget_units
+    from tedcache.store import verify as run
 
     problems = run(cache)
     for problem in problems:

@@ -103,9 +103,9 @@ def measure_steps(pair: str, mode: str, workdir: str, steps: int, batch_size: in
     """Per-step wall time (data wait included) and peak memory of one mode; run in its own process."""
     from torch.utils.data import DataLoader
 
+    from .config import DistillConfig
     from .distillation import LiveTargets, map_layers, stage2_loss
     from .filters import FilterBank, FilterSpec
-    from .config import DistillConfig
     from .losses import task_loss
     from .models import load_classifier
     from .reader import CacheBatches, prefetch

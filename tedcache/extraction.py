@@ -23,8 +23,17 @@ from .filters import FilterBank, FilterSpec
 from .models import load_classifier, load_tokenizer, vocab_hash, weights_hash
 from .reader import ExamplesSource, iterate_batches, to_device
 from .stage1 import train_filters
-from .store import PRECISIONS, CacheLock, CacheWriter, Location, cache_key, calibrate_channel_scales, \
-    encode_states, read_filters, read_metadata
+from .store import (
+    PRECISIONS,
+    CacheLock,
+    CacheWriter,
+    Location,
+    cache_key,
+    calibrate_channel_scales,
+    encode_states,
+    read_filters,
+    read_metadata,
+)
 from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
 from .train import pick_device
 

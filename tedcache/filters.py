@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+
 import torch
 from safetensors.torch import load, save
 from torch import nn

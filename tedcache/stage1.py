@@ -26,7 +26,7 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
         with torch.no_grad():
             _, hidden = forward_with_taps(model, batch, bank.spec.layers)
         losses = torch.stack([task_loss(head(f), batch["labels"], task) for head, f in zip(heads, bank(hidden))])
-        return losses.mean(), {f"layer_{layer}": l for layer, l in zip(bank.spec.layers, losses.detach())}
+        return losses.mean(), {f"layer_{layer}": value for layer, value in zip(bank.spec.layers, losses.detach())}
 
     device = next(model.parameters()).device
     heads.to(device)

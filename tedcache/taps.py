@@ -9,12 +9,12 @@ from .errors import TedcacheError
 
 def num_layers(model) -> int:
     config = model.config
-    return int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer"))
+    return int(getattr(config, "num_hidden_layers", None) or config.n_layer)
 
 
 def hidden_size(model) -> int:
     config = model.config
-    return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd"))
+    return int(getattr(config, "hidden_size", None) or config.n_embd)
 
 
 def parse_layers(spec: str, total: int) -> list[int]:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import zarr
-
 from conftest import make_model, run_cli, write_rows
 
 

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from conftest import run_cli, sentiment_rows, write_rows
+
 from tedcache.store import Cache
 
 

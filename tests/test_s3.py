@@ -9,8 +9,8 @@ import time
 import fsspec.config
 import numpy as np
 import pytest
-
 from conftest import run_cli
+
 from tedcache.store import Cache
 
 BUCKET = "tedcache-test"

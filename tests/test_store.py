@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
+
 from tedcache import DataConfig, DistillConfig, ExtractConfig, TrainConfig, distill, extract
 from tedcache.catalog import collect_garbage, inspect_cache, list_caches, remove_cache
 from tedcache.errors import TedcacheError
