@@ -136,7 +136,7 @@ def distill(cfg: DistillConfig, log=None) -> dict:
         bank = FilterBank(FilterSpec(student_layers, hidden_size(student), meta["filter_dim"],
                                      meta["filter_kind"] or "linear")).to(device)
         log(f"layer map (student -> teacher): {dict(zip(student_layers, teacher_layers))}")
-    train_split, eval_split = cache.split("train"), cache.split("eval")
+    train_split, eval_split, test_split = cache.split("train"), cache.split("eval"), cache.split("test")
     pad_id = meta["pad_token_id"]
     phases = {}
 
@@ -184,11 +184,10 @@ def distill(cfg: DistillConfig, log=None) -> dict:
         "layer_map": dict(zip(bank.spec.layers, teacher_layers)) if bank is not None else None,
         "history": result["history"], "eval": result["evals"], "best": result["best"],
         "phases": {k: {"history": v["history"], "seconds": v["seconds"]} for k, v in phases.items()},
-        "teacher": {s: metrics(cache.split(s).teacher_logits, cache.split(s).labels, task)
-                    for s in ("eval", "test") if cache.split(s) is not None},
+        "teacher": {name: metrics(split.teacher_logits, split.labels, task)
+                    for name, split in (("eval", eval_split), ("test", test_split)) if split is not None},
         "stage2_seconds": result["seconds"],
     }
-    test_split = cache.split("test")
     if test_split is not None:
         report["test"] = evaluate_split(test_split)
     report["seconds"] = time.perf_counter() - started
