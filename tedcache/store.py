@@ -189,8 +189,9 @@ def decode_values(values: np.ndarray, precision: str) -> torch.Tensor:
 class CacheWriter:
     """Creates a cache (or reopens an unfinished one), then writes it unit by unit.
 
-    Order: metadata (complete=false) -> token arrays -> filters -> [int8 channel scales] -> units (any
-    order, each ending with its record) -> teacher logits gathered from the records -> complete=true."""
+    Order: metadata (complete=false) -> token arrays -> filters -> [int8 channel scales, from the first
+    unit's states] -> units (each ending with its record) -> teacher logits gathered from the records ->
+    complete=true."""
 
     def __init__(self, location: Location, metadata: dict | None = None):
         self.location = location
