@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-
+from tedcache.bench import read_throughput
 from tedcache.demo import QUICK, prepare
 from tedcache.distillation import map_layers, stage2_loss
 from tedcache.filters import FilterBank, FilterSpec
@@ -23,18 +22,6 @@ from tedcache.models import load_classifier
 from tedcache.reader import CacheBatches
 from tedcache.store import Cache
 from tedcache.taps import hidden_size
-
-
-def read_epoch(cache: str, layers: list[int], batch_size: int, workers: int) -> tuple[float, float, int]:
-    """(seconds, compact MB delivered, examples) for one shuffled epoch."""
-    dataset = CacheBatches(cache, "train", layers, batch_size, shuffle=True, seed=0)
-    started, nbytes, examples = time.perf_counter(), 0, 0
-    for batch in DataLoader(dataset, batch_size=None, num_workers=workers):
-        examples += len(batch["labels"])
-        for s in batch["teacher_states"]:
-            nbytes += s.values.nbytes + (s.token_scale.nbytes if s.token_scale is not None else 0)
-        nbytes += batch["input_ids"].nbytes
-    return time.perf_counter() - started, nbytes / 1e6, examples
 
 
 def step_rate(setup, cache: str, layers: list[int], batch_size: int, steps: int = 12) -> float:
@@ -74,16 +61,16 @@ def main() -> None:
     setup = prepare(args.workdir, QUICK, seed=42)
     cache = extract(setup.extract_config(42))
     layers = Cache(cache).layers
-    lines = ["| reader | examples/s | MB/s (compact) | epoch s |", "|---|---|---|---|"]
+    lines = ["| reader | examples/s | MB/s (compact) |", "|---|---|---|"]
     for workers in (0, 2):
-        runs = [read_epoch(cache, layers, args.batch_size, workers) for _ in range(args.repeats)]
-        seconds = statistics.median(r[0] for r in runs)
-        mb, examples = runs[0][1], runs[0][2]
+        runs = [read_throughput(cache, layers, args.batch_size, workers) for _ in range(args.repeats)]
+        rate, mb_rate = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
         lines.append(f"| {'in-process' if workers == 0 else f'{workers} DataLoader workers'} | "
-                     f"{examples / seconds:,.0f} | {mb / seconds:,.1f} | {seconds:.2f} |")
+                     f"{rate:,.0f} | {mb_rate:,.1f} |")
+    mb_per_example = mb_rate / rate
     rate = statistics.median(step_rate(setup, cache, layers, args.batch_size) for _ in range(args.repeats))
     lines.append(f"| TED step consumes (2-layer student, batch {args.batch_size}) | {rate:,.0f} | "
-                 f"{rate * mb / examples:,.1f} | — |")
+                 f"{rate * mb_per_example:,.1f} |")
     print(f"cache: {cache} ({Cache(cache).precision}, layers {layers})")
     print("\n".join(lines))
 

@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -165,12 +166,15 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _read_throughput(cache: str, layers: list[int], batch_size: int) -> tuple[float, float]:
-    """(examples/s, compact MB/s) of one shuffled epoch through the reader."""
+def read_throughput(cache: str, layers: list[int], batch_size: int, workers: int = 0) -> tuple[float, float]:
+    """(examples/s, compact MB/s) of one shuffled epoch through the reader (with DataLoader workers)."""
+    from torch.utils.data import DataLoader
+
     from .reader import CacheBatches
 
     started, nbytes, count = time.perf_counter(), 0, 0
-    for batch in CacheBatches(cache, "train", layers, batch_size, seed=0):
+    for batch in DataLoader(CacheBatches(cache, "train", layers, batch_size, seed=0), batch_size=None,
+                            num_workers=workers):
         count += len(batch["labels"])
         nbytes += sum(s.values.nbytes + (0 if s.token_scale is None else s.token_scale.nbytes)
                       for s in batch["teacher_states"])
@@ -192,11 +196,11 @@ def run_bench(workdir: str, pairs: tuple[str, ...] = PAIRS, steps: int = 20, bat
         teacher, student = _pair_dirs(work, pair)
         cfg = _extract_config(work, pair, teacher, data)
         forward = _forward_only(teacher, data, cfg.batch_size)
-        cache = extract(replace_force(cfg))
+        cache = extract(replace(cfg, force=True))  # rebuilt, so its teacher pass is timed in this run
         meta = Cache(cache).metadata
         extraction = meta["splits"]["train"] / meta["timings"]["teacher_pass_s"]
         (work / pair / "cache.json").write_text(json.dumps({"cache": cache, "teacher": teacher, "student": student}))
-        read_examples, read_mb = _read_throughput(cache, Cache(cache).layers, batch_size)
+        read_examples, read_mb = read_throughput(cache, Cache(cache).layers, batch_size)
         row = {"pair": pair, "batch_size": batch_size, "forward_examples_per_s": forward,
                "extract_examples_per_s": extraction, "extract_over_forward": extraction / forward,
                "read_examples_per_s": read_examples, "read_mb_per_s": read_mb}
@@ -222,13 +226,6 @@ def _measure_in_subprocess(pair: str, mode: str, work: Path, steps: int, batch_s
     out = subprocess.run([sys.executable, "-m", "tedcache.bench", pair, mode, str(work), str(steps), str(batch_size)],
                          capture_output=True, text=True, check=True, env={**os.environ, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def replace_force(cfg: ExtractConfig) -> ExtractConfig:
-    """The same extraction, rebuilt, so its teacher pass is timed in this run."""
-    from dataclasses import replace
-
-    return replace(cfg, force=True)
 
 
 def format_table(results: list[dict]) -> str:

@@ -122,7 +122,7 @@ def _windows(num_examples: int, size: int, rng: np.random.Generator | None) -> l
 
 
 def iterate_batches(source, batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0,
-                    epoch: int = 0, drop_last: bool = False,
+                    epoch: int = 0,
                     worker: tuple[int, int] = (0, 1)):
     """Yield padded batch dicts (see `collate`) over the whole source, once. With worker=(i, n), only
     every n-th window from the i-th (DataLoader workers split an epoch this way)."""
@@ -144,7 +144,7 @@ def iterate_batches(source, batch_size: int, pad_id: int, shuffle: bool = False,
             if len(pending) == batch_size:
                 yield collate(pending, source, pad_id)
                 pending = []
-    if pending and not drop_last:
+    if pending:
         yield collate(pending, source, pad_id)
 
 
@@ -188,9 +188,9 @@ def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
     return batch
 
 
-def num_batches(source, batch_size: int, drop_last: bool = False) -> int:
+def num_batches(source, batch_size: int) -> int:
     n = len(source)
-    return n // batch_size if drop_last else -(-n // batch_size)
+    return -(-n // batch_size)
 
 
 def to_device(batch: dict, device: torch.device, non_blocking: bool = False) -> dict:
