@@ -29,12 +29,15 @@ def data_options(f):
                      help="Training data: csv/json/jsonl/parquet files, a datasets save_to_disk folder, or a hub name."),
         click.option("--eval-data", multiple=True, help="Evaluation split (same formats); used to pick the best epoch."),
         click.option("--test-data", multiple=True, help="Test split, scored once with the best model."),
-        click.option("--task", default="classification", show_default=True, help="classification or regression."),
+        click.option("--task", default="classification", show_default=True,
+                     help="classification, regression or causal-lm (plain text packed into blocks)."),
         click.option("--text-column", default="text", show_default=True),
         click.option("--text-pair-column", default=None, help="Second text of sentence-pair tasks."),
         click.option("--label-column", default="label", show_default=True),
         click.option("--max-length", default=128, show_default=True, type=int, help="Tokens per example (truncated)."),
-        click.option("--limit", default=None, type=int, help="Use only the first N training rows."),
+        click.option("--block-size", default=128, show_default=True, type=int,
+                     help="causal-lm: tokens per block (documents joined by EOS, then cut)."),
+        click.option("--limit", default=None, type=int, help="Use only the first N training rows (causal-lm: blocks)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -45,7 +48,7 @@ def _data_config(kw: dict) -> DataConfig:
     return DataConfig(train=_paths(kw.pop("data")), eval=_paths(kw.pop("eval_data")), test=_paths(kw.pop("test_data")),
                       task=kw.pop("task"), text_column=kw.pop("text_column"),
                       text_pair_column=kw.pop("text_pair_column"), label_column=kw.pop("label_column"),
-                      max_length=kw.pop("max_length"), limit=kw.pop("limit"))
+                      max_length=kw.pop("max_length"), block_size=kw.pop("block_size"), limit=kw.pop("limit"))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -60,6 +63,12 @@ def app():
 @click.option("--layers", default="all", show_default=True, help="Teacher layers to filter: all, every:K, or 0,5 (0-based).")
 @click.option("--filter", "filter_kind", default="linear", show_default=True, help="linear or mlp.")
 @click.option("--filter-dim", default=None, type=int, help="Filter output width [default: teacher hidden size].")
+@click.option("--lm-head", default="tied", show_default=True,
+              help="causal-lm Stage-I head: tied (frozen output embedding) or new (a trainable vocabulary projection).")
+@click.option("--logits", default="sample:50", show_default=True,
+              help="causal-lm teacher distribution per token: sample:N, topk:K or full (small vocabularies).")
+@click.option("--logits-temperature", default=2.0, show_default=True, type=float,
+              help="causal-lm: sample:N draws from softmax(logits / this); distill at the same --temperature.")
 @click.option("--stage1-epochs", default=3.0, show_default=True, type=float)
 @click.option("--stage1-lr", default=1e-3, show_default=True, type=float)
 @click.option("--stage1-batch-size", default=32, show_default=True, type=int)
@@ -73,16 +82,17 @@ def app():
 @click.option("--cache-dir", default=str(DEFAULT_CACHE_DIR / "caches"), show_default=True,
               help="A folder or an fsspec URL (s3://bucket/prefix).")
 @click.option("--force", is_flag=True, help="Rebuild even if a cache of the same inputs exists.")
-def extract(teacher, layers, filter_kind, filter_dim, stage1_epochs, stage1_lr, stage1_batch_size, seed, precision,
+def extract(teacher, layers, filter_kind, filter_dim, lm_head, logits, logits_temperature, stage1_epochs, stage1_lr, stage1_batch_size, seed, precision,
             states, batch_size, shard_tokens, cache_dir, force, **kw):
     """Stage one: train teacher filters (Stage I), run the teacher once, write the cache. Prints its path last.
     Interrupted? Run the same command again: it resumes."""
     from tedcache.extraction import extract as run
 
     cfg = ExtractConfig(teacher=teacher, data=_data_config(kw),
-                        filters=FilterConfig(layers=layers, kind=filter_kind, dim=filter_dim),
+                        filters=FilterConfig(layers=layers, kind=filter_kind, dim=filter_dim, lm_head=lm_head),
                         stage1=TrainConfig(epochs=stage1_epochs, lr=stage1_lr, batch_size=stage1_batch_size, seed=seed),
-                        cache_dir=cache_dir, precision=precision, states=states, batch_size=batch_size,
+                        cache_dir=cache_dir, precision=precision, states=states, logits=logits,
+                        logits_temperature=logits_temperature, batch_size=batch_size,
                         shard_tokens=shard_tokens, seed=seed, force=force)
     click.echo(run(cfg))
 
@@ -95,6 +105,9 @@ def extract(teacher, layers, filter_kind, filter_dim, stage1_epochs, stage1_lr, 
 @click.option("--kl-alpha", default=1.0, show_default=True, type=float)
 @click.option("--mse-alpha", default=1.0, show_default=True, type=float)
 @click.option("--temperature", default=2.0, show_default=True, type=float)
+@click.option("--kd-targets", default="auto", show_default=True,
+              help="causal-lm: sampled (sample counts, unbiased) or logits (renormalised over the stored ids); "
+                   "auto = sampled for sample:N caches.")
 @click.option("--epochs", default=3.0, show_default=True, type=float)
 @click.option("--lr", default=5e-5, show_default=True, type=float)
 @click.option("--batch-size", default=32, show_default=True, type=int)
@@ -111,7 +124,7 @@ def extract(teacher, layers, filter_kind, filter_dim, stage1_epochs, stage1_lr, 
 @click.option("--max-steps", default=None, type=int)
 @click.option("--verify", "verify_first", is_flag=True, help="Check every shard's checksum before training.")
 @click.option("--workers", default=0, show_default=True, type=int, help="DataLoader processes reading the cache.")
-def distill(cache, student, out, method, kl_alpha, mse_alpha, temperature, epochs, lr, batch_size, weight_decay,
+def distill(cache, student, out, method, kl_alpha, mse_alpha, temperature, kd_targets, epochs, lr, batch_size, weight_decay,
             warmup_ratio, seed, student_layers, layer_map, finetune_first, stage1_epochs, stage1_lr, eval_every,
             max_steps, verify_first, workers):
     """Stage two: train a student against a cache. The teacher is never loaded."""
@@ -120,7 +133,7 @@ def distill(cache, student, out, method, kl_alpha, mse_alpha, temperature, epoch
     train = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                         warmup_ratio=warmup_ratio, seed=seed)
     cfg = DistillConfig(cache=cache, student=student, out=out, method=method, kl_alpha=kl_alpha, mse_alpha=mse_alpha,
-                        temperature=temperature, train=train, student_layers=student_layers, layer_map=layer_map,
+                        temperature=temperature, kd_targets=kd_targets, train=train, student_layers=student_layers, layer_map=layer_map,
                         finetune_first=finetune_first,
                         stage1=TrainConfig(epochs=stage1_epochs, lr=stage1_lr, batch_size=batch_size, seed=seed),
                         eval_every=eval_every, max_steps=max_steps, verify=verify_first,

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TASKS = ("classification", "regression")
+TASKS = ("classification", "regression", "causal-lm")
 METHODS = ("ted", "kd", "lwd", "finetune")
 FILTER_KINDS = ("linear", "mlp")
 STATE_KINDS = ("filtered", "raw")  # raw: unfiltered hidden states, for the LWD baseline
+LM_HEADS = ("tied", "new")  # causal-lm Stage-I heads: the frozen output embedding, or a fresh one
+KD_TARGETS = ("auto", "sampled", "logits")
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "tedcache"
 
@@ -25,7 +27,8 @@ class DataConfig:
     text_pair_column: str | None = None
     label_column: str = "label"
     max_length: int = 128
-    limit: int | None = None  # keep only the first N training examples (after loading)
+    limit: int | None = None  # keep only the first N training examples (causal-lm: blocks) after loading
+    block_size: int = 128  # causal-lm: tokens per packed block (documents joined by EOS, then cut)
 
 
 @dataclass
@@ -47,6 +50,7 @@ class FilterConfig:
     layers: str = "all"  # "all", "every:K" or a comma list of 0-based layer indices
     kind: str = "linear"
     dim: int | None = None  # None: the teacher's hidden size
+    lm_head: str = "tied"  # causal-lm Stage I: "tied" (frozen output embedding after a trainable d_f -> d map) or "new"
 
 
 @dataclass
@@ -60,6 +64,8 @@ class ExtractConfig:
     cache_dir: str = str(DEFAULT_CACHE_DIR / "caches")  # a folder or an fsspec URL (s3://...)
     precision: str = "int8"  # fp32 | fp16 | bf16 | int8 (see docs/design.md for the measurements)
     states: str = "filtered"
+    logits: str = "sample:50"  # causal-lm: sample:N | topk:K | full (see tedcache.sparse_logits)
+    logits_temperature: float = 2.0  # causal-lm: sample:N draws from softmax(logits / this)
     batch_size: int = 64  # teacher forward batch during extraction
     shard_tokens: int = 16384  # tokens per shard: the unit of writing, resuming and checksumming
     seed: int = 42  # storage order (Stage I has its own seed in stage1)
@@ -78,6 +84,7 @@ class DistillConfig:
     kl_alpha: float = 1.0
     mse_alpha: float = 1.0
     temperature: float = 2.0
+    kd_targets: str = "auto"  # causal-lm: sampled (counts; auto for sample caches) or logits (renormalised)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=5e-5))
     student_layers: str = "all"  # which student layers get filters (ted)
     layer_map: str | None = None  # "s:t,s:t" student layer -> cache layer; default pairs in order

@@ -11,7 +11,8 @@ import numpy as np
 
 from .errors import TedcacheError
 
-FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+                 ".txt": "text"}  # plain text: one row (document) per blank-line-separated paragraph
 
 
 @dataclass
@@ -21,7 +22,7 @@ class Examples:
     input_ids: np.ndarray  # (T,) int32
     offsets: np.ndarray  # (E+1,) int64
     token_type_ids: np.ndarray | None  # (T,) int8, when the tokenizer makes them
-    labels: np.ndarray  # (E,) int64 class ids or float32 targets
+    labels: np.ndarray | None  # (E,) int64 class ids or float32 targets; None for causal-lm blocks
     fingerprint: str  # hash of the raw texts and labels that produced these examples
 
     def __len__(self) -> int:
@@ -38,7 +39,8 @@ class Examples:
         token_index = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in order]) \
             if len(order) else np.zeros(0, dtype=np.int64)
         tt = None if self.token_type_ids is None else self.token_type_ids[token_index]
-        return Examples(self.input_ids[token_index], offsets, tt, self.labels[order], self.fingerprint)
+        labels = None if self.labels is None else self.labels[order]
+        return Examples(self.input_ids[token_index], offsets, tt, labels, self.fingerprint)
 
 
 def load_table(paths: list[str]):
@@ -69,6 +71,8 @@ def load_table(paths: list[str]):
                             f"{', '.join(sorted(FILE_BUILDERS))}")
     builder = builders.pop()
     kwargs = {"delimiter": "\t"} if builder == "csv" and paths[0].endswith(".tsv") else {}
+    if builder == "text":
+        kwargs = {"sample_by": "paragraph"}
     try:
         return datasets.load_dataset(builder, data_files=list(paths), split="train", **kwargs)
     except Exception as exc:  # datasets raises many types for unreadable files
@@ -220,3 +224,37 @@ def load_examples(paths: list[str], cfg, tokenizer, label_names: list[str] | Non
     labels = encode_labels(table, cfg.label_column, cfg.task, label_names, source)
     examples = tokenize(table, tokenizer, cfg.text_column, cfg.text_pair_column, cfg.max_length, labels, source)
     return examples, label_names
+
+
+def load_blocks(paths: list[str], cfg, tokenizer, source: str, limit: int | None = None) -> Examples:
+    """Causal-LM data: every row of the text column is a document; documents are tokenized without
+    special tokens, each followed by the EOS token, concatenated, and cut into blocks of
+    `cfg.block_size` tokens (the last, partial block is dropped). A block may span a document boundary:
+    attention crosses it, as in the usual packed pre-training, and the EOS token marks it."""
+    table = load_table(paths)
+    check_columns(table, [cfg.text_column], source)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise TedcacheError("the tokenizer has no EOS token to mark document boundaries; set one "
+                            "(tokenizer.eos_token) in the teacher folder")
+    size = cfg.block_size
+    ids = []
+    for start in range(0, len(table), 8192):
+        if limit is not None and len(ids) >= limit * size:
+            break
+        texts = table[start:start + 8192][cfg.text_column]
+        if any(not isinstance(t, str) for t in texts):
+            raise TedcacheError(f"{source}: column '{cfg.text_column}' has empty or non-text rows; drop or fill them")
+        for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            ids.extend(row)
+            ids.append(eos)
+    blocks = len(ids) // size
+    if limit is not None:
+        blocks = min(blocks, limit)
+    if blocks == 0:
+        raise TedcacheError(f"{source} holds {len(ids)} tokens, fewer than one block of {size}; "
+                            "lower --block-size or give more text")
+    input_ids = np.asarray(ids[:blocks * size], dtype=np.int32)
+    offsets = np.arange(0, blocks * size + 1, size, dtype=np.int64)
+    fingerprint = fingerprint_table(table, [cfg.text_column]) + f"-{blocks}x{size}-eos{eos}"
+    return Examples(input_ids, offsets, None, None, fingerprint)

@@ -11,14 +11,15 @@ from dataclasses import asdict, replace
 import torch
 from torch.utils.data import DataLoader
 
-from .config import METHODS, DistillConfig
+from .config import KD_TARGETS, METHODS, DistillConfig
 from .errors import TedcacheError, note
-from .evaluate import PRIMARY_METRIC, metrics, predict
+from .evaluate import PRIMARY_METRIC, evaluate, metrics, perplexity_from_nll
 from .extraction import teacher_targets
 from .filters import FilterBank, FilterSpec
-from .losses import filtered_mse, kd_loss, task_loss
-from .models import load_classifier, load_tokenizer, vocab_hash, weights_hash
+from .losses import filtered_mse, kd_loss, lm_loss, task_loss
+from .models import load_for_task, load_tokenizer, vocab_hash, weights_hash
 from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
+from .sparse_logits import LogitSpec, kd_targets, sparse_kd_loss, sparsify
 from .stage1 import train_filters
 from .store import Cache, CompactStates, read_filters, verify
 from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
@@ -59,37 +60,72 @@ class LiveTargets:
     targets the cache would hold (same function as the extraction, so offline and online losses agree
     to within the cache's precision; with an fp32 cache to float rounding). Only the mapped layers are kept."""
 
-    def __init__(self, teacher_dir: str, cache: Cache, teacher_layers: list[int], device: torch.device):
+    def __init__(self, teacher_dir: str, cache: Cache, teacher_layers: list[int], device: torch.device, seed: int):
         meta = cache.metadata
-        self.teacher = load_classifier(teacher_dir, "teacher").to(device).eval()
+        self.teacher = load_for_task(teacher_dir, "teacher", meta["task"], resize=False).to(device).eval()
         if weights_hash(self.teacher) != meta["teacher_weights_sha256"]:
             raise TedcacheError(f"--teacher {teacher_dir} is not the teacher this cache was extracted from; "
                                 "pass that teacher, or extract a cache from this one")
         self.bank, self.layers = None, teacher_layers
         if meta["states"] == "filtered":
             self.bank = FilterBank.from_bytes(read_filters(cache.location)).select(teacher_layers).to(device).eval()
+        self.logit_spec = LogitSpec(**meta["logits"]) if meta.get("logits") else None
+        self.generator = torch.Generator(device).manual_seed(seed)  # fresh draws: sampled rows differ from the cache's
 
     def __call__(self, batch: dict) -> dict:
         logits, states = teacher_targets(self.teacher, self.bank, batch, self.layers)
-        return {**batch, "teacher_logits": logits, "teacher_states": [CompactStates(s) for s in states]}
+        targets = {**batch, "teacher_states": [CompactStates(s) for s in states]}
+        if self.logit_spec is None:
+            return {**targets, "teacher_logits": logits}
+        rows = sparsify(logits.flatten(0, 1), self.logit_spec, self.generator)
+        rows = {k: v.view(*logits.shape[:2], -1) for k, v in rows.items()}
+        rows["ids"] = rows["ids"].masked_fill(~batch["attention_mask"].bool().unsqueeze(-1), -1)
+        return {**targets, "teacher_rows": rows}
 
 
-def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfig, task: str):
+def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfig, task: str, kd_form: str = "logits"):
     """L = task + kl_alpha * T^2 * KL(teacher || student) + mse_alpha * mean-over-layers filtered MSE.
-    batch carries the targets: teacher_logits (B, C) and teacher_states, one CompactStates (B, L, d_f) per
-    mapped layer (cached or live). For LWD `bank` holds the student's projections and the states are raw."""
+    batch carries the targets: teacher_logits (B, C) or, causal-lm, teacher_rows (sparse per-token
+    distributions, used in `kd_form`), and teacher_states, one CompactStates (B, L, d_f) per mapped
+    layer (cached or live). For LWD `bank` holds the student's projections and the states are raw.
+    causal-lm: the task term is the next-token loss and KL and MSE cover every real position."""
     layers = bank.spec.layers if bank is not None else []
     logits, hidden = forward_with_taps(student, batch, layers)
-    terms = {"task": task_loss(logits, batch["labels"], task)}
+    mask = batch["attention_mask"]
+    lm = task == "causal-lm"
+    terms = {"task": lm_loss(logits, batch["input_ids"], mask) if lm else task_loss(logits, batch["labels"], task)}
     loss = terms["task"]
     if cfg.kl_alpha > 0:
-        terms["kl"] = kd_loss(logits, batch["teacher_logits"], cfg.temperature)
+        if lm:
+            rows = batch["teacher_rows"]
+            targets = kd_targets(rows, kd_form, cfg.temperature)
+            terms["kl"] = sparse_kd_loss(logits, rows["ids"].long(), targets, cfg.temperature, mask)
+        else:
+            terms["kl"] = kd_loss(logits, batch["teacher_logits"], cfg.temperature)
         loss = loss + cfg.kl_alpha * terms["kl"]
     if bank is not None and cfg.mse_alpha > 0:
         targets = [s.widen() for s in batch["teacher_states"]]  # compact on the wire, fp32 only here
-        terms["mse"] = filtered_mse(bank(hidden), targets, batch["attention_mask"])
+        terms["mse"] = filtered_mse(bank(hidden), targets, mask)
         loss = loss + cfg.mse_alpha * terms["mse"]
     return loss, {k: v.detach() for k, v in terms.items()}
+
+
+def kd_form(cfg: DistillConfig, meta: dict) -> str:
+    """Which causal-lm KD targets to train on: "sampled" (counts; unbiased, only at the sampling
+    temperature) or "logits" (renormalised over the stored ids, any temperature)."""
+    if cfg.kd_targets not in KD_TARGETS:
+        raise TedcacheError(f"unknown --kd-targets '{cfg.kd_targets}'; use one of {', '.join(KD_TARGETS)}")
+    spec = meta.get("logits") or {}
+    form = cfg.kd_targets
+    if form == "auto":
+        form = "sampled" if spec.get("kind") == "sample" else "logits"
+    if form == "sampled" and spec.get("kind") != "sample":
+        raise TedcacheError(f"--kd-targets sampled needs a cache extracted with --logits sample:N, this one holds "
+                            f"{spec.get('kind')} rows; use --kd-targets logits")
+    if form == "sampled" and cfg.kl_alpha > 0 and abs(cfg.temperature - spec["temperature"]) > 1e-9:
+        raise TedcacheError(f"the cache's tokens were sampled at temperature {spec['temperature']}, not "
+                            f"{cfg.temperature}; pass --temperature {spec['temperature']} or --kd-targets logits")
+    return form
 
 
 def effective_weights(cfg: DistillConfig) -> DistillConfig:
@@ -123,7 +159,8 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     device = pick_device(cfg.device)
     autocast = device.type == "cuda" if cfg.autocast is None else cfg.autocast
     torch.manual_seed(cfg.train.seed)  # a fresh head and the student's filters start from this seed
-    student = load_classifier(cfg.student, "student", task, meta.get("label_names")).to(device)
+    student = load_for_task(cfg.student, "student", task, meta.get("label_names")).to(device)
+    form = kd_form(cfg, meta) if task == "causal-lm" else None
     bank, teacher_layers = None, []
     if cfg.method in ("ted", "lwd"):
         needed = "filtered" if cfg.method == "ted" else "raw"
@@ -151,12 +188,12 @@ def distill(cfg: DistillConfig, log=None) -> dict:
             ft_cfg, "fine-tune student first", device=device, autocast=autocast)
     if cfg.method == "ted":
         phases["stage1"] = train_filters(student, bank, labels_only, task, meta["num_outputs"], cfg.stage1, pad_id,
-                                         desc="stage I (student filters)")
+                                         desc="stage I (student filters)", lm_head=meta.get("lm_head") or "tied")
         student.requires_grad_(True)
 
-    live = LiveTargets(cfg.teacher, cache, teacher_layers, device) if cfg.teacher else None
+    live = LiveTargets(cfg.teacher, cache, teacher_layers, device, cfg.train.seed) if cfg.teacher else None
     batches = CacheBatches(cfg.cache, "train", [] if live else teacher_layers, cfg.train.batch_size, shuffle=True,
-                           seed=cfg.train.seed)
+                           seed=cfg.train.seed, with_logits=task == "causal-lm" and cfg.kl_alpha > 0 and not live)
     # its own generator: iterating a DataLoader draws a seed, which must not come from the global RNG
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers,
                         generator=torch.Generator().manual_seed(cfg.train.seed))
@@ -166,25 +203,24 @@ def distill(cfg: DistillConfig, log=None) -> dict:
         return loader
 
     def evaluate_split(split) -> dict:
-        logits, labels = predict(student, iterate_batches(CacheSource(split), 64, pad_id))
-        return metrics(logits, labels, task)
+        return evaluate(student, iterate_batches(CacheSource(split), 64, pad_id), task)
 
     modules = [student] + ([bank] if bank is not None else [])
     params = [p for m in modules for p in m.parameters()]
     torch.manual_seed(cfg.train.seed)  # Stage II's dropout does not depend on what ran before it
     result = fit(params, modules,
                  epoch_batches, num_batches(labels_only, cfg.train.batch_size),
-                 lambda b: stage2_loss(student, bank, live(b) if live else b, cfg, task),
+                 lambda b: stage2_loss(student, bank, live(b) if live else b, cfg, task, form),
                  cfg.train, f"stage II ({cfg.method}{', online' if live else ''})",
                  evaluate=(lambda: evaluate_split(eval_split)) if eval_split is not None else None,
                  select=PRIMARY_METRIC[task], eval_every=cfg.eval_every, max_steps=cfg.max_steps,
                  log_every=cfg.log_every, device=device, autocast=autocast)
     report = {
-        "method": cfg.method, "config": asdict(cfg), "cache": str(cache.path), "task": task,
+        "method": cfg.method, "config": asdict(cfg), "cache": str(cache.path), "task": task, "kd_targets": form,
         "layer_map": dict(zip(bank.spec.layers, teacher_layers)) if bank is not None else None,
         "history": result["history"], "eval": result["evals"], "best": result["best"],
         "phases": {k: {"history": v["history"], "seconds": v["seconds"]} for k, v in phases.items()},
-        "teacher": {name: metrics(split.teacher_logits, split.labels, task)
+        "teacher": {name: teacher_metrics(split, task)
                     for name, split in (("eval", eval_split), ("test", test_split)) if split is not None},
         "stage2_seconds": result["seconds"],
     }
@@ -197,3 +233,10 @@ def distill(cfg: DistillConfig, log=None) -> dict:
         + (f", test {report['test'][PRIMARY_METRIC[task]]:.4f}" if "test" in report else "")
         + f" ({report['seconds']:.0f}s); saved to {cfg.out}")
     return report
+
+
+def teacher_metrics(split, task: str) -> dict:
+    """The teacher's metrics on a cached split, from what the extraction stored (no teacher needed)."""
+    if task == "causal-lm":
+        return perplexity_from_nll(split.teacher_nll)
+    return metrics(split.teacher_logits, split.labels, task)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-PRIMARY_METRIC = {"classification": "accuracy", "regression": "spearman"}
+PRIMARY_METRIC = {"classification": "accuracy", "regression": "spearman", "causal-lm": "perplexity"}
+LOWER_IS_BETTER = {"perplexity"}
+
+
+def better(a: dict, b: dict | None, metric: str) -> bool:
+    """Whether result `a` beats result `b` (None: nothing to beat) on `metric`."""
+    if b is None:
+        return True
+    return a[metric] < b[metric] if metric in LOWER_IS_BETTER else a[metric] > b[metric]
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -41,6 +49,35 @@ def metrics(logits: np.ndarray, labels: np.ndarray, task: str) -> dict[str, floa
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
     f1 = f1s[1] if num_classes == 2 else float(np.mean(f1s))
     return {"accuracy": float((pred == labels).mean()), "f1": float(f1)}
+
+
+def perplexity_from_nll(nll: np.ndarray) -> dict[str, float]:
+    """{"loss": mean next-token loss, "perplexity": its exp} from per-block mean losses (equal-length blocks)."""
+    loss = float(np.mean(nll))
+    return {"loss": loss, "perplexity": float(np.exp(loss))}
+
+
+@torch.no_grad()
+def block_losses(model, batches) -> np.ndarray:
+    """The mean next-token loss of every block, in source order."""
+    from .losses import lm_loss
+
+    model.eval()
+    losses, index = [], []
+    device = next(model.parameters()).device
+    for batch in batches:
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        losses.extend(lm_loss(row[None], i[None], m[None]).item() for row, i, m in zip(logits, ids, mask))
+        index.append(batch["example_index"])
+    return np.asarray(losses)[torch.cat(index).argsort().numpy()]
+
+
+def evaluate(model, batches, task: str) -> dict[str, float]:
+    """The task's metrics of `model` over `batches` (causal-lm: loss and perplexity)."""
+    if task == "causal-lm":
+        return perplexity_from_nll(block_losses(model, batches))
+    return metrics(*predict(model, batches), task)
 
 
 @torch.no_grad()

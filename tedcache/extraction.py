@@ -16,11 +16,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import FILTER_KINDS, STATE_KINDS, TASKS, ExtractConfig
-from .data import Examples, load_examples
+from .config import FILTER_KINDS, LM_HEADS, STATE_KINDS, TASKS, ExtractConfig
+from .data import Examples, load_blocks, load_examples
 from .errors import TedcacheError, note
 from .filters import FilterBank, FilterSpec
-from .models import load_classifier, load_tokenizer, vocab_hash, weights_hash
+from .losses import lm_loss
+from .models import load_for_task, load_tokenizer, vocab_hash, weights_hash
 from .reader import ExamplesSource, iterate_batches, to_device
 from .stage1 import train_filters
 from .store import (
@@ -34,6 +35,7 @@ from .store import (
     read_filters,
     read_metadata,
 )
+from .sparse_logits import LogitSpec, id_dtype, parse_logit_spec, sparsify
 from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
 from .train import pick_device
 
@@ -41,7 +43,7 @@ from .train import pick_device
 @torch.no_grad()
 def teacher_targets(teacher, bank: FilterBank | None, batch: dict,
                     layers: list[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """What the cache stores for a batch: teacher logits (B, C) and per tapped layer the filtered state
+    """What the cache stores for a batch: teacher logits (B, C; causal-lm (B, L, V)) and per tapped layer the filtered state
     (B, L, d_f), or the raw hidden state (B, L, d) when `bank` is None (then `layers` says which).
     Teacher and filters must be in eval mode; the online path calls this same function."""
     logits, hidden = forward_with_taps(teacher, batch, bank.spec.layers if bank is not None else layers)
@@ -51,15 +53,20 @@ def teacher_targets(teacher, bank: FilterBank | None, batch: dict,
 
 def _validate(cfg: ExtractConfig) -> None:
     choices = {"task": (cfg.data.task, TASKS), "precision": (cfg.precision, PRECISIONS),
-               "filter": (cfg.filters.kind, FILTER_KINDS), "states": (cfg.states, STATE_KINDS)}
+               "filter": (cfg.filters.kind, FILTER_KINDS), "states": (cfg.states, STATE_KINDS),
+               "lm-head": (cfg.filters.lm_head, LM_HEADS)}
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             raise TedcacheError(f"unknown {flag} '{value}'; use one of {', '.join(allowed)}")
     if cfg.filters.dim is not None and cfg.filters.dim < 1:
         raise TedcacheError(f"--filter-dim must be positive, got {cfg.filters.dim}")
-    if cfg.shard_tokens < cfg.data.max_length:
-        raise TedcacheError(f"--shard-tokens ({cfg.shard_tokens}) must be at least --max-length "
-                            f"({cfg.data.max_length}): an example never straddles a shard")
+    lm = cfg.data.task == "causal-lm"
+    length, flag = (cfg.data.block_size, "--block-size") if lm else (cfg.data.max_length, "--max-length")
+    if length < 2:
+        raise TedcacheError(f"{flag} must be at least 2, got {length}")
+    if cfg.shard_tokens < length:
+        raise TedcacheError(f"--shard-tokens ({cfg.shard_tokens}) must be at least {flag} "
+                            f"({length}): an example never straddles a shard")
 
 
 def _slug(name: str) -> str:
@@ -77,17 +84,15 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     _validate(cfg)
     started = time.perf_counter()
     tokenizer = load_tokenizer(cfg.teacher, "teacher")
-    teacher = load_classifier(cfg.teacher, "teacher").to(pick_device(cfg.device))
     task = cfg.data.task
+    lm = task == "causal-lm"
+    teacher = load_for_task(cfg.teacher, "teacher", task, resize=False).to(pick_device(cfg.device))
+    logit_spec = parse_logit_spec(cfg.logits, teacher.config.vocab_size, cfg.logits_temperature) if lm else None
     if task == "regression" and teacher.config.num_labels != 1:
         raise TedcacheError(f"--task regression needs a teacher with one output, {cfg.teacher} has "
                             f"{teacher.config.num_labels}; fine-tune one with tedcache finetune --task regression")
-    train, label_names = load_examples(cfg.data.train, cfg.data, tokenizer, None, "--data", cfg.data.limit,
-                                       teacher.config if task == "classification" else None)
-    splits = {"train": train}
-    for split, paths in (("eval", cfg.data.eval), ("test", cfg.data.test)):
-        if paths:
-            splits[split], _ = load_examples(paths, cfg.data, tokenizer, label_names, f"--{split}-data")
+    splits, label_names = _load_splits(cfg, tokenizer, teacher.config)
+    train = splits["train"]
     layers = parse_layers(cfg.filters.layers, num_layers(teacher))
     raw = cfg.states == "raw"
     dim = hidden_size(teacher) if raw else (cfg.filters.dim or hidden_size(teacher))
@@ -96,10 +101,12 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     identity = {
         "teacher_weights": weights_hash(teacher), "tokenizer_vocab": vocab_hash(tokenizer),
         **{f"{s}_data" if s != "train" else "data": ex.fingerprint for s, ex in splits.items()},
-        "task": task, "max_length": cfg.data.max_length, "states": cfg.states, "layers": layers,
-        "filters": None if raw else asdict(spec), "stage1": None if raw else asdict(cfg.stage1),
+        "task": task, "max_length": cfg.data.block_size if lm else cfg.data.max_length, "states": cfg.states,
+        "layers": layers, "filters": None if raw else asdict(spec), "stage1": None if raw else asdict(cfg.stage1),
         "precision": cfg.precision, "shard_tokens": cfg.shard_tokens, "seed": cfg.seed,
     }
+    if lm:
+        identity.update(logits=asdict(logit_spec), lm_head=None if raw else cfg.filters.lm_head)
     location = Location(cfg.cache_dir).child(f"{_slug(cfg.teacher)}-{cache_key(identity)}")
     with CacheLock(location):
         existing = read_metadata(location) if location.exists("zarr.json") else None
@@ -114,11 +121,12 @@ def extract(cfg: ExtractConfig, log=None) -> str:
             bank = None if raw else FilterBank.from_bytes(read_filters(location)).to(pick_device(cfg.device))
         else:
             bank = None if raw else _train_teacher_filters(teacher, spec, train, task, label_names, tokenizer, cfg)
-            writer = _create_cache(location, cfg, identity, splits, label_names, spec, tokenizer, teacher, bank)
+            writer = _create_cache(location, cfg, identity, splits, label_names, spec, tokenizer, teacher, bank,
+                                   logit_spec)
         if bank is not None:
             bank.eval()
         pass_started = time.perf_counter()
-        _teacher_pass(writer, teacher, bank, layers, splits, cfg, log)
+        _teacher_pass(writer, teacher, bank, layers, splits, cfg, logit_spec, log)
         writer.metadata["timings"] = {"total_s": time.perf_counter() - started,
                                       "teacher_pass_s": time.perf_counter() - pass_started}
         writer.complete()
@@ -127,12 +135,30 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     return location.url
 
 
+def _load_splits(cfg: ExtractConfig, tokenizer, model_config) -> tuple[dict[str, Examples], list[str] | None]:
+    """Tokenized train [, eval, test] splits (causal-lm: packed blocks) and the label names."""
+    data = cfg.data
+    if data.task == "causal-lm":
+        splits = {"train": load_blocks(data.train, data, tokenizer, "--data", data.limit)}
+        for split, paths in (("eval", data.eval), ("test", data.test)):
+            if paths:
+                splits[split] = load_blocks(paths, data, tokenizer, f"--{split}-data")
+        return splits, None
+    train, label_names = load_examples(data.train, data, tokenizer, None, "--data", data.limit,
+                                       model_config if data.task == "classification" else None)
+    splits = {"train": train}
+    for split, paths in (("eval", data.eval), ("test", data.test)):
+        if paths:
+            splits[split], _ = load_examples(paths, data, tokenizer, label_names, f"--{split}-data")
+    return splits, label_names
+
+
 def _train_teacher_filters(teacher, spec, train, task, label_names, tokenizer, cfg) -> FilterBank:
     torch.manual_seed(cfg.stage1.seed)
     bank = FilterBank(spec).to(next(teacher.parameters()).device)
-    num_outputs = 1 if task == "regression" else len(label_names)
+    num_outputs = len(label_names) if task == "classification" else 1
     train_filters(teacher, bank, ExamplesSource(train), task, num_outputs, cfg.stage1, _pad_id(tokenizer),
-                  desc="stage I (teacher filters)")
+                  desc="stage I (teacher filters)", lm_head=cfg.filters.lm_head)
     teacher.eval()
     return bank
 
@@ -141,11 +167,13 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def _create_cache(location, cfg, identity, splits, label_names, spec, tokenizer, teacher, bank) -> CacheWriter:
+def _create_cache(location, cfg, identity, splits, label_names, spec, tokenizer, teacher, bank,
+                  logit_spec: LogitSpec | None) -> CacheWriter:
     """Metadata, token arrays and the teacher filters: everything before the teacher pass."""
+    task = cfg.data.task
     metadata = {
-        "identity": identity, "created_by": f"tedcache {__version__}", "task": cfg.data.task,
-        "label_names": label_names, "num_outputs": 1 if cfg.data.task == "regression" else len(label_names),
+        "identity": identity, "created_by": f"tedcache {__version__}", "task": task, "label_names": label_names,
+        "num_outputs": len(label_names) if task == "classification" else (1 if task == "regression" else None),
         "states": cfg.states, "layers": spec.layers, "filter_dim": spec.out_dim,
         "filter_kind": None if bank is None else spec.kind, "teacher": cfg.teacher,
         "teacher_hidden_size": spec.in_dim, "teacher_num_layers": num_layers(teacher),
@@ -154,7 +182,9 @@ def _create_cache(location, cfg, identity, splits, label_names, spec, tokenizer,
         "data": {"train": cfg.data.train, "eval": cfg.data.eval, "test": cfg.data.test,
                  "text_column": cfg.data.text_column, "text_pair_column": cfg.data.text_pair_column,
                  "label_column": cfg.data.label_column, "limit": cfg.data.limit},
-        "data_fingerprint": identity["data"], "max_length": cfg.data.max_length, "precision": cfg.precision,
+        "data_fingerprint": identity["data"], "max_length": identity["max_length"], "precision": cfg.precision,
+        "logits": None if logit_spec is None else asdict(logit_spec), "vocab_size": teacher.config.vocab_size,
+        "lm_head": identity.get("lm_head"),
         "stage1": None if bank is None else asdict(cfg.stage1), "seed": cfg.seed,
         "splits": {s: len(ex) for s, ex in splits.items()},
         "tokens": {s: ex.num_tokens for s, ex in splits.items()},
@@ -166,25 +196,47 @@ def _create_cache(location, cfg, identity, splits, label_names, spec, tokenizer,
     if bank is not None:
         writer.save_filters(bank)
     writer.create_state_arrays(spec.layers, spec.out_dim)
+    if logit_spec is not None:
+        dtypes = {"ids": id_dtype(teacher.config.vocab_size), "logprobs": np.float16}
+        if logit_spec.kind == "sample":
+            dtypes["counts"] = np.uint8
+        writer.create_logit_arrays(logit_spec.size, dtypes)
     writer.finish_inputs()
     return writer
 
 
-def _run_unit(teacher, bank, layers, examples: Examples, pad_id: int, batch_size: int):
-    """Teacher logits (n, C) and, per layer, the states of the unit's real tokens in storage order."""
+def _run_unit(teacher, bank, layers, examples: Examples, pad_id: int, batch_size: int,
+              logit_spec: LogitSpec | None, generator: torch.Generator | None):
+    """One unit through the teacher. Returns (per-example outputs, per-token rows in storage order):
+    outputs {"logits": (n, C) rows} or, causal-lm, {"nll": the mean next-token loss of each block};
+    rows {"states/<layer>": (tokens, d)} plus, causal-lm with a generator, the sparse rows
+    {"logits/ids", "logits/logprobs"[, "logits/counts"]} (tokens, S)."""
     device = next(teacher.parameters()).device
-    logits, states = [], [[] for _ in layers]
+    outputs, rows = [], {}
     for batch in iterate_batches(ExamplesSource(examples), batch_size, pad_id):
         batch = to_device(batch, device)
-        batch_logits, batch_states = teacher_targets(teacher, bank, batch, layers)
-        logits.append(batch_logits.cpu())
+        logits, states = teacher_targets(teacher, bank, batch, layers)
         real = batch["attention_mask"].bool()  # row-major: tokens come out in storage order
-        for out, s in zip(states, batch_states):
-            out.append(s[real].cpu())
-    return torch.cat(logits).numpy(), [torch.cat(s) for s in states]
+        parts = {f"states/{layer}": s[real] for layer, s in zip(layers, states)}
+        if logit_spec is None:
+            outputs.extend(logits.cpu().tolist())
+        else:
+            outputs.extend(lm_loss(row[None], ids[None], mask[None]).item()
+                           for row, ids, mask in zip(logits, batch["input_ids"], batch["attention_mask"]))
+            if generator is not None:
+                parts.update({f"logits/{k}": v for k, v in sparsify(logits[real].cpu(), logit_spec, generator).items()})
+        for name, part in parts.items():
+            rows.setdefault(name, []).append(part.cpu())
+    return outputs, {name: torch.cat(parts) for name, parts in rows.items()}
 
 
-def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, cfg: ExtractConfig, log) -> None:
+def _unit_generator(seed: int, unit: int) -> torch.Generator:
+    """Sampling is seeded per unit, so a resumed or repaired unit draws exactly what a clean run drew."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, unit]).generate_state(1)[0]))
+
+
+def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, cfg: ExtractConfig,
+                  logit_spec: LogitSpec | None, log) -> None:
     meta = writer.metadata
     shard, precision = meta["shard_tokens"], meta["precision"]
     pad_id = meta["pad_token_id"]
@@ -196,16 +248,20 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, cfg: Extra
     channel_scales = {}
     if precision == "int8" and "train/channel_scales" in writer.root:
         channel_scales = {layer: torch.from_numpy(writer.root[f"train/channel_scales/{layer}"][...]) for layer in layers}
+    output_key = "logits" if logit_spec is None else "nll"
 
-    def write(split, unit, logits, states):
-        encoded = None
-        if states is not None:
-            encoded = {}
-            for layer, values in zip(layers, states):
-                padded = torch.zeros(shard, values.shape[1])
-                padded[:len(values)] = values
-                encoded[layer] = encode_states(padded, precision, channel_scales.get(layer))
-        writer.write_unit(split, unit, logits, encoded)
+    def write(split, unit, outputs, rows):
+        arrays = {}
+        for name, values in rows.items():
+            padded = torch.full((shard, *values.shape[1:]), -1 if name == "logits/ids" else 0, dtype=values.dtype)
+            padded[:len(values)] = values
+            if name.startswith("states/"):
+                layer = int(name.split("/")[1])
+                arrays[name], arrays[f"token_scales/{layer}"] = encode_states(padded, precision,
+                                                                              channel_scales.get(layer))
+            else:
+                arrays[name] = padded.numpy()
+        writer.write_unit(split, unit, {output_key: outputs}, arrays)
 
     # The teacher computes unit u+1 while a background thread encodes, writes and checksums unit u.
     bar = tqdm(total=remaining, desc="teacher pass (units)", leave=False, disable=None)
@@ -216,15 +272,16 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, cfg: Extra
             bounds = writer.root[f"{split}/unit_bounds"][...]
             for unit in units:
                 part = examples.reorder(np.arange(bounds[unit], bounds[unit + 1]))
-                logits, states = _run_unit(teacher, bank, layers, part, pad_id, cfg.batch_size)
-                if precision == "int8" and not channel_scales:
+                generator = _unit_generator(cfg.seed, unit) if split == "train" and logit_spec is not None else None
+                outputs, rows = _run_unit(teacher, bank, layers, part, pad_id, cfg.batch_size, logit_spec, generator)
+                if precision == "int8" and not channel_scales and layers:
                     # int8's per-channel scales come from the first unit, stored before any unit is written,
                     # so a resumed run (whose unit 0 is then done) reads the same ones
-                    channel_scales = dict(zip(layers, (calibrate_channel_scales(s) for s in states)))
+                    channel_scales = {layer: calibrate_channel_scales(rows[f"states/{layer}"]) for layer in layers}
                     writer.save_channel_scales(layers, list(channel_scales.values()))
                 if pending is not None:
                     pending.result()  # at most one unit in flight: memory stays bounded
-                pending = background.submit(write, split, unit, logits, states if split == "train" else None)
+                pending = background.submit(write, split, unit, outputs, rows if split == "train" else {})
                 bar.update(1)
         if pending is not None:
             pending.result()

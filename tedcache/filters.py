@@ -61,3 +61,24 @@ class SequenceHead(nn.Module):
 
     def forward(self, filtered: torch.Tensor) -> torch.Tensor:
         return self.net(filtered[:, 0])
+
+
+class LMHead(nn.Module):
+    """Stage-I next-token head on a filter's output (causal-lm).
+
+    "tied": the model's own frozen output embedding after a trainable Linear(d_f -> d), so a filter is
+    judged by what the model's vocabulary projection reads from it (d_f x d trainable weights).
+    "new": a fresh trainable Linear(d_f -> vocab) (d_f x vocab weights: ~28M for SmolLM2 at d_f = 576)."""
+
+    def __init__(self, dim: int, output_embedding: nn.Module, kind: str = "tied"):
+        super().__init__()
+        self.kind = kind
+        if kind == "tied":
+            self.project = nn.Linear(dim, output_embedding.in_features, bias=False)
+            self.frozen = [output_embedding]  # a list, so the frozen weights are not this module's parameters
+        else:
+            self.project = nn.Linear(dim, output_embedding.out_features)
+
+    def forward(self, filtered: torch.Tensor) -> torch.Tensor:
+        hidden = self.project(filtered)
+        return self.frozen[0](hidden) if self.kind == "tied" else hidden

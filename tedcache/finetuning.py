@@ -9,7 +9,7 @@ import torch
 from .config import TASKS, FinetuneConfig
 from .data import load_examples
 from .errors import TedcacheError, note
-from .evaluate import PRIMARY_METRIC, metrics, predict
+from .evaluate import PRIMARY_METRIC, evaluate
 from .losses import task_loss
 from .models import load_classifier, load_tokenizer
 from .reader import ExamplesSource, iterate_batches, num_batches
@@ -23,6 +23,9 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
     task = cfg.data.task
     if task not in TASKS:
         raise TedcacheError(f"unknown task '{task}'; use one of {', '.join(TASKS)}")
+    if task == "causal-lm":
+        raise TedcacheError("tedcache finetune trains classifiers; a causal-lm teacher is used as it is "
+                            "(train an LM-only student with tedcache distill --method finetune)")
     tokenizer = load_tokenizer(cfg.model)
     train, label_names = load_examples(cfg.data.train, cfg.data, tokenizer, None, "--data", cfg.data.limit)
     evaluation = None
@@ -38,13 +41,13 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
         loss = task_loss(logits, batch["labels"], task)
         return loss, {"task": loss.detach()}
 
-    def evaluate():
-        return metrics(*predict(model, iterate_batches(ExamplesSource(evaluation), 64, pad_id)), task)
+    def evaluate_model():
+        return evaluate(model, iterate_batches(ExamplesSource(evaluation), 64, pad_id), task)
 
     result = fit(list(model.parameters()), [model],
                  lambda e: iterate_batches(source, cfg.train.batch_size, pad_id, True, cfg.train.seed, e),
                  num_batches(source, cfg.train.batch_size), loss_fn, cfg.train, "fine-tune",
-                 evaluate=evaluate if evaluation is not None else None, select=PRIMARY_METRIC[task])
+                 evaluate=evaluate_model if evaluation is not None else None, select=PRIMARY_METRIC[task])
     report = {"method": "finetune", "config": asdict(cfg), "task": task, "label_names": label_names,
               "history": result["history"], "eval": result["evals"], "best": result["best"],
               "seconds": result["seconds"]}

@@ -13,6 +13,12 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Te
     return F.cross_entropy(logits.float(), labels)
 
 
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts token t+1, mean over real (unmasked) pairs. logits (B, L, V)."""
+    targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(softmax(z_T/T) || softmax(z_S/T)), batch mean. Identically 0 with one output."""
     t = temperature

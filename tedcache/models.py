@@ -51,6 +51,26 @@ def load_classifier(name: str, what: str = "model", task: str | None = None,
                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
 
 
+def load_causal_lm(name: str, what: str = "model"):
+    """An AutoModelForCausalLM (GPT-2, Llama, SmolLM, ...)."""
+    from transformers import AutoModelForCausalLM
+
+    _check_source(name, what)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name)
+    except Exception as exc:
+        raise TedcacheError(f"cannot load {what} {name} as a causal language model "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
+
+
+def load_for_task(name: str, what: str, task: str, label_names: list[str] | None = None, resize: bool = True):
+    """The model class a task trains: a causal LM, or a sequence classifier (its head resized to the
+    task's labels when `resize`)."""
+    if task == "causal-lm":
+        return load_causal_lm(name, what)
+    return load_classifier(name, what, task, label_names) if resize else load_classifier(name, what)
+
+
 def weights_hash(model: nn.Module) -> str:
     """sha256 over every parameter and buffer, in name order: the model's identity in a cache."""
     digest = hashlib.sha256()
@@ -80,14 +100,18 @@ def layer_list(model: nn.Module) -> nn.ModuleList:
 
 def init_student(source: str, layers: list[int], out: str) -> Path:
     """A shallower copy of `source` keeping the given 0-based layers (DistilBERT-style), saved to `out`."""
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from .taps import num_layers, parse_layers
 
     _check_source(source, "source model")
     config = AutoConfig.from_pretrained(source)
-    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-    auto = AutoModelForSequenceClassification if has_head else AutoModel
+    architectures = config.architectures or []
+    auto = AutoModel
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        auto = AutoModelForSequenceClassification
+    elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        auto = AutoModelForCausalLM
     model = auto.from_pretrained(source)
     keep = parse_layers(",".join(map(str, layers)), num_layers(model))
     stack = layer_list(model)

@@ -29,6 +29,7 @@ class Window:
     input_ids: np.ndarray
     token_type_ids: np.ndarray | None
     states: list[tuple[np.ndarray, np.ndarray | None]] | None  # per requested layer: values, int8 token scales
+    logits: dict[str, np.ndarray] | None = None  # causal-lm: sparse teacher rows per token
 
 
 class ExamplesSource:
@@ -39,6 +40,7 @@ class ExamplesSource:
         self.starts, self.lengths = examples.offsets[:-1], np.diff(examples.offsets)
         self.labels, self.teacher_logits = examples.labels, None
         self.precision, self.layers, self.state_bytes_per_token = None, [], 0
+        self.with_logits = False
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -50,14 +52,17 @@ class ExamplesSource:
 
 
 class CacheSource:
-    """One split of a cache: tokens, labels, teacher logits and (optionally) the states of some layers."""
+    """One split of a cache: tokens, labels, teacher logits and (optionally) the states of some layers and,
+    causal-lm, the sparse per-token teacher distributions."""
 
-    def __init__(self, split: Split, layers: list[int] | None = None):
+    def __init__(self, split: Split, layers: list[int] | None = None, with_logits: bool = False):
         self.split, self.precision, self.layers = split, split.precision, layers or []
         self.starts, self.lengths = split.starts, split.lengths
         self.labels, self.teacher_logits = split.labels, split.teacher_logits
+        self.with_logits = with_logits and bool(split.logit_rows)
         self.channel_scales = [split.channel_scale(layer) for layer in self.layers]
-        self.state_bytes_per_token = sum(split.state_bytes_per_token(layer) for layer in self.layers)
+        self.state_bytes_per_token = sum(split.state_bytes_per_token(layer) for layer in self.layers) \
+            + (split.logit_bytes_per_token() if self.with_logits else 0)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -70,9 +75,11 @@ class CacheSource:
             reads["token_type_ids"] = lambda: self.split.tokens("token_type_ids", a, b)
         for layer in self.layers:
             reads[layer] = lambda layer=layer: self.split.states(layer, a, b)
+        if self.with_logits:
+            reads["logits"] = lambda: self.split.logits(a, b)
         done = dict(zip(reads, _pool().map(lambda read: read(), reads.values())))
         states = [done[layer] for layer in self.layers] if self.layers else None
-        return Window(first, a, done["input_ids"], done.get("token_type_ids"), states)
+        return Window(first, a, done["input_ids"], done.get("token_type_ids"), states, done.get("logits"))
 
 
 WINDOW_BYTES = 16 * 2**20  # states held per window: bounds the reader's memory, still ~10 batches a window
@@ -93,9 +100,9 @@ class CacheBatches(torch.utils.data.IterableDataset):
     Batches hold compact dtypes; widen them after moving them to the training device."""
 
     def __init__(self, cache: str, split: str, layers: list[int] | None, batch_size: int, shuffle: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, with_logits: bool = False):
         super().__init__()
-        self.cache, self.split, self.layers = cache, split, layers
+        self.cache, self.split, self.layers, self.with_logits = cache, split, layers, with_logits
         self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -107,7 +114,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
         cache = Cache(self.cache)
         info = torch.utils.data.get_worker_info()
         worker = (info.id, info.num_workers) if info is not None else (0, 1)
-        source = CacheSource(cache.split(self.split), self.layers)
+        source = CacheSource(cache.split(self.split), self.layers, self.with_logits)
         yield from iterate_batches(source, self.batch_size, cache.metadata["pad_token_id"], self.shuffle, self.seed,
                                    self.epoch, worker=worker)
 
@@ -149,8 +156,9 @@ def iterate_batches(source, batch_size: int, pad_id: int, shuffle: bool = False,
 
 
 def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
-    """Pad examples to the batch's longest. Keys: input_ids, attention_mask, [token_type_ids], labels,
-    example_index, [teacher_logits], [teacher_states: one CompactStates (B, L, d) per layer]."""
+    """Pad examples to the batch's longest. Keys: input_ids, attention_mask, [token_type_ids], [labels],
+    example_index, [teacher_logits], [teacher_states: one CompactStates (B, L, d) per layer],
+    [teacher_rows: causal-lm sparse rows {ids, logprobs[, counts]} (B, L, S), padding has id -1]."""
     index = np.array([i for _, i in items])
     lengths = source.lengths[index]
     spans = [(int(source.starts[i]) - window.base, int(source.starts[i]) - window.base + int(n))
@@ -165,6 +173,10 @@ def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
     if first_states is not None:
         values = [np.zeros((size, batch_len, v.shape[1]), dtype=v.dtype) for v, _ in first_states]
         scales = [None if t is None else np.ones((size, batch_len), dtype=t.dtype) for _, t in first_states]
+    first_rows = items[0][0].logits
+    rows = None if first_rows is None else {
+        name: np.full((size, batch_len, v.shape[1]), -1 if name == "ids" else 0, dtype=v.dtype)
+        for name, v in first_rows.items()}
     for row, ((window, _), (a, b)) in enumerate(zip(items, spans)):
         input_ids[row, :b - a] = window.input_ids[a:b]
         mask[row, :b - a] = 1
@@ -175,8 +187,13 @@ def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
                 values[layer][row, :b - a] = v[a:b]
                 if t is not None:
                     scales[layer][row, :b - a] = t[a:b]
+        if rows is not None:
+            for name, out in rows.items():
+                out[row, :b - a] = window.logits[name][a:b]
     batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
-             "labels": torch.from_numpy(source.labels[index]), "example_index": torch.from_numpy(index)}
+             "example_index": torch.from_numpy(index)}
+    if source.labels is not None:
+        batch["labels"] = torch.from_numpy(source.labels[index])
     if has_tt:
         batch["token_type_ids"] = torch.from_numpy(token_types)
     if source.teacher_logits is not None:
@@ -185,6 +202,8 @@ def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
         batch["teacher_states"] = [
             CompactStates(decode_values(v, source.precision), None if t is None else torch.from_numpy(t), c)
             for v, t, c in zip(values, scales, source.channel_scales)]
+    if rows is not None:
+        batch["teacher_rows"] = {name: torch.from_numpy(v) for name, v in rows.items()}
     return batch
 
 
@@ -201,6 +220,8 @@ def to_device(batch: dict, device: torch.device, non_blocking: bool = False) -> 
     for key, value in batch.items():
         if isinstance(value, list):
             moved[key] = [v.to(device, non_blocking=non_blocking) for v in value]
+        elif isinstance(value, dict):
+            moved[key] = {k: v.to(device, non_blocking=non_blocking) for k, v in value.items()}
         else:
             moved[key] = value.to(device, non_blocking=non_blocking)
     return moved
@@ -208,8 +229,14 @@ def to_device(batch: dict, device: torch.device, non_blocking: bool = False) -> 
 
 def _pin(batch: dict) -> dict:
     pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-    return {k: [CompactStates(pin(s.values), pin(s.token_scale), pin(s.channel_scale)) for s in v]
-            if isinstance(v, list) else v.pin_memory() for k, v in batch.items()}
+    def pinned(value):
+        if isinstance(value, list):
+            return [CompactStates(pin(s.values), pin(s.token_scale), pin(s.channel_scale)) for s in value]
+        if isinstance(value, dict):
+            return {k: v.pin_memory() for k, v in value.items()}
+        return value.pin_memory()
+
+    return {k: pinned(v) for k, v in batch.items()}
 
 
 def prefetch(batches, device: torch.device, depth: int = 2):

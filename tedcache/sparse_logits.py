@@ -1,19 +1,56 @@
 """Sparse teacher distributions for caching language-model logits (full logits are vocab x 2 bytes a token).
 
-- top-k: the k largest logits and their ids. Compact, but a truncated distribution: biased.
-- sampled ("Sparse Logit Sampling", Anshumann et al., ACL 2025): draw N tokens from the teacher's
-  distribution per position and keep the distinct ids with their counts. counts / N is an unbiased
-  estimate of the distribution, so a cross-entropy against it has the full KD loss's expectation.
+Per token the cache keeps a fixed-width row of `ids` (the smallest integer type that holds the
+vocabulary, -1 = unused slot) and the teacher's log-probabilities there (`logprobs`, fp16, at T = 1),
+plus, for sampled rows, how often each id was drawn (`counts`):
 
-Both are stored per token as fixed-width rows: ids (the smallest integer type that holds the
-vocabulary) and values (top-k logits as fp16, or sample counts as uint8), padded with id -1.
+- sample:N ("Sparse Logit Sampling", Anshumann et al., ACL 2025): N draws from softmax(z / T_s), the
+  distinct ids and their counts. counts / N is an unbiased estimate of the teacher's distribution, so
+  the cross-entropy against it has the full KD loss's expectation and gradient.
+- topk:K: the K most likely ids. A truncated distribution, renormalised: biased (the tail is lost).
+- full: every id (only for small vocabularies).
+
+Stage II can train on either target form: "sampled" (counts / N; needs T = T_s) or "logits"
+(softmax(logprobs / T) renormalised over the stored ids, at any T: the usual top-k KD).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .errors import TedcacheError
+
+FULL_VOCAB_LIMIT = 8192  # `full` stores vocab x 4 bytes a token: refuse it above this
+
+
+@dataclass(frozen=True)
+class LogitSpec:
+    kind: str  # sample | topk | full
+    size: int  # draws (sample), K (topk), vocabulary (full)
+    temperature: float  # sampling temperature (sample only)
+
+
+def parse_logit_spec(text: str, vocab_size: int, temperature: float) -> LogitSpec:
+    """'sample:N', 'topk:K' or 'full' -> LogitSpec, with one-line errors for bad values."""
+    kind, _, number = text.partition(":")
+    if kind == "full" and not number:
+        if vocab_size > FULL_VOCAB_LIMIT:
+            raise TedcacheError(f"--logits full would store {vocab_size} values a token (vocabulary {vocab_size}); "
+                                f"it is allowed up to {FULL_VOCAB_LIMIT}: use sample:N or topk:K")
+        return LogitSpec("full", vocab_size, temperature)
+    if kind in ("sample", "topk") and number.isdigit():
+        size = int(number)
+        limit = min(vocab_size, 255) if kind == "sample" else vocab_size  # counts are stored as uint8
+        if 1 <= size <= limit:
+            if kind == "sample" and temperature <= 0:
+                raise TedcacheError(f"--logits-temperature must be positive, got {temperature}")
+            return LogitSpec(kind, size, temperature)
+    raise TedcacheError(f"--logits '{text}' is not sample:N (1..255), topk:K (1..vocabulary) or full; "
+                        "e.g. sample:50")
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -22,12 +59,6 @@ def id_dtype(vocab_size: int) -> np.dtype:
         if vocab_size - 1 <= np.iinfo(dtype).max:
             return np.dtype(dtype)
     return np.dtype(np.int64)
-
-
-def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, V) logits -> ids (n, k) and their logits (n, k), largest first."""
-    values, ids = logits.float().topk(k, dim=-1)
-    return ids, values
 
 
 def sample(logits: torch.Tensor, draws: int, temperature: float = 1.0,
@@ -47,20 +78,47 @@ def sample(logits: torch.Tensor, draws: int, temperature: float = 1.0,
     return ids, counts
 
 
-def sparse_targets(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Normalise per-row weights (sample counts) into target probabilities; padding (id -1) gets 0."""
-    weights = weights.float() * (ids >= 0)
-    return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+def sparsify(logits: torch.Tensor, spec: LogitSpec, generator: torch.Generator | None = None) -> dict:
+    """(n, V) teacher logits -> the rows the cache stores: ids, logprobs (fp16) and, sampled, counts."""
+    logits = logits.float()
+    if spec.kind == "sample":
+        ids, counts = sample(logits, spec.size, spec.temperature, generator)
+    elif spec.kind == "topk":
+        ids, counts = logits.topk(spec.size, dim=-1).indices, None
+    else:
+        ids, counts = torch.arange(logits.shape[-1]).expand(len(logits), -1), None
+    logprobs = F.log_softmax(logits, dim=-1).gather(-1, ids.clamp_min(0)).masked_fill(ids < 0, 0.0)
+    rows = {"ids": ids, "logprobs": logprobs.half()}
+    if counts is not None:
+        rows["counts"] = counts.to(torch.uint8)
+    return rows
 
 
-def sparse_kd_loss(student_logits: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor,
-                   temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """T^2 * cross-entropy of the student's softmax(z/T) against sparse target probabilities, mean over
-    (unmasked) positions. student_logits (..., V); ids, targets (..., S). With sampled targets its
-    expectation equals the full KD cross-entropy (KL up to the teacher's entropy, a constant)."""
+def kd_targets(rows: dict, form: str, temperature: float) -> torch.Tensor:
+    """Target probabilities over the stored ids (..., S): "sampled" = counts / draws (unbiased), "logits" =
+    softmax(logprobs / T) renormalised over the stored ids. Unused slots get 0."""
+    valid = rows["ids"] >= 0
+    if form == "sampled":
+        weights = rows["counts"].float() * valid
+        return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+    scores = (rows["logprobs"].float() / temperature).masked_fill(~valid, float("-inf"))
+    return F.softmax(scores, dim=-1)
+
+
+def sparse_cross_entropy(student_logits: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor,
+                         temperature: float) -> torch.Tensor:
+    """Per position -sum_s targets_s * log softmax(z / T)[ids_s]. student_logits (..., V); ids, targets (..., S)."""
     log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    picked = log_probs.gather(-1, ids.clamp_min(0))
-    per_position = -(targets * picked).sum(-1)
+    return -(targets * log_probs.gather(-1, ids.clamp_min(0))).sum(-1)
+
+
+def sparse_kd_loss(student_logits: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor, temperature: float,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 * KL(targets || softmax(z_S / T)) over the stored ids, mean over (unmasked) positions. The
+    targets' own entropy does not depend on the student: with sampled targets the gradient is the full
+    KD gradient in expectation."""
+    per_position = sparse_cross_entropy(student_logits, ids, targets, temperature) \
+        + torch.special.xlogy(targets, targets).sum(-1)
     if mask is not None:
         per_position = per_position[mask.bool()]
     return temperature ** 2 * per_position.mean()

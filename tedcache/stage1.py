@@ -6,26 +6,36 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .filters import FilterBank, SequenceHead
-from .losses import task_loss
+from .filters import FilterBank, LMHead, SequenceHead
+from .losses import lm_loss, task_loss
 from .reader import iterate_batches, num_batches
 from .taps import forward_with_taps
 from .train import fit
 
 
 def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, cfg: TrainConfig, pad_id: int,
-                  desc: str = "stage I") -> dict:
+                  desc: str = "stage I", lm_head: str = "tied") -> dict:
     """Train `bank` in place; only filter and head weights change. The loss is the mean over filters of
-    each head's task loss. The frozen backbone stays in train mode (dropout on), as in the reference,
-    and runs without autograd since nothing in it is trained."""
+    each head's task loss (causal-lm: next-token loss through an `lm_head` head, see LMHead). The frozen
+    backbone stays in train mode (dropout on), as in the reference, and runs without autograd since
+    nothing in it is trained."""
     torch.manual_seed(cfg.seed)
-    heads = nn.ModuleList(SequenceHead(bank.spec.out_dim, num_outputs) for _ in bank.spec.layers)
+    dim = bank.spec.out_dim
+    if task == "causal-lm":
+        heads = nn.ModuleList(LMHead(dim, model.get_output_embeddings(), lm_head) for _ in bank.spec.layers)
+    else:
+        heads = nn.ModuleList(SequenceHead(dim, num_outputs) for _ in bank.spec.layers)
     model.requires_grad_(False)
+
+    def head_loss(head, filtered, batch):
+        if task == "causal-lm":
+            return lm_loss(head(filtered), batch["input_ids"], batch["attention_mask"])
+        return task_loss(head(filtered), batch["labels"], task)
 
     def loss_fn(batch):
         with torch.no_grad():
             _, hidden = forward_with_taps(model, batch, bank.spec.layers)
-        losses = torch.stack([task_loss(head(f), batch["labels"], task) for head, f in zip(heads, bank(hidden))])
+        losses = torch.stack([head_loss(head, f, batch) for head, f in zip(heads, bank(hidden))])
         return losses.mean(), {f"layer_{layer}": value for layer, value in zip(bank.spec.layers, losses.detach())}
 
     device = next(model.parameters()).device

@@ -1,6 +1,6 @@
 """The cache format: the only module that knows the zarr layout.
 
-Layout (FORMAT_VERSION 2), one zarr v3 group per cache, on local disk or behind an fsspec URL:
+Layout (FORMAT_VERSION 3), one zarr v3 group per cache, on local disk or behind an fsspec URL:
 
     attrs["tedcache"]              metadata: identity, task, layers, filters, precision, checksums, complete
     <split>/starts     (E,)        int64   first token of example i            split: train, eval, test
@@ -8,15 +8,19 @@ Layout (FORMAT_VERSION 2), one zarr v3 group per cache, on local disk or behind 
     <split>/unit_bounds (U+1,)     int64   unit u owns examples unit_bounds[u]:unit_bounds[u+1]
     <split>/input_ids  (N,)        int32   tokens; examples never straddle a shard of S tokens; N <= U*S
     <split>/token_type_ids (N,)    int8    when the tokenizer makes them
-    <split>/labels     (E,)        int64 class ids | float32 targets
+    <split>/labels     (E,)        int64 class ids | float32 targets (not for causal-lm)
     <split>/example_ids (E,)       int64   source row of each example (training rows are stored shuffled)
-    <split>/teacher_logits (E, C)  float32 (written when every unit is done)
+    <split>/teacher_logits (E, C)  float32 classification/regression (written when every unit is done)
+    <split>/teacher_nll (E,)       float32 causal-lm: the teacher's mean next-token loss on each block
     train/states/<layer> (N, d)    fp32 | fp16 | bf16 bits in uint16 | int8
     train/token_scales/<layer> (N,)    fp16     int8 only: per-token scale
     train/channel_scales/<layer> (d,)  float32  int8 only: per-channel scale, calibrated per layer
+    train/logits/ids (N, S)        int8|16|32 causal-lm: sparse teacher distribution per token (-1 = unused)
+    train/logits/logprobs (N, S)   fp16     the teacher's log-probabilities at those ids
+    train/logits/counts (N, S)     uint8    sample:N only: draws of each id
     teacher_filters.safetensors / .json   the teacher's Stage-I filters (saved before the teacher pass)
-    units/<split>/<u>.json         done-marker of unit u: its teacher logits and the sha256 of every
-                                   shard object it wrote (written last, atomically)
+    units/<split>/<u>.json         done-marker of unit u: its per-example teacher outputs and the sha256
+                                   of every shard object it wrote (written last, atomically)
     .lock                          who is writing (host, pid), while an extraction runs
 
 Per-token arrays share one chunking: inner chunks for random reads, shards of S tokens as the unit of
@@ -44,7 +48,7 @@ from zarr.codecs import ZstdCodec
 
 from .errors import TedcacheError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SPLITS = ("train", "eval", "test")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 STATE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16, "int8": np.int8}
@@ -265,7 +269,8 @@ class CacheWriter:
         self._write_whole(f"{split}/starts", starts)
         self._write_whole(f"{split}/lengths", lengths.astype(np.int32))
         self._write_whole(f"{split}/unit_bounds", bounds)
-        self._write_whole(f"{split}/labels", examples.labels)
+        if examples.labels is not None:
+            self._write_whole(f"{split}/labels", examples.labels)
         self._write_whole(f"{split}/example_ids", example_ids.astype(np.int64))
         self.metadata.setdefault("units", {})[split] = units
         self.metadata.setdefault("slots", {})[split] = slots
@@ -283,6 +288,13 @@ class CacheWriter:
             self._write_whole(f"train/channel_scales/{layer}", scale.numpy().astype(np.float32))
         self._save_metadata()
 
+    def create_logit_arrays(self, width: int, dtypes: dict[str, np.dtype]) -> None:
+        """Per-token sparse teacher distributions (causal-lm), `width` slots a token; compressed, since
+        sampled rows are mostly unused slots."""
+        tokens = self.metadata["slots"]["train"]
+        for name, dtype in dtypes.items():
+            self._create(f"train/logits/{name}", (tokens, width), dtype, per_token=True)
+
     def create_state_arrays(self, layers: list[int], dim: int) -> None:
         precision = self.metadata["precision"]
         tokens = self.metadata["slots"]["train"]
@@ -292,31 +304,32 @@ class CacheWriter:
             if precision == "int8":
                 self._create(f"train/token_scales/{layer}", (tokens,), np.float16, per_token=True, compress=False)
 
-    def write_unit(self, split: str, unit: int, logits: np.ndarray,
-                   states: dict[int, tuple[np.ndarray, np.ndarray | None]] | None = None) -> None:
-        """Write one unit's state shards (whole), then its record: the unit's done-marker."""
+    def write_unit(self, split: str, unit: int, outputs: dict[str, list],
+                   token_arrays: dict[str, np.ndarray | None] | None = None) -> None:
+        """Write one unit's token-array shards (whole; `token_arrays` maps an array name under the split to
+        the unit's rows), then its record holding the per-example `outputs`: the unit's done-marker."""
         shard = self.metadata["shard_tokens"]
         checksums = {}
-        for layer, (values, token_scale) in (states or {}).items():
-            for name, data in ((f"states/{layer}", values), (f"token_scales/{layer}", token_scale)):
-                if data is None:
-                    continue
-                arr = self.root[f"{split}/{name}"]
-                stop = min((unit + 1) * shard, arr.shape[0])  # the last shard may be short
-                arr[unit * shard:stop] = data[:stop - unit * shard]
-                checksums.update(self._object_checksums(arr, [(unit,) + (0,) * (data.ndim - 1)]))
-        record = {"split": split, "unit": unit, "logits": logits.tolist(), "checksums": checksums}
+        for name, data in (token_arrays or {}).items():
+            if data is None:
+                continue
+            arr = self.root[f"{split}/{name}"]
+            stop = min((unit + 1) * shard, arr.shape[0])  # the last shard may be short
+            arr[unit * shard:stop] = data[:stop - unit * shard]
+            checksums.update(self._object_checksums(arr, [(unit,) + (0,) * (data.ndim - 1)]))
+        record = {"split": split, "unit": unit, "outputs": outputs, "checksums": checksums}
         self.location.write_bytes(unit_record(split, unit), json.dumps(record).encode())
 
     def done_units(self, split: str) -> set[int]:
         return {int(name.split(".")[0]) for name in self.location.listdir(f"units/{split}") if name.endswith(".json")}
 
     def complete(self) -> None:
-        """Gather teacher logits from the unit records, then mark the cache complete."""
+        """Gather the per-example teacher outputs from the unit records, then mark the cache complete."""
         for split, units in self.metadata["units"].items():
             records = [json.loads(self.location.read_bytes(unit_record(split, u))) for u in range(units)]
-            logits = np.asarray([row for r in records for row in r["logits"]], dtype=np.float32)
-            self._write_whole(f"{split}/teacher_logits", logits.reshape(len(logits), -1))
+            for key in records[0]["outputs"] if records else []:
+                rows = np.asarray([row for r in records for row in r["outputs"][key]], dtype=np.float32)
+                self._write_whole(f"{split}/teacher_{key}", rows)
         self.metadata["complete"] = True
         self._save_metadata()
 
@@ -401,8 +414,10 @@ class Split:
         self.group, self.name, self.precision = group, name, precision
         self.starts = group["starts"][...]
         self.lengths = group["lengths"][...].astype(np.int64)
-        self.labels = group["labels"][...]
-        self.teacher_logits = group["teacher_logits"][...]
+        self.labels = group["labels"][...] if "labels" in group else None
+        self.teacher_logits = group["teacher_logits"][...] if "teacher_logits" in group else None
+        self.teacher_nll = group["teacher_nll"][...] if "teacher_nll" in group else None
+        self.logit_rows = sorted(group["logits"].array_keys()) if "logits" in group else []
         self.example_ids = group["example_ids"][...]
         self.has_token_types = "token_type_ids" in group
         self._channel_scales: dict[int, torch.Tensor] = {}
@@ -418,6 +433,13 @@ class Split:
         values = self.group[f"states/{layer}"][start:stop]
         scales = self.group[f"token_scales/{layer}"][start:stop] if self.precision == "int8" else None
         return values, scales
+
+    def logits(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The sparse teacher rows (ids, logprobs[, counts]) of tokens start:stop (causal-lm)."""
+        return {name: self.group[f"logits/{name}"][start:stop] for name in self.logit_rows}
+
+    def logit_bytes_per_token(self) -> int:
+        return sum(self.group[f"logits/{n}"].dtype.itemsize * self.group[f"logits/{n}"].shape[1] for n in self.logit_rows)
 
     def state_bytes_per_token(self, layer: int) -> int:
         values = self.group[f"states/{layer}"]

@@ -41,12 +41,35 @@ def parse_layers(spec: str, total: int) -> list[int]:
     return layers
 
 
+def is_causal_lm(model) -> bool:
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def final_norm(model) -> torch.nn.Module:
+    """A decoder's final normalisation (Llama `norm`, GPT-2 `ln_f`, ...): the one before its LM head."""
+    base = model.base_model
+    for name in ("norm", "ln_f", "final_layernorm", "norm_f"):
+        module = getattr(base, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise TedcacheError(f"cannot find the final norm of {type(model).__name__}; tedcache knows the names "
+                        "norm, ln_f, final_layernorm and norm_f")
+
+
 def forward_with_taps(model, batch: dict, layers: list[int]):
     """Run the model; return (logits, [hidden state after layer i for i in layers]).
 
-    hidden_states[0] is the embedding output, so layer i's output is hidden_states[i + 1]."""
+    hidden_states[0] is the embedding output, so layer i's output is hidden_states[i + 1]. Causal LMs
+    are pre-norm: their residual stream is not normalised and its scale grows with depth, while HF's
+    last hidden state already has the final norm applied. So for them every tapped layer reads
+    final_norm(residual stream after layer i): the last layer's is exactly HF's last hidden state, and
+    all layers are on the scale the LM head reads."""
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     out = model(**inputs, output_hidden_states=True)
+    last = len(out.hidden_states) - 2
+    if is_causal_lm(model):
+        norm = final_norm(model)
+        return out.logits, [out.hidden_states[i + 1] if i == last else norm(out.hidden_states[i + 1]) for i in layers]
     return out.logits, [out.hidden_states[i + 1] for i in layers]
 
 

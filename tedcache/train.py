@@ -16,6 +16,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .config import TrainConfig
 from .errors import TedcacheError
+from .evaluate import better
 from .reader import prefetch
 
 
@@ -45,7 +46,7 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
         evals.append(result)
         for m in modules:
             m.train()
-        if best is None or result[select] > best[select]:
+        if better(result, best, select):
             best = result
             best_state = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
 

@@ -1,0 +1,237 @@
+"""Causal-LM TED on tiny random-initialised GPT-2 and Llama models: packing, per-layer LM heads, sparse
+logits in the cache, offline == live losses, distilling with the teacher gone, tokenizer checks."""
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tedcache import DataConfig, DistillConfig, ExtractConfig, TrainConfig, distill, extract
+from tedcache.config import FilterConfig
+from tedcache.data import load_blocks
+from tedcache.distillation import LiveTargets, kd_form, stage2_loss
+from tedcache.errors import TedcacheError
+from tedcache.extraction import _unit_generator
+from tedcache.filters import FilterBank, FilterSpec
+from tedcache.models import init_student, load_causal_lm, load_tokenizer
+from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
+from tedcache.sparse_logits import parse_logit_spec, sparsify
+from tedcache.stage1 import train_filters
+from tedcache.store import Cache
+from tedcache.taps import final_norm, forward_with_taps
+
+from conftest import FILLER, NEGATIVE, POSITIVE, run_cli
+
+WORDS = FILLER + POSITIVE + NEGATIVE
+
+
+def make_lm_tokenizer(folder: Path, extra: list[str] = ()) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>"] + WORDS + list(extra))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def make_lm(folder: Path, family: str, layers: int = 4, hidden: int = 32, seed: int = 0, extra=()) -> Path:
+    tokenizer = make_lm_tokenizer(folder, extra)
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=2, n_positions=64,
+                            bos_token_id=2, eos_token_id=2, pad_token_id=0)
+        model = GPT2LMHeadModel(config)
+    else:
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=2, eos_token_id=2,
+                             pad_token_id=0)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    return folder
+
+
+def documents(n: int, seed: int) -> list[str]:
+    """Runs of consecutive vocabulary words from a random start: the next word is predictable."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        start = rng.randrange(len(WORDS))
+        docs.append(" ".join(WORDS[(start + i) % len(WORDS)] for i in range(rng.randint(3, 12))))
+    return docs
+
+
+def write_text(path: Path, docs: list[str]) -> Path:
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm_assets(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("lm")
+    assets = {"root": root,
+              "train": write_text(root / "train.txt", documents(160, 0)),
+              "eval": write_text(root / "eval.txt", documents(30, 1)),
+              "test": write_text(root / "test.txt", documents(30, 2))}
+    for family in ("gpt2", "llama"):
+        assets[family] = make_lm(root / family, family)
+        assets[f"{family}_student"] = init_student(str(assets[family]), [0, 3], str(root / f"{family}-student"))
+    return assets
+
+
+def _extract(lm_assets, tmp_path, family="llama", **kw) -> tuple[ExtractConfig, str]:
+    data = DataConfig(train=[str(lm_assets["train"])], eval=[str(lm_assets["eval"])], test=[str(lm_assets["test"])],
+                      task="causal-lm", block_size=16)
+    defaults = dict(filters=FilterConfig(layers="1,3", dim=24), precision="fp32", logits="topk:8")
+    cfg = ExtractConfig(teacher=str(lm_assets[family]), data=data, cache_dir=str(tmp_path / "caches"),
+                        stage1=TrainConfig(epochs=1, lr=1e-2, batch_size=8), batch_size=8, shard_tokens=128,
+                        **{**defaults, **kw})
+    return cfg, extract(cfg)
+
+
+def test_packing_joins_documents_with_eos_and_cuts_blocks(lm_assets, tmp_path):
+    tokenizer = load_tokenizer(str(lm_assets["llama"]))
+    docs = ["good film", "the plot was dull", "fun"]
+    path = write_text(tmp_path / "docs.txt", docs)
+    examples = load_blocks([str(path)], DataConfig(train=[], task="causal-lm", block_size=3), tokenizer, "--data")
+    eos = tokenizer.eos_token_id
+    stream = [t for d in docs for t in tokenizer(d, add_special_tokens=False)["input_ids"] + [eos]]  # 10 tokens
+    assert len(examples) == 3 and examples.input_ids.tolist() == stream[:9]  # the partial 4th block is dropped
+    assert np.diff(examples.offsets).tolist() == [3, 3, 3] and examples.labels is None
+    limited = load_blocks([str(path)], DataConfig(train=[], task="causal-lm", block_size=3), tokenizer, "--data", 2)
+    assert len(limited) == 2 and limited.fingerprint != examples.fingerprint
+    with pytest.raises(TedcacheError, match="fewer than one block"):
+        load_blocks([str(path)], DataConfig(train=[], task="causal-lm", block_size=64), tokenizer, "--data")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_taps_read_the_normed_residual_stream(lm_assets, family):
+    model = load_causal_lm(str(lm_assets[family])).eval()
+    batch = {"input_ids": torch.randint(3, 20, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+    captured = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
+             for layer in (model.transformer.h if family == "gpt2" else model.model.layers)]
+    with torch.no_grad():
+        _, taps = forward_with_taps(model, batch, [0, 1, 2, 3])
+    for hook in hooks:
+        hook.remove()
+    norm = final_norm(model)
+    for tap, residual in zip(taps, captured):
+        assert torch.allclose(tap, norm(residual), atol=1e-5)  # every layer, the last one included
+
+
+@pytest.mark.parametrize("family,head", [("gpt2", "tied"), ("llama", "tied"), ("llama", "new")])
+def test_stage1_lm_heads_train_only_filters(lm_assets, family, head):
+    model = load_causal_lm(str(lm_assets[family]))
+    tokenizer = load_tokenizer(str(lm_assets[family]))
+    blocks = load_blocks([str(lm_assets["train"])], DataConfig(train=[], task="causal-lm", block_size=16),
+                         tokenizer, "--data")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    bank = FilterBank(FilterSpec([1, 3], 32, 24))
+    result = train_filters(model, bank, ExamplesSource(blocks), "causal-lm", None,
+                           TrainConfig(epochs=4, lr=1e-2, batch_size=8), 0, lm_head=head)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the tied embedding included
+    history = result["history"]
+    assert set(history[0]) >= {"layer_1", "layer_3"}
+    assert history[-1]["loss"] < history[0]["loss"] - 0.3  # the heads learn next-token prediction
+
+
+@pytest.mark.parametrize("logits", ["topk:8", "sample:20", "full"])
+def test_sparse_logits_round_trip(lm_assets, tmp_path, logits):
+    cfg, path = _extract(lm_assets, tmp_path, family="gpt2", logits=logits)
+    cache = Cache(path)
+    meta = cache.metadata
+    split = cache.split("train")
+    vocab = meta["vocab_size"]
+    width = vocab if logits == "full" else int(logits.split(":")[1])
+    rows = split.logits(0, int(split.starts[-1] + split.lengths[-1]))
+    assert rows["ids"].dtype == np.int8 and rows["ids"].shape[1] == width  # 35 ids fit in int8
+    assert rows["logprobs"].dtype == np.float16 and ("counts" in rows) == logits.startswith("sample")
+    teacher = load_causal_lm(cfg.teacher).eval()
+    spec = parse_logit_spec(logits, vocab, cfg.logits_temperature)
+    bounds = cache.root["train/unit_bounds"][...]
+    for unit in range(meta["units"]["train"]):
+        first, last = int(bounds[unit]), int(bounds[unit + 1])
+        a, b = int(split.starts[first]), int(split.starts[last - 1] + split.lengths[last - 1])
+        ids = torch.from_numpy(cache.root["train/input_ids"][a:b].astype(np.int64)).view(last - first, -1)
+        with torch.no_grad():
+            live = teacher(input_ids=ids).logits.flatten(0, 1)
+        expected = sparsify(live, spec, _unit_generator(cfg.seed, unit))
+        assert np.array_equal(rows["ids"][a:b], expected["ids"].numpy())
+        assert np.allclose(rows["logprobs"][a:b].astype(np.float32), expected["logprobs"].float().numpy(), atol=2e-3)
+        if "counts" in rows:
+            assert np.array_equal(rows["counts"][a:b], expected["counts"].numpy())
+            assert (rows["counts"][a:b].sum(-1) == 20).all()
+    teacher_nll = cache.split("eval").teacher_nll
+    assert teacher_nll.shape == (len(cache.split("eval")),) and np.isclose(teacher_nll.mean(), np.log(vocab), rtol=0.1)
+
+
+def test_offline_and_live_losses_match(lm_assets, tmp_path):
+    _, path = _extract(lm_assets, tmp_path, logits="topk:8")
+    cache = Cache(path)
+    student = load_causal_lm(str(lm_assets["llama_student"]))
+    torch.manual_seed(0)
+    bank = FilterBank(FilterSpec([0, 1], 32, 24))
+    cfg = DistillConfig(cache=path, student="", out="", kl_alpha=1.0, mse_alpha=1.0)
+    live = LiveTargets(str(lm_assets["llama"]), cache, [1, 3], torch.device("cpu"), seed=0)
+    source = CacheSource(cache.split("train"), [1, 3], with_logits=True)
+    student.eval()
+    for batch in list(iterate_batches(source, 8, 0))[:3]:
+        offline, offline_terms = stage2_loss(student, bank, batch, cfg, "causal-lm", kd_form(cfg, cache.metadata))
+        online, online_terms = stage2_loss(student, bank, live(batch), cfg, "causal-lm", "logits")
+        assert set(offline_terms) == {"task", "kl", "mse"}
+        for key in offline_terms:
+            assert torch.allclose(offline_terms[key], online_terms[key], rtol=2e-3, atol=1e-4), key
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_distill_lm_without_the_teacher(lm_assets, tmp_path, family):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(lm_assets[family], teacher)
+    lm_assets = {**lm_assets, family: teacher}
+    _, path = _extract(lm_assets, tmp_path, family=family, logits="sample:20", precision="int8")
+    shutil.rmtree(teacher)
+    results = {}
+    for method in ("finetune", "kd", "ted"):
+        out = tmp_path / method
+        distill(DistillConfig(cache=path, student=str(lm_assets[f"{family}_student"]), out=str(out), method=method,
+                              student_layers="0,1", train=TrainConfig(epochs=2, lr=3e-3, batch_size=8),
+                              stage1=TrainConfig(epochs=1, lr=1e-2, batch_size=8)))
+        report = json.loads((out / "metrics.json").read_text())
+        results[method] = report
+        assert report["test"]["perplexity"] == pytest.approx(np.exp(report["test"]["loss"]))
+        assert load_causal_lm(str(out)) is not None
+    assert results["kd"]["kd_targets"] == "sampled"
+    assert {"task", "kl", "mse"} <= set(results["ted"]["history"][-1])
+    assert "kl" not in results["finetune"]["history"][-1]
+    teacher_ppl = results["ted"]["teacher"]["test"]["perplexity"]
+    assert 1 < teacher_ppl < 2 * len(load_tokenizer(str(lm_assets[f"{family}_student"])))
+    first, last = results["finetune"]["history"][0]["task"], results["finetune"]["history"][-1]["task"]
+    assert last < first  # the student learns the text
+
+
+def test_lm_refusals(lm_assets, tmp_path):
+    _, path = _extract(lm_assets, tmp_path, logits="topk:8")
+    other = make_lm(tmp_path / "other", "llama", layers=2, extra=["zebra"])  # one more word: another vocabulary
+    result = run_cli("distill", "--cache", path, "--student", other, "--out", tmp_path / "out")
+    assert result.returncode == 2 and "tokenizer vocabulary differs" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    result = run_cli("distill", "--cache", path, "--student", lm_assets["llama_student"], "--out", tmp_path / "o2",
+                     "--method", "kd", "--kd-targets", "sampled")
+    assert result.returncode == 2 and "--kd-targets logits" in result.stderr
+    cfg = DistillConfig(cache=path, student="", out="", kd_targets="sampled", temperature=1.0)
+    with pytest.raises(TedcacheError, match="sample"):
+        kd_form(cfg, {"logits": {"kind": "sample", "size": 50, "temperature": 2.0}})
+    for spec, message in (("full", "allowed up to"), ("topk:0", "is not sample"), ("sample:300", "is not sample")):
+        with pytest.raises(TedcacheError, match=message):
+            parse_logit_spec(spec, 49152, 2.0)
+    result = run_cli("extract", "--teacher", lm_assets["llama"], "--data", lm_assets["train"], "--task", "causal-lm",
+                     "--logits", "topk:x", "--cache-dir", tmp_path / "c2")
+    assert result.returncode == 2 and result.stderr.startswith("error: --logits 'topk:x'")
