@@ -67,8 +67,8 @@ def app():
               help="causal-lm Stage-I head: tied (frozen output embedding) or new (a trainable vocabulary projection).")
 @click.option("--logits", default="sample:50", show_default=True,
               help="causal-lm teacher distribution per token: sample:N, topk:K or full (small vocabularies).")
-@click.option("--logits-temperature", default=2.0, show_default=True, type=float,
-              help="causal-lm: sample:N draws from softmax(logits / this); distill at the same --temperature.")
+@click.option("--logits-temperature", default=1.0, show_default=True, type=float,
+              help="causal-lm: sample:N draws from softmax(logits / this); distill uses the same temperature.")
 @click.option("--stage1-epochs", default=3.0, show_default=True, type=float)
 @click.option("--stage1-lr", default=1e-3, show_default=True, type=float)
 @click.option("--stage1-batch-size", default=32, show_default=True, type=int)
@@ -82,7 +82,8 @@ def app():
 @click.option("--cache-dir", default=str(DEFAULT_CACHE_DIR / "caches"), show_default=True,
               help="A folder or an fsspec URL (s3://bucket/prefix).")
 @click.option("--force", is_flag=True, help="Rebuild even if a cache of the same inputs exists.")
-def extract(teacher, layers, filter_kind, filter_dim, lm_head, logits, logits_temperature, stage1_epochs, stage1_lr, stage1_batch_size, seed, precision,
+def extract(teacher, layers, filter_kind, filter_dim, lm_head, logits, logits_temperature, stage1_epochs, stage1_lr,
+            stage1_batch_size, seed, precision,
             states, batch_size, shard_tokens, cache_dir, force, **kw):
     """Stage one: train teacher filters (Stage I), run the teacher once, write the cache. Prints its path last.
     Interrupted? Run the same command again: it resumes."""
@@ -104,7 +105,8 @@ def extract(teacher, layers, filter_kind, filter_dim, lm_head, logits, logits_te
 @click.option("--method", default="ted", show_default=True, help="ted, kd, lwd (raw-state cache) or finetune.")
 @click.option("--kl-alpha", default=1.0, show_default=True, type=float)
 @click.option("--mse-alpha", default=1.0, show_default=True, type=float)
-@click.option("--temperature", default=2.0, show_default=True, type=float)
+@click.option("--temperature", default=None, type=float,
+              help="KD temperature [default: 2.0; a causal-lm cache of samples: the temperature they were drawn at].")
 @click.option("--kd-targets", default="auto", show_default=True,
               help="causal-lm: sampled (sample counts, unbiased) or logits (renormalised over the stored ids); "
                    "auto = sampled for sample:N caches.")
@@ -124,7 +126,8 @@ def extract(teacher, layers, filter_kind, filter_dim, lm_head, logits, logits_te
 @click.option("--max-steps", default=None, type=int)
 @click.option("--verify", "verify_first", is_flag=True, help="Check every shard's checksum before training.")
 @click.option("--workers", default=0, show_default=True, type=int, help="DataLoader processes reading the cache.")
-def distill(cache, student, out, method, kl_alpha, mse_alpha, temperature, kd_targets, epochs, lr, batch_size, weight_decay,
+def distill(cache, student, out, method, kl_alpha, mse_alpha, temperature, kd_targets, epochs, lr, batch_size,
+            weight_decay,
             warmup_ratio, seed, student_layers, layer_map, finetune_first, stage1_epochs, stage1_lr, eval_every,
             max_steps, verify_first, workers):
     """Stage two: train a student against a cache. The teacher is never loaded."""
@@ -133,7 +136,8 @@ def distill(cache, student, out, method, kl_alpha, mse_alpha, temperature, kd_ta
     train = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                         warmup_ratio=warmup_ratio, seed=seed)
     cfg = DistillConfig(cache=cache, student=student, out=out, method=method, kl_alpha=kl_alpha, mse_alpha=mse_alpha,
-                        temperature=temperature, kd_targets=kd_targets, train=train, student_layers=student_layers, layer_map=layer_map,
+                        temperature=temperature, kd_targets=kd_targets, train=train, student_layers=student_layers,
+                        layer_map=layer_map,
                         finetune_first=finetune_first,
                         stage1=TrainConfig(epochs=stage1_epochs, lr=stage1_lr, batch_size=batch_size, seed=seed),
                         eval_every=eval_every, max_steps=max_steps, verify=verify_first,

@@ -127,7 +127,8 @@ def measure_steps(pair: str, mode: str, workdir: str, steps: int, batch_size: in
     bank = FilterBank(FilterSpec(s_layers, hidden_size(student), meta["filter_dim"])).to(device)
     params = list(student.parameters()) + (list(bank.parameters()) if mode != "student" else [])
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    cfg = DistillConfig(cache=info["cache"], student=info["student"], out="", kl_alpha=1.0, mse_alpha=1.0)
+    cfg = DistillConfig(cache=info["cache"], student=info["student"], out="", kl_alpha=1.0, mse_alpha=1.0,
+                        temperature=2.0)
     live = LiveTargets(info["teacher"], cache, t_layers, device) if mode == "online" else None
     layers = t_layers if mode == "offline" else []
     loader = DataLoader(CacheBatches(info["cache"], "train", layers, batch_size, seed=0), batch_size=None,

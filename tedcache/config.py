@@ -65,7 +65,7 @@ class ExtractConfig:
     precision: str = "int8"  # fp32 | fp16 | bf16 | int8 (see docs/design.md for the measurements)
     states: str = "filtered"
     logits: str = "sample:50"  # causal-lm: sample:N | topk:K | full (see tedcache.sparse_logits)
-    logits_temperature: float = 2.0  # causal-lm: sample:N draws from softmax(logits / this)
+    logits_temperature: float = 1.0  # causal-lm: sample:N draws from softmax(logits / this) (docs/causal-lm.md)
     batch_size: int = 64  # teacher forward batch during extraction
     shard_tokens: int = 16384  # tokens per shard: the unit of writing, resuming and checksumming
     seed: int = 42  # storage order (Stage I has its own seed in stage1)
@@ -83,7 +83,7 @@ class DistillConfig:
     method: str = "ted"
     kl_alpha: float = 1.0
     mse_alpha: float = 1.0
-    temperature: float = 2.0
+    temperature: float | None = None  # None: TED's 2.0; for a causal-lm cache of samples, their temperature
     kd_targets: str = "auto"  # causal-lm: sampled (counts; auto for sample caches) or logits (renormalised)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=5e-5))
     student_layers: str = "all"  # which student layers get filters (ted)

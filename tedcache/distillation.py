@@ -60,7 +60,7 @@ class LiveTargets:
     targets the cache would hold (same function as the extraction, so offline and online losses agree
     to within the cache's precision; with an fp32 cache to float rounding). Only the mapped layers are kept."""
 
-    def __init__(self, teacher_dir: str, cache: Cache, teacher_layers: list[int], device: torch.device, seed: int):
+    def __init__(self, teacher_dir: str, cache: Cache, teacher_layers: list[int], device: torch.device, seed: int = 0):
         meta = cache.metadata
         self.teacher = load_for_task(teacher_dir, "teacher", meta["task"], resize=False).to(device).eval()
         if weights_hash(self.teacher) != meta["teacher_weights_sha256"]:
@@ -122,10 +122,17 @@ def kd_form(cfg: DistillConfig, meta: dict) -> str:
     if form == "sampled" and spec.get("kind") != "sample":
         raise TedcacheError(f"--kd-targets sampled needs a cache extracted with --logits sample:N, this one holds "
                             f"{spec.get('kind')} rows; use --kd-targets logits")
-    if form == "sampled" and cfg.kl_alpha > 0 and abs(cfg.temperature - spec["temperature"]) > 1e-9:
+    if form == "sampled" and cfg.kl_alpha > 0 and cfg.temperature not in (None, spec["temperature"]):
         raise TedcacheError(f"the cache's tokens were sampled at temperature {spec['temperature']}, not "
                             f"{cfg.temperature}; pass --temperature {spec['temperature']} or --kd-targets logits")
     return form
+
+
+def kd_temperature(cfg: DistillConfig, meta: dict, form: str | None) -> float:
+    """The KD temperature: as given, else the samples' own for sampled targets, else TED's 2."""
+    if cfg.temperature is not None:
+        return cfg.temperature
+    return meta["logits"]["temperature"] if form == "sampled" else 2.0
 
 
 def effective_weights(cfg: DistillConfig) -> DistillConfig:
@@ -161,6 +168,7 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     torch.manual_seed(cfg.train.seed)  # a fresh head and the student's filters start from this seed
     student = load_for_task(cfg.student, "student", task, meta.get("label_names")).to(device)
     form = kd_form(cfg, meta) if task == "causal-lm" else None
+    cfg = replace(cfg, temperature=kd_temperature(cfg, meta, form))
     bank, teacher_layers = None, []
     if cfg.method in ("ted", "lwd"):
         needed = "filtered" if cfg.method == "ted" else "raw"

@@ -179,7 +179,7 @@ def test_offline_and_live_losses_match(lm_assets, tmp_path):
     student = load_causal_lm(str(lm_assets["llama_student"]))
     torch.manual_seed(0)
     bank = FilterBank(FilterSpec([0, 1], 32, 24))
-    cfg = DistillConfig(cache=path, student="", out="", kl_alpha=1.0, mse_alpha=1.0)
+    cfg = DistillConfig(cache=path, student="", out="", kl_alpha=1.0, mse_alpha=1.0, temperature=2.0)
     live = LiveTargets(str(lm_assets["llama"]), cache, [1, 3], torch.device("cpu"), seed=0)
     source = CacheSource(cache.split("train"), [1, 3], with_logits=True)
     student.eval()

@@ -104,7 +104,7 @@ def test_stage2_loss_on_cached_targets_equals_live_teacher(assets, tmp_path):
     s_layers, t_layers = map_layers([0, 1], cache.layers, None, 2)
     assert t_layers == [1, 3]
     bank_s = FilterBank(FilterSpec(s_layers, 32, cache.metadata["filter_dim"]))
-    dcfg = DistillConfig(cache=str(path), student="", out="", kl_alpha=3.0, mse_alpha=5.0)
+    dcfg = DistillConfig(cache=str(path), student="", out="", kl_alpha=3.0, mse_alpha=5.0, temperature=2.0)
     batch = next(iterate_batches(CacheSource(cache.split("train"), t_layers), 16, 0))
     offline, _ = stage2_loss(student, bank_s, batch, dcfg, "classification")
     logits, states = teacher_targets(teacher, bank_t, batch)

@@ -6,7 +6,6 @@ from tedcache.sparse_logits import (
     LogitSpec,
     id_dtype,
     kd_targets,
-    sample,
     sparse_cross_entropy,
     sparse_kd_loss,
     sparsify,
