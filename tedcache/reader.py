@@ -40,7 +40,6 @@ class ExamplesSource:
         self.starts, self.lengths = examples.offsets[:-1], np.diff(examples.offsets)
         self.labels, self.teacher_logits = examples.labels, None
         self.precision, self.layers, self.state_bytes_per_token = None, [], 0
-        self.with_logits = False
 
     def __len__(self) -> int:
         return len(self.examples)
