@@ -138,18 +138,18 @@ def extract(cfg: ExtractConfig, log=None) -> str:
 def _load_splits(cfg: ExtractConfig, tokenizer, model_config) -> tuple[dict[str, Examples], list[str] | None]:
     """Tokenized train [, eval, test] splits (causal-lm: packed blocks) and the label names."""
     data = cfg.data
-    if data.task == "causal-lm":
-        splits = {"train": load_blocks(data.train, data, tokenizer, "--data", data.limit)}
-        for split, paths in (("eval", data.eval), ("test", data.test)):
-            if paths:
-                splits[split] = load_blocks(paths, data, tokenizer, f"--{split}-data")
-        return splits, None
-    train, label_names = load_examples(data.train, data, tokenizer, None, "--data", data.limit,
-                                       model_config if data.task == "classification" else None)
+    lm = data.task == "causal-lm"
+    if lm:
+        train, label_names = load_blocks(data.train, data, tokenizer, "--data", data.limit), None
+    else:
+        train, label_names = load_examples(data.train, data, tokenizer, None, "--data", data.limit,
+                                           model_config if data.task == "classification" else None)
     splits = {"train": train}
     for split, paths in (("eval", data.eval), ("test", data.test)):
         if paths:
-            splits[split], _ = load_examples(paths, data, tokenizer, label_names, f"--{split}-data")
+            source = f"--{split}-data"
+            splits[split] = load_blocks(paths, data, tokenizer, source) if lm \
+                else load_examples(paths, data, tokenizer, label_names, source)[0]
     return splits, label_names
 
 

@@ -18,7 +18,7 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
     """Train `bank` in place; only filter and head weights change. The loss is the mean over filters of
     each head's task loss (causal-lm: next-token loss through an `lm_head` head, see LMHead). The frozen
     backbone stays in train mode (dropout on), as in the reference, and runs without autograd since
-    nothing in it is trained. Returns fit's result plus the trained "heads" (for inspection only)."""
+    nothing in it is trained."""
     torch.manual_seed(cfg.seed)
     dim = bank.spec.out_dim
     if task == "causal-lm":
@@ -41,8 +41,7 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
     device = next(model.parameters()).device
     heads.to(device)
     params = list(bank.parameters()) + list(heads.parameters())
-    result = fit(params, [model, bank, heads],
-                 lambda epoch: iterate_batches(source, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed,
-                                               epoch=epoch),
-                 num_batches(source, cfg.batch_size), loss_fn, cfg, desc, device=device)
-    return {**result, "heads": heads}
+    return fit(params, [model, bank, heads],
+               lambda epoch: iterate_batches(source, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed,
+                                             epoch=epoch),
+               num_batches(source, cfg.batch_size), loss_fn, cfg, desc, device=device)
