@@ -43,12 +43,8 @@ def load_classifier(name: str, what: str = "model", task: str | None = None,
         kwargs = {"num_labels": len(label_names), "problem_type": "single_label_classification",
                   "id2label": dict(enumerate(label_names)),
                   "label2id": {n: i for i, n in enumerate(label_names)}}
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(name, ignore_mismatched_sizes=bool(kwargs),
-                                                                  **kwargs)
-    except Exception as exc:
-        raise TedcacheError(f"cannot load {what} {name} as a sequence classifier "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
+    return _from_pretrained(AutoModelForSequenceClassification, name, what, "a sequence classifier",
+                            ignore_mismatched_sizes=bool(kwargs), **kwargs)
 
 
 def load_causal_lm(name: str, what: str = "model"):
@@ -56,10 +52,15 @@ def load_causal_lm(name: str, what: str = "model"):
     from transformers import AutoModelForCausalLM
 
     _check_source(name, what)
+    return _from_pretrained(AutoModelForCausalLM, name, what, "a causal language model")
+
+
+def _from_pretrained(auto_class, name: str, what: str, kind: str, **kwargs):
+    """auto_class.from_pretrained, its failures turned into one line."""
     try:
-        return AutoModelForCausalLM.from_pretrained(name)
+        return auto_class.from_pretrained(name, **kwargs)
     except Exception as exc:
-        raise TedcacheError(f"cannot load {what} {name} as a causal language model "
+        raise TedcacheError(f"cannot load {what} {name} as {kind} "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
 
 
