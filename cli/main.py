@@ -98,52 +98,100 @@ def extract(teacher, layers, filter_kind, filter_dim, lm_head, logits, logits_te
     click.echo(run(cfg))
 
 
+def distill_options(f):
+    """Flags of a stage-two run besides cache, student, out, method and seed (shared by distill and compare)."""
+    options = [
+        click.option("--kl-alpha", default=1.0, show_default=True, type=float),
+        click.option("--mse-alpha", default=1.0, show_default=True, type=float),
+        click.option("--temperature", default=None, type=float,
+                     help="KD temperature [default: 2.0; a causal-lm cache of samples: the temperature they were drawn at]."),
+        click.option("--kd-targets", default="auto", show_default=True,
+                     help="causal-lm: sampled (sample counts, unbiased) or logits (renormalised over the stored ids); "
+                          "auto = sampled for sample:N caches."),
+        click.option("--epochs", default=3.0, show_default=True, type=float),
+        click.option("--lr", default=5e-5, show_default=True, type=float),
+        click.option("--batch-size", default=32, show_default=True, type=int,
+                     help="Examples per process per micro-batch (global batch: this x processes x --grad-accum)."),
+        click.option("--grad-accum", default=1, show_default=True, type=int, help="Micro-batches per optimiser step."),
+        click.option("--weight-decay", default=0.0, show_default=True, type=float),
+        click.option("--warmup-ratio", default=0.0, show_default=True, type=float),
+        click.option("--student-layers", default="all", show_default=True, help="Student layers that get filters (ted)."),
+        click.option("--layer-map", default=None, help="Explicit student:teacher pairs, e.g. 0:2,1:5."),
+        click.option("--finetune-first", default=0.0, show_default=True, type=float,
+                     help="ted: epochs of plain fine-tuning before Stage I (the reference's practice)."),
+        click.option("--stage1-epochs", default=1.0, show_default=True, type=float),
+        click.option("--stage1-lr", default=1e-3, show_default=True, type=float),
+        click.option("--eval-every", default=0, show_default=True, type=int, help="Steps between evaluations (0: each epoch)."),
+        click.option("--max-steps", default=None, type=int),
+        click.option("--verify", "verify_first", is_flag=True, help="Check every shard's checksum before training."),
+        click.option("--workers", default=0, show_default=True, type=int, help="DataLoader processes reading the cache."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _distill_config(cache: str, student: str, out: str, method: str, seed: int, kw: dict) -> DistillConfig:
+    train = TrainConfig(epochs=kw.pop("epochs"), lr=kw.pop("lr"), batch_size=kw["batch_size"],
+                        grad_accum=kw.pop("grad_accum"), weight_decay=kw.pop("weight_decay"),
+                        warmup_ratio=kw.pop("warmup_ratio"), seed=seed)
+    stage1 = TrainConfig(epochs=kw.pop("stage1_epochs"), lr=kw.pop("stage1_lr"), batch_size=kw.pop("batch_size"),
+                         seed=seed)
+    return DistillConfig(cache=cache, student=student, out=out, method=method, train=train, stage1=stage1,
+                         verify=kw.pop("verify_first"), **kw)
+
+
 @app.command()
 @click.option("--cache", required=True, help="Cache folder printed by tedcache extract.")
 @click.option("--student", required=True, help="Student: an HF model folder or hub name (same tokenizer as the teacher).")
 @click.option("--out", required=True, help="Folder for the best student, its tokenizer and metrics.json.")
 @click.option("--method", default="ted", show_default=True, help="ted, kd, lwd (raw-state cache) or finetune.")
-@click.option("--kl-alpha", default=1.0, show_default=True, type=float)
-@click.option("--mse-alpha", default=1.0, show_default=True, type=float)
-@click.option("--temperature", default=None, type=float,
-              help="KD temperature [default: 2.0; a causal-lm cache of samples: the temperature they were drawn at].")
-@click.option("--kd-targets", default="auto", show_default=True,
-              help="causal-lm: sampled (sample counts, unbiased) or logits (renormalised over the stored ids); "
-                   "auto = sampled for sample:N caches.")
-@click.option("--epochs", default=3.0, show_default=True, type=float)
-@click.option("--lr", default=5e-5, show_default=True, type=float)
-@click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--weight-decay", default=0.0, show_default=True, type=float)
-@click.option("--warmup-ratio", default=0.0, show_default=True, type=float)
 @click.option("--seed", default=42, show_default=True, type=int)
-@click.option("--student-layers", default="all", show_default=True, help="Student layers that get filters (ted).")
-@click.option("--layer-map", default=None, help="Explicit student:teacher pairs, e.g. 0:2,1:5.")
-@click.option("--finetune-first", default=0.0, show_default=True, type=float,
-              help="ted: epochs of plain fine-tuning before Stage I (the reference's practice).")
-@click.option("--stage1-epochs", default=1.0, show_default=True, type=float)
-@click.option("--stage1-lr", default=1e-3, show_default=True, type=float)
-@click.option("--eval-every", default=0, show_default=True, type=int, help="Steps between evaluations (0: each epoch).")
-@click.option("--max-steps", default=None, type=int)
-@click.option("--verify", "verify_first", is_flag=True, help="Check every shard's checksum before training.")
-@click.option("--workers", default=0, show_default=True, type=int, help="DataLoader processes reading the cache.")
-def distill(cache, student, out, method, kl_alpha, mse_alpha, temperature, kd_targets, epochs, lr, batch_size,
-            weight_decay,
-            warmup_ratio, seed, student_layers, layer_map, finetune_first, stage1_epochs, stage1_lr, eval_every,
-            max_steps, verify_first, workers):
-    """Stage two: train a student against a cache. The teacher is never loaded."""
+@distill_options
+@click.option("--resume", is_flag=True,
+              help="Continue from the checkpoint an interrupted run of the same command left in OUT.checkpoint.")
+@click.option("--checkpoint-every", default=0, show_default=True, type=int,
+              help="Optimiser steps between checkpoints (0: after every epoch).")
+def distill(cache, student, out, method, seed, **kw):
+    """Stage two: train a student against a cache. The teacher is never loaded.
+    Many processes: accelerate launch -m tedcache.cli.main distill ... (or torchrun); see docs/distributed.md."""
     from tedcache.distillation import distill as run
 
-    train = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                        warmup_ratio=warmup_ratio, seed=seed)
-    cfg = DistillConfig(cache=cache, student=student, out=out, method=method, kl_alpha=kl_alpha, mse_alpha=mse_alpha,
-                        temperature=temperature, kd_targets=kd_targets, train=train, student_layers=student_layers,
-                        layer_map=layer_map,
-                        finetune_first=finetune_first,
-                        stage1=TrainConfig(epochs=stage1_epochs, lr=stage1_lr, batch_size=batch_size, seed=seed),
-                        eval_every=eval_every, max_steps=max_steps, verify=verify_first,
-                        workers=workers)
-    run(cfg)
+    run(_distill_config(cache, student, out, method, seed, kw))
     click.echo(out)
+
+
+@app.command()
+@click.option("--cache", required=True, help="Cache of filtered states (finetune, kd and ted runs read it).")
+@click.option("--raw-cache", default=None, help="Cache of raw states from the same teacher and data (lwd runs).")
+@click.option("--student", required=True, help="The student every run starts from.")
+@click.option("--out", required=True, help="Folder for one run folder per method and seed, and compare.json.")
+@click.option("--methods", default="finetune,kd,lwd,ted", show_default=True)
+@click.option("--seeds", default="1,2,3", show_default=True)
+@distill_options
+def compare(cache, raw_cache, student, out, methods, seeds, **kw):
+    """Run several methods over several seeds from one cache; print each method's test metric as mean ± std.
+    Finished runs are kept: re-running the command resumes. Feed OUT to tedcache report."""
+    from tedcache.compare import CompareConfig
+    from tedcache.compare import compare as run
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"--seeds '{seeds}' is not a comma list of integers, e.g. 1,2,3") from None
+    base = _distill_config(cache, student, out, "ted", seed_list[0] if seed_list else 0, kw)
+    run(CompareConfig(base=base, methods=[m for m in methods.split(",") if m.strip()], seeds=seed_list,
+                      raw_cache=raw_cache))
+
+
+@app.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", required=True, help="Folder for index.html (self-contained) and the PNG plots.")
+def report(runs, out):
+    """An HTML report with plots from run folders (distill, finetune or compare outputs). Prints the page's path."""
+    from tedcache.report import build_report
+
+    click.echo(build_report(list(runs), out))
 
 
 @app.command()

@@ -37,7 +37,8 @@ class TrainConfig:
 
     epochs: float = 3.0
     lr: float = 5e-5
-    batch_size: int = 32
+    batch_size: int = 32  # per process and micro-batch: the global batch is this x processes x grad_accum
+    grad_accum: int = 1  # micro-batches per optimiser step
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     seed: int = 42
@@ -98,6 +99,8 @@ class DistillConfig:
     teacher: str | None = None  # online mode: compute the targets live with this teacher (and the cache's filters)
     device: str = "auto"  # auto: cuda when available, else cpu
     autocast: bool | None = None  # bf16 autocast; None: on when the device is cuda
+    resume: bool = False  # continue from the checkpoint an interrupted run left in <out>.checkpoint
+    checkpoint_every: int = 0  # optimiser steps between checkpoints; 0: after every epoch
 
 
 @dataclass

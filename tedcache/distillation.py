@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from .config import KD_TARGETS, METHODS, DistillConfig
+from .distributed import processes
 from .errors import TedcacheError, note
 from .evaluate import PRIMARY_METRIC, evaluate, metrics, perplexity_from_nll
 from .extraction import teacher_targets
@@ -23,7 +25,7 @@ from .sparse_logits import LogitSpec, kd_targets, sparse_kd_loss, sparsify
 from .stage1 import train_filters
 from .store import Cache, CompactStates, read_filters, verify
 from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
-from .train import fit, pick_device, save_run
+from .train import COUNT_KINDS, Checkpoint, fit, save_run
 
 
 def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: str | None,
@@ -93,19 +95,24 @@ def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfi
     logits, hidden = forward_with_taps(student, batch, layers)
     mask = batch["attention_mask"]
     lm = task == "causal-lm"
-    terms = {"task": lm_loss(logits, batch["input_ids"], mask) if lm else task_loss(logits, batch["labels"], task)}
+    share = batch.get("share") or {}  # see train.batch_shares: 1 for a single process without accumulation
+    per_example, per_token, per_pair = (share.get(k, 1.0) for k in COUNT_KINDS)
+    terms = {"task": lm_loss(logits, batch["input_ids"], mask) * per_pair if lm
+             else task_loss(logits, batch["labels"], task) * per_example}
     loss = terms["task"]
     if cfg.kl_alpha > 0:
         if lm:
             rows = batch["teacher_rows"]
             targets = kd_targets(rows, kd_form, cfg.temperature)
-            terms["kl"] = sparse_kd_loss(logits, rows["ids"].long(), targets, cfg.temperature, mask)
+            terms["kl"] = sparse_kd_loss(logits, rows["ids"].long(), targets, cfg.temperature, mask) * per_token
         else:
-            terms["kl"] = kd_loss(logits, batch["teacher_logits"], cfg.temperature)
+            terms["kl"] = kd_loss(logits, batch["teacher_logits"], cfg.temperature) * per_example
         loss = loss + cfg.kl_alpha * terms["kl"]
     if bank is not None and cfg.mse_alpha > 0:
         targets = [s.widen() for s in batch["teacher_states"]]  # compact on the wire, fp32 only here
-        terms["mse"] = filtered_mse(bank(hidden), targets, mask)
+        per_layer = filtered_mse(bank(hidden), targets, mask) * per_token
+        terms["mse"] = per_layer.mean()
+        terms.update({f"mse/{layer}": value for layer, value in zip(layers, per_layer)})  # for the report's curves
         loss = loss + cfg.mse_alpha * terms["mse"]
     return loss, {k: v.detach() for k, v in terms.items()}
 
@@ -148,8 +155,11 @@ def effective_weights(cfg: DistillConfig) -> DistillConfig:
 
 def distill(cfg: DistillConfig, log=None) -> dict:
     """Train `cfg.student` against `cfg.cache` with `cfg.method`; save the best epoch to `cfg.out`."""
-    log = log or note
+    procs = processes()
+    log = (log or note) if procs.main else (lambda *_: None)
+    requested = asdict(cfg)
     cfg = effective_weights(cfg)
+    checkpoint = _checkpoint(cfg, requested, procs.size)
     started = time.perf_counter()
     cache = Cache(cfg.cache)
     meta = cache.metadata
@@ -163,7 +173,7 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     if vocab_hash(tokenizer) != meta["tokenizer_vocab_sha256"]:
         raise TedcacheError(f"the student's tokenizer vocabulary differs from the cache's ({meta['tokenizer']}); "
                             "use a student with the teacher's tokenizer, or extract a cache with a matching teacher")
-    device = pick_device(cfg.device)
+    device = procs.device(cfg.device)
     autocast = device.type == "cuda" if cfg.autocast is None else cfg.autocast
     torch.manual_seed(cfg.train.seed)  # a fresh head and the student's filters start from this seed
     student = load_for_task(cfg.student, "student", task, meta.get("label_names")).to(device)
@@ -201,7 +211,8 @@ def distill(cfg: DistillConfig, log=None) -> dict:
 
     live = LiveTargets(cfg.teacher, cache, teacher_layers, device, cfg.train.seed) if cfg.teacher else None
     batches = CacheBatches(cfg.cache, "train", [] if live else teacher_layers, cfg.train.batch_size, shuffle=True,
-                           seed=cfg.train.seed, with_logits=task == "causal-lm" and cfg.kl_alpha > 0 and not live)
+                           seed=cfg.train.seed, with_logits=task == "causal-lm" and cfg.kl_alpha > 0 and not live,
+                           process=(procs.rank, procs.size))
     # its own generator: iterating a DataLoader draws a seed, which must not come from the global RNG
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers,
                         generator=torch.Generator().manual_seed(cfg.train.seed))
@@ -211,20 +222,21 @@ def distill(cfg: DistillConfig, log=None) -> dict:
         return loader
 
     def evaluate_split(split) -> dict:
-        return evaluate(student, iterate_batches(CacheSource(split), 64, pad_id), task)
+        return evaluate(student, iterate_batches(CacheSource(split), 64, pad_id), task, procs)
 
     modules = [student] + ([bank] if bank is not None else [])
     params = [p for m in modules for p in m.parameters()]
     torch.manual_seed(cfg.train.seed)  # Stage II's dropout does not depend on what ran before it
     result = fit(params, modules,
-                 epoch_batches, num_batches(labels_only, cfg.train.batch_size),
+                 epoch_batches, num_batches(labels_only, cfg.train.batch_size, procs.size),
                  lambda b: stage2_loss(student, bank, live(b) if live else b, cfg, task, form),
                  cfg.train, f"stage II ({cfg.method}{', online' if live else ''})",
                  evaluate=(lambda: evaluate_split(eval_split)) if eval_split is not None else None,
                  select=PRIMARY_METRIC[task], eval_every=cfg.eval_every, max_steps=cfg.max_steps,
-                 log_every=cfg.log_every, device=device, autocast=autocast)
+                 log_every=cfg.log_every, device=device, autocast=autocast, processes=procs, checkpoint=checkpoint)
     report = {
-        "method": cfg.method, "config": asdict(cfg), "cache": str(cache.path), "task": task, "kd_targets": form,
+        "method": cfg.method, "config": asdict(cfg), "requested": requested, "cache": str(cache.path),
+        "cache_bytes": cache.bytes_on_disk(), "task": task, "kd_targets": form,
         "layer_map": dict(zip(bank.spec.layers, teacher_layers)) if bank is not None else None,
         "history": result["history"], "eval": result["evals"], "best": result["best"],
         "phases": {k: {"history": v["history"], "seconds": v["seconds"]} for k, v in phases.items()},
@@ -235,12 +247,29 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     if test_split is not None:
         report["test"] = evaluate_split(test_split)
     report["seconds"] = time.perf_counter() - started
-    save_run(student, tokenizer, cfg.out, report)
+    report["processes"] = procs.size
+    if procs.main:  # the student is saved once
+        save_run(student, tokenizer, cfg.out, report)
+        checkpoint.remove()
+    procs.barrier()
     best = report["best"] or {}
     log(f"{cfg.method}: best eval {PRIMARY_METRIC[task]} {best.get(PRIMARY_METRIC[task], float('nan')):.4f}"
         + (f", test {report['test'][PRIMARY_METRIC[task]]:.4f}" if "test" in report else "")
         + f" ({report['seconds']:.0f}s); saved to {cfg.out}")
     return report
+
+
+def _checkpoint(cfg: DistillConfig, requested: dict, num_processes: int) -> Checkpoint:
+    """Where this run saves its state (<out>.checkpoint); refuses to start over an unfinished run's state
+    unless told to resume it."""
+    folder = Path(f"{cfg.out.rstrip('/')}.checkpoint")
+    fingerprint = {**{k: v for k, v in requested.items() if k not in ("resume", "checkpoint_every")},
+                   "processes": num_processes}
+    checkpoint = Checkpoint(folder, fingerprint, cfg.checkpoint_every)
+    if checkpoint.exists() and not cfg.resume:
+        raise TedcacheError(f"{folder} holds the checkpoint of an interrupted run; add --resume to continue it, "
+                            "or delete that folder to start over")
+    return checkpoint
 
 
 def teacher_metrics(split, task: str) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -58,38 +60,41 @@ def perplexity_from_nll(nll: np.ndarray) -> dict[str, float]:
 
 
 @torch.no_grad()
-def block_losses(model, batches) -> np.ndarray:
-    """The mean next-token loss of every block, in source order."""
+def model_outputs(model, batches, task: str) -> dict[str, np.ndarray]:
+    """{"index": example_index, "values": logits (classification/regression) or each block's mean
+    next-token loss (causal-lm), ["labels"]} over `batches`, in the order met."""
     from .losses import lm_loss
 
     model.eval()
-    losses, index = [], []
     device = next(model.parameters()).device
-    for batch in batches:
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        losses.extend(lm_loss(row[None], i[None], m[None]).item() for row, i, m in zip(logits, ids, mask))
-        index.append(batch["example_index"])
-    return np.asarray(losses)[torch.cat(index).argsort().numpy()]
-
-
-def evaluate(model, batches, task: str) -> dict[str, float]:
-    """The task's metrics of `model` over `batches` (causal-lm: loss and perplexity)."""
-    if task == "causal-lm":
-        return perplexity_from_nll(block_losses(model, batches))
-    return metrics(*predict(model, batches), task)
-
-
-@torch.no_grad()
-def predict(model, batches) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels over batches, in source order."""
-    model.eval()
-    logits, labels, index = [], [], []
-    device = next(model.parameters()).device
+    values, labels, index = [], [], []
     for batch in batches:
         inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        logits.append(model(**inputs).logits.float().cpu())
-        labels.append(batch["labels"])
-        index.append(batch["example_index"])
-    order = torch.cat(index).argsort()
-    return torch.cat(logits)[order].numpy(), torch.cat(labels)[order].numpy()
+        logits = model(**inputs).logits
+        if task == "causal-lm":
+            values.extend(lm_loss(row[None], i[None], m[None]).item()
+                          for row, i, m in zip(logits, inputs["input_ids"], inputs["attention_mask"]))
+        else:
+            values.extend(logits.float().cpu().numpy())
+            labels.append(batch["labels"].numpy())
+        index.append(batch["example_index"].numpy())
+    result = {"index": np.concatenate(index) if index else np.zeros(0, dtype=np.int64), "values": np.asarray(values)}
+    if labels:
+        result["labels"] = np.concatenate(labels)
+    return result
+
+
+def evaluate(model, batches, task: str, processes=None) -> dict[str, float]:
+    """The task's metrics of `model` over `batches` (causal-lm: loss and perplexity). With several
+    `processes`, each scores every N-th batch and the outputs are gathered before the metrics."""
+    from .distributed import ALONE
+
+    processes = processes or ALONE
+    mine = itertools.islice(batches, processes.rank, None, processes.size)
+    parts = processes.gather(model_outputs(model, mine, task))
+    full = [p for p in parts if len(p["index"])]
+    merged = {key: np.concatenate([p[key] for p in full]) for key in full[0]}
+    order = merged["index"].argsort()
+    if task == "causal-lm":
+        return perplexity_from_nll(merged["values"][order])
+    return metrics(merged["values"][order], merged["labels"][order], task)

@@ -29,11 +29,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 def filtered_mse(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
                  mask: torch.Tensor) -> torch.Tensor:
-    """Mean over layers of the element-mean squared error over real tokens.
+    """Per layer (one value each, shape (layers,)), the element-mean squared error over real tokens.
 
     states: (B, L, d) each; mask: (B, L), 1 on real tokens ([CLS]/[SEP] included), 0 on padding."""
     weight = mask.unsqueeze(-1).float()
     count = weight.sum() * student_states[0].shape[-1]
     per_layer = [(((s.float() - t.float()) ** 2) * weight).sum() / count
                  for s, t in zip(student_states, teacher_states)]
-    return torch.stack(per_layer).mean()
+    return torch.stack(per_layer)

@@ -99,10 +99,11 @@ class CacheBatches(torch.utils.data.IterableDataset):
     Batches hold compact dtypes; widen them after moving them to the training device."""
 
     def __init__(self, cache: str, split: str, layers: list[int] | None, batch_size: int, shuffle: bool = True,
-                 seed: int = 0, with_logits: bool = False):
+                 seed: int = 0, with_logits: bool = False, process: tuple[int, int] = (0, 1)):
         super().__init__()
         self.cache, self.split, self.layers, self.with_logits = cache, split, layers, with_logits
         self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
+        self.process = process
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -115,7 +116,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
         worker = (info.id, info.num_workers) if info is not None else (0, 1)
         source = CacheSource(cache.split(self.split), self.layers, self.with_logits)
         yield from iterate_batches(source, self.batch_size, cache.metadata["pad_token_id"], self.shuffle, self.seed,
-                                   self.epoch, worker=worker)
+                                   self.epoch, worker=worker, process=self.process)
 
 
 def _windows(num_examples: int, size: int, rng: np.random.Generator | None) -> list[tuple[int, int]]:
@@ -128,13 +129,16 @@ def _windows(num_examples: int, size: int, rng: np.random.Generator | None) -> l
 
 
 def iterate_batches(source, batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0,
-                    epoch: int = 0,
-                    worker: tuple[int, int] = (0, 1)):
+                    epoch: int = 0, worker: tuple[int, int] = (0, 1), process: tuple[int, int] = (0, 1)):
     """Yield padded batch dicts (see `collate`) over the whole source, once. With worker=(i, n), only
-    every n-th window from the i-th (DataLoader workers split an epoch this way)."""
+    every n-th window from the i-th (DataLoader workers split an epoch this way). With process=(r, p),
+    batches of p x batch_size are formed exactly as one process would form them, and process r keeps
+    its r-th part of each (a global batch with fewer examples than processes is skipped by all)."""
+    rank, size = process
     n = len(source)
     mean_len = max(1.0, float(source.lengths.mean())) if n else 1.0
     window_tokens = min(65536, WINDOW_BYTES // max(1, source.state_bytes_per_token))
+    batch_size *= size
     window_size = max(batch_size, int(window_tokens / mean_len))
     rng = np.random.default_rng([seed, epoch]) if shuffle else None
     pending: list[tuple[Window, int]] = []
@@ -148,10 +152,15 @@ def iterate_batches(source, batch_size: int, pad_id: int, shuffle: bool = False,
         for i in order:
             pending.append((window, int(i)))
             if len(pending) == batch_size:
-                yield collate(pending, source, pad_id)
+                yield collate(_part(pending, rank, size), source, pad_id)
                 pending = []
-    if pending:
-        yield collate(pending, source, pad_id)
+    if len(pending) >= size:
+        yield collate(_part(pending, rank, size), source, pad_id)
+
+
+def _part(items: list, rank: int, size: int) -> list:
+    """Process `rank`'s contiguous part of a global batch (part sizes differ by at most one)."""
+    return [items[i] for i in np.array_split(np.arange(len(items)), size)[rank]]
 
 
 def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
@@ -206,9 +215,10 @@ def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
     return batch
 
 
-def num_batches(source, batch_size: int) -> int:
-    n = len(source)
-    return -(-n // batch_size)
+def num_batches(source, batch_size: int, processes: int = 1) -> int:
+    """Batches per epoch that iterate_batches yields to each of `processes`."""
+    n, size = len(source), batch_size * processes
+    return n // size + (n % size >= processes)
 
 
 def to_device(batch: dict, device: torch.device, non_blocking: bool = False) -> dict:

@@ -111,7 +111,8 @@ def test_stage2_loss_on_cached_targets_equals_live_teacher(assets, tmp_path):
     live = {**batch, "teacher_logits": logits,
             "teacher_states": [CompactStates(states[cache.layers.index(t)]) for t in t_layers]}
     online, terms = stage2_loss(student, bank_s, live, dcfg, "classification")
-    assert set(terms) == {"task", "kl", "mse"}
+    assert set(terms) == {"task", "kl", "mse", "mse/0", "mse/1"}
+    assert terms["mse"] == pytest.approx((terms["mse/0"] + terms["mse/1"]).item() / 2)
     torch.testing.assert_close(offline, online, atol=1e-6, rtol=1e-6)
 
 

@@ -1,0 +1,65 @@
+"""`tedcache compare`: several methods over several seeds from one cache, one run folder each, then the
+mean ± std of each method's test metric. Finished runs are kept, so an interrupted compare resumes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from .config import METHODS, DistillConfig
+from .distillation import distill
+from .errors import TedcacheError, note
+from .results import COMPARE_FILE, find_runs, format_table, summarize
+
+
+@dataclass
+class CompareConfig:
+    """`base` holds everything the runs share (its `out` is the folder that receives one run folder per
+    method and seed); lwd runs read `raw_cache`, a cache of raw states from the same teacher and data."""
+
+    base: DistillConfig
+    methods: list[str] = field(default_factory=lambda: ["finetune", "kd", "lwd", "ted"])
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    raw_cache: str | None = None
+
+
+def run_config(cfg: CompareConfig, method: str, seed: int) -> DistillConfig:
+    """The distill configuration of one (method, seed) run."""
+    base = cfg.base
+    return replace(base, method=method, out=str(Path(base.out) / f"{method}-seed{seed}"),
+                   cache=cfg.raw_cache if method == "lwd" else base.cache,
+                   train=replace(base.train, seed=seed), stage1=replace(base.stage1, seed=seed))
+
+
+def _finished(run: DistillConfig) -> bool:
+    """A run folder counts as done when it holds the metrics of exactly this configuration."""
+    path = Path(run.out) / "metrics.json"
+    if not path.is_file():
+        return False
+    requested = json.loads(path.read_text()).get("requested")
+    return requested == json.loads(json.dumps(asdict(run)))
+
+
+def compare(cfg: CompareConfig, log=None) -> dict:
+    """Run every (method, seed) not already done; write and return the summary (see results.summarize)."""
+    log = log or note
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown or not cfg.methods:
+        raise TedcacheError(f"unknown --methods {', '.join(unknown) or '(none)'}; use some of {', '.join(METHODS)}")
+    if not cfg.seeds:
+        raise TedcacheError("--seeds is empty; give at least one seed, e.g. --seeds 1,2,3")
+    if "lwd" in cfg.methods and not cfg.raw_cache:
+        raise TedcacheError("--methods lwd needs --raw-cache: a cache extracted with --states raw from the same "
+                            "teacher and data (or leave lwd out of --methods)")
+    runs = [run_config(cfg, method, seed) for method in cfg.methods for seed in cfg.seeds]
+    for number, run in enumerate(runs, 1):
+        if _finished(run):
+            log(f"[{number}/{len(runs)}] {run.method} seed {run.train.seed}: done earlier, kept ({run.out})")
+            continue
+        log(f"[{number}/{len(runs)}] {run.method} seed {run.train.seed}")
+        distill(run, log)
+    summary = {**summarize(find_runs([r.out for r in runs])), "config": asdict(cfg)}
+    (Path(cfg.base.out) / COMPARE_FILE).write_text(json.dumps(summary, indent=2))
+    print(format_table(summary))
+    return summary
