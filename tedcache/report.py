@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from .errors import TedcacheError
-from .results import Run, find_runs, summarize
+from .results import Run, find_runs, summarize, varied_caches
 
 CURVE_PANELS = (("task", "task loss"), ("kl", "KL (T² scaled)"), ("mse/", "filtered MSE per layer"))
 
@@ -98,9 +98,9 @@ def methods_plot(summary: dict) -> bytes | None:
 
 
 def cache_plot(runs: list[Run]) -> bytes | None:
-    """Cache size against the test metric, when the runs used more than one cache."""
+    """Cache size against the test metric, when a method was run from more than one cache."""
     scored = [r for r in runs if r.test() is not None and r.cache_mib is not None]
-    if len({r.cache for r in scored}) < 2:
+    if not varied_caches(scored):
         return None
     fig, axes = _figure(6.0, 3.6)
     ax = axes[0][0]

@@ -84,6 +84,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def varied_caches(runs: list[Run]) -> bool:
+    """Whether some method was run from more than one cache (then caches are compared, not only methods)."""
+    caches: dict[str, set] = {}
+    for run in runs:
+        caches.setdefault(run.method, set()).add(run.cache)
+    return any(len(c) > 1 for c in caches.values())
+
+
 def summarize(runs: list[Run]) -> dict:
     """{"metric", "teacher": test metric or None, "rows": [...]}; a row per method (per method and cache
     when the runs used several caches): seeds, runs, test and validation mean/std, cache size, and the
@@ -92,7 +100,7 @@ def summarize(runs: list[Run]) -> dict:
     if not scored:
         return {"metric": runs[0].metric if runs else None, "teacher": None, "rows": []}
     metric = scored[0].metric
-    several_caches = len({r.cache for r in scored}) > 1
+    several_caches = varied_caches(scored)
     groups: dict[tuple, list[Run]] = {}
     for run in scored:
         groups.setdefault((run.method, run.cache if several_caches else None), []).append(run)

@@ -1,0 +1,117 @@
+"""compare (methods x seeds from one cache, resumable) and report (HTML + PNGs, every number from the runs)."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import statistics
+import subprocess
+
+import pytest
+
+from conftest import run_cli
+from tedcache import DataConfig, DistillConfig, ExtractConfig, TrainConfig, extract
+from tedcache.compare import CompareConfig, compare
+
+CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def compared(assets, tmp_path_factory):
+    """finetune, kd, lwd and ted, two seeds each, on tiny models: filtered and raw caches."""
+    root = tmp_path_factory.mktemp("compare")
+    data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], test=[str(assets["test"])])
+    caches = {states: extract(ExtractConfig(teacher=str(assets["teacher"]), data=data, cache_dir=str(root / "c"),
+                                            states=states, stage1=TrainConfig(epochs=1, batch_size=16)))
+              for states in ("filtered", "raw")}
+    base = DistillConfig(cache=caches["filtered"], student=str(assets["student"]), out=str(root / "runs"),
+                         train=TrainConfig(epochs=2, batch_size=16, lr=1e-3), log_every=1)
+    cfg = CompareConfig(base=base, methods=["finetune", "kd", "lwd", "ted"], seeds=[1, 2], raw_cache=caches["raw"])
+    return cfg, compare(cfg, log=lambda *_: None), root
+
+
+def test_compare_summarises_every_method_over_seeds(compared):
+    cfg, summary, root = compared
+    rows = {row["method"]: row for row in summary["rows"]}
+    assert set(rows) == {"finetune", "kd", "lwd", "ted"}
+    for method, row in rows.items():
+        tests = [json.loads((root / "runs" / f"{method}-seed{s}" / "metrics.json").read_text())["test"]["accuracy"]
+                 for s in (1, 2)]
+        assert row["seeds"] == [1, 2]
+        assert row["test_mean"] == pytest.approx(statistics.mean(tests))
+        assert row["test_std"] == pytest.approx(statistics.stdev(tests))
+        assert row["share_of_teacher"] == pytest.approx(row["test_mean"] / summary["teacher"])
+    lwd = json.loads((root / "runs" / "lwd-seed1" / "metrics.json").read_text())
+    assert lwd["cache"] == cfg.raw_cache and "mse/0" in lwd["history"][-1]
+    assert json.loads((root / "runs" / "compare.json").read_text())["rows"] == summary["rows"]
+
+
+def test_compare_keeps_finished_runs(compared):
+    cfg, _, root = compared
+    before = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/metrics.json")}
+    messages = []
+    compare(cfg, log=messages.append)
+    assert sum("done earlier" in m for m in messages) == 8
+    assert {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/metrics.json")} == before
+
+
+def test_compare_refuses_lwd_without_a_raw_cache(compared, tmp_path):
+    cfg, _, _ = compared
+    result = run_cli("compare", "--cache", cfg.base.cache, "--student", cfg.base.student, "--out", tmp_path / "x",
+                     "--methods", "kd,lwd")
+    assert result.returncode == 2 and "--raw-cache" in result.stderr and "Traceback" not in result.stderr
+
+
+def _page_numbers(page: str) -> list[str]:
+    text = re.sub(r'src="data:[^"]*"', "", page)
+    text = html.unescape(re.sub(r"<[^>]+>", " ", re.sub(r"<style>.*?</style>", "", text, flags=re.S)))
+    text = re.sub(r"\S*/\S*", " ", text)  # paths (folder names hold seeds, hashes)
+    return re.findall(r"(?<![\w.-])-?\d+(?:\.\d+)?", text)
+
+
+def test_report_numbers_all_come_from_the_run_folders(compared, tmp_path):
+    _, _, root = compared
+    result = run_cli("report", root / "runs", "--out", tmp_path / "report")
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "report" / "index.html").read_text()
+    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert "methods.png" in pngs and "eval.png" in pngs and "curves-ted-seed1.png" in pngs
+    assert page.count("data:image/png;base64,") == len(pngs)  # self-contained: every plot embedded
+
+    # every number the page shows, recomputed here from the metrics.json files
+    allowed = set()
+    runs = [json.loads(p.read_text()) for p in sorted((root / "runs").glob("*/metrics.json"))]
+    teacher = statistics.mean(r["teacher"]["test"]["accuracy"] for r in runs)
+    allowed |= {f"{teacher:.4f}", "100"}
+    for method in ("finetune", "kd", "lwd", "ted"):
+        group = [r for r in runs if r["method"] == method]
+        tests = [r["test"]["accuracy"] for r in group]
+        valid = [r["best"]["accuracy"] for r in group]
+        allowed |= {f"{statistics.mean(tests):.4f}", f"{statistics.stdev(tests):.4f}",
+                    f"{statistics.mean(valid):.4f}", f"{100 * statistics.mean(tests) / teacher:.1f}"}
+    for r in runs:
+        allowed |= {str(r["config"]["train"]["seed"]), f"{r['best']['accuracy']:.4f}", f"{r['test']['accuracy']:.4f}",
+                    f"{r['cache_bytes'] / 2**20:.1f}", f"{r['seconds']:.0f}"}
+    allowed |= {str(len(runs)), "1", "2"}  # "8 runs", the seed lists "1,2"
+    shown = _page_numbers(page)
+    assert len(shown) > 40
+    assert not [n for n in shown if n not in allowed]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium-headless-shell (make test installs it as root)")
+def test_report_renders_in_a_browser(compared, tmp_path):
+    _, _, root = compared
+    page = run_cli("report", root / "runs", "--out", tmp_path / "report").stdout.strip().splitlines()[-1]
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1200,1600", f"file://{page}"], capture_output=True, timeout=120, check=True)
+    from PIL import Image
+
+    image = Image.open(shot).convert("L")
+    assert image.size == (1200, 1600)
+    histogram = image.histogram()
+    dark = sum(histogram[:128]) / sum(histogram)
+    assert 0.005 < dark < 0.5  # text, tables and plots drawn on a white page (a blank or broken page fails)
+    assert len(set(image.getdata())) > 20  # plot colours and anti-aliased text, not a single flat colour
