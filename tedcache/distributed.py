@@ -36,6 +36,10 @@ class Processes:
 
         return pick_device(name)
 
+    def main_first(self):
+        """A block the first process runs before the others (which then find what it cached)."""
+        return self.state.main_process_first() if self.size > 1 else nullcontext()
+
     def barrier(self) -> None:
         if self.size > 1:
             self.state.wait_for_everyone()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import FILTER_KINDS, LM_HEADS, STATE_KINDS, TASKS, ExtractConfig
 from .data import Examples, load_blocks, load_examples
+from .distributed import processes
 from .errors import TedcacheError, note
 from .filters import FilterBank, FilterSpec
 from .losses import lm_loss
@@ -37,7 +39,6 @@ from .store import (
 )
 from .sparse_logits import LogitSpec, id_dtype, parse_logit_spec, sparsify
 from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
-from .train import pick_device
 
 
 @torch.no_grad()
@@ -79,19 +80,27 @@ def storage_order(split: str, size: int, seed: int) -> np.ndarray:
 
 
 def extract(cfg: ExtractConfig, log=None) -> str:
-    """Build, resume or reuse the cache for `cfg`; returns its location (a path or URL)."""
-    log = log or note
+    """Build, resume or reuse the cache for `cfg`; returns its location (a path or URL).
+
+    Under `accelerate launch` / `torchrun` with N processes: the first process alone trains the Stage-I
+    filters and creates the cache (arrays, metadata, filters, int8 scales); then every process loads
+    the stored filters and writes its own whole units (shards), and the first marks the cache complete
+    once all are written. The result is the same cache, value for value, as one process makes."""
+    procs = processes()
+    log = (log or note) if procs.main else (lambda *_: None)
     _validate(cfg)
     started = time.perf_counter()
     tokenizer = load_tokenizer(cfg.teacher, "teacher")
     task = cfg.data.task
     lm = task == "causal-lm"
-    teacher = load_for_task(cfg.teacher, "teacher", task, resize=False).to(pick_device(cfg.device))
+    device = procs.device(cfg.device)
+    teacher = load_for_task(cfg.teacher, "teacher", task, resize=False).to(device)
     logit_spec = parse_logit_spec(cfg.logits, teacher.config.vocab_size, cfg.logits_temperature) if lm else None
     if task == "regression" and teacher.config.num_labels != 1:
         raise TedcacheError(f"--task regression needs a teacher with one output, {cfg.teacher} has "
                             f"{teacher.config.num_labels}; fine-tune one with tedcache finetune --task regression")
-    splits, label_names = _load_splits(cfg, tokenizer, teacher.config)
+    with procs.main_first():  # the first process fills the datasets cache, the others then read it
+        splits, label_names = _load_splits(cfg, tokenizer, teacher.config)
     train = splits["train"]
     layers = parse_layers(cfg.filters.layers, num_layers(teacher))
     raw = cfg.states == "raw"
@@ -108,31 +117,73 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     if lm:
         identity.update(logits=asdict(logit_spec), lm_head=None if raw else cfg.filters.lm_head)
     location = Location(cfg.cache_dir).child(f"{_slug(cfg.teacher)}-{cache_key(identity)}")
-    with CacheLock(location):
-        existing = read_metadata(location) if location.exists("zarr.json") else None
-        if existing and existing.get("complete") and not cfg.force:
-            log("reusing the cache built earlier from the same inputs (--force rebuilds it)")
+    teacher.eval()
+    with CacheLock(location) if procs.main else nullcontext():
+        plan = None
+        if procs.main:
+            try:
+                plan = _prepare(location, cfg, identity, splits, label_names, spec, tokenizer, teacher, logit_spec,
+                                device, log)
+            except Exception as exc:  # the other processes wait for the plan: tell them, then fail here
+                procs.broadcast({"error": str(exc) if isinstance(exc, TedcacheError) else None})
+                raise
+        plan = procs.broadcast(plan)
+        if "error" in plan:
+            raise TedcacheError(plan["error"] or "the first process failed while preparing the cache (see its error)")
+        if plan["reuse"]:
             return location.url
-        resuming = (existing is not None and not cfg.force and existing.get("inputs_written")
-                    and existing.get("identity") == identity)
-        teacher.eval()
-        if resuming:
-            writer = CacheWriter(location)
-            bank = None if raw else FilterBank.from_bytes(read_filters(location)).to(pick_device(cfg.device))
-        else:
-            bank = None if raw else _train_teacher_filters(teacher, spec, train, task, label_names, tokenizer, cfg)
-            writer = _create_cache(location, cfg, identity, splits, label_names, spec, tokenizer, teacher, bank,
-                                   logit_spec)
-        if bank is not None:
-            bank.eval()
+        writer = CacheWriter(location)
+        bank = None if raw else FilterBank.from_bytes(read_filters(location)).to(device).eval()
+        units = [(split, unit) for split, todo in plan["todo"].items() for unit in todo]
+        mine = units[procs.rank::procs.size]  # disjoint whole units: no shard has two writers
         pass_started = time.perf_counter()
-        _teacher_pass(writer, teacher, bank, layers, splits, cfg, logit_spec, log)
-        writer.metadata["timings"] = {"total_s": time.perf_counter() - started,
-                                      "teacher_pass_s": time.perf_counter() - pass_started}
-        writer.complete()
+        _teacher_pass(writer, teacher, bank, layers, splits, cfg, logit_spec, mine)
+        procs.barrier()
+        if procs.main:
+            missing = {s: sorted(set(range(n)) - writer.done_units(s)) for s, n in writer.metadata["units"].items()}
+            if any(missing.values()):
+                raise TedcacheError(f"units {missing} have no record after the teacher pass; run the same "
+                                    "command again to compute them")
+            writer.metadata["timings"] = {"total_s": time.perf_counter() - started,
+                                          "teacher_pass_s": time.perf_counter() - pass_started,
+                                          "processes": procs.size}
+            writer.complete()
+        procs.barrier()
     log(f"cache complete in {time.perf_counter() - started:.0f}s: {len(train)} examples, {train.num_tokens} tokens, "
-        f"layers {layers}, {cfg.precision}, {location.size() / 2**20:.1f} MiB")
+        f"layers {layers}, {cfg.precision}, {location.size() / 2**20:.1f} MiB"
+        + (f", {procs.size} processes" if procs.size > 1 else ""))
     return location.url
+
+
+def _prepare(location, cfg, identity, splits, label_names, spec, tokenizer, teacher, logit_spec, device, log) -> dict:
+    """The first process's part: reuse, resume, or Stage I + a new cache; the int8 scales from train unit 0
+    (written here, so every process encodes with the same scales). Returns {"reuse", "todo": units left}."""
+    existing = read_metadata(location) if location.exists("zarr.json") else None
+    if existing and existing.get("complete") and not cfg.force:
+        log("reusing the cache built earlier from the same inputs (--force rebuilds it)")
+        return {"reuse": True}
+    resuming = (existing is not None and not cfg.force and existing.get("inputs_written")
+                and existing.get("identity") == identity)
+    raw = cfg.states == "raw"
+    if resuming:
+        writer = CacheWriter(location)
+        bank = None if raw else FilterBank.from_bytes(read_filters(location)).to(device)
+    else:
+        bank = None if raw else _train_teacher_filters(teacher, spec, splits["train"], cfg.data.task, label_names,
+                                                       tokenizer, cfg)
+        writer = _create_cache(location, cfg, identity, splits, label_names, spec, tokenizer, teacher, bank,
+                               logit_spec)
+    if bank is not None:
+        bank.eval()
+    meta = writer.metadata
+    needs_scales = meta["precision"] == "int8" and "train/channel_scales" not in writer.root
+    if needs_scales and 0 not in writer.done_units("train"):
+        _teacher_pass(writer, teacher, bank, spec.layers, splits, cfg, logit_spec, [("train", 0)])
+    todo = {s: sorted(set(range(meta["units"][s])) - writer.done_units(s)) for s in splits}
+    total, remaining = sum(meta["units"].values()), sum(len(v) for v in todo.values())
+    if remaining < total:
+        log(f"resuming: {total - remaining} of {total} units already written, {remaining} to go")
+    return {"reuse": False, "todo": todo}
 
 
 def _load_splits(cfg: ExtractConfig, tokenizer, model_config) -> tuple[dict[str, Examples], list[str] | None]:
@@ -236,15 +287,12 @@ def _unit_generator(seed: int, unit: int) -> torch.Generator:
 
 
 def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, cfg: ExtractConfig,
-                  logit_spec: LogitSpec | None, log) -> None:
+                  logit_spec: LogitSpec | None, units: list[tuple[str, int]]) -> None:
+    """Compute and write `units` ((split, unit) pairs); int8 scales come from the first unit computed
+    when the cache has none yet (that is train unit 0: see _prepare)."""
     meta = writer.metadata
     shard, precision = meta["shard_tokens"], meta["precision"]
     pad_id = meta["pad_token_id"]
-    todo = {s: sorted(set(range(meta["units"][s])) - writer.done_units(s)) for s in splits}
-    total = sum(meta["units"].values())
-    remaining = sum(len(v) for v in todo.values())
-    if remaining < total:
-        log(f"resuming: {total - remaining} of {total} units already written, {remaining} to go")
     channel_scales = {}
     if precision == "int8" and "train/channel_scales" in writer.root:
         channel_scales = {layer: torch.from_numpy(writer.root[f"train/channel_scales/{layer}"][...]) for layer in layers}
@@ -264,25 +312,23 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, cfg: Extra
         writer.write_unit(split, unit, {output_key: outputs}, arrays)
 
     # The teacher computes unit u+1 while a background thread encodes, writes and checksums unit u.
-    bar = tqdm(total=remaining, desc="teacher pass (units)", leave=False, disable=None)
+    bar = tqdm(total=len(units), desc="teacher pass (units)", leave=False, disable=None)
+    stored = {split: examples.reorder(storage_order(split, len(examples), cfg.seed)) for split, examples in splits.items()}
+    bounds = {split: writer.root[f"{split}/unit_bounds"][...] for split in splits}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tedcache-write") as background:
         pending = None
-        for split, units in todo.items():
-            examples = splits[split].reorder(storage_order(split, len(splits[split]), cfg.seed))
-            bounds = writer.root[f"{split}/unit_bounds"][...]
-            for unit in units:
-                part = examples.reorder(np.arange(bounds[unit], bounds[unit + 1]))
-                generator = _unit_generator(cfg.seed, unit) if split == "train" and logit_spec is not None else None
-                outputs, rows = _run_unit(teacher, bank, layers, part, pad_id, cfg.batch_size, logit_spec, generator)
-                if precision == "int8" and not channel_scales and layers:
-                    # int8's per-channel scales come from the first unit, stored before any unit is written,
-                    # so a resumed run (whose unit 0 is then done) reads the same ones
-                    channel_scales = {layer: calibrate_channel_scales(rows[f"states/{layer}"]) for layer in layers}
-                    writer.save_channel_scales(layers, list(channel_scales.values()))
-                if pending is not None:
-                    pending.result()  # at most one unit in flight: memory stays bounded
-                pending = background.submit(write, split, unit, outputs, rows if split == "train" else {})
-                bar.update(1)
+        for split, unit in units:
+            part = stored[split].reorder(np.arange(bounds[split][unit], bounds[split][unit + 1]))
+            generator = _unit_generator(cfg.seed, unit) if split == "train" and logit_spec is not None else None
+            outputs, rows = _run_unit(teacher, bank, layers, part, pad_id, cfg.batch_size, logit_spec, generator)
+            if precision == "int8" and not channel_scales and layers:
+                # stored before any unit is written, so a resumed run (whose unit 0 is then done) reads the same
+                channel_scales = {layer: calibrate_channel_scales(rows[f"states/{layer}"]) for layer in layers}
+                writer.save_channel_scales(layers, list(channel_scales.values()))
+            if pending is not None:
+                pending.result()  # at most one unit in flight: memory stays bounded
+            pending = background.submit(write, split, unit, outputs, rows if split == "train" else {})
+            bar.update(1)
         if pending is not None:
             pending.result()
     bar.close()
