@@ -1,0 +1,194 @@
+"""Two real processes on the CPU (gloo), started by the real launchers (torchrun, accelerate launch):
+extraction gives the one-process cache value for value, also after one process is SIGKILLed and the
+command re-run; stage two gives the one-process loss curve at the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import make_model, sentiment_rows, write_rows
+
+# One thread per process everywhere, the one-process references included: a float sum split over a
+# different number of threads rounds differently, and the comparisons below are exact.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_one(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tedcache.cli.main", *map(str, args)], capture_output=True,
+                          text=True, env=ENV, timeout=600)
+
+
+def torchrun(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "tedcache.cli.main", *map(str, args)]
+
+
+def accelerate_launch(*args) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 500),
+            "-m", "tedcache.cli.main", *map(str, args)]
+
+
+def _extract_args(assets, data, cache_dir):
+    return ["extract", "--teacher", assets["teacher"], "--data", data, "--eval-data", assets["eval"],
+            "--test-data", assets["test"], "--max-length", "24", "--stage1-epochs", "0.5", "--shard-tokens", "64",
+            "--batch-size", "8", "--cache-dir", cache_dir]
+
+
+def cache_contents(path: str) -> tuple[dict, dict[str, np.ndarray], dict[str, dict]]:
+    """Metadata (less timings), every array, and every unit record of a cache."""
+    root = zarr.open_group(path, mode="r")
+    meta = {k: v for k, v in root.attrs["tedcache"].items() if k != "timings"}
+    arrays = {name: arr[...] for name, arr in root.members(max_depth=None) if isinstance(arr, zarr.Array)}
+    records = {str(p.relative_to(path)): json.loads(p.read_text()) for p in Path(path).glob("units/*/*.json")}
+    return meta, arrays, records
+
+
+def assert_same_cache(a: str, b: str) -> None:
+    meta_a, arrays_a, records_a = cache_contents(a)
+    meta_b, arrays_b, records_b = cache_contents(b)
+    assert meta_a == meta_b and meta_a["complete"]
+    assert sorted(arrays_a) == sorted(arrays_b) and any(k.startswith("train/states/") for k in arrays_a)
+    for name in arrays_a:
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+    assert records_a == records_b and len(records_a) > 10
+    assert (Path(a) / "teacher_filters.safetensors").read_bytes() == (Path(b) / "teacher_filters.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def one_process_cache(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("one")
+    data = write_rows(root / "train.csv", sentiment_rows(600, seed=7))
+    result = run_one(*_extract_args(assets, data, root / "caches"))
+    assert result.returncode == 0, result.stderr
+    return data, result.stdout.strip().splitlines()[-1]
+
+
+def test_two_process_extraction_equals_one_process(assets, one_process_cache, tmp_path):
+    data, reference = one_process_cache
+    result = subprocess.run(torchrun(*_extract_args(assets, data, tmp_path / "caches")), capture_output=True,
+                            text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = result.stdout.strip().splitlines()[-1]
+    assert Path(path).name == Path(reference).name  # same inputs, same cache key
+    assert json.loads((Path(path) / "zarr.json").read_text())["attributes"]["tedcache"]["timings"]["processes"] == 2
+    assert_same_cache(path, reference)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+    return int(ranks[0]) if ranks else None
+
+
+def test_killing_one_process_then_rerunning_resumes(assets, one_process_cache, tmp_path):
+    data, reference = one_process_cache
+    cache_dir = tmp_path / "caches"
+    launcher = subprocess.Popen(torchrun(*_extract_args(assets, data, cache_dir)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=ENV)
+    deadline, victim = time.time() + 300, None
+    while time.time() < deadline and launcher.poll() is None:
+        if len(list(cache_dir.glob("*/units/train/*.json"))) >= 4:
+            victim = next((p for p in _children(launcher.pid) if _rank_of(p) == 1), None)
+            if victim is not None:
+                break
+        time.sleep(0.02)
+    assert victim is not None and launcher.poll() is None, "the extraction finished before a process could be killed"
+    os.kill(victim, signal.SIGKILL)
+    launcher.wait(timeout=120)
+    assert launcher.returncode != 0
+    written = len(list(cache_dir.glob("*/units/*/*.json")))
+    rerun = subprocess.run(torchrun(*_extract_args(assets, data, cache_dir)), capture_output=True, text=True,
+                           env=ENV, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming: {written} of" in rerun.stderr  # the first process's log; the units written before are kept
+    assert_same_cache(rerun.stdout.strip().splitlines()[-1], reference)
+
+
+@pytest.fixture(scope="module")
+def no_dropout_student(tmp_path_factory):
+    """Dropout draws differ between processes; without it one step's loss depends on the batch alone."""
+    from transformers import AutoConfig
+
+    folder = make_model(tmp_path_factory.mktemp("student") / "s", layers=2, hidden=32, seed=1)
+    config = AutoConfig.from_pretrained(folder)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    config.save_pretrained(folder)
+    return folder
+
+
+def _distill_args(cache, student, out, batch_size, *extra):
+    return ["distill", "--cache", cache, "--student", student, "--out", out, "--batch-size", batch_size,
+            "--epochs", "2", "--lr", "1e-3", "--stage1-epochs", "0.5", "--seed", "3", *extra]
+
+
+def test_two_process_distill_matches_one_process_at_the_same_global_batch(one_process_cache, no_dropout_student,
+                                                                           tmp_path):
+    _, cache = one_process_cache
+    one = run_one(*_distill_args(cache, no_dropout_student, tmp_path / "one", 16))
+    assert one.returncode == 0, one.stderr
+    accumulated = run_one(*_distill_args(cache, no_dropout_student, tmp_path / "accum", 8, "--grad-accum", "2"))
+    assert accumulated.returncode == 0, accumulated.stderr
+    two = subprocess.run(accelerate_launch(*_distill_args(cache, no_dropout_student, tmp_path / "two", 8)),
+                         capture_output=True, text=True, env=ENV, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    runs = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "accum", "two")}
+    assert runs["two"]["processes"] == 2 and runs["one"]["processes"] == 1
+    reference = runs["one"]["history"]
+    assert len(reference) >= 6 and {"task", "kl", "mse", "mse/0", "mse/1"} <= set(reference[0])
+    for name in ("accum", "two"):
+        history = runs[name]["history"]
+        assert [h["step"] for h in history] == [h["step"] for h in reference]
+        for mine, theirs in zip(history, reference):
+            for key, value in theirs.items():
+                assert mine[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, mine["step"], key)
+        # evaluation: each process scores half the batches, the outputs are gathered
+        assert [e["accuracy"] for e in runs[name]["eval"]] == [e["accuracy"] for e in runs["one"]["eval"]]
+        assert runs[name]["test"]["accuracy"] == runs["one"]["test"]["accuracy"]
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert saved == ["accum", "one", "two"]  # the student saved once, no checkpoint folder left
+
+
+def test_distill_killed_then_resumed_equals_an_uninterrupted_run(one_process_cache, assets, tmp_path):
+    _, cache = one_process_cache
+    args = _distill_args(cache, assets["student"], tmp_path / "run", 8, "--checkpoint-every", "5")
+    args[args.index("--epochs") + 1] = "6"
+    straight = run_one(*[a if a != tmp_path / "run" else tmp_path / "straight" for a in args])
+    assert straight.returncode == 0, straight.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "tedcache.cli.main", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=ENV)
+    state = tmp_path / "run.checkpoint" / "state.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not state.exists():
+        time.sleep(0.01)
+    time.sleep(0.3)  # a few more steps past the checkpoint, lost by the kill
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run").exists() and state.exists()
+    refused = run_one(*args)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = run_one(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert a["history"] == b["history"] and a["eval"] == b["eval"] and a["test"] == b["test"]
+    assert not (tmp_path / "run.checkpoint").exists()
