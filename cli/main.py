@@ -121,6 +121,8 @@ def distill_options(f):
                      help="ted: epochs of plain fine-tuning before Stage I (the reference's practice)."),
         click.option("--stage1-epochs", default=1.0, show_default=True, type=float),
         click.option("--stage1-lr", default=1e-3, show_default=True, type=float),
+        click.option("--stage1-batch-size", default=32, show_default=True, type=int,
+                     help="ted: Stage I batch (every process runs the student's Stage I whole, by itself)."),
         click.option("--eval-every", default=0, show_default=True, type=int, help="Steps between evaluations (0: each epoch)."),
         click.option("--max-steps", default=None, type=int),
         click.option("--verify", "verify_first", is_flag=True, help="Check every shard's checksum before training."),
@@ -132,10 +134,10 @@ def distill_options(f):
 
 
 def _distill_config(cache: str, student: str, out: str, method: str, seed: int, kw: dict) -> DistillConfig:
-    train = TrainConfig(epochs=kw.pop("epochs"), lr=kw.pop("lr"), batch_size=kw["batch_size"],
+    train = TrainConfig(epochs=kw.pop("epochs"), lr=kw.pop("lr"), batch_size=kw.pop("batch_size"),
                         grad_accum=kw.pop("grad_accum"), weight_decay=kw.pop("weight_decay"),
                         warmup_ratio=kw.pop("warmup_ratio"), seed=seed)
-    stage1 = TrainConfig(epochs=kw.pop("stage1_epochs"), lr=kw.pop("stage1_lr"), batch_size=kw.pop("batch_size"),
+    stage1 = TrainConfig(epochs=kw.pop("stage1_epochs"), lr=kw.pop("stage1_lr"), batch_size=kw.pop("stage1_batch_size"),
                          seed=seed)
     return DistillConfig(cache=cache, student=student, out=out, method=method, train=train, stage1=stage1,
                          verify=kw.pop("verify_first"), **kw)

@@ -34,7 +34,9 @@ def torchrun(*args) -> list[str]:
 
 
 def accelerate_launch(*args) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # --multi_gpu is accelerate's multi-process launcher; without a GPU the processes join over gloo
+    # (its --cpu runs one process, or several only through MPI)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 500),
             "-m", "tedcache.cli.main", *map(str, args)]
 
