@@ -149,9 +149,10 @@ def extract(cfg: ExtractConfig, log=None) -> str:
                                           "processes": procs.size}
             writer.complete()
         procs.barrier()
-    log(f"cache complete in {time.perf_counter() - started:.0f}s: {len(train)} examples, {train.num_tokens} tokens, "
-        f"layers {layers}, {cfg.precision}, {location.size() / 2**20:.1f} MiB"
-        + (f", {procs.size} processes" if procs.size > 1 else ""))
+    if procs.main:  # (the size is read once the lock is gone, which the other processes must not race)
+        log(f"cache complete in {time.perf_counter() - started:.0f}s: {len(train)} examples, {train.num_tokens} "
+            f"tokens, layers {layers}, {cfg.precision}, {location.size() / 2**20:.1f} MiB"
+            + (f", {procs.size} processes" if procs.size > 1 else ""))
     return location.url
 
 
@@ -181,7 +182,7 @@ def _prepare(location, cfg, identity, splits, label_names, spec, tokenizer, teac
         _teacher_pass(writer, teacher, bank, spec.layers, splits, cfg, logit_spec, [("train", 0)])
     todo = {s: sorted(set(range(meta["units"][s])) - writer.done_units(s)) for s in splits}
     total, remaining = sum(meta["units"].values()), sum(len(v) for v in todo.values())
-    if remaining < total:
+    if resuming and remaining < total:
         log(f"resuming: {total - remaining} of {total} units already written, {remaining} to go")
     return {"reuse": False, "todo": todo}
 
