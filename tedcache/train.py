@@ -43,7 +43,9 @@ def batch_shares(micro: list[dict], processes: Processes) -> list[dict[str, floa
     A loss term that is a mean over this micro-batch's examples (or tokens, or pairs), multiplied by its
     share, then averaged over micro-batches and processes (as accumulation and DDP do), equals the mean
     over the whole global batch: many processes and accumulation train on exactly the loss of one big
-    batch, whatever the sequence lengths. Alone, without accumulation, every share is exactly 1."""
+    batch, whatever the sequence lengths. Alone, without accumulation, every share is 1: nothing to count."""
+    if len(micro) == 1 and processes.size == 1:
+        return [{}]
     counts = torch.tensor([[len(b["input_ids"]), int(b["attention_mask"].sum()), int(b["attention_mask"][:, 1:].sum())]
                            for b in micro], dtype=torch.float64)
     totals = processes.sum(counts.sum(0))
