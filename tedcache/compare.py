@@ -1,5 +1,6 @@
 """`tedcache compare`: several methods over several seeds from one cache, one run folder each, then the
-mean ± std of each method's test metric. Finished runs are kept, so an interrupted compare resumes."""
+mean ± std of each method's test metric. Finished runs are kept and a run cut off mid-way continues from
+its checkpoint, so an interrupted compare resumes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .config import METHODS, DistillConfig
+from .config import METHODS, DistillConfig, what_it_computes
 from .distillation import distill
 from .errors import TedcacheError, note
 from .results import COMPARE_FILE, find_runs, format_table, summarize
@@ -28,7 +29,7 @@ def run_config(cfg: CompareConfig, method: str, seed: int) -> DistillConfig:
     """The distill configuration of one (method, seed) run."""
     base = cfg.base
     return replace(base, method=method, out=str(Path(base.out) / f"{method}-seed{seed}"),
-                   cache=cfg.raw_cache if method == "lwd" else base.cache,
+                   cache=cfg.raw_cache if method == "lwd" else base.cache, resume=True,
                    train=replace(base.train, seed=seed), stage1=replace(base.stage1, seed=seed))
 
 
@@ -37,8 +38,8 @@ def _finished(run: DistillConfig) -> bool:
     path = Path(run.out) / "metrics.json"
     if not path.is_file():
         return False
-    requested = json.loads(path.read_text()).get("requested")
-    return requested == json.loads(json.dumps(asdict(run)))
+    requested = json.loads(path.read_text()).get("requested") or {}
+    return what_it_computes(requested) == what_it_computes(json.loads(json.dumps(asdict(run))))
 
 
 def compare(cfg: CompareConfig, log=None) -> dict:

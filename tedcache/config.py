@@ -103,6 +103,12 @@ class DistillConfig:
     checkpoint_every: int = 0  # optimiser steps between checkpoints; 0: after every epoch
 
 
+def what_it_computes(requested: dict) -> dict:
+    """A distill configuration (as saved in metrics.json) less the settings that only say how the run
+    survives interruption: two runs that agree on the rest train the same student."""
+    return {k: v for k, v in requested.items() if k not in ("resume", "checkpoint_every")}
+
+
 @dataclass
 class FinetuneConfig:
     """`tedcache finetune`: ordinary fine-tuning of a model on labelled data."""

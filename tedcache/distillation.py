@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .config import KD_TARGETS, METHODS, DistillConfig
+from .config import KD_TARGETS, METHODS, DistillConfig, what_it_computes
 from .distributed import processes
 from .errors import TedcacheError, note
 from .evaluate import PRIMARY_METRIC, evaluate, metrics, perplexity_from_nll
@@ -263,8 +263,7 @@ def _checkpoint(cfg: DistillConfig, requested: dict, num_processes: int) -> Chec
     """Where this run saves its state (<out>.checkpoint); refuses to start over an unfinished run's state
     unless told to resume it."""
     folder = Path(f"{cfg.out.rstrip('/')}.checkpoint")
-    fingerprint = {**{k: v for k, v in requested.items() if k not in ("resume", "checkpoint_every")},
-                   "processes": num_processes}
+    fingerprint = {**what_it_computes(requested), "processes": num_processes}
     checkpoint = Checkpoint(folder, fingerprint, cfg.checkpoint_every)
     if checkpoint.exists() and not cfg.resume:
         raise TedcacheError(f"{folder} holds the checkpoint of an interrupted run; add --resume to continue it, "
