@@ -127,6 +127,8 @@ def distill_options(f):
         click.option("--max-steps", default=None, type=int),
         click.option("--verify", "verify_first", is_flag=True, help="Check every shard's checksum before training."),
         click.option("--workers", default=0, show_default=True, type=int, help="DataLoader processes reading the cache."),
+        click.option("--checkpoint-every", default=0, show_default=True, type=int,
+                     help="Optimiser steps between checkpoints (0: after every epoch)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -152,8 +154,6 @@ def _distill_config(cache: str, student: str, out: str, method: str, seed: int, 
 @distill_options
 @click.option("--resume", is_flag=True,
               help="Continue from the checkpoint an interrupted run of the same command left in OUT.checkpoint.")
-@click.option("--checkpoint-every", default=0, show_default=True, type=int,
-              help="Optimiser steps between checkpoints (0: after every epoch).")
 def distill(cache, student, out, method, seed, **kw):
     """Stage two: train a student against a cache. The teacher is never loaded.
     Many processes: accelerate launch -m tedcache.cli.main distill ... (or torchrun); see docs/distributed.md."""
@@ -173,7 +173,8 @@ def distill(cache, student, out, method, seed, **kw):
 @distill_options
 def compare(cache, raw_cache, student, out, methods, seeds, **kw):
     """Run several methods over several seeds from one cache; print each method's test metric as mean ± std.
-    Finished runs are kept: re-running the command resumes. Feed OUT to tedcache report."""
+    Finished runs are kept and a run cut off mid-way continues from its checkpoint: re-running the command
+    resumes. Feed OUT to tedcache report."""
     from tedcache.compare import CompareConfig
     from tedcache.compare import compare as run
 

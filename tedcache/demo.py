@@ -29,7 +29,7 @@ class DemoSize:
 QUICK = DemoSize(train=2000, validation=500, max_length=64, teacher_epochs=1, student_epochs=3)
 FULL = DemoSize(train=10**9, validation=1000, max_length=64, teacher_epochs=3, student_epochs=6)
 
-# TED weights for the demo: see docs/demo.md for how they were chosen (on the validation split).
+# TED weights for the demo: see docs/design.md for how they were chosen (on the validation split only).
 KL_ALPHA, MSE_ALPHA, STUDENT_LR = 1.0, 1.0, 1e-4
 
 

@@ -160,6 +160,8 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     requested = asdict(cfg)
     cfg = effective_weights(cfg)
     checkpoint = _checkpoint(cfg, requested, procs.size)
+    if checkpoint.exists():
+        log(f"resuming the interrupted run saved in {checkpoint.folder}")
     started = time.perf_counter()
     cache = Cache(cfg.cache)
     meta = cache.metadata

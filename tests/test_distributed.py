@@ -169,15 +169,10 @@ def test_two_process_distill_matches_one_process_at_the_same_global_batch(one_pr
     assert saved == ["accum", "one", "two"]  # the student saved once, no checkpoint folder left
 
 
-def test_distill_killed_then_resumed_equals_an_uninterrupted_run(one_process_cache, assets, tmp_path):
-    _, cache = one_process_cache
-    args = _distill_args(cache, assets["student"], tmp_path / "run", 8, "--checkpoint-every", "5")
-    args[args.index("--epochs") + 1] = "6"
-    straight = run_one(*[a if a != tmp_path / "run" else tmp_path / "straight" for a in args])
-    assert straight.returncode == 0, straight.stderr
+def kill_after_checkpoint(args: list, state: Path) -> None:
+    """Start `tedcache ARGS`, SIGKILL it a few steps after its first checkpoint `state` is written."""
     proc = subprocess.Popen([sys.executable, "-m", "tedcache.cli.main", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=ENV)
-    state = tmp_path / "run.checkpoint" / "state.pt"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not state.exists():
         time.sleep(0.01)
@@ -185,7 +180,22 @@ def test_distill_killed_then_resumed_equals_an_uninterrupted_run(one_process_cac
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "run").exists() and state.exists()
+    assert state.exists()
+
+
+def _long_run_args(cache, student, out):
+    args = _distill_args(cache, student, out, 8, "--checkpoint-every", "5")
+    args[args.index("--epochs") + 1] = "6"
+    return args
+
+
+def test_distill_killed_then_resumed_equals_an_uninterrupted_run(one_process_cache, assets, tmp_path):
+    _, cache = one_process_cache
+    args = _long_run_args(cache, assets["student"], tmp_path / "run")
+    straight = run_one(*_long_run_args(cache, assets["student"], tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    kill_after_checkpoint(args, tmp_path / "run.checkpoint" / "state.pt")
+    assert not (tmp_path / "run").exists()
     refused = run_one(*args)
     assert refused.returncode == 2 and "--resume" in refused.stderr
     resumed = run_one(*args, "--resume")
@@ -194,3 +204,19 @@ def test_distill_killed_then_resumed_equals_an_uninterrupted_run(one_process_cac
     b = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     assert a["history"] == b["history"] and a["eval"] == b["eval"] and a["test"] == b["test"]
     assert not (tmp_path / "run.checkpoint").exists()
+
+
+def test_compare_killed_mid_run_continues_that_run_from_its_checkpoint(one_process_cache, assets, tmp_path):
+    _, cache = one_process_cache
+    straight = run_one(*_long_run_args(cache, assets["student"], tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    args = ["compare", *_long_run_args(cache, assets["student"], tmp_path / "runs")[1:], "--methods", "ted"]
+    args[args.index("--seed"):args.index("--seed") + 2] = ["--seeds", "3"]
+    kill_after_checkpoint(args, tmp_path / "runs" / "ted-seed3.checkpoint" / "state.pt")
+    rerun = run_one(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming" in rerun.stderr  # continued, not started over
+    a = json.loads((tmp_path / "runs" / "ted-seed3" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert a["history"] == b["history"] and a["eval"] == b["eval"] and a["test"] == b["test"]
+    assert not (tmp_path / "runs" / "ted-seed3.checkpoint").exists()
