@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from tedcache import extract
-from tedcache.catalog import inspect_cache
+from tedcache.cache import inspect_cache
 from tedcache.config import DataConfig, ExtractConfig, FilterConfig
 from tedcache.demo_lm import QUICK, smollm2, snippet_texts
 

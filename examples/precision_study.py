@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from tedcache import distill, extract
-from tedcache.catalog import inspect_cache
+from tedcache.cache import Cache, CompactStates, decode_values, inspect_cache
 from tedcache.config import FilterConfig
 from tedcache.demo import QUICK, prepare
-from tedcache.store import Cache, CompactStates, decode_values
 
 
 def decoded_states(path: str) -> dict[int, torch.Tensor]:

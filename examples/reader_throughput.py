@@ -14,22 +14,23 @@ import time
 from pathlib import Path
 
 import torch
+
 from tedcache.bench import read_throughput
+from tedcache.cache import Cache
 from tedcache.demo import QUICK, prepare
 from tedcache.distillation import map_layers, stage2_loss
 from tedcache.filters import FilterBank, FilterSpec
 from tedcache.models import load_classifier
 from tedcache.reader import CacheBatches
-from tedcache.store import Cache
 from tedcache.taps import hidden_size
 
 
 def step_rate(setup, cache: str, layers: list[int], batch_size: int, steps: int = 12) -> float:
     """Examples per second a TED step consumes (batches pre-read, so no I/O is timed)."""
     meta = Cache(cache).metadata
-    student = load_classifier(setup.student, "student", meta["task"], meta["label_names"])
+    student = load_classifier(setup.student, "student", meta.task, meta.label_names)
     s_layers, _ = map_layers([0, 1], Cache(cache).layers, None, 2)
-    bank = FilterBank(FilterSpec(s_layers, hidden_size(student), meta["filter_dim"]))
+    bank = FilterBank(FilterSpec(s_layers, hidden_size(student), meta.filter_dim))
     params = list(student.parameters()) + list(bank.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     cfg = setup.distill_config(cache, "ted", "", QUICK, 0)
@@ -42,7 +43,7 @@ def step_rate(setup, cache: str, layers: list[int], batch_size: int, steps: int 
     student.train()
     for batch in batches:
         started = time.perf_counter()
-        loss, _ = stage2_loss(student, bank, batch, cfg, meta["task"])
+        loss, _ = stage2_loss(student, bank, batch, cfg, meta.task)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -49,7 +49,7 @@ def main() -> None:
         name = f"kl{kl_alpha:g}-mse{mse_alpha:g}-lr{lr:g}-ep{epochs}"
         base = setup.distill_config(cache, "ted", str(results / "tuning" / name), QUICK, tuning_seeds[0],
                                     kl_alpha=kl_alpha, mse_alpha=mse_alpha)
-        base = replace(base, train=replace(base.train, lr=lr, epochs=epochs))
+        base = replace(base, optim=replace(base.optim, lr=lr, epochs=epochs))
         row = compare(CompareConfig(base=base, methods=["ted"], seeds=tuning_seeds))["rows"][0]
         tuning.append({"kl_alpha": kl_alpha, "mse_alpha": mse_alpha, "lr": lr, "epochs": epochs,
                        "validation_mean": row["validation_mean"], "validation_std": row["validation_std"]})
@@ -62,7 +62,7 @@ def main() -> None:
 
     base = setup.distill_config(cache, "ted", str(results / "methods"), QUICK, seeds[0],
                                 kl_alpha=chosen["kl_alpha"], mse_alpha=chosen["mse_alpha"])
-    base = replace(base, train=replace(base.train, lr=chosen["lr"], epochs=chosen["epochs"]))
+    base = replace(base, optim=replace(base.optim, lr=chosen["lr"], epochs=chosen["epochs"]))
     summary = compare(CompareConfig(base=base, methods=["finetune", "kd", "lwd", "ted"], seeds=seeds,
                                     raw_cache=raw_cache))
     page = build_report([str(results / "methods")], str(results / "report"))

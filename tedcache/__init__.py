@@ -1,16 +1,23 @@
 """tedcache: task-aware layer-wise distillation (TED) through an offline teacher feature cache.
 
 Python API: `extract(ExtractConfig)`, `distill(DistillConfig)`, `finetune(FinetuneConfig)`,
-`init_student(source, layers, out)`; the `tedcache` CLI only builds these configs from flags."""
+`compare(CompareConfig)`, `init_student(source, layers, out)`; the `tedcache` CLI only builds these
+configs from flags and config files."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
 
-from .config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, FinetuneConfig, TrainConfig  # noqa: E402
-from .distillation import distill  # noqa: E402
-from .errors import TedcacheError  # noqa: E402
-from .extraction import extract  # noqa: E402
-from .finetuning import finetune  # noqa: E402
-from .models import init_student  # noqa: E402
+from .compare import compare
+from .config import CompareConfig, DataConfig, DistillConfig, ExtractConfig, FilterConfig, FinetuneConfig, OptimConfig
+from .distillation import distill
+from .errors import TedcacheError
+from .extraction import extract
+from .finetuning import finetune
+from .models import init_student
 
-__all__ = ["DataConfig", "DistillConfig", "ExtractConfig", "FilterConfig", "FinetuneConfig", "TrainConfig",
-           "TedcacheError", "extract", "distill", "finetune", "init_student", "__version__"]
+try:
+    __version__ = version("tedcache")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["CompareConfig", "DataConfig", "DistillConfig", "ExtractConfig", "FilterConfig", "FinetuneConfig",
+           "OptimConfig", "TedcacheError", "compare", "distill", "extract", "finetune", "init_student", "__version__"]

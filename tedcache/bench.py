@@ -22,8 +22,20 @@ from pathlib import Path
 
 import torch
 
-from .config import DataConfig, ExtractConfig, FilterConfig, TrainConfig
+from .cache import Cache
+from .config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig
+from .data import load_examples
+from .demo import DemoSize, minilm_path, rotten_tomatoes
+from .distillation import map_layers, stage2_loss
+from .distributed import pick_device
 from .errors import note
+from .extraction import extract
+from .filters import FilterBank, FilterSpec
+from .losses import task_loss
+from .models import init_student, load_classifier, load_tokenizer
+from .reader import CacheBatches, ExamplesSource, iterate_batches, prefetch, to_device
+from .taps import forward_with_taps, hidden_size, num_layers
+from .teacher import LiveTargets
 
 PAIRS = ("minilm", "bert")
 MODES = ("student", "offline", "online")
@@ -31,10 +43,13 @@ MODES = ("student", "offline", "online")
 
 def _pair_dirs(workdir: Path, pair: str) -> tuple[str, str]:
     """Teacher and student folders of a pair (made once)."""
-    from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+    )
 
-    from .demo import minilm_path
-    from .models import init_student, load_classifier
 
     teacher, student = workdir / pair / "teacher", workdir / pair / "student"
     if (student / "config.json").exists():
@@ -61,7 +76,6 @@ def _pair_dirs(workdir: Path, pair: str) -> tuple[str, str]:
 
 
 def _data(workdir: Path, examples: int) -> DataConfig:
-    from .demo import DemoSize, rotten_tomatoes
 
     files = rotten_tomatoes(workdir / f"data-{examples}", DemoSize(examples, 200, 64, 1, 1), seed=0)
     return DataConfig(train=[files["train"]], max_length=64)
@@ -70,17 +84,13 @@ def _data(workdir: Path, examples: int) -> DataConfig:
 def _extract_config(workdir: Path, pair: str, teacher: str, data: DataConfig, **overrides) -> ExtractConfig:
     layers = "every:3"  # minilm: 2 of 6 layers for a 2-layer student; bert: 4 of 12 for a 4-layer one
     settings = dict(teacher=teacher, data=data, filters=FilterConfig(layers=layers),
-                    stage1=TrainConfig(epochs=0.05, lr=1e-3, batch_size=32), cache_dir=str(workdir / pair / "caches"))
+                    stage1=OptimConfig(epochs=0.05, lr=1e-3, batch_size=32), cache_dir=str(workdir / pair / "caches"))
     return ExtractConfig(**{**settings, **overrides})
 
 
 @torch.no_grad()
 def _forward_only(teacher_dir: str, data: DataConfig, batch_size: int) -> float:
     """Examples/s of the bare teacher forward (eval, no grad) over the data, batched as the extraction is."""
-    from .data import load_examples
-    from .models import load_classifier, load_tokenizer
-    from .reader import ExamplesSource, iterate_batches, to_device
-    from .train import pick_device
 
     device = pick_device()
     tokenizer = load_tokenizer(teacher_dir)
@@ -104,15 +114,6 @@ def measure_steps(pair: str, mode: str, workdir: str, steps: int, batch_size: in
     """Per-step wall time (data wait included) and peak memory of one mode; run in its own process."""
     from torch.utils.data import DataLoader
 
-    from .config import DistillConfig
-    from .distillation import LiveTargets, map_layers, stage2_loss
-    from .filters import FilterBank, FilterSpec
-    from .losses import task_loss
-    from .models import load_classifier
-    from .reader import CacheBatches, prefetch
-    from .store import Cache
-    from .taps import forward_with_taps, hidden_size, num_layers
-    from .train import pick_device
 
     work = Path(workdir)
     info = json.loads((work / pair / "cache.json").read_text())
@@ -121,10 +122,10 @@ def measure_steps(pair: str, mode: str, workdir: str, steps: int, batch_size: in
     device = pick_device()
     autocast = device.type == "cuda"
     torch.manual_seed(0)
-    student = load_classifier(info["student"], "student", "classification", meta["label_names"]).to(device).train()
+    student = load_classifier(info["student"], "student", "classification", meta.label_names).to(device).train()
     total = num_layers(student)
     s_layers, t_layers = map_layers(list(range(total)), cache.layers, None, total)
-    bank = FilterBank(FilterSpec(s_layers, hidden_size(student), meta["filter_dim"])).to(device)
+    bank = FilterBank(FilterSpec(s_layers, hidden_size(student), meta.filter_dim)).to(device)
     params = list(student.parameters()) + (list(bank.parameters()) if mode != "student" else [])
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     cfg = DistillConfig(cache=info["cache"], student=info["student"], out="", kl_alpha=1.0, mse_alpha=1.0,
@@ -171,7 +172,6 @@ def read_throughput(cache: str, layers: list[int], batch_size: int, workers: int
     """(examples/s, compact MB/s) of one shuffled epoch through the reader (with DataLoader workers)."""
     from torch.utils.data import DataLoader
 
-    from .reader import CacheBatches
 
     started, nbytes, count = time.perf_counter(), 0, 0
     for batch in DataLoader(CacheBatches(cache, "train", layers, batch_size, seed=0), batch_size=None,
@@ -186,8 +186,6 @@ def read_throughput(cache: str, layers: list[int], batch_size: int, workers: int
 def run_bench(workdir: str, pairs: tuple[str, ...] = PAIRS, steps: int = 20, batch_size: int = 32,
               examples: int = 1024) -> list[dict]:
     """Everything for each pair; returns one result object per pair."""
-    from . import extract
-    from .store import Cache
 
     work = Path(workdir)
     data = _data(work, examples)
@@ -199,7 +197,7 @@ def run_bench(workdir: str, pairs: tuple[str, ...] = PAIRS, steps: int = 20, bat
         forward = _forward_only(teacher, data, cfg.batch_size)
         cache = extract(replace(cfg, force=True))  # rebuilt, so its teacher pass is timed in this run
         meta = Cache(cache).metadata
-        extraction = meta["splits"]["train"] / meta["timings"]["teacher_pass_s"]
+        extraction = meta.splits["train"] / meta.timings["teacher_pass_s"]
         (work / pair / "cache.json").write_text(json.dumps({"cache": cache, "teacher": teacher, "student": student}))
         read_examples, read_mb = read_throughput(cache, Cache(cache).layers, batch_size)
         row = {"pair": pair, "batch_size": batch_size, "forward_examples_per_s": forward,

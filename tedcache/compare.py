@@ -5,32 +5,21 @@ its checkpoint, so an interrupted compare resumes."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from .config import METHODS, DistillConfig, what_it_computes
+from .config import METHODS, CompareConfig, DistillConfig, what_it_computes
+from .configfile import CONFIG_FILE, config_yaml
 from .distillation import distill
 from .errors import TedcacheError, note
 from .results import COMPARE_FILE, find_runs, format_table, summarize
-
-
-@dataclass
-class CompareConfig:
-    """`base` holds everything the runs share (its `out` is the folder that receives one run folder per
-    method and seed); lwd runs read `raw_cache`, a cache of raw states from the same teacher and data."""
-
-    base: DistillConfig
-    methods: list[str] = field(default_factory=lambda: ["finetune", "kd", "lwd", "ted"])
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    raw_cache: str | None = None
 
 
 def run_config(cfg: CompareConfig, method: str, seed: int) -> DistillConfig:
     """The distill configuration of one (method, seed) run."""
     base = cfg.base
     return replace(base, method=method, out=str(Path(base.out) / f"{method}-seed{seed}"),
-                   cache=cfg.raw_cache if method == "lwd" else base.cache, resume=True,
-                   train=replace(base.train, seed=seed), stage1=replace(base.stage1, seed=seed))
+                   cache=cfg.raw_cache if method == "lwd" else base.cache, resume=True, seed=seed)
 
 
 def _finished(run: DistillConfig) -> bool:
@@ -54,11 +43,13 @@ def compare(cfg: CompareConfig, log=None) -> dict:
         raise TedcacheError("--methods lwd needs --raw-cache: a cache extracted with --states raw from the same "
                             "teacher and data (or leave lwd out of --methods)")
     runs = [run_config(cfg, method, seed) for method in cfg.methods for seed in cfg.seeds]
+    Path(cfg.base.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.base.out) / CONFIG_FILE).write_text(config_yaml(cfg))
     for number, run in enumerate(runs, 1):
         if _finished(run):
-            log(f"[{number}/{len(runs)}] {run.method} seed {run.train.seed}: done earlier, kept ({run.out})")
+            log(f"[{number}/{len(runs)}] {run.method} seed {run.seed}: done earlier, kept ({run.out})")
             continue
-        log(f"[{number}/{len(runs)}] {run.method} seed {run.train.seed}")
+        log(f"[{number}/{len(runs)}] {run.method} seed {run.seed}")
         distill(run, log)
     summary = {**summarize(find_runs([r.out for r in runs])), "config": asdict(cfg)}
     (Path(cfg.base.out) / COMPARE_FILE).write_text(json.dumps(summary, indent=2))

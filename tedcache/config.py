@@ -1,106 +1,125 @@
-"""Typed configuration shared by the Python API and the CLI (the CLI only fills these in)."""
+"""Typed configuration: the one source of truth for the Python API, the CLI (its flags are generated from
+these fields, see cli/options.py), YAML config files (`--config FILE`, nested like these classes) and
+the configuration saved with every run and cache."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from .schema import setting
 
 TASKS = ("classification", "regression", "causal-lm")
 METHODS = ("ted", "kd", "lwd", "finetune")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 FILTER_KINDS = ("linear", "mlp")
 STATE_KINDS = ("filtered", "raw")  # raw: unfiltered hidden states, for the LWD baseline
 LM_HEADS = ("tied", "new")  # causal-lm Stage-I heads: the frozen output embedding, or a fresh one
 KD_TARGETS = ("auto", "sampled", "logits")
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "tedcache"
+DEFAULT_CACHES = str(DEFAULT_CACHE_DIR / "caches")
 
 
 @dataclass
 class DataConfig:
     """Where the examples come from and how they are read and tokenized."""
 
-    train: list[str]
-    eval: list[str] | None = None
-    test: list[str] | None = None
-    task: str = "classification"
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str = "label"
-    max_length: int = 128
-    limit: int | None = None  # keep only the first N training examples (causal-lm: blocks) after loading
-    block_size: int = 128  # causal-lm: tokens per packed block (documents joined by EOS, then cut)
+    train: list[str] = setting(help="Training data: csv/tsv/json/jsonl/parquet/txt files, a datasets "
+                                    "save_to_disk folder, or a hub name.", flag="--data")
+    eval: list[str] | None = setting(None, "Evaluation split (same formats); picks the best epoch.", flag="--eval-data")
+    test: list[str] | None = setting(None, "Test split, scored once with the best model.", flag="--test-data")
+    task: str = setting("classification", "classification, regression or causal-lm (plain text packed into blocks).",
+                        choices=TASKS)
+    text_column: str = setting("text", "Column holding the text.")
+    text_pair_column: str | None = setting(None, "Second text of sentence-pair tasks.")
+    label_column: str = setting("label", "Column holding the label.")
+    max_length: int = setting(128, "Tokens per example (longer ones are truncated).")
+    limit: int | None = setting(None, "Keep only the first N training rows (causal-lm: blocks).")
+    block_size: int = setting(128, "causal-lm: tokens per block (documents joined by EOS, then cut).")
 
 
 @dataclass
-class TrainConfig:
-    """Optimiser settings for one training phase (fine-tuning, Stage I, Stage II)."""
+class OptimConfig:
+    """Optimiser settings of one training phase (fine-tuning, Stage I, Stage II)."""
 
-    epochs: float = 3.0
-    lr: float = 5e-5
-    batch_size: int = 32  # per process and micro-batch: the global batch is this x processes x grad_accum
-    grad_accum: int = 1  # micro-batches per optimiser step
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    seed: int = 42
+    epochs: float = setting(3.0, "Passes over the training split (fractions allowed).")
+    lr: float = setting(5e-5, "Peak learning rate (AdamW, linear warm-up and decay).")
+    batch_size: int = setting(32, "Examples per process and micro-batch (global batch: this x processes x grad-accum).")
+    grad_accum: int = setting(1, "Micro-batches per optimiser step.")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    warmup_ratio: float = setting(0.0, "Share of the steps spent warming the learning rate up.")
 
 
 @dataclass
 class FilterConfig:
-    """TED filters: which layers get one, its shape and its output width."""
+    """TED filters: which teacher layers get one, its shape and its output width."""
 
-    layers: str = "all"  # "all", "every:K" or a comma list of 0-based layer indices
-    kind: str = "linear"
-    dim: int | None = None  # None: the teacher's hidden size
-    lm_head: str = "tied"  # causal-lm Stage I: "tied" (frozen output embedding after a trainable d_f -> d map) or "new"
+    layers: str = setting("all", "Teacher layers to filter: all, every:K, or 0,5 (0-based).")
+    kind: str = setting("linear", "Filter shape: linear or mlp.", choices=FILTER_KINDS, flag="--filter")
+    dim: int | None = setting(None, "Filter output width (default: the teacher's hidden size).", flag="--filter-dim")
+    lm_head: str = setting("tied", "causal-lm Stage-I head: tied (frozen output embedding after a trainable map) "
+                                   "or new (a trainable vocabulary projection).", choices=LM_HEADS)
 
 
 @dataclass
 class ExtractConfig:
     """`tedcache extract`: Stage I on the teacher, then one teacher pass written to a cache."""
 
-    teacher: str
-    data: DataConfig
-    filters: FilterConfig = field(default_factory=FilterConfig)
-    stage1: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=1e-3))
-    cache_dir: str = str(DEFAULT_CACHE_DIR / "caches")  # a folder or an fsspec URL (s3://...)
-    precision: str = "int8"  # fp32 | fp16 | bf16 | int8 (see docs/design.md for the measurements)
-    states: str = "filtered"
-    logits: str = "sample:50"  # causal-lm: sample:N | topk:K | full (see tedcache.sparse_logits)
-    logits_temperature: float = 1.0  # causal-lm: sample:N draws from softmax(logits / this) (docs/causal-lm.md)
-    batch_size: int = 64  # teacher forward batch during extraction
-    shard_tokens: int = 16384  # tokens per shard: the unit of writing, resuming and checksumming
-    seed: int = 42  # storage order (Stage I has its own seed in stage1)
-    device: str = "auto"  # auto: cuda when available, else cpu
-    force: bool = False
+    teacher: str = setting(help="Fine-tuned teacher: an HF model folder or hub name.")
+    data: DataConfig = setting(help="Data settings.", prefix="")
+    filters: FilterConfig = setting(help="TED filter settings.", factory=FilterConfig, prefix="")
+    stage1: OptimConfig = setting(help="Stage I (teacher filters) optimiser.",
+                                  factory=lambda: OptimConfig(epochs=3.0, lr=1e-3), prefix="stage1-")
+    cache_dir: str = setting(DEFAULT_CACHES, "Where caches go: a folder or an fsspec URL (s3://bucket/prefix).")
+    precision: str = setting("int8", "Stored states: fp32, fp16, bf16 or int8 (see docs/design.md).", choices=PRECISIONS)
+    states: str = setting("filtered", "filtered (TED) or raw (unfiltered hidden states, for --method lwd).",
+                          choices=STATE_KINDS)
+    logits: str = setting("sample:50", "causal-lm teacher distribution per token: sample:N, topk:K or full "
+                                       "(small vocabularies).")
+    logits_temperature: float = setting(1.0, "causal-lm: sample:N draws from softmax(logits / this); distill uses "
+                                             "the same temperature.")
+    batch_size: int = setting(64, "Teacher batch during the cache pass.")
+    shard_tokens: int = setting(16384, "Tokens per shard: the unit of writing, resuming and checksumming.")
+    seed: int = setting(42, "Seed of Stage I and of the training split's storage order.")
+    device: str = setting("auto", "auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
+    force: bool = setting(False, "Rebuild even if a cache of the same inputs exists.")
 
 
 @dataclass
 class DistillConfig:
-    """`tedcache distill`: train a student against a cache (the teacher is never loaded)."""
+    """`tedcache distill`: train a student against a cache (the teacher is not loaded, unless `teacher`
+    asks for online mode)."""
 
-    cache: str
-    student: str
-    out: str
-    method: str = "ted"
-    kl_alpha: float = 1.0
-    mse_alpha: float = 1.0
-    temperature: float | None = None  # None: TED's 2.0; for a causal-lm cache of samples, their temperature
-    kd_targets: str = "auto"  # causal-lm: sampled (counts; auto for sample caches) or logits (renormalised)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=5e-5))
-    student_layers: str = "all"  # which student layers get filters (ted)
-    layer_map: str | None = None  # "s:t,s:t" student layer -> cache layer; default pairs in order
-    finetune_first: float = 0.0  # epochs of plain fine-tuning before Stage I (the reference does it)
-    stage1: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, lr=1e-3))
-    eval_every: int = 0  # steps between evaluations; 0 = once per epoch
-    max_steps: int | None = None
-    log_every: int = 10  # steps between loss records in metrics.json
-    verify: bool = False  # check every shard's checksum before training
-    workers: int = 0  # DataLoader worker processes reading the cache (0: read in the training process)
-    teacher: str | None = None  # online mode: compute the targets live with this teacher (and the cache's filters)
-    device: str = "auto"  # auto: cuda when available, else cpu
-    autocast: bool | None = None  # bf16 autocast; None: on when the device is cuda
-    resume: bool = False  # continue from the checkpoint an interrupted run left in <out>.checkpoint
-    checkpoint_every: int = 0  # optimiser steps between checkpoints; 0: after every epoch
+    cache: str = setting(help="Cache folder printed by tedcache extract.")
+    student: str = setting(help="Student: an HF model folder or hub name (with the teacher's tokenizer).")
+    out: str = setting(help="Folder for the best student, its tokenizer, metrics.json and config.yaml.")
+    method: str = setting("ted", "ted, kd, lwd (needs a raw-state cache) or finetune.", choices=METHODS)
+    seed: int = setting(42, "Seed of everything random in the run (head, filters, order, dropout).")
+    kl_alpha: float = setting(1.0, "Weight of the KD term.")
+    mse_alpha: float = setting(1.0, "Weight of the filtered-state (ted) or raw-state (lwd) term.")
+    temperature: float | None = setting(None, "KD temperature (default: 2.0; for a causal-lm cache of samples, "
+                                              "the temperature they were drawn at).")
+    kd_targets: str = setting("auto", "causal-lm: sampled (sample counts, unbiased) or logits (renormalised over "
+                                      "the stored ids); auto = sampled for sample:N caches.", choices=KD_TARGETS)
+    optim: OptimConfig = setting(help="Stage II optimiser.", factory=lambda: OptimConfig(epochs=3.0, lr=5e-5),
+                                 prefix="")
+    student_layers: str = setting("all", "Student layers that get filters (ted, lwd): all, every:K or 0,1.")
+    layer_map: str | None = setting(None, "Explicit student:teacher pairs, e.g. 0:2,1:5 (default: in order).")
+    finetune_first: float = setting(0.0, "ted: epochs of plain fine-tuning before Stage I (the reference's practice).")
+    stage1: OptimConfig = setting(help="Stage I (student filters) optimiser; every process runs it whole.",
+                                  factory=lambda: OptimConfig(epochs=1.0, lr=1e-3), prefix="stage1-")
+    eval_every: int = setting(0, "Optimiser steps between evaluations (0: once per epoch).")
+    max_steps: int | None = setting(None, "Stop after this many optimiser steps.")
+    log_every: int = setting(10, "Optimiser steps between loss records in metrics.json.")
+    verify: bool = setting(False, "Check every shard's checksum before training.")
+    workers: int = setting(0, "DataLoader worker processes reading the cache (0: read in the training process).")
+    teacher: str | None = setting(None, "Online mode: compute the targets live with this teacher (the one the cache "
+                                        "was extracted from) and the cache's filters.")
+    device: str = setting("auto", "auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
+    autocast: bool | None = setting(None, "bf16 autocast (default: on when the device is a GPU).")
+    resume: bool = setting(False, "Continue from the checkpoint an interrupted run left in OUT.checkpoint.")
+    checkpoint_every: int = setting(0, "Optimiser steps between checkpoints (0: after every epoch).")
 
 
 def what_it_computes(requested: dict) -> dict:
@@ -113,7 +132,19 @@ def what_it_computes(requested: dict) -> dict:
 class FinetuneConfig:
     """`tedcache finetune`: ordinary fine-tuning of a model on labelled data."""
 
-    model: str
-    data: DataConfig
-    out: str
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: str = setting(help="Model to fine-tune: an HF model folder or hub name.")
+    out: str = setting(help="Folder for the fine-tuned model, its tokenizer, metrics.json and config.yaml.")
+    data: DataConfig = setting(help="Data settings.", prefix="")
+    seed: int = setting(42, "Seed of the new head, the order and dropout.")
+    optim: OptimConfig = setting(help="Optimiser.", factory=OptimConfig, prefix="")
+
+
+@dataclass
+class CompareConfig:
+    """`tedcache compare`: several methods over several seeds from one cache. `base` holds what the runs
+    share (its `out` receives one run folder per method and seed; its method and seed are set per run)."""
+
+    base: DistillConfig = setting(help="The settings every run shares.", prefix="")
+    methods: list[str] = setting(help="Methods to run.", factory=lambda: ["finetune", "kd", "lwd", "ted"])
+    seeds: list[int] = setting(help="Seeds every method runs with.", factory=lambda: [1, 2, 3])
+    raw_cache: str | None = setting(None, "Cache of raw states from the same teacher and data (lwd runs read it).")

@@ -12,9 +12,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, FinetuneConfig, TrainConfig
+from .cache import Cache
+from .config import (
+    DataConfig,
+    DistillConfig,
+    ExtractConfig,
+    FilterConfig,
+    FinetuneConfig,
+    OptimConfig,
+)
+from .distillation import distill
 from .errors import TedcacheError, note
-from .store import Cache
+from .extraction import extract
+from .finetuning import finetune
+from .models import init_student
 
 
 @dataclass
@@ -96,21 +107,19 @@ class DemoSetup:
     def extract_config(self, seed: int, **overrides) -> ExtractConfig:
         """The demo's cache: teacher layers 2 and 5 (TED's interval rule for 6 -> 2 layers)."""
         settings = dict(teacher=self.teacher, data=self.data, filters=FilterConfig(layers="every:3"),
-                        stage1=TrainConfig(epochs=2, lr=1e-3, batch_size=32, seed=seed), seed=seed,
+                        stage1=OptimConfig(epochs=2, lr=1e-3, batch_size=32), seed=seed,
                         cache_dir=str(self.work / "caches"))
         return ExtractConfig(**{**settings, **overrides})
 
     def distill_config(self, cache: str, method: str, out: str, size: "DemoSize", seed: int, **overrides):
         settings = dict(cache=cache, student=self.student, out=out, method=method, kl_alpha=KL_ALPHA,
-                        mse_alpha=MSE_ALPHA, train=TrainConfig(epochs=size.student_epochs, lr=STUDENT_LR,
-                                                               batch_size=32, warmup_ratio=0.1, seed=seed))
+                        mse_alpha=MSE_ALPHA, seed=seed,
+                        optim=OptimConfig(epochs=size.student_epochs, lr=STUDENT_LR, batch_size=32, warmup_ratio=0.1))
         return DistillConfig(**{**settings, **overrides})
 
 
 def prepare(workdir: str, size: DemoSize, seed: int, times: dict | None = None) -> DemoSetup:
     """Data files, fine-tuned teacher and 2-layer student under `workdir` (each made once, then reused)."""
-    from . import finetune
-    from .models import init_student
 
     times = {} if times is None else times
     work = Path(workdir) / f"train{size.train}-len{size.max_length}-seed{seed}"
@@ -121,7 +130,7 @@ def prepare(workdir: str, size: DemoSize, seed: int, times: dict | None = None) 
     if not (teacher_dir / "metrics.json").exists():
         timed("fine-tune teacher", times, finetune, FinetuneConfig(
             model=minilm_path(), data=data, out=str(teacher_dir),
-            train=TrainConfig(epochs=size.teacher_epochs, lr=1e-4, batch_size=32, warmup_ratio=0.1, seed=seed)))
+            seed=seed, optim=OptimConfig(epochs=size.teacher_epochs, lr=1e-4, batch_size=32, warmup_ratio=0.1)))
     student_dir = work / "student-init"
     if not (student_dir / "config.json").exists():
         timed("init student", times, init_student, str(teacher_dir), [0, 5], str(student_dir))
@@ -130,7 +139,6 @@ def prepare(workdir: str, size: DemoSize, seed: int, times: dict | None = None) 
 
 def run_demo(workdir: str, size: DemoSize = QUICK, seed: int = 42) -> dict:
     """Run the whole pipeline; print and return the results table."""
-    from . import distill, extract
 
     times: dict[str, float] = {}
     setup = prepare(workdir, size, seed, times)

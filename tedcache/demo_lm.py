@@ -14,9 +14,15 @@ from pathlib import Path
 
 import torch
 
-from .config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, TrainConfig
+from .cache import Cache
+from .config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig
 from .demo import rotten_tomatoes_table, timed
+from .distillation import distill
 from .errors import TedcacheError
+from .evaluate import evaluate
+from .extraction import extract
+from .models import init_student, load_causal_lm
+from .reader import CacheSource, iterate_batches
 
 
 @dataclass
@@ -82,11 +88,6 @@ def snippet_texts(folder: Path, size: LMDemoSize) -> dict[str, str]:
 
 def run_lm_demo(workdir: str, size: LMDemoSize = QUICK, seed: int = 42) -> dict:
     """Convert the teacher, build the cache, train three students; print and return the perplexity table."""
-    from . import distill, extract
-    from .evaluate import evaluate
-    from .models import init_student, load_causal_lm
-    from .reader import CacheSource, iterate_batches
-    from .store import Cache
 
     times: dict[str, float] = {}
     root = Path(workdir)
@@ -100,14 +101,14 @@ def run_lm_demo(workdir: str, size: LMDemoSize = QUICK, seed: int = 42) -> dict:
                       block_size=size.block_size, limit=size.train_blocks)
     cache = timed("extract", times, extract, ExtractConfig(
         teacher=teacher, data=data, filters=FilterConfig(layers=TEACHER_FILTER_LAYERS),
-        stage1=TrainConfig(epochs=size.stage1_epochs, lr=1e-3, batch_size=8, seed=seed), batch_size=16,
+        stage1=OptimConfig(epochs=size.stage1_epochs, lr=1e-3, batch_size=8), batch_size=16,
         cache_dir=str(work / "caches"), seed=seed))
     opened = Cache(cache)
     test_split = opened.split("test")
 
     def before_training():
         model = load_causal_lm(str(student))
-        return evaluate(model, iterate_batches(CacheSource(test_split), 16, opened.metadata["pad_token_id"]),
+        return evaluate(model, iterate_batches(CacheSource(test_split), 16, opened.metadata.pad_token_id),
                         "causal-lm")
 
     initial = timed("evaluate student before training", times, before_training)
@@ -116,8 +117,8 @@ def run_lm_demo(workdir: str, size: LMDemoSize = QUICK, seed: int = 42) -> dict:
         runs[method] = timed(f"distill {method}", times, distill, DistillConfig(
             cache=cache, student=str(student), out=str(work / "students" / method), method=method,
             kl_alpha=KL_ALPHA, mse_alpha=MSE_ALPHA, student_layers=STUDENT_FILTER_LAYERS,
-            train=TrainConfig(epochs=size.student_epochs, lr=STUDENT_LR, batch_size=8, warmup_ratio=0.1, seed=seed),
-            stage1=TrainConfig(epochs=size.stage1_epochs, lr=1e-3, batch_size=8, seed=seed)))
+            seed=seed, optim=OptimConfig(epochs=size.student_epochs, lr=STUDENT_LR, batch_size=8, warmup_ratio=0.1),
+            stage1=OptimConfig(epochs=size.stage1_epochs, lr=1e-3, batch_size=8)))
     teacher_test = runs["ted"]["teacher"]["test"]
     rows = [("teacher (SmolLM2-135M, 30 layers)", teacher_test),
             ("student before training (15 layers)", initial),
@@ -133,7 +134,7 @@ def run_lm_demo(workdir: str, size: LMDemoSize = QUICK, seed: int = 42) -> dict:
     lines += [f"| total | {sum(times.values()):.0f} |", "",
               f"cache: {cache} ({opened.bytes_on_disk() / 2**20:.1f} MiB on disk); {len(train_split)} train blocks "
               f"({tokens} tokens), {len(opened.split('eval'))} validation / {len(test_split)} test blocks of "
-              f"{size.block_size}; logits {opened.metadata['logits']}, states {opened.precision} at teacher layers "
+              f"{size.block_size}; logits {opened.metadata.logits}, states {opened.precision} at teacher layers "
               f"{opened.layers}; stages missing above were reused from {work}"]
     text = "\n".join(lines)
     result = {"rows": [(name, m) for name, m in rows], "times": times, "cache": cache}

@@ -1,7 +1,7 @@
-"""Stage two: train a student against a cache (TED, and the KD / fine-tuning baselines).
+"""`tedcache distill`: TED's Stage II (and the KD / LWD / fine-tuning baselines) against a cache.
 
-The teacher is never loaded: targets come from the cache. The loss code is shared with the online
-path (targets computed live, see tedcache.extraction.teacher_targets)."""
+The teacher is not loaded: targets come from the cache, or, in online mode, from tedcache.teacher's
+LiveTargets, which computes them with the function the extraction used."""
 
 from __future__ import annotations
 
@@ -12,20 +12,20 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .config import KD_TARGETS, METHODS, DistillConfig, what_it_computes
+from .cache import Cache, CacheMetadata, verify
+from .config import DistillConfig, what_it_computes
 from .distributed import processes
 from .errors import TedcacheError, note
 from .evaluate import PRIMARY_METRIC, evaluate, metrics, perplexity_from_nll
-from .extraction import teacher_targets
 from .filters import FilterBank, FilterSpec
-from .losses import filtered_mse, kd_loss, lm_loss, task_loss
-from .models import load_for_task, load_tokenizer, vocab_hash, weights_hash
+from .loop import COUNT_KINDS, Checkpoint, fit, save_run
+from .losses import filtered_mse, kd_loss, kd_targets, lm_loss, sparse_kd_loss, task_loss
+from .models import load_for_task, load_tokenizer, vocab_hash
 from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
-from .sparse_logits import LogitSpec, kd_targets, sparse_kd_loss, sparsify
+from .schema import check_choices
 from .stage1 import train_filters
-from .store import Cache, CompactStates, read_filters, verify
 from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
-from .train import COUNT_KINDS, Checkpoint, fit, save_run
+from .teacher import LiveTargets
 
 
 def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: str | None,
@@ -57,34 +57,6 @@ def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: st
     return student_layers, [cache_layers[(j + 1) * step - 1] for j in range(m)]
 
 
-class LiveTargets:
-    """Online mode: the teacher (and the cache's teacher filters) in memory, filling each batch with the
-    targets the cache would hold (same function as the extraction, so offline and online losses agree
-    to within the cache's precision; with an fp32 cache to float rounding). Only the mapped layers are kept."""
-
-    def __init__(self, teacher_dir: str, cache: Cache, teacher_layers: list[int], device: torch.device, seed: int = 0):
-        meta = cache.metadata
-        self.teacher = load_for_task(teacher_dir, "teacher", meta["task"], resize=False).to(device).eval()
-        if weights_hash(self.teacher) != meta["teacher_weights_sha256"]:
-            raise TedcacheError(f"--teacher {teacher_dir} is not the teacher this cache was extracted from; "
-                                "pass that teacher, or extract a cache from this one")
-        self.bank, self.layers = None, teacher_layers
-        if meta["states"] == "filtered":
-            self.bank = FilterBank.from_bytes(read_filters(cache.location)).select(teacher_layers).to(device).eval()
-        self.logit_spec = LogitSpec(**meta["logits"]) if meta.get("logits") else None
-        self.generator = torch.Generator(device).manual_seed(seed)  # fresh draws: sampled rows differ from the cache's
-
-    def __call__(self, batch: dict) -> dict:
-        logits, states = teacher_targets(self.teacher, self.bank, batch, self.layers)
-        targets = {**batch, "teacher_states": [CompactStates(s) for s in states]}
-        if self.logit_spec is None:
-            return {**targets, "teacher_logits": logits}
-        rows = sparsify(logits.flatten(0, 1), self.logit_spec, self.generator)
-        rows = {k: v.view(*logits.shape[:2], -1) for k, v in rows.items()}
-        rows["ids"] = rows["ids"].masked_fill(~batch["attention_mask"].bool().unsqueeze(-1), -1)
-        return {**targets, "teacher_rows": rows}
-
-
 def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfig, task: str, kd_form: str = "logits"):
     """L = task + kl_alpha * T^2 * KL(teacher || student) + mse_alpha * mean-over-layers filtered MSE.
     batch carries the targets: teacher_logits (B, C) or, causal-lm, teacher_rows (sparse per-token
@@ -95,7 +67,7 @@ def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfi
     logits, hidden = forward_with_taps(student, batch, layers)
     mask = batch["attention_mask"]
     lm = task == "causal-lm"
-    share = batch.get("share") or {}  # see train.batch_shares: 1 for a single process without accumulation
+    share = batch.get("share") or {}  # see loop.batch_shares: 1 for a single process without accumulation
     per_example, per_token, per_pair = (share.get(k, 1.0) for k in COUNT_KINDS)
     terms = {"task": lm_loss(logits, batch["input_ids"], mask) * per_pair if lm
              else task_loss(logits, batch["labels"], task) * per_example}
@@ -117,12 +89,10 @@ def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfi
     return loss, {k: v.detach() for k, v in terms.items()}
 
 
-def kd_form(cfg: DistillConfig, meta: dict) -> str:
+def kd_form(cfg: DistillConfig, meta: CacheMetadata) -> str:
     """Which causal-lm KD targets to train on: "sampled" (counts; unbiased, only at the sampling
     temperature) or "logits" (renormalised over the stored ids, any temperature)."""
-    if cfg.kd_targets not in KD_TARGETS:
-        raise TedcacheError(f"unknown --kd-targets '{cfg.kd_targets}'; use one of {', '.join(KD_TARGETS)}")
-    spec = meta.get("logits") or {}
+    spec = meta.logits or {}
     form = cfg.kd_targets
     if form == "auto":
         form = "sampled" if spec.get("kind") == "sample" else "logits"
@@ -135,17 +105,15 @@ def kd_form(cfg: DistillConfig, meta: dict) -> str:
     return form
 
 
-def kd_temperature(cfg: DistillConfig, meta: dict, form: str | None) -> float:
+def kd_temperature(cfg: DistillConfig, meta: CacheMetadata, form: str | None) -> float:
     """The KD temperature: as given, else the samples' own for sampled targets, else TED's 2."""
     if cfg.temperature is not None:
         return cfg.temperature
-    return meta["logits"]["temperature"] if form == "sampled" else 2.0
+    return meta.logits["temperature"] if form == "sampled" else 2.0
 
 
 def effective_weights(cfg: DistillConfig) -> DistillConfig:
     """The baselines run the same loop with terms switched off (KD: no state term; fine-tuning: neither)."""
-    if cfg.method not in METHODS:
-        raise TedcacheError(f"unknown method '{cfg.method}'; use one of {', '.join(METHODS)}")
     if cfg.method == "kd":
         return replace(cfg, mse_alpha=0.0)
     if cfg.method == "finetune":
@@ -157,7 +125,9 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     """Train `cfg.student` against `cfg.cache` with `cfg.method`; save the best epoch to `cfg.out`."""
     procs = processes()
     log = (log or note) if procs.main else (lambda *_: None)
+    check_choices(cfg)
     requested = asdict(cfg)
+    given = cfg
     cfg = effective_weights(cfg)
     checkpoint = _checkpoint(cfg, requested, procs.size)
     if checkpoint.exists():
@@ -170,54 +140,54 @@ def distill(cfg: DistillConfig, log=None) -> dict:
         if problems:
             raise TedcacheError(f"cache {cfg.cache} failed verification ({len(problems)} problems, first: "
                                 f"{problems[0]}); run tedcache verify {cfg.cache} --repair, then the extract command")
-    task = meta["task"]
+    task = meta.task
     tokenizer = load_tokenizer(cfg.student, "student")
-    if vocab_hash(tokenizer) != meta["tokenizer_vocab_sha256"]:
-        raise TedcacheError(f"the student's tokenizer vocabulary differs from the cache's ({meta['tokenizer']}); "
+    if vocab_hash(tokenizer) != meta.tokenizer_vocab_sha256:
+        raise TedcacheError(f"the student's tokenizer vocabulary differs from the cache's ({meta.tokenizer}); "
                             "use a student with the teacher's tokenizer, or extract a cache with a matching teacher")
     device = procs.device(cfg.device)
     autocast = device.type == "cuda" if cfg.autocast is None else cfg.autocast
-    torch.manual_seed(cfg.train.seed)  # a fresh head and the student's filters start from this seed
-    student = load_for_task(cfg.student, "student", task, meta.get("label_names")).to(device)
+    torch.manual_seed(cfg.seed)  # a fresh head and the student's filters start from this seed
+    student = load_for_task(cfg.student, "student", task, meta.label_names).to(device)
     form = kd_form(cfg, meta) if task == "causal-lm" else None
     cfg = replace(cfg, temperature=kd_temperature(cfg, meta, form))
     bank, teacher_layers = None, []
     if cfg.method in ("ted", "lwd"):
         needed = "filtered" if cfg.method == "ted" else "raw"
-        if meta["states"] != needed:
+        if meta.states != needed:
             raise TedcacheError(f"--method {cfg.method} needs a cache of {needed} teacher states, {cfg.cache} holds "
-                                f"{meta['states']} ones; extract one with --states {needed}")
+                                f"{meta.states} ones; extract one with --states {needed}")
         total = num_layers(student)
         student_layers, teacher_layers = map_layers(parse_layers(cfg.student_layers, total), cache.layers,
                                                     cfg.layer_map, total)
-        bank = FilterBank(FilterSpec(student_layers, hidden_size(student), meta["filter_dim"],
-                                     meta["filter_kind"] or "linear")).to(device)
+        bank = FilterBank(FilterSpec(student_layers, hidden_size(student), meta.filter_dim,
+                                     meta.filter_kind or "linear")).to(device)
         log(f"layer map (student -> teacher): {dict(zip(student_layers, teacher_layers))}")
     train_split, eval_split, test_split = cache.split("train"), cache.split("eval"), cache.split("test")
-    pad_id = meta["pad_token_id"]
+    pad_id = meta.pad_token_id
     phases = {}
 
     labels_only = CacheSource(train_split)
     if cfg.method == "ted" and cfg.finetune_first > 0:
-        ft_cfg = replace(cfg.train, epochs=cfg.finetune_first)
+        ft_cfg = replace(cfg.optim, epochs=cfg.finetune_first)
         phases["finetune_first"] = fit(
             list(student.parameters()), [student],
-            lambda e: iterate_batches(labels_only, ft_cfg.batch_size, pad_id, True, ft_cfg.seed, e),
+            lambda e: iterate_batches(labels_only, ft_cfg.batch_size, pad_id, True, cfg.seed, e),
             num_batches(labels_only, ft_cfg.batch_size),
             lambda b: stage2_loss(student, None, b, replace(cfg, kl_alpha=0.0), task),
             ft_cfg, "fine-tune student first", device=device, autocast=autocast)
     if cfg.method == "ted":
-        phases["stage1"] = train_filters(student, bank, labels_only, task, meta["num_outputs"], cfg.stage1, pad_id,
-                                         desc="stage I (student filters)", lm_head=meta.get("lm_head") or "tied")
+        phases["stage1"] = train_filters(student, bank, labels_only, task, meta.num_outputs, cfg.stage1, pad_id,
+                                         cfg.seed, desc="stage I (student filters)", lm_head=meta.lm_head or "tied")
         student.requires_grad_(True)
 
-    live = LiveTargets(cfg.teacher, cache, teacher_layers, device, cfg.train.seed) if cfg.teacher else None
-    batches = CacheBatches(cfg.cache, "train", [] if live else teacher_layers, cfg.train.batch_size, shuffle=True,
-                           seed=cfg.train.seed, with_logits=task == "causal-lm" and cfg.kl_alpha > 0 and not live,
+    live = LiveTargets(cfg.teacher, cache, teacher_layers, device, cfg.seed) if cfg.teacher else None
+    batches = CacheBatches(cfg.cache, "train", [] if live else teacher_layers, cfg.optim.batch_size, shuffle=True,
+                           seed=cfg.seed, with_logits=task == "causal-lm" and cfg.kl_alpha > 0 and not live,
                            process=(procs.rank, procs.size))
     # its own generator: iterating a DataLoader draws a seed, which must not come from the global RNG
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers,
-                        generator=torch.Generator().manual_seed(cfg.train.seed))
+                        generator=torch.Generator().manual_seed(cfg.seed))
 
     def epoch_batches(epoch: int):
         batches.set_epoch(epoch)
@@ -228,11 +198,11 @@ def distill(cfg: DistillConfig, log=None) -> dict:
 
     modules = [student] + ([bank] if bank is not None else [])
     params = [p for m in modules for p in m.parameters()]
-    torch.manual_seed(cfg.train.seed)  # Stage II's dropout does not depend on what ran before it
+    torch.manual_seed(cfg.seed)  # Stage II's dropout does not depend on what ran before it
     result = fit(params, modules,
-                 epoch_batches, num_batches(labels_only, cfg.train.batch_size, procs.size),
+                 epoch_batches, num_batches(labels_only, cfg.optim.batch_size, procs.size),
                  lambda b: stage2_loss(student, bank, live(b) if live else b, cfg, task, form),
-                 cfg.train, f"stage II ({cfg.method}{', online' if live else ''})",
+                 cfg.optim, f"stage II ({cfg.method}{', online' if live else ''})",
                  evaluate=(lambda: evaluate_split(eval_split)) if eval_split is not None else None,
                  select=PRIMARY_METRIC[task], eval_every=cfg.eval_every, max_steps=cfg.max_steps,
                  log_every=cfg.log_every, device=device, autocast=autocast, processes=procs, checkpoint=checkpoint)
@@ -251,7 +221,7 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     report["seconds"] = time.perf_counter() - started
     report["processes"] = procs.size
     if procs.main:  # the student is saved once
-        save_run(student, tokenizer, cfg.out, report)
+        save_run(student, tokenizer, cfg.out, report, given)
         checkpoint.remove()
     procs.barrier()
     best = report["best"] or {}

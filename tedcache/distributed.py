@@ -32,8 +32,6 @@ class Processes:
         """The device this process trains on: with several processes and "auto", its own GPU (or the CPU)."""
         if self.size > 1 and name == "auto":
             return self.state.device
-        from .train import pick_device
-
         return pick_device(name)
 
     def main_first(self):
@@ -84,6 +82,13 @@ class Processes:
     def no_sync(wrapped: torch.nn.Module, skip: bool):
         """Inside it, DDP does not all-reduce gradients (the first micro-batches of an accumulated step)."""
         return wrapped.no_sync() if skip and hasattr(wrapped, "no_sync") else nullcontext()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto": the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 ALONE = Processes(join=False)  # for work every process does by itself (Stage I on the student, evaluation)

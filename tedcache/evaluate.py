@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import torch
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score
+
+from .distributed import ALONE
+from .losses import lm_loss
 
 PRIMARY_METRIC = {"classification": "accuracy", "regression": "spearman", "causal-lm": "perplexity"}
 LOWER_IS_BETTER = {"perplexity"}
@@ -18,20 +24,14 @@ def better(a: dict, b: dict | None, metric: str) -> bool:
     return a[metric] < b[metric] if metric in LOWER_IS_BETTER else a[metric] > b[metric]
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share the mean of their positions)."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x))
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return sums[inverse] / counts[inverse]
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else 0.0
+def _correlation(statistic, a: np.ndarray, b: np.ndarray) -> float:
+    """scipy's pearsonr/spearmanr statistic; 0.0 where it is undefined (a constant input, or < 2 points)."""
+    if len(a) < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConstantInputWarning / NearConstantInputWarning
+        value = float(statistic(a, b).statistic)
+    return value if np.isfinite(value) else 0.0
 
 
 def metrics(logits: np.ndarray, labels: np.ndarray, task: str) -> dict[str, float]:
@@ -39,18 +39,15 @@ def metrics(logits: np.ndarray, labels: np.ndarray, task: str) -> dict[str, floa
     if task == "regression":
         pred = logits.reshape(-1).astype(np.float64)
         gold = labels.astype(np.float64)
-        return {"pearson": _pearson(pred, gold), "spearman": _pearson(_ranks(pred), _ranks(gold)),
+        return {"pearson": _correlation(pearsonr, pred, gold), "spearman": _correlation(spearmanr, pred, gold),
                 "mse": float(((pred - gold) ** 2).mean())}
     pred = logits.argmax(-1)
     num_classes = logits.shape[-1]
-    f1s = []
-    for c in range(num_classes):
-        tp = np.sum((pred == c) & (labels == c))
-        fp = np.sum((pred == c) & (labels != c))
-        fn = np.sum((pred != c) & (labels == c))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    f1 = f1s[1] if num_classes == 2 else float(np.mean(f1s))
-    return {"accuracy": float((pred == labels).mean()), "f1": float(f1)}
+    if num_classes == 2:
+        f1 = f1_score(labels, pred, labels=[0, 1], pos_label=1, average="binary", zero_division=0)
+    else:
+        f1 = f1_score(labels, pred, labels=list(range(num_classes)), average="macro", zero_division=0)
+    return {"accuracy": float(accuracy_score(labels, pred)), "f1": float(f1)}
 
 
 def perplexity_from_nll(nll: np.ndarray) -> dict[str, float]:
@@ -63,8 +60,6 @@ def perplexity_from_nll(nll: np.ndarray) -> dict[str, float]:
 def model_outputs(model, batches, task: str) -> dict[str, np.ndarray]:
     """{"index": example_index, "values": logits (classification/regression) or each block's mean
     next-token loss (causal-lm), ["labels"]} over `batches`, in the order met."""
-    from .losses import lm_loss
-
     model.eval()
     device = next(model.parameters()).device
     values, labels, index = [], [], []
@@ -87,7 +82,6 @@ def model_outputs(model, batches, task: str) -> dict[str, np.ndarray]:
 def evaluate(model, batches, task: str, processes=None) -> dict[str, float]:
     """The task's metrics of `model` over `batches` (causal-lm: loss and perplexity). With several
     `processes`, each scores every N-th batch and the outputs are gathered before the metrics."""
-    from .distributed import ALONE
 
     processes = processes or ALONE
     mine = itertools.islice(batches, processes.rank, None, processes.size)

@@ -6,23 +6,23 @@ from dataclasses import asdict
 
 import torch
 
-from .config import TASKS, FinetuneConfig
+from .config import FinetuneConfig
 from .data import load_examples
 from .errors import TedcacheError, note
 from .evaluate import PRIMARY_METRIC, evaluate
+from .loop import fit, save_run
 from .losses import task_loss
-from .models import load_classifier, load_tokenizer
+from .models import load_classifier, load_tokenizer, pad_id
 from .reader import ExamplesSource, iterate_batches, num_batches
+from .schema import check_choices
 from .taps import forward_with_taps
-from .train import fit, save_run
 
 
 def finetune(cfg: FinetuneConfig, log=None) -> dict:
     """Fine-tune `cfg.model` with a fresh head sized to the data's labels; save the best epoch to `cfg.out`."""
     log = log or note
+    check_choices(cfg)
     task = cfg.data.task
-    if task not in TASKS:
-        raise TedcacheError(f"unknown task '{task}'; use one of {', '.join(TASKS)}")
     if task == "causal-lm":
         raise TedcacheError("tedcache finetune trains classifiers; a causal-lm teacher is used as it is "
                             "(train an LM-only student with tedcache distill --method finetune)")
@@ -31,9 +31,9 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
     evaluation = None
     if cfg.data.eval:
         evaluation, _ = load_examples(cfg.data.eval, cfg.data, tokenizer, label_names, "--eval-data")
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.seed)
     model = load_classifier(cfg.model, "model", task, label_names)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     source = ExamplesSource(train)
 
     def loss_fn(batch):
@@ -42,15 +42,15 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
         return loss, {"task": loss.detach()}
 
     def evaluate_model():
-        return evaluate(model, iterate_batches(ExamplesSource(evaluation), 64, pad_id), task)
+        return evaluate(model, iterate_batches(ExamplesSource(evaluation), 64, pad), task)
 
     result = fit(list(model.parameters()), [model],
-                 lambda e: iterate_batches(source, cfg.train.batch_size, pad_id, True, cfg.train.seed, e),
-                 num_batches(source, cfg.train.batch_size), loss_fn, cfg.train, "fine-tune",
+                 lambda e: iterate_batches(source, cfg.optim.batch_size, pad, True, cfg.seed, e),
+                 num_batches(source, cfg.optim.batch_size), loss_fn, cfg.optim, "fine-tune",
                  evaluate=evaluate_model if evaluation is not None else None, select=PRIMARY_METRIC[task])
     report = {"method": "finetune", "config": asdict(cfg), "task": task, "label_names": label_names,
               "history": result["history"], "eval": result["evals"], "best": result["best"],
               "seconds": result["seconds"]}
-    save_run(model, tokenizer, cfg.out, report)
+    save_run(model, tokenizer, cfg.out, report, cfg)
     log(f"fine-tuned in {result['seconds']:.0f}s; saved to {cfg.out}")
     return report

@@ -1,4 +1,9 @@
-"""Stage-II loss terms, shared by the offline (cached targets) and online (live teacher) paths."""
+"""Stage-II loss terms, shared by the offline (cached targets) and online (live teacher) paths.
+
+Each term is a small function whose docstring states its formula and the tensor shapes (in the
+style of torchtune's kd_losses). The sparse forms (`kd_targets`, `sparse_cross_entropy`,
+`sparse_kd_loss`) take the per-token rows that `sparse_logits.sparsify` stores for language models.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,28 @@ import torch.nn.functional as F
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Cross-entropy on class ids, or MSE on a single regression output. logits: (B, C)."""
+    """The task's own loss, a scalar.
+
+    classification: mean_b -log softmax(logits_b)[labels_b];  logits (B, C), labels (B,) class ids.
+    regression:     mean_b (logits_b - labels_b)^2;            logits (B, 1), labels (B,) floats."""
     if task == "regression":
         return F.mse_loss(logits.squeeze(-1).float(), labels.float())
     return F.cross_entropy(logits.float(), labels)
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy: position t predicts token t+1, mean over real (unmasked) pairs. logits (B, L, V)."""
+    """Next-token cross-entropy, a scalar: position t predicts token t+1,
+
+    mean over pairs (b, t) with mask[b, t+1] = 1 of -log softmax(logits[b, t])[input_ids[b, t+1]].
+    logits (B, L, V); input_ids, mask (B, L), mask 1 on real tokens, 0 on padding."""
     targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(z_T/T) || softmax(z_S/T)), batch mean. Identically 0 with one output."""
+    """Soft-target KD, a scalar: T^2 * mean_b KL(p_T || p_S), p = softmax(z / T) over the last dim.
+
+    student_logits, teacher_logits (B, C). Identically 0 with one output (C = 1)."""
     t = temperature
     log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
@@ -29,11 +42,48 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 def filtered_mse(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
                  mask: torch.Tensor) -> torch.Tensor:
-    """Per layer (one value each, shape (layers,)), the element-mean squared error over real tokens.
+    """Per layer l (shape (layers,)), the element-mean squared error over real tokens:
 
+    sum_{b,t,j} mask[b, t] * (S_l[b, t, j] - T_l[b, t, j])^2 / (d * sum_{b,t} mask[b, t]).
     states: (B, L, d) each; mask: (B, L), 1 on real tokens ([CLS]/[SEP] included), 0 on padding."""
     weight = mask.unsqueeze(-1).float()
     count = weight.sum() * student_states[0].shape[-1]
     per_layer = [(((s.float() - t.float()) ** 2) * weight).sum() / count
                  for s, t in zip(student_states, teacher_states)]
     return torch.stack(per_layer)
+
+
+def kd_targets(rows: dict, form: str, temperature: float) -> torch.Tensor:
+    """Target probabilities q over the stored ids, (..., S); unused slots (id -1) get 0.
+
+    "sampled": q_s = counts_s / sum counts (unbiased for softmax(z / T_s); needs T = T_s).
+    "logits":  q_s = softmax(logprobs / T)_s renormalised over the stored ids (the usual top-k KD).
+    rows: {"ids" (..., S), "logprobs" (..., S), ["counts" (..., S)]} as `sparse_logits.sparsify` makes them."""
+    valid = rows["ids"] >= 0
+    if form == "sampled":
+        weights = rows["counts"].float() * valid
+        return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+    scores = (rows["logprobs"].float() / temperature).masked_fill(~valid, float("-inf"))
+    return F.softmax(scores, dim=-1)
+
+
+def sparse_cross_entropy(student_logits: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor,
+                         temperature: float) -> torch.Tensor:
+    """Per position -sum_s targets_s * log softmax(z / T)[ids_s]. student_logits (..., V); ids, targets (..., S)."""
+    log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return -(targets * log_probs.gather(-1, ids.clamp_min(0))).sum(-1)
+
+
+def sparse_kd_loss(student_logits: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor, temperature: float,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 * KL(targets || softmax(z_S / T)) over the stored ids, mean over (unmasked) positions. The
+    targets' own entropy does not depend on the student: with sampled targets the gradient is the full
+    KD gradient in expectation.
+
+    = T^2 * mean_pos [sparse_cross_entropy + sum_s q_s log q_s], a scalar.
+    student_logits (..., V); ids, targets (..., S); mask (...), 1 on positions that count."""
+    per_position = sparse_cross_entropy(student_logits, ids, targets, temperature) \
+        + torch.special.xlogy(targets, targets).sum(-1)
+    if mask is not None:
+        per_position = per_position[mask.bool()]
+    return temperature ** 2 * per_position.mean()

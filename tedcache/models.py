@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .errors import TedcacheError
+from .taps import num_layers, parse_layers
 
 
 def _check_source(name: str, what: str) -> None:
@@ -88,9 +89,25 @@ def vocab_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else 0 (padding is masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of everything that decides how text becomes ids: the tokenizer backend's whole definition
+    (normaliser, pre-tokeniser, model and vocabulary, post-processor, added tokens) when it has one, else
+    its vocabulary; its special tokens; and the side it truncates. Two tokenizers with one vocabulary but
+    different normalisation (lower-casing, accents) hash differently."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = {"backend": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
+               "special": sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items()),
+               "truncation_side": getattr(tokenizer, "truncation_side", None)}
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
 def layer_list(model: nn.Module) -> nn.ModuleList:
     """The model's stack of transformer layers (the ModuleList as long as num_hidden_layers)."""
-    from .taps import num_layers
 
     total = num_layers(model)
     for module in model.modules():
@@ -101,9 +118,13 @@ def layer_list(model: nn.Module) -> nn.ModuleList:
 
 def init_student(source: str, layers: list[int], out: str) -> Path:
     """A shallower copy of `source` keeping the given 0-based layers (DistilBERT-style), saved to `out`."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
-    from .taps import num_layers, parse_layers
 
     _check_source(source, "source model")
     config = AutoConfig.from_pretrained(source)

@@ -10,14 +10,16 @@ samples and each window costs one slice read per array.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .cache import Cache, CompactStates, Split, decode_values
 from .data import Examples
-from .store import CompactStates, Split, decode_values
 
 
 @dataclass
@@ -109,13 +111,11 @@ class CacheBatches(torch.utils.data.IterableDataset):
         self.epoch = epoch
 
     def __iter__(self):
-        from .store import Cache
-
         cache = Cache(self.cache)
         info = torch.utils.data.get_worker_info()
         worker = (info.id, info.num_workers) if info is not None else (0, 1)
         source = CacheSource(cache.split(self.split), self.layers, self.with_logits)
-        yield from iterate_batches(source, self.batch_size, cache.metadata["pad_token_id"], self.shuffle, self.seed,
+        yield from iterate_batches(source, self.batch_size, cache.metadata.pad_token_id, self.shuffle, self.seed,
                                    self.epoch, worker=worker, process=self.process)
 
 
@@ -237,10 +237,9 @@ def to_device(batch: dict, device: torch.device, non_blocking: bool = False) -> 
 
 
 def _pin(batch: dict) -> dict:
-    pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
     def pinned(value):
         if isinstance(value, list):
-            return [CompactStates(pin(s.values), pin(s.token_scale), pin(s.channel_scale)) for s in value]
+            return [s.pin_memory() for s in value]
         if isinstance(value, dict):
             return {k: v.pin_memory() for k, v in value.items()}
         return value.pin_memory()
@@ -251,9 +250,6 @@ def _pin(batch: dict) -> dict:
 def prefetch(batches, device: torch.device, depth: int = 2):
     """Iterate `batches` in a background thread, `depth` batches ahead, so reading (and, on a GPU, the
     pinned host-to-device copy) overlaps the training step."""
-    import queue
-    import threading
-
     slots: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     failure: list[BaseException] = []

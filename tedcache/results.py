@@ -39,7 +39,8 @@ class Run:
 
     @property
     def seed(self) -> int:
-        return self.metrics["config"]["train"]["seed"]
+        config = self.metrics["config"]
+        return config["seed"] if "seed" in config else config["train"]["seed"]  # run folders before 0.2 kept it there
 
     @property
     def cache(self) -> str | None:

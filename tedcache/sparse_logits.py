@@ -11,7 +11,8 @@ plus, for sampled rows, how often each id was drawn (`counts`):
 - full: every id (only for small vocabularies).
 
 Stage II can train on either target form: "sampled" (counts / N; needs T = T_s) or "logits"
-(softmax(logprobs / T) renormalised over the stored ids, at any T: the usual top-k KD).
+(softmax(logprobs / T) renormalised over the stored ids, at any T: the usual top-k KD); the loss
+terms on these rows (kd_targets, sparse_cross_entropy, sparse_kd_loss) are in tedcache.losses.
 """
 
 from __future__ import annotations
@@ -93,32 +94,3 @@ def sparsify(logits: torch.Tensor, spec: LogitSpec, generator: torch.Generator |
         rows["counts"] = counts.to(torch.uint8)
     return rows
 
-
-def kd_targets(rows: dict, form: str, temperature: float) -> torch.Tensor:
-    """Target probabilities over the stored ids (..., S): "sampled" = counts / draws (unbiased), "logits" =
-    softmax(logprobs / T) renormalised over the stored ids. Unused slots get 0."""
-    valid = rows["ids"] >= 0
-    if form == "sampled":
-        weights = rows["counts"].float() * valid
-        return weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
-    scores = (rows["logprobs"].float() / temperature).masked_fill(~valid, float("-inf"))
-    return F.softmax(scores, dim=-1)
-
-
-def sparse_cross_entropy(student_logits: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor,
-                         temperature: float) -> torch.Tensor:
-    """Per position -sum_s targets_s * log softmax(z / T)[ids_s]. student_logits (..., V); ids, targets (..., S)."""
-    log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return -(targets * log_probs.gather(-1, ids.clamp_min(0))).sum(-1)
-
-
-def sparse_kd_loss(student_logits: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor, temperature: float,
-                   mask: torch.Tensor | None = None) -> torch.Tensor:
-    """T^2 * KL(targets || softmax(z_S / T)) over the stored ids, mean over (unmasked) positions. The
-    targets' own entropy does not depend on the student: with sampled targets the gradient is the full
-    KD gradient in expectation."""
-    per_position = sparse_cross_entropy(student_logits, ids, targets, temperature) \
-        + torch.special.xlogy(targets, targets).sum(-1)
-    if mask is not None:
-        per_position = per_position[mask.bool()]
-    return temperature ** 2 * per_position.mean()

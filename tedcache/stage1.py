@@ -5,21 +5,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from .config import OptimConfig
 from .filters import FilterBank, LMHead, SequenceHead
+from .loop import fit
 from .losses import lm_loss, task_loss
 from .reader import iterate_batches, num_batches
 from .taps import forward_with_taps
-from .train import fit
 
 
-def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, cfg: TrainConfig, pad_id: int,
-                  desc: str = "stage I", lm_head: str = "tied") -> dict:
+def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, cfg: OptimConfig, pad_id: int,
+                  seed: int, desc: str = "stage I", lm_head: str = "tied") -> dict:
     """Train `bank` in place; only filter and head weights change. The loss is the mean over filters of
     each head's task loss (causal-lm: next-token loss through an `lm_head` head, see LMHead). The frozen
     backbone stays in train mode (dropout on), as in the reference, and runs without autograd since
     nothing in it is trained."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     dim = bank.spec.out_dim
     if task == "causal-lm":
         heads = nn.ModuleList(LMHead(dim, model.get_output_embeddings(), lm_head) for _ in bank.spec.layers)
@@ -42,6 +42,6 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
     heads.to(device)
     params = list(bank.parameters()) + list(heads.parameters())
     return fit(params, [model, bank, heads],
-               lambda epoch: iterate_batches(source, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed,
+               lambda epoch: iterate_batches(source, cfg.batch_size, pad_id, shuffle=True, seed=seed,
                                              epoch=epoch),
                num_batches(source, cfg.batch_size), loss_fn, cfg, desc, device=device)

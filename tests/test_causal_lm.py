@@ -4,18 +4,21 @@ logits in the cache, offline == live losses, distilling with the teacher gone, t
 import json
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import FILLER, NEGATIVE, POSITIVE, run_cli
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tedcache import DataConfig, DistillConfig, ExtractConfig, TrainConfig, distill, extract
+from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
+from tedcache.cache import Cache
 from tedcache.config import FilterConfig
 from tedcache.data import load_blocks
-from tedcache.distillation import LiveTargets, kd_form, stage2_loss
+from tedcache.distillation import kd_form, stage2_loss
 from tedcache.errors import TedcacheError
 from tedcache.extraction import _unit_generator
 from tedcache.filters import FilterBank, FilterSpec
@@ -23,10 +26,8 @@ from tedcache.models import init_student, load_causal_lm, load_tokenizer
 from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
 from tedcache.sparse_logits import parse_logit_spec, sparsify
 from tedcache.stage1 import train_filters
-from tedcache.store import Cache
 from tedcache.taps import final_norm, forward_with_taps
-
-from conftest import FILLER, NEGATIVE, POSITIVE, run_cli
+from tedcache.teacher import LiveTargets
 
 WORDS = FILLER + POSITIVE + NEGATIVE
 
@@ -90,7 +91,7 @@ def _extract(lm_assets, tmp_path, family="llama", **kw) -> tuple[ExtractConfig, 
                       task="causal-lm", block_size=16)
     defaults = dict(filters=FilterConfig(layers="1,3", dim=24), precision="fp32", logits="topk:8")
     cfg = ExtractConfig(teacher=str(lm_assets[family]), data=data, cache_dir=str(tmp_path / "caches"),
-                        stage1=TrainConfig(epochs=1, lr=1e-2, batch_size=8), batch_size=8, shard_tokens=128,
+                        stage1=OptimConfig(epochs=1, lr=1e-2, batch_size=8), batch_size=8, shard_tokens=128,
                         **{**defaults, **kw})
     return cfg, extract(cfg)
 
@@ -136,7 +137,7 @@ def test_stage1_lm_heads_train_only_filters(lm_assets, family, head):
     torch.manual_seed(0)
     bank = FilterBank(FilterSpec([1, 3], 32, 24))
     result = train_filters(model, bank, ExamplesSource(blocks), "causal-lm", None,
-                           TrainConfig(epochs=4, lr=1e-2, batch_size=8), 0, lm_head=head)
+                           OptimConfig(epochs=4, lr=1e-2, batch_size=8), 0, 42, lm_head=head)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the tied embedding included
     history = result["history"]
     assert set(history[0]) >= {"layer_1", "layer_3"}
@@ -149,7 +150,7 @@ def test_sparse_logits_round_trip(lm_assets, tmp_path, logits):
     cache = Cache(path)
     meta = cache.metadata
     split = cache.split("train")
-    vocab = meta["vocab_size"]
+    vocab = meta.vocab_size
     width = vocab if logits == "full" else int(logits.split(":")[1])
     rows = split.logits(0, int(split.starts[-1] + split.lengths[-1]))
     assert rows["ids"].dtype == np.int8 and rows["ids"].shape[1] == width  # 35 ids fit in int8
@@ -157,7 +158,7 @@ def test_sparse_logits_round_trip(lm_assets, tmp_path, logits):
     teacher = load_causal_lm(cfg.teacher).eval()
     spec = parse_logit_spec(logits, vocab, cfg.logits_temperature)
     bounds = cache.root["train/unit_bounds"][...]
-    for unit in range(meta["units"]["train"]):
+    for unit in range(meta.units["train"]):
         first, last = int(bounds[unit]), int(bounds[unit + 1])
         a, b = int(split.starts[first]), int(split.starts[last - 1] + split.lengths[last - 1])
         ids = torch.from_numpy(cache.root["train/input_ids"][a:b].astype(np.int64)).view(last - first, -1)
@@ -202,8 +203,8 @@ def test_distill_lm_without_the_teacher(lm_assets, tmp_path, family):
     for method in ("finetune", "kd", "ted"):
         out = tmp_path / method
         distill(DistillConfig(cache=path, student=str(lm_assets[f"{family}_student"]), out=str(out), method=method,
-                              student_layers="0,1", train=TrainConfig(epochs=2, lr=3e-3, batch_size=8),
-                              stage1=TrainConfig(epochs=1, lr=1e-2, batch_size=8)))
+                              student_layers="0,1", optim=OptimConfig(epochs=2, lr=3e-3, batch_size=8),
+                              stage1=OptimConfig(epochs=1, lr=1e-2, batch_size=8)))
         report = json.loads((out / "metrics.json").read_text())
         results[method] = report
         assert report["test"]["perplexity"] == pytest.approx(np.exp(report["test"]["loss"]))
@@ -228,7 +229,7 @@ def test_lm_refusals(lm_assets, tmp_path):
     assert result.returncode == 2 and "--kd-targets logits" in result.stderr
     cfg = DistillConfig(cache=path, student="", out="", kd_targets="sampled", temperature=1.0)
     with pytest.raises(TedcacheError, match="sample"):
-        kd_form(cfg, {"logits": {"kind": "sample", "size": 50, "temperature": 2.0}})
+        kd_form(cfg, replace(Cache(path).metadata, logits={"kind": "sample", "size": 50, "temperature": 2.0}))
     for spec, message in (("full", "allowed up to"), ("topk:0", "is not sample"), ("sample:300", "is not sample")):
         with pytest.raises(TedcacheError, match=message):
             parse_logit_spec(spec, 49152, 2.0)

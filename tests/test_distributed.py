@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
 from conftest import make_model, sentiment_rows, write_rows
 
 # One thread per process everywhere, the one-process references included: a float sum split over a
@@ -48,9 +47,10 @@ def _extract_args(assets, data, cache_dir):
 
 
 def cache_contents(path: str) -> tuple[dict, dict[str, np.ndarray], dict[str, dict]]:
-    """Metadata (less timings), every array, and every unit record of a cache."""
+    """Metadata (less timings and the folder it was written to), every array, and every unit record of a cache."""
     root = zarr.open_group(path, mode="r")
     meta = {k: v for k, v in root.attrs["tedcache"].items() if k != "timings"}
+    meta["config"] = {k: v for k, v in meta["config"].items() if k != "cache_dir"}  # each run wrote elsewhere
     arrays = {name: arr[...] for name, arr in root.members(max_depth=None) if isinstance(arr, zarr.Array)}
     records = {str(p.relative_to(path)): json.loads(p.read_text()) for p in Path(path).glob("units/*/*.json")}
     return meta, arrays, records

@@ -8,10 +8,10 @@ from conftest import make_model, sentiment_rows, write_rows
 
 MEASURE = """
 import json, sys
-from tedcache import DataConfig, ExtractConfig, FilterConfig, TrainConfig, extract
+from tedcache import DataConfig, ExtractConfig, FilterConfig, OptimConfig, extract
 teacher, data, cache_dir = sys.argv[1:4]
 extract(ExtractConfig(teacher=teacher, data=DataConfig(train=[data], max_length=24), precision="fp32",
-                      filters=FilterConfig(dim=256), stage1=TrainConfig(epochs=0.01, batch_size=64),
+                      filters=FilterConfig(dim=256), stage1=OptimConfig(epochs=0.01, batch_size=64),
                       cache_dir=cache_dir, shard_tokens=1024, batch_size=64))
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (pytest) across fork and exec
 peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))

@@ -8,24 +8,24 @@ import numpy as np
 import pytest
 import torch
 
-from tedcache import DataConfig, DistillConfig, ExtractConfig, TrainConfig, distill, extract
+from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
+from tedcache.cache import Cache, CompactStates
 from tedcache.config import FilterConfig
 from tedcache.data import load_examples
 from tedcache.distillation import map_layers, stage2_loss
 from tedcache.errors import TedcacheError
-from tedcache.extraction import teacher_targets
 from tedcache.filters import FilterBank, FilterSpec
 from tedcache.models import load_classifier, load_tokenizer
 from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
 from tedcache.stage1 import train_filters
-from tedcache.store import Cache, CompactStates, Location, read_filters
+from tedcache.teacher import teacher_targets
 
 
 def _extract(assets, tmp_path, **kw):
     data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], test=[str(assets["test"])],
                       max_length=24)
     cfg = ExtractConfig(teacher=str(assets["teacher"]), data=data, cache_dir=str(tmp_path / "caches"),
-                        stage1=TrainConfig(epochs=1, lr=1e-3, batch_size=16), batch_size=16, shard_tokens=256, **kw)
+                        stage1=OptimConfig(epochs=1, lr=1e-3, batch_size=16), batch_size=16, shard_tokens=256, **kw)
     return cfg, extract(cfg)
 
 
@@ -38,13 +38,13 @@ def test_stage1_changes_only_filters_and_heads(assets):
     bank = FilterBank(FilterSpec([1, 3], 48, 40))
     bank_before = [p.detach().clone() for p in bank.parameters()]
     train_filters(model, bank, ExamplesSource(examples), "classification", 2,
-                  TrainConfig(epochs=1, lr=1e-2, batch_size=16), tokenizer.pad_token_id)
+                  OptimConfig(epochs=1, lr=1e-2, batch_size=16), tokenizer.pad_token_id, 42)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(not torch.equal(a, b) for a, b in zip(bank_before, bank.parameters()))
 
 
 def _teacher_bank(path) -> FilterBank:
-    return FilterBank.from_bytes(read_filters(Location(path)))
+    return FilterBank.from_bytes(Cache(path).filter_files())
 
 
 # relative RMS error bound of the stored states per precision
@@ -53,7 +53,7 @@ def test_cache_round_trip_matches_live_teacher(assets, tmp_path, precision, boun
     cfg, path = _extract(assets, tmp_path, precision=precision)
     cache = Cache(str(path))
     meta = cache.metadata
-    assert meta["complete"] and meta["precision"] == precision and meta["layers"] == [0, 1, 2, 3]
+    assert meta.complete and meta.precision == precision and meta.layers == [0, 1, 2, 3]
     for key in ("format_version", "teacher_weights_sha256", "tokenizer_vocab_sha256", "data_fingerprint",
                 "label_names", "filter_dim", "stage1", "created_by", "max_length"):
         assert key in meta
@@ -68,7 +68,7 @@ def test_cache_round_trip_matches_live_teacher(assets, tmp_path, precision, boun
         tokens = split.tokens("input_ids", split.starts[i], split.starts[i] + split.lengths[i])
         assert tokens.tolist() == stored.input_ids[stored.offsets[i]:stored.offsets[i + 1]].tolist()
     assert np.array_equal(split.labels, stored.labels)
-    source = CacheSource(split, meta["layers"])
+    source = CacheSource(split, meta.layers)
     live = ExamplesSource(stored)
     batches = 0
     for cached, fresh in zip(iterate_batches(source, 16, 0), iterate_batches(live, 16, 0)):
@@ -91,7 +91,7 @@ def test_same_inputs_reuse_the_cache_and_different_inputs_do_not_collide(assets,
     assert extract(cfg) == path and (Path(path) / "zarr.json").stat().st_mtime_ns == stamp
     cfg.filters = FilterConfig(layers="every:2", dim=16)
     other = extract(cfg)
-    assert other != path and Cache(str(other)).metadata["layers"] == [1, 3]
+    assert other != path and Cache(str(other)).metadata.layers == [1, 3]
     assert Cache(str(other)).split("train").states(1, 0, 5)[0].shape == (5, 16)
 
 
@@ -103,7 +103,7 @@ def test_stage2_loss_on_cached_targets_equals_live_teacher(assets, tmp_path):
     student = load_classifier(str(assets["student"]), task="classification", label_names=["0", "1"]).eval()
     s_layers, t_layers = map_layers([0, 1], cache.layers, None, 2)
     assert t_layers == [1, 3]
-    bank_s = FilterBank(FilterSpec(s_layers, 32, cache.metadata["filter_dim"]))
+    bank_s = FilterBank(FilterSpec(s_layers, 32, cache.metadata.filter_dim))
     dcfg = DistillConfig(cache=str(path), student="", out="", kl_alpha=3.0, mse_alpha=5.0, temperature=2.0)
     batch = next(iterate_batches(CacheSource(cache.split("train"), t_layers), 16, 0))
     offline, _ = stage2_loss(student, bank_s, batch, dcfg, "classification")
@@ -121,12 +121,12 @@ def test_distill_without_teacher_all_methods(assets, tmp_path):
     shutil.copytree(assets["teacher"], teacher)
     data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], test=[str(assets["test"])])
     path = extract(ExtractConfig(teacher=str(teacher), data=data, cache_dir=str(tmp_path / "c"),
-                                 stage1=TrainConfig(epochs=1, batch_size=16)))
+                                 stage1=OptimConfig(epochs=1, batch_size=16)))
     shutil.rmtree(teacher)
     for method in ("ted", "kd", "finetune"):
         out = tmp_path / method
         report = distill(DistillConfig(cache=str(path), student=str(assets["student"]), out=str(out), method=method,
-                                       train=TrainConfig(epochs=2, batch_size=16, lr=1e-3)))
+                                       optim=OptimConfig(epochs=2, batch_size=16, lr=1e-3)))
         saved = json.loads((out / "metrics.json").read_text())
         assert saved["method"] == method and len(saved["eval"]) == 2 and saved["best"] in saved["eval"]
         assert "accuracy" in saved["test"] and "accuracy" in saved["teacher"]["test"]
@@ -152,10 +152,10 @@ def test_regression_end_to_end(tmp_path):
     train = write_rows(tmp_path / "r.csv", sentiment_rows(48, seed=5, regression=True))
     data = DataConfig(train=[str(train)], eval=[str(train)], task="regression")
     path = extract(ExtractConfig(teacher=str(teacher), data=data, cache_dir=str(tmp_path / "c"),
-                                 stage1=TrainConfig(epochs=1, batch_size=16)))
+                                 stage1=OptimConfig(epochs=1, batch_size=16)))
     student = make_model(tmp_path / "s", layers=1, hidden=32, num_labels=1)
     report = distill(DistillConfig(cache=str(path), student=str(student), out=str(tmp_path / "o"),
-                                   student_layers="all", layer_map="0:1", train=TrainConfig(epochs=1, batch_size=16)))
+                                   student_layers="all", layer_map="0:1", optim=OptimConfig(epochs=1, batch_size=16)))
     assert {"pearson", "spearman"} <= set(report["best"])
     with pytest.raises(TedcacheError, match="regression"):
         extract(ExtractConfig(teacher=str(tmp_path / "s"), data=DataConfig(train=[str(train)], task="classification"),
@@ -169,7 +169,7 @@ def test_online_and_offline_training_agree_step_by_step(assets, tmp_path, precis
     for mode, teacher in (("offline", None), ("online", str(assets["teacher"]))):
         runs[mode] = distill(DistillConfig(cache=path, student=str(assets["student"]), out=str(tmp_path / mode),
                                            teacher=teacher, kl_alpha=2.0, mse_alpha=3.0, log_every=1, max_steps=8,
-                                           train=TrainConfig(epochs=2, batch_size=16, lr=1e-3)))
+                                           optim=OptimConfig(epochs=2, batch_size=16, lr=1e-3)))
     offline, online = runs["offline"]["history"], runs["online"]["history"]
     assert len(offline) == len(online) == 8
     for a, b in zip(offline, online):

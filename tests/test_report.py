@@ -10,9 +10,9 @@ import statistics
 import subprocess
 
 import pytest
-
 from conftest import run_cli
-from tedcache import DataConfig, DistillConfig, ExtractConfig, TrainConfig, extract
+
+from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, extract
 from tedcache.compare import CompareConfig, compare
 
 CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
@@ -24,10 +24,10 @@ def compared(assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], test=[str(assets["test"])])
     caches = {states: extract(ExtractConfig(teacher=str(assets["teacher"]), data=data, cache_dir=str(root / "c"),
-                                            states=states, stage1=TrainConfig(epochs=1, batch_size=16)))
+                                            states=states, stage1=OptimConfig(epochs=1, batch_size=16)))
               for states in ("filtered", "raw")}
     base = DistillConfig(cache=caches["filtered"], student=str(assets["student"]), out=str(root / "runs"),
-                         train=TrainConfig(epochs=2, batch_size=16, lr=1e-3), log_every=1)
+                         optim=OptimConfig(epochs=2, batch_size=16, lr=1e-3), log_every=1)
     cfg = CompareConfig(base=base, methods=["finetune", "kd", "lwd", "ted"], seeds=[1, 2], raw_cache=caches["raw"])
     return cfg, compare(cfg, log=lambda *_: None), root
 
@@ -92,7 +92,7 @@ def test_report_numbers_all_come_from_the_run_folders(compared, tmp_path):
         allowed |= {f"{statistics.mean(tests):.4f}", f"{statistics.stdev(tests):.4f}",
                     f"{statistics.mean(valid):.4f}", f"{100 * statistics.mean(tests) / teacher:.1f}"}
     for r in runs:
-        allowed |= {str(r["config"]["train"]["seed"]), f"{r['best']['accuracy']:.4f}", f"{r['test']['accuracy']:.4f}",
+        allowed |= {str(r["config"]["seed"]), f"{r['best']['accuracy']:.4f}", f"{r['test']['accuracy']:.4f}",
                     f"{r['cache_bytes'] / 2**20:.1f}", f"{r['seconds']:.0f}"}
     allowed |= {str(len(runs)), "1", "2"}  # "8 runs", the seed lists "1,2"
     shown = _page_numbers(page)

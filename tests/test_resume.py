@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from conftest import run_cli, sentiment_rows, write_rows
 
-from tedcache.store import Cache
+from tedcache.cache import Cache
 
 
 def _args(assets, data, cache_dir):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from tedcache.store import Cache
+from tedcache.cache import Cache
 
 BUCKET = "tedcache-test"
 

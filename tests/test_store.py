@@ -11,16 +11,28 @@ import pytest
 import torch
 from conftest import run_cli
 
-from tedcache import DataConfig, DistillConfig, ExtractConfig, TrainConfig, distill, extract
-from tedcache.catalog import collect_garbage, inspect_cache, list_caches, remove_cache
+from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
+from tedcache.cache import (
+    Cache,
+    CompactStates,
+    Problem,
+    calibrate_channel_scales,
+    collect_garbage,
+    encode_states,
+    inspect_cache,
+    list_caches,
+    pack,
+    remove_cache,
+    repair,
+    verify,
+)
 from tedcache.errors import TedcacheError
-from tedcache.store import Cache, CompactStates, Problem, calibrate_channel_scales, encode_states, pack, repair, verify
 
 
 def _cfg(assets, cache_dir, **kw):
     data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], max_length=24)
     return ExtractConfig(teacher=str(assets["teacher"]), data=data, cache_dir=str(cache_dir),
-                         stage1=TrainConfig(epochs=1, batch_size=16), batch_size=16, shard_tokens=128, **kw)
+                         stage1=OptimConfig(epochs=1, batch_size=16), batch_size=16, shard_tokens=128, **kw)
 
 
 def test_pack_never_straddles_a_shard():
@@ -137,9 +149,9 @@ def test_raw_states_feed_lwd_and_ted_refuses_them(assets, tmp_path):
     messages = []
     assert extract(cfg, log=messages.append) == path and any("1 to go" in m for m in messages)
     meta = Cache(path).metadata
-    assert meta["states"] == "raw" and meta["filter_dim"] == 48 and meta["stage1"] is None
+    assert meta.states == "raw" and meta.filter_dim == 48 and meta.stage1 is None
     report = distill(DistillConfig(cache=path, student=str(assets["student"]), out=str(tmp_path / "lwd"), method="lwd",
-                                   train=TrainConfig(epochs=1, batch_size=16)))
+                                   optim=OptimConfig(epochs=1, batch_size=16)))
     assert "mse" in report["history"][-1] and report["layer_map"] == {0: 1, 1: 3}
     with pytest.raises(TedcacheError, match="--states filtered"):
         distill(DistillConfig(cache=path, student=str(assets["student"]), out=str(tmp_path / "ted")))

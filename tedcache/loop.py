@@ -1,4 +1,4 @@
-"""One training loop for every phase: fine-tuning, Stage I, and Stage II (TED, KD, fine-tune baseline)."""
+"""One training loop for every phase: fine-tuning, Stage I, and Stage II (TED, KD, LWD, fine-tune baseline)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .config import TrainConfig
+from .config import OptimConfig
+from .configfile import CONFIG_FILE, config_yaml
 from .distributed import ALONE, Processes
 from .errors import TedcacheError
 from .evaluate import better
 from .reader import prefetch
-
 
 COUNT_KINDS = ("examples", "tokens", "pairs")  # what a loss term averages over: sequences, real tokens, next-token pairs
 
@@ -82,7 +82,7 @@ class Checkpoint:
         os.replace(staging, self.path)
 
     def load(self) -> dict:
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        state = torch.load(self.path, map_location="cpu", weights_only=True)  # tensors and plain values, no pickle
         if state.pop("fingerprint") != self.fingerprint:
             raise TedcacheError(f"the checkpoint in {self.folder} is from a run with other settings; resume with "
                                 f"the command that made it, or delete {self.folder} to start afresh")
@@ -93,7 +93,7 @@ class Checkpoint:
 
 
 def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_batches: Callable[[int], Iterable],
-        batches_per_epoch: int, loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], cfg: TrainConfig, desc: str,
+        batches_per_epoch: int, loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], cfg: OptimConfig, desc: str,
         evaluate: Callable[[], dict] | None = None, select: str | None = None, eval_every: int = 0,
         max_steps: int | None = None, log_every: int = 10, device: torch.device = torch.device("cpu"),
         autocast: bool = False, processes: Processes = ALONE, checkpoint: Checkpoint | None = None) -> dict:
@@ -201,9 +201,10 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
             "seconds": time.perf_counter() - started}
 
 
-def save_run(model, tokenizer, out: str, metrics: dict) -> Path:
-    """Write the model (save_pretrained), its tokenizer and metrics.json to `out`, atomically: everything
-    goes to a temporary sibling folder that replaces `out` only once complete."""
+def save_run(model, tokenizer, out: str, metrics: dict, config) -> Path:
+    """Write the model (save_pretrained), its tokenizer, metrics.json and the run's configuration
+    (config.yaml: `--config` it to run it again) to `out`, atomically: everything goes to a temporary
+    sibling folder that replaces `out` only once complete."""
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()) and not (out_path / "metrics.json").exists():
         raise TedcacheError(f"--out {out} exists and is not a tedcache run folder; choose an empty or new folder")
@@ -213,16 +214,10 @@ def save_run(model, tokenizer, out: str, metrics: dict) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (staging / CONFIG_FILE).write_text(config_yaml(config))
         if out_path.exists():
             shutil.rmtree(out_path)
         staging.rename(out_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_path
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """"auto": the GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

@@ -1,0 +1,17 @@
+"""The cache format, in one package: nothing outside it knows zarr paths, encodings or the metadata's
+storage. layout (names, chunking, FORMAT_VERSION) -> metadata (typed schema) -> location (local or
+fsspec, and the lock) -> codecs (state precisions) -> writer -> read (Cache, Split) -> verify -> catalog."""
+
+from .catalog import collect_garbage, inspect_cache, list_caches, remove_cache
+from .codecs import CompactStates, calibrate_channel_scales, decode_values, encode_states
+from .layout import FORMAT_VERSION, cache_key, cache_name, pack
+from .location import CacheLock, Location
+from .metadata import CacheMetadata, UnitRecord, load_metadata
+from .read import Cache, Split
+from .verify import Problem, repair, verify
+from .writer import CacheWriter
+
+__all__ = ["FORMAT_VERSION", "Cache", "CacheLock", "CacheMetadata", "CacheWriter", "CompactStates", "Location",
+           "Problem", "Split", "UnitRecord", "cache_key", "cache_name", "calibrate_channel_scales",
+           "collect_garbage", "decode_values", "encode_states", "inspect_cache", "list_caches", "load_metadata",
+           "pack", "remove_cache", "repair", "verify"]

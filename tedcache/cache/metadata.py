@@ -1,0 +1,133 @@
+"""A cache's metadata: the typed, documented schema of attrs["tedcache"], and unit records.
+
+`python -m tedcache.cache.metadata` prints docs/cache-format.md (a test checks the page is current)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..errors import TedcacheError
+from ..schema import from_dict, help_of, hints, setting, to_dict, type_name
+from . import layout
+from .location import Location
+
+
+@dataclass(frozen=True)
+class CacheMetadata:
+    """Everything a cache says about itself (zarr attribute "tedcache" of the cache's root group)."""
+
+    format_version: int = setting(help="Layout version (tedcache.cache.layout.FORMAT_VERSION); other versions are "
+                                       "refused with the rebuild command.")
+    identity: dict[str, Any] = setting(help="The inputs that determine the content (teacher weights, tokenizer, data, "
+                                            "layers, filters, Stage I, precision, seed...); the folder name ends "
+                                            "with their hash.")
+    created_by: str = setting(help="tedcache version that wrote the cache.")
+    task: str = setting(help="classification, regression or causal-lm.")
+    states: str = setting(help="filtered (TED filters' outputs) or raw (hidden states, for LWD).")
+    layers: list[int] = setting(help="0-based teacher layers whose states are stored.")
+    filter_dim: int = setting(help="Width d of each stored state.")
+    teacher: str = setting(help="The teacher as given to extract (folder or hub name).")
+    teacher_weights_sha256: str = setting(help="sha256 of every teacher parameter and buffer (online mode checks it).")
+    tokenizer_vocab_sha256: str = setting(help="sha256 of the token -> id map and special tokens (a student must "
+                                               "match it).")
+    pad_token_id: int = setting(help="Padding id used when batching.")
+    precision: str = setting(help="fp32, fp16, bf16 or int8 storage of the states.")
+    seed: int = setting(help="Seed of Stage I and of the training split's storage order.")
+    shard_tokens: int = setting(help="Tokens per shard: the unit of writing, resuming and checksumming.")
+    chunk_tokens: int = setting(help="Tokens per inner chunk of per-token arrays (random reads).")
+    tokenizer: str | None = setting(None, "Where the tokenizer came from.")
+    tokenizer_sha256: str | None = setting(None, "sha256 of the tokenizer's whole configuration (normaliser, "
+                                                 "pre-tokeniser, vocabulary, special tokens); absent in caches "
+                                                 "written before it was recorded.")
+    label_names: list[str] | None = setting(None, "classification: the label names, in id order.")
+    num_outputs: int | None = setting(None, "Teacher outputs per example (labels, or 1 for regression).")
+    filter_kind: str | None = setting(None, "linear or mlp (null for raw states).")
+    teacher_hidden_size: int | None = setting(None, "The teacher's hidden size.")
+    teacher_num_layers: int | None = setting(None, "The teacher's number of transformer layers.")
+    data: dict[str, Any] = setting(help="The data sources and columns as given.", factory=dict)
+    data_fingerprint: str | None = setting(None, "Hash of the training texts and labels.")
+    max_length: int | None = setting(None, "Tokens per example (causal-lm: per block).")
+    logits: dict[str, Any] | None = setting(None, "causal-lm: the sparse logit rows (kind, size, temperature).")
+    vocab_size: int | None = setting(None, "The teacher's vocabulary size.")
+    lm_head: str | None = setting(None, "causal-lm: the Stage-I head kind (tied or new).")
+    stage1: dict[str, Any] | None = setting(None, "The Stage-I optimiser settings (null for raw states).")
+    splits: dict[str, int] = setting(help="Examples per split.", factory=dict)
+    tokens: dict[str, int] = setting(help="Real tokens per split.", factory=dict)
+    units: dict[str, int] = setting(help="Units (shards) per split.", factory=dict)
+    slots: dict[str, int] = setting(help="Token slots per split (tokens plus the gaps at shard ends).", factory=dict)
+    inputs_written: bool = setting(False, "The token arrays, filters and state arrays exist (a resume keeps them).")
+    complete: bool = setting(False, "Every unit is written and checked; written last. Only complete caches are read.")
+    checksums: dict[str, str] = setting(help="sha256 of every object written outside the units (units carry their "
+                                             "own in their records).", factory=dict)
+    timings: dict[str, Any] | None = setting(None, "Seconds spent: total, teacher pass; processes used.")
+    config: dict[str, Any] | None = setting(None, "The resolved extract configuration (reuse it with "
+                                                  "tedcache extract --config).")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "cache metadata") -> "CacheMetadata":
+        return from_dict(cls, data, where)
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    """units/<split>/<u>.json: the done-marker of one unit (written after its shards)."""
+
+    split: str = setting(help="train, eval or test.")
+    unit: int = setting(help="Unit number within the split.")
+    outputs: dict[str, list] = setting(help="Per-example teacher outputs: logits (rows) or nll (numbers).")
+    checksums: dict[str, str] = setting(help="sha256 of every shard object the unit wrote.")
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(to_dict(self)).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "UnitRecord":
+        return from_dict(cls, json.loads(data), "unit record")
+
+
+def load_metadata(location: Location | str) -> CacheMetadata:
+    """The cache's metadata, or a one-line error when the location holds no tedcache cache of this format."""
+    location = location if isinstance(location, Location) else Location(location)
+    if not location.exists("zarr.json"):
+        if location.exists():
+            raise TedcacheError(f"{location} is not a tedcache cache (no zarr.json); pass the folder that "
+                                "tedcache extract printed")
+        raise TedcacheError(f"cache {location} does not exist; run tedcache extract first and pass the path it prints")
+    try:
+        raw = dict(json.loads(location.read_bytes("zarr.json")).get("attributes", {})["tedcache"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise TedcacheError(f"{location} is not a tedcache cache (no readable metadata); pass the folder that "
+                            "tedcache extract printed") from exc
+    if raw.get("format_version") != layout.FORMAT_VERSION:
+        raise TedcacheError(f"{location} is cache format {raw.get('format_version')}, this tedcache reads format "
+                            f"{layout.FORMAT_VERSION}; rebuild it with tedcache extract --force")
+    try:
+        return CacheMetadata.from_dict(raw)
+    except TedcacheError as exc:
+        raise TedcacheError(f"{location} has metadata this tedcache cannot read ({exc}); rebuild it with "
+                            "tedcache extract --force") from None
+
+
+def schema_markdown() -> str:
+    """docs/cache-format.md: the layout and every metadata field with its type and meaning."""
+    lines = ["# The cache format", "",
+             "Generated by `python -m tedcache.cache.metadata` from `tedcache/cache/layout.py` and the",
+             "`CacheMetadata` dataclass; a test fails when this page and the code disagree.", "",
+             "## Layout", "", "```", *layout.__doc__.strip().splitlines()[3:], "```", "",
+             "## Metadata (`attrs[\"tedcache\"]`)", "", "| field | type | meaning |", "|---|---|---|"]
+    for record in (CacheMetadata, UnitRecord):
+        if record is UnitRecord:
+            lines += ["", "## Unit records (`units/<split>/<u>.json`)", "", "| field | type | meaning |", "|---|---|---|"]
+        types_of = hints(record)
+        for field in fields(record):
+            lines.append(f"| `{field.name}` | {type_name(types_of[field.name])} | {help_of(field)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(schema_markdown(), end="")

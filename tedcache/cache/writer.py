@@ -1,0 +1,221 @@
+"""Writing a cache: create (or reopen) it, write the token arrays, then the teacher pass's units as they
+are computed, then mark it complete. Callers hand over tensors; encoding, padding, chunking and
+checksums happen here."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import replace
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import ZstdCodec
+
+from ..errors import TedcacheError
+from . import layout
+from .codecs import STATE_DTYPES, calibrate_channel_scales, encode_states
+from .location import LOCK, Location
+from .metadata import CacheMetadata, UnitRecord
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class CacheWriter:
+    """Creates a cache (or reopens an unfinished one), then writes it unit by unit.
+
+    Order: metadata (complete=false) -> token arrays -> filters -> state/logit arrays -> [int8 channel
+    scales, from the first train unit's states] -> units (each ending with its record) -> teacher
+    outputs gathered from the records -> complete=true."""
+
+    def __init__(self, location: Location, metadata: CacheMetadata | None = None):
+        self.location = location
+        self.root = zarr.open_group(store=location.zarr_store(read_only=False), mode="a", zarr_format=3)
+        if metadata is None:
+            metadata = CacheMetadata.from_dict(dict(self.root.attrs["tedcache"]))
+        self.metadata = metadata
+        self.channel_scales: dict[int, torch.Tensor] = {}
+        if metadata.precision == "int8":
+            for layer in metadata.layers:
+                name = f"train/{layout.channel_scales_array(layer)}"
+                if name in self.root:
+                    self.channel_scales[layer] = torch.from_numpy(self.root[name][...])
+
+    @classmethod
+    def create(cls, location: Location, metadata: CacheMetadata) -> "CacheWriter":
+        """A new, empty cache at `location` (anything there but the lock is removed)."""
+        for name in location.listdir():
+            if name != LOCK:  # the caller holds it
+                location.remove(name)
+        shard = metadata.shard_tokens
+        metadata = replace(metadata, format_version=layout.FORMAT_VERSION, complete=False, inputs_written=False,
+                           chunk_tokens=layout.CHUNK_TOKENS if shard % layout.CHUNK_TOKENS == 0 else shard,
+                           checksums={})  # inner chunks must tile a shard
+        writer = cls(location, metadata)
+        writer._save_metadata()
+        return writer
+
+    def _update(self, **changes) -> None:
+        self.metadata = replace(self.metadata, **changes)
+
+    def _save_metadata(self) -> None:
+        self.root.attrs["tedcache"] = self.metadata.to_dict()
+
+    def _create(self, name: str, shape, dtype, per_token: bool, compress: bool = True):
+        if per_token:
+            inner = self.metadata.chunk_tokens
+            chunks, shards = (inner, *shape[1:]), (self.metadata.shard_tokens, *shape[1:])
+        else:
+            chunks, shards = (max(1, min(shape[0], 1 << 16)), *shape[1:]), None
+        return zarr.create_array(self.root.store, name=name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
+                                 compressors=[ZstdCodec(level=1)] if compress else None,
+                                 config={"write_empty_chunks": True}, zarr_format=3, overwrite=True)
+
+    def _write_whole(self, name: str, data: np.ndarray, per_token: bool = False) -> None:
+        """Write an array in one go and record the checksum of every object it made."""
+        arr = self._create(name, data.shape, data.dtype, per_token)
+        if data.size:
+            arr[...] = data
+        self._update(checksums={**self.metadata.checksums, **self._object_checksums(arr)})
+
+    def _object_checksums(self, arr, coords: list[tuple] | None = None) -> dict[str, str]:
+        if coords is None:
+            grid = [-(-s // c) for s, c in zip(arr.shape, arr.shards or arr.chunks)]
+            coords = [tuple(c) for c in np.ndindex(*grid)]
+        result = {}
+        for coord in coords:
+            key = posixpath.join(arr.path, arr.metadata.encode_chunk_key(coord))
+            if self.location.exists(key):
+                result[key] = sha256(self.location.read_bytes(key))
+        return result
+
+    def write_inputs(self, split: str, examples) -> None:
+        """Tokens (in storage order, packed into shards), lengths, labels and source rows of one split.
+        `examples`: tedcache.data.Examples in source order."""
+        order = layout.storage_order(split, len(examples), self.metadata.seed)
+        examples = examples.reorder(order)  # = self.in_storage_order(split, examples), keeping `order`
+        lengths = np.diff(examples.offsets)
+        shard = self.metadata.shard_tokens
+        if len(lengths) and lengths.max() > shard:
+            raise TedcacheError(f"an example has {lengths.max()} tokens, more than a shard ({shard}); "
+                                "raise --shard-tokens or lower --max-length")
+        starts, bounds = layout.pack(lengths, shard)
+        slots = int(starts[-1] + lengths[-1]) if len(lengths) else 0  # the last shard ends at its last token
+        placed = np.zeros(slots, dtype=np.int64)  # token index of each slot (gaps stay 0)
+        used = np.zeros(slots, dtype=bool)
+        for begin, start, length in zip(examples.offsets[:-1], starts, lengths):
+            placed[start:start + length] = np.arange(begin, begin + length)
+            used[start:start + length] = True
+        input_ids = np.where(used, examples.input_ids[placed] if len(examples.input_ids) else 0, 0).astype(np.int32)
+        self._write_whole(f"{split}/{layout.INPUT_IDS}", input_ids, per_token=True)
+        if examples.token_type_ids is not None:
+            token_types = np.where(used, examples.token_type_ids[placed], 0).astype(np.int8)
+            self._write_whole(f"{split}/{layout.TOKEN_TYPES}", token_types, per_token=True)
+        self._write_whole(f"{split}/starts", starts)
+        self._write_whole(f"{split}/lengths", lengths.astype(np.int32))
+        self._write_whole(f"{split}/unit_bounds", bounds)
+        if examples.labels is not None:
+            self._write_whole(f"{split}/labels", examples.labels)
+        self._write_whole(f"{split}/example_ids", order.astype(np.int64))
+        self._update(units={**self.metadata.units, split: len(bounds) - 1},
+                     slots={**self.metadata.slots, split: slots})
+
+    def in_storage_order(self, split: str, examples):
+        """`examples` (source order) in the order this cache stores them (training rows shuffled)."""
+        return examples.reorder(layout.storage_order(split, len(examples), self.metadata.seed))
+
+    def save_filters(self, files: dict[str, bytes]) -> None:
+        """The teacher's Stage-I filters ({".safetensors": ..., ".json": ...}, see FilterBank.to_bytes)."""
+        for name in layout.FILTER_FILES:
+            self.location.write_bytes(name, files[name[name.index("."):]])
+
+    def create_state_arrays(self, dim: int) -> None:
+        precision = self.metadata.precision
+        tokens = self.metadata.slots["train"]
+        for layer in self.metadata.layers:
+            self._create(f"train/{layout.states_array(layer)}", (tokens, dim), STATE_DTYPES[precision],
+                         per_token=True, compress=False)  # dense activations barely compress and reads slow down
+            if precision == "int8":
+                self._create(f"train/{layout.token_scales_array(layer)}", (tokens,), np.float16, per_token=True,
+                             compress=False)
+
+    def create_logit_arrays(self, width: int, dtypes: dict[str, np.dtype]) -> None:
+        """Per-token sparse teacher distributions (causal-lm), `width` slots a token; compressed, since
+        sampled rows are mostly unused slots."""
+        tokens = self.metadata.slots["train"]
+        for name, dtype in dtypes.items():
+            self._create(f"train/{layout.logit_array(name)}", (tokens, width), dtype, per_token=True)
+
+    def finish_inputs(self) -> None:
+        self._update(inputs_written=True)
+        self._save_metadata()
+
+    def unit_bounds(self, split: str) -> np.ndarray:
+        """Unit u of `split` holds stored examples unit_bounds[u]:unit_bounds[u+1]."""
+        return self.root[f"{split}/unit_bounds"][...]
+
+    def needs_channel_scales(self) -> bool:
+        return self.metadata.precision == "int8" and bool(self.metadata.layers) and not self.channel_scales
+
+    def _calibrate(self, states: dict[int, torch.Tensor]) -> None:
+        """int8: per-channel scales from the first train unit's states, stored before any unit is
+        written, so a resumed run (whose first unit is then done) encodes with the same scales."""
+        for layer, values in states.items():
+            self.channel_scales[layer] = calibrate_channel_scales(values)
+            self._write_whole(f"train/{layout.channel_scales_array(layer)}",
+                              self.channel_scales[layer].numpy().astype(np.float32))
+        self._save_metadata()
+
+    def write_unit(self, split: str, unit: int, outputs: dict[str, list],
+                   states: dict[int, torch.Tensor] | None = None,
+                   logit_rows: dict[str, torch.Tensor] | None = None) -> None:
+        """Write one unit: its per-token rows in storage order (`states`: layer -> (tokens, d) float;
+        `logit_rows`: name -> (tokens, S)), padded to a whole shard, encoded and written; then its record
+        holding the per-example `outputs`, the unit's done-marker."""
+        if states and self.needs_channel_scales():
+            self._calibrate(states)
+        shard, precision = self.metadata.shard_tokens, self.metadata.precision
+        arrays = {}
+        for layer, values in (states or {}).items():
+            encoded, scales = encode_states(_pad(values, shard, 0), precision, self.channel_scales.get(layer))
+            arrays[layout.states_array(layer)] = encoded
+            arrays[layout.token_scales_array(layer)] = scales
+        for name, values in (logit_rows or {}).items():
+            arrays[layout.logit_array(name)] = _pad(values, shard, -1 if name == "ids" else 0).numpy()
+        checksums = {}
+        for name, data in arrays.items():
+            if data is None:
+                continue
+            arr = self.root[f"{split}/{name}"]
+            stop = min((unit + 1) * shard, arr.shape[0])  # the last shard may be short
+            arr[unit * shard:stop] = data[:stop - unit * shard]
+            checksums.update(self._object_checksums(arr, [(unit,) + (0,) * (data.ndim - 1)]))
+        record = UnitRecord(split, unit, outputs, checksums)
+        self.location.write_bytes(layout.unit_record(split, unit), record.to_bytes())
+
+    def done_units(self, split: str) -> set[int]:
+        return {int(name.split(".")[0]) for name in self.location.listdir(layout.unit_folder(split))
+                if name.endswith(".json")}
+
+    def missing_units(self) -> dict[str, list[int]]:
+        return {split: sorted(set(range(n)) - self.done_units(split)) for split, n in self.metadata.units.items()}
+
+    def complete(self, timings: dict | None = None) -> None:
+        """Gather the per-example teacher outputs from the unit records, then mark the cache complete."""
+        for split, units in self.metadata.units.items():
+            records = [UnitRecord.from_bytes(self.location.read_bytes(layout.unit_record(split, u)))
+                       for u in range(units)]
+            for key in records[0].outputs if records else []:
+                rows = np.asarray([row for r in records for row in r.outputs[key]], dtype=np.float32)
+                self._write_whole(f"{split}/{layout.teacher_output_array(key)}", rows)
+        self._update(complete=True, timings=timings)
+        self._save_metadata()
+
+
+def _pad(values: torch.Tensor, rows: int, fill) -> torch.Tensor:
+    padded = torch.full((rows, *values.shape[1:]), fill, dtype=values.dtype)
+    padded[:len(values)] = values
+    return padded

@@ -1,0 +1,53 @@
+"""The teacher's targets for a batch, shared by both stages: extraction writes them to the cache, and
+distill's online mode (`--teacher`) computes them live with the same function, so the two paths differ
+only in where the targets come from (and the cache's precision)."""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import Cache, CompactStates
+from .errors import TedcacheError
+from .filters import FilterBank
+from .models import load_for_task, weights_hash
+from .sparse_logits import LogitSpec, sparsify
+from .taps import forward_with_taps
+
+
+@torch.no_grad()
+def teacher_targets(teacher, bank: FilterBank | None, batch: dict,
+                    layers: list[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """What the cache stores for a batch: teacher logits (B, C; causal-lm (B, L, V)) and per tapped layer
+    the filtered state (B, L, d_f), or the raw hidden state (B, L, d) when `bank` is None (then `layers`
+    says which). Teacher and filters must be in eval mode."""
+    logits, hidden = forward_with_taps(teacher, batch, bank.spec.layers if bank is not None else layers)
+    states = bank(hidden) if bank is not None else hidden
+    return logits.float(), [s.float() for s in states]
+
+
+class LiveTargets:
+    """Online mode: the teacher (and the cache's teacher filters) in memory, filling each batch with the
+    targets the cache would hold. Offline and online losses agree to within the cache's precision (with
+    an fp32 cache, to float rounding). Only the mapped layers are kept."""
+
+    def __init__(self, teacher_dir: str, cache: Cache, teacher_layers: list[int], device: torch.device, seed: int = 0):
+        meta = cache.metadata
+        self.teacher = load_for_task(teacher_dir, "teacher", meta.task, resize=False).to(device).eval()
+        if weights_hash(self.teacher) != meta.teacher_weights_sha256:
+            raise TedcacheError(f"--teacher {teacher_dir} is not the teacher this cache was extracted from; "
+                                "pass that teacher, or extract a cache from this one")
+        self.bank, self.layers = None, teacher_layers
+        if meta.states == "filtered":
+            self.bank = FilterBank.from_bytes(cache.filter_files()).select(teacher_layers).to(device).eval()
+        self.logit_spec = LogitSpec(**meta.logits) if meta.logits else None
+        self.generator = torch.Generator(device).manual_seed(seed)  # fresh draws: sampled rows differ from the cache's
+
+    def __call__(self, batch: dict) -> dict:
+        logits, states = teacher_targets(self.teacher, self.bank, batch, self.layers)
+        targets = {**batch, "teacher_states": [CompactStates(s) for s in states]}
+        if self.logit_spec is None:
+            return {**targets, "teacher_logits": logits}
+        rows = sparsify(logits.flatten(0, 1), self.logit_spec, self.generator)
+        rows = {k: v.view(*logits.shape[:2], -1) for k, v in rows.items()}
+        rows["ids"] = rows["ids"].masked_fill(~batch["attention_mask"].bool().unsqueeze(-1), -1)
+        return {**targets, "teacher_rows": rows}
