@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo demo-lm bench test test-fast clean
+.PHONY: install browser demo demo-lm bench lint test test-fast clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,7 @@ demo: install
 demo-lm: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/tedcache demo --task causal-lm
 
-# Stage-two speed and memory, side by side (about 6 minutes on 2 CPU cores).
+# Distill speed and memory, side by side (about 6 minutes on 2 CPU cores).
 bench: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/tedcache bench
 
@@ -41,12 +41,16 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium-headless-shell >/dev/null; } || \
 	  echo "note: no headless Chromium here; the report's browser test will be skipped"
 
+# ruff, configured in pyproject.toml (CI runs it first).
+lint: install
+	$(VENV)/bin/ruff check .
+
 # The whole suite, slow tests on the real MiniLM + Rotten Tomatoes included (what CI runs).
-test: install browser
+test: install browser lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m ""
 
-# Tiny random-initialised models only (about two minutes).
-test-fast: install
+# Tiny random-initialised models only (about ten minutes on 2 CPU cores).
+test-fast: install lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 clean:

@@ -160,7 +160,7 @@ def gc(cache_dir):
 @click.option("--workdir", default=str(DEFAULT_CACHE_DIR / "bench"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per pair.")
 def bench(pairs, steps, batch_size, examples, workdir, as_json):
-    """Stage-two step time and memory: student alone vs offline TED vs online TED, side by side."""
+    """Distill step time and memory: student alone vs offline TED vs online TED, side by side."""
 
 
     results = run_bench(workdir, tuple(p for p in pairs.split(",") if p), steps, batch_size, examples)

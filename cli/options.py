@@ -86,7 +86,7 @@ def click_option(flag: Flag) -> click.Option:
         return click.Option([flag.name, flag.param], is_flag=True, default=bool(default), help=flag.help)
     if typing.get_origin(base) is list:
         shown = flag.items.join(map(str, default)) if default else None
-        return click.Option([flag.name, flag.param], multiple=True, default=list(default or []),
+        return click.Option([flag.name, flag.param], multiple=True, default=None if default is None else list(default),
                             show_default=shown or False, help=f"{flag.help} Several: comma-separated or repeated."
                             + required)
     return click.Option([flag.name, flag.param], type={int: int, float: float}.get(base, str), default=default,

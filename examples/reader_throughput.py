@@ -1,4 +1,4 @@
-"""Cache read throughput against what a stage-two step consumes, on the embedded default.
+"""Cache read throughput against what a distill step consumes, on the embedded default.
 
 Reads one epoch of the demo cache through the real reader (in-process, and with DataLoader workers)
 and times TED steps of the 2-layer student on batches already in memory; prints examples/s and MB/s

@@ -1,4 +1,4 @@
-"""`tedcache bench`: stage-two step time and memory side by side — student alone, offline TED (targets
+"""`tedcache bench`: distill step time and memory side by side — student alone, offline TED (targets
 from the cache through the real reader) and online TED (teacher in memory) — on the same batches, plus
 extraction throughput against the teacher's forward-only throughput and cache read throughput.
 

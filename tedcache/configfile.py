@@ -3,6 +3,7 @@ every run folder (config.yaml) and cache (its metadata's `config`) keeps the res
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -33,7 +34,16 @@ def read_config_file(path: str) -> dict:
         return {}
     if not isinstance(values, dict):
         raise TedcacheError(f"config file {path} must hold a mapping of settings, not a {type(values).__name__}")
-    return values
+    return _expand_home(values)
+
+
+def _expand_home(value):
+    """Paths in a config file may start with ~ (the user's home), as they may on a command line."""
+    if isinstance(value, dict):
+        return {k: _expand_home(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_home(v) for v in value]
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~/") else value
 
 
 def resolve(cls, *layers: dict, where: str = ""):

@@ -100,7 +100,13 @@ def tokenizer_hash(tokenizer) -> str:
     its vocabulary; its special tokens; and the side it truncates. Two tokenizers with one vocabulary but
     different normalisation (lower-casing, accents) hash differently."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    payload = {"backend": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        for per_call in ("truncation", "padding"):  # set by each call's arguments, not part of the definition
+            definition.pop(per_call, None)
+    else:
+        definition = sorted(tokenizer.get_vocab().items())
+    payload = {"backend": definition,
                "special": sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items()),
                "truncation_side": getattr(tokenizer, "truncation_side", None)}
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()

@@ -1,6 +1,6 @@
 """Two real processes on the CPU (gloo), started by the real launchers (torchrun, accelerate launch):
 extraction gives the one-process cache value for value, also after one process is SIGKILLed and the
-command re-run; stage two gives the one-process loss curve at the same global batch."""
+command re-run; distill gives the one-process loss curve at the same global batch."""
 
 from __future__ import annotations
 
