@@ -32,9 +32,9 @@ from .errors import note
 from .extraction import extract
 from .filters import FilterBank, FilterSpec
 from .losses import task_loss
-from .models import init_student, load_classifier, load_tokenizer
+from .models import init_student, load_classifier, load_tokenizer, pad_id
 from .reader import CacheBatches, ExamplesSource, iterate_batches, prefetch, to_device
-from .taps import forward_with_taps, hidden_size, num_layers
+from .taps import forward_with_taps, hidden_size, model_inputs, num_layers
 from .teacher import LiveTargets
 
 PAIRS = ("minilm", "bert")
@@ -98,9 +98,8 @@ def _forward_only(teacher_dir: str, data: DataConfig, batch_size: int) -> float:
     examples, _ = load_examples(data.train, data, tokenizer, None, "--data", model_config=model.config)
     _sync(device)
     started = time.perf_counter()
-    for batch in iterate_batches(ExamplesSource(examples), batch_size, tokenizer.pad_token_id or 0):
-        model(**{k: v for k, v in to_device(batch, device).items()
-                 if k in ("input_ids", "attention_mask", "token_type_ids")})
+    for batch in iterate_batches(ExamplesSource(examples), batch_size, pad_id(tokenizer)):
+        model(**model_inputs(to_device(batch, device)))
     _sync(device)
     return len(examples) / (time.perf_counter() - started)
 

@@ -11,7 +11,8 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score
 
 from .distributed import ALONE
-from .losses import lm_loss
+from .losses import lm_loss_per_block
+from .taps import model_inputs
 
 PRIMARY_METRIC = {"classification": "accuracy", "regression": "spearman", "causal-lm": "perplexity"}
 LOWER_IS_BETTER = {"perplexity"}
@@ -64,11 +65,10 @@ def model_outputs(model, batches, task: str) -> dict[str, np.ndarray]:
     device = next(model.parameters()).device
     values, labels, index = [], [], []
     for batch in batches:
-        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         logits = model(**inputs).logits
         if task == "causal-lm":
-            values.extend(lm_loss(row[None], i[None], m[None]).item()
-                          for row, i, m in zip(logits, inputs["input_ids"], inputs["attention_mask"]))
+            values.extend(lm_loss_per_block(logits, inputs["input_ids"], inputs["attention_mask"]))
         else:
             values.extend(logits.float().cpu().numpy())
             labels.append(batch["labels"].numpy())

@@ -17,17 +17,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import CacheLock, CacheMetadata, CacheWriter, Location, cache_name, load_metadata
+from .cache.logits import LogitSpec, id_dtype, parse_logit_spec, sparsify
 from .cache.read import read_filter_files
 from .config import ExtractConfig
 from .data import Examples, load_blocks, load_examples
 from .distributed import processes
 from .errors import TedcacheError, note
 from .filters import FilterBank, FilterSpec
-from .losses import lm_loss
+from .losses import lm_loss_per_block
 from .models import load_for_task, load_tokenizer, pad_id, tokenizer_hash, vocab_hash, weights_hash
 from .reader import ExamplesSource, iterate_batches, to_device
 from .schema import check_choices, to_dict
-from .sparse_logits import LogitSpec, id_dtype, parse_logit_spec, sparsify
 from .stage1 import train_filters
 from .taps import hidden_size, num_layers, parse_layers
 from .teacher import teacher_targets
@@ -237,8 +237,7 @@ def _run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: i
         if logit_spec is None:
             outputs.extend(logits.cpu().tolist())
             continue
-        outputs.extend(lm_loss(row[None], ids[None], mask[None]).item()
-                       for row, ids, mask in zip(logits, batch["input_ids"], batch["attention_mask"]))
+        outputs.extend(lm_loss_per_block(logits, batch["input_ids"], batch["attention_mask"]))
         if generator is not None:
             for name, part in sparsify(logits[real].cpu(), logit_spec, generator).items():
                 rows.setdefault(name, []).append(part)

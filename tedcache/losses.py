@@ -2,7 +2,7 @@
 
 Each term is a small function whose docstring states its formula and the tensor shapes (in the
 style of torchtune's kd_losses). The sparse forms (`kd_targets`, `sparse_cross_entropy`,
-`sparse_kd_loss`) take the per-token rows that `sparse_logits.sparsify` stores for language models.
+`sparse_kd_loss`) take the per-token rows that `tedcache.cache.logits.sparsify` stores for language models.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -
     logits (B, L, V); input_ids, mask (B, L), mask 1 on real tokens, 0 on padding."""
     targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def lm_loss_per_block(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    """Each block's own mean next-token loss (lm_loss of that row alone), as plain numbers. (B, L, V)."""
+    return [lm_loss(row[None], ids[None], m[None]).item() for row, ids, m in zip(logits, input_ids, mask)]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -58,7 +63,7 @@ def kd_targets(rows: dict, form: str, temperature: float) -> torch.Tensor:
 
     "sampled": q_s = counts_s / sum counts (unbiased for softmax(z / T_s); needs T = T_s).
     "logits":  q_s = softmax(logprobs / T)_s renormalised over the stored ids (the usual top-k KD).
-    rows: {"ids" (..., S), "logprobs" (..., S), ["counts" (..., S)]} as `sparse_logits.sparsify` makes them."""
+    rows: {"ids" (..., S), "logprobs" (..., S), ["counts" (..., S)]} as `tedcache.cache.logits.sparsify` makes them."""
     valid = rows["ids"] >= 0
     if form == "sampled":
         weights = rows["counts"].float() * valid

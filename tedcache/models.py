@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .errors import TedcacheError
-from .taps import num_layers, parse_layers
+from .taps import is_causal_lm_class, num_layers, parse_layers
 
 
 def _check_source(name: str, what: str) -> None:
@@ -138,7 +138,7 @@ def init_student(source: str, layers: list[int], out: str) -> Path:
     auto = AutoModel
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         auto = AutoModelForSequenceClassification
-    elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+    elif any(is_causal_lm_class(a) for a in architectures):
         auto = AutoModelForCausalLM
     model = auto.from_pretrained(source)
     keep = parse_layers(",".join(map(str, layers)), num_layers(model))

@@ -41,8 +41,21 @@ def parse_layers(spec: str, total: int) -> list[int]:
     return layers
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # the batch keys a model's forward takes
+
+
+def model_inputs(batch: dict) -> dict:
+    """The part of a batch a model's forward takes (targets and bookkeeping left out)."""
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+def is_causal_lm_class(name: str) -> bool:
+    """Whether an HF class name is a causal LM (GPT2LMHeadModel, LlamaForCausalLM, ...)."""
+    return name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
 def is_causal_lm(model) -> bool:
-    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    return is_causal_lm_class(type(model).__name__)
 
 
 def final_norm(model) -> torch.nn.Module:
@@ -64,15 +77,10 @@ def forward_with_taps(model, batch: dict, layers: list[int]):
     last hidden state already has the final norm applied. So for them every tapped layer reads
     final_norm(residual stream after layer i): the last layer's is exactly HF's last hidden state, and
     all layers are on the scale the LM head reads."""
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    out = model(**inputs, output_hidden_states=True)
+    out = model(**model_inputs(batch), output_hidden_states=True)
     last = len(out.hidden_states) - 2
     if is_causal_lm(model):
         norm = final_norm(model)
         return out.logits, [out.hidden_states[i + 1] if i == last else norm(out.hidden_states[i + 1]) for i in layers]
     return out.logits, [out.hidden_states[i + 1] for i in layers]
 
-
-def freeze(model: torch.nn.Module) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from .cache import Cache, CompactStates
+from .cache.logits import LogitSpec, sparsify
 from .errors import TedcacheError
 from .filters import FilterBank
 from .models import load_for_task, weights_hash
-from .sparse_logits import LogitSpec, sparsify
 from .taps import forward_with_taps
 
 

@@ -16,6 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
 from tedcache.cache import Cache
+from tedcache.cache.logits import parse_logit_spec, sparsify
 from tedcache.config import FilterConfig
 from tedcache.data import load_blocks
 from tedcache.distillation import kd_form, stage2_loss
@@ -24,7 +25,6 @@ from tedcache.extraction import _unit_generator
 from tedcache.filters import FilterBank, FilterSpec
 from tedcache.models import init_student, load_causal_lm, load_tokenizer
 from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
-from tedcache.sparse_logits import parse_logit_spec, sparsify
 from tedcache.stage1 import train_filters
 from tedcache.taps import final_norm, forward_with_taps
 from tedcache.teacher import LiveTargets

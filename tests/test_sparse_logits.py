@@ -2,8 +2,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tedcache.cache.logits import LogitSpec, id_dtype, sparsify
 from tedcache.losses import kd_targets, sparse_cross_entropy, sparse_kd_loss
-from tedcache.sparse_logits import LogitSpec, id_dtype, sparsify
 
 
 def test_id_dtype_is_the_smallest_that_fits():

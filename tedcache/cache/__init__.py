@@ -1,6 +1,7 @@
 """The cache format, in one package: nothing outside it knows zarr paths, encodings or the metadata's
 storage. layout (names, chunking, FORMAT_VERSION) -> metadata (typed schema) -> location (local or
-fsspec, and the lock) -> codecs (state precisions) -> writer -> read (Cache, Split) -> verify -> catalog."""
+fsspec, and the lock) -> codecs (state precisions) and logits (sparse teacher distributions) ->
+writer -> read (Cache, Split) -> verify -> catalog."""
 
 from .catalog import collect_garbage, inspect_cache, list_caches, remove_cache
 from .codecs import CompactStates, calibrate_channel_scales, decode_values, encode_states

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import TedcacheError
+from ..errors import TedcacheError
 
 FULL_VOCAB_LIMIT = 8192  # `full` stores vocab x 4 bytes a token: refuse it above this
 
