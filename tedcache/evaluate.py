@@ -7,8 +7,6 @@ import warnings
 
 import numpy as np
 import torch
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score
 
 from .distributed import ALONE
 from .losses import lm_loss_per_block
@@ -37,6 +35,11 @@ def _correlation(statistic, a: np.ndarray, b: np.ndarray) -> float:
 
 def metrics(logits: np.ndarray, labels: np.ndarray, task: str) -> dict[str, float]:
     """accuracy + F1 (binary: positive class 1; else macro) for classification; pearson/spearman for regression."""
+    # imported here: scipy.stats and sklearn.metrics add 1.5 s to the start of every tedcache command
+    # (measured with python -X importtime), most of which never score anything
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score
+
     if task == "regression":
         pred = logits.reshape(-1).astype(np.float64)
         gold = labels.astype(np.float64)
