@@ -7,6 +7,8 @@ import os
 import sys
 
 import click
+import datasets
+import transformers
 
 from tedcache import demo_lm
 from tedcache.bench import format_table, run_bench
@@ -41,7 +43,6 @@ def app():
 def extract_command(cfg: ExtractConfig) -> None:
     """Train the teacher's filters (TED's Stage I), run the teacher once, write the cache; prints its path
     last. Interrupted? Run the same command again: it resumes."""
-
     click.echo(extract(cfg))
 
 
@@ -49,7 +50,6 @@ def distill_command(cfg: DistillConfig) -> None:
     """Train a student against a cache (TED's Stage II, or the kd / lwd / finetune baselines); the teacher
     is not loaded unless --teacher asks for online mode. Many processes: accelerate launch -m
     tedcache.cli.main distill ... (or torchrun); see docs/distributed.md."""
-
     distill(cfg)
     click.echo(cfg.out)
 
@@ -58,13 +58,11 @@ def compare_command(cfg: CompareConfig) -> None:
     """Run several methods over several seeds from one cache; print each method's test metric as mean ± std.
     Finished runs are kept and a run cut off mid-way continues from its checkpoint: re-running the command
     resumes. Feed OUT to tedcache report."""
-
     compare(cfg)
 
 
 def finetune_command(cfg: FinetuneConfig) -> None:
     """Ordinary fine-tuning (to make a teacher, or a baseline)."""
-
     finetune(cfg)
     click.echo(cfg.out)
 
@@ -74,7 +72,6 @@ def finetune_command(cfg: FinetuneConfig) -> None:
 @click.option("--out", required=True, help="Folder for index.html (self-contained) and the PNG plots.")
 def report(runs, out):
     """An HTML report with plots from run folders (distill, finetune or compare outputs). Prints the page's path."""
-
     click.echo(build_report(list(runs), out))
 
 
@@ -84,7 +81,6 @@ def report(runs, out):
 @click.option("--out", required=True)
 def init_student_command(source, layers, out):
     """A shallower copy of a model keeping the given layers (DistilBERT-style initialisation)."""
-
     click.echo(init_student(source, parse_layers(layers, 10**6), out))
 
 
@@ -93,7 +89,6 @@ def init_student_command(source, layers, out):
 @click.option("--repair", "repair_units", is_flag=True, help="Forget the damaged units, so the extract command recomputes them.")
 def verify_command(cache, repair_units):
     """Read a whole cache and check every shard against its checksum. Exit 1 when anything is wrong."""
-
     problems = verify(cache)
     for problem in problems:
         click.echo(str(problem))
@@ -110,7 +105,6 @@ def verify_command(cache, repair_units):
 @click.option("--cache-dir", default=DEFAULT_CACHES, show_default=True)
 def list_command(cache_dir):
     """The caches in a cache folder, one line each."""
-
     for row in list_caches(cache_dir):
         writing = f" (writing: {row['writing']})" if row["writing"] else ""
         state = "complete" if row["complete"] else f"incomplete{writing}"
@@ -124,7 +118,6 @@ def list_command(cache_dir):
 def inspect(cache, as_json):
     """Everything about one cache: metadata, sizes, bytes per value, per-layer statistics."""
 
-
     info = inspect_cache(cache)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
@@ -137,7 +130,6 @@ def inspect(cache, as_json):
 @click.argument("caches", nargs=-1, required=True)
 def rm(caches):
     """Delete caches (refused while an extraction is writing one)."""
-
     for cache in caches:
         remove_cache(cache)
         click.echo(f"removed {cache}")
@@ -147,7 +139,6 @@ def rm(caches):
 @click.option("--cache-dir", default=DEFAULT_CACHES, show_default=True)
 def gc(cache_dir):
     """Delete the incomplete caches that no running extraction is writing."""
-
     for path in collect_garbage(cache_dir):
         click.echo(f"removed {path}")
 
@@ -161,7 +152,6 @@ def gc(cache_dir):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per pair.")
 def bench(pairs, steps, batch_size, examples, workdir, as_json):
     """Distill step time and memory: student alone vs offline TED vs online TED, side by side."""
-
 
     results = run_bench(workdir, tuple(p for p in pairs.split(",") if p), steps, batch_size, examples)
     click.echo(json.dumps(results, indent=2) if as_json else format_table(results))
@@ -194,9 +184,6 @@ config_command(app, "finetune", FinetuneConfig)(finetune_command)
 
 def _quiet_libraries() -> None:
     """Keep stderr for tedcache's own progress: no per-file bars or load reports from the libraries."""
-    import datasets
-    import transformers
-
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -204,7 +191,6 @@ def _quiet_libraries() -> None:
 
 def main() -> None:
     """Entry point: run the app; user errors print one line (no traceback) and exit 2."""
-
     _quiet_libraries()
     try:
         app.main(standalone_mode=False)

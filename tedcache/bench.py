@@ -21,6 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from .cache import Cache
 from .config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig
@@ -43,14 +45,6 @@ MODES = ("student", "offline", "online")
 
 def _pair_dirs(workdir: Path, pair: str) -> tuple[str, str]:
     """Teacher and student folders of a pair (made once)."""
-    from transformers import (
-        AutoConfig,
-        AutoTokenizer,
-        BertConfig,
-        BertForSequenceClassification,
-    )
-
-
     teacher, student = workdir / pair / "teacher", workdir / pair / "student"
     if (student / "config.json").exists():
         return str(teacher), str(student)
@@ -91,7 +85,6 @@ def _extract_config(workdir: Path, pair: str, teacher: str, data: DataConfig, **
 @torch.no_grad()
 def _forward_only(teacher_dir: str, data: DataConfig, batch_size: int) -> float:
     """Examples/s of the bare teacher forward (eval, no grad) over the data, batched as the extraction is."""
-
     device = pick_device()
     tokenizer = load_tokenizer(teacher_dir)
     model = load_classifier(teacher_dir).to(device).eval()
@@ -111,9 +104,6 @@ def _sync(device: torch.device) -> None:
 
 def measure_steps(pair: str, mode: str, workdir: str, steps: int, batch_size: int) -> dict:
     """Per-step wall time (data wait included) and peak memory of one mode; run in its own process."""
-    from torch.utils.data import DataLoader
-
-
     work = Path(workdir)
     info = json.loads((work / pair / "cache.json").read_text())
     cache = Cache(info["cache"])
@@ -169,9 +159,6 @@ def _peak_rss_mb() -> float:
 
 def read_throughput(cache: str, layers: list[int], batch_size: int, workers: int = 0) -> tuple[float, float]:
     """(examples/s, compact MB/s) of one shuffled epoch through the reader (with DataLoader workers)."""
-    from torch.utils.data import DataLoader
-
-
     started, nbytes, count = time.perf_counter(), 0, 0
     for batch in DataLoader(CacheBatches(cache, "train", layers, batch_size, seed=0), batch_size=None,
                             num_workers=workers):

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 
 from .errors import TedcacheError
@@ -45,8 +46,6 @@ class Examples:
 
 def load_table(paths: list[str]):
     """Load csv/json/jsonl/parquet files, a folder saved by `datasets`, or (online) a hub dataset."""
-    import datasets
-
     if len(paths) == 1 and Path(paths[0]).is_dir():
         folder = Path(paths[0])
         if not ((folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists()):
@@ -82,8 +81,6 @@ def load_table(paths: list[str]):
 
 
 def _load_from_hub(name: str):
-    import datasets
-
     try:
         return datasets.load_dataset(name, split="train")
     except Exception as exc:

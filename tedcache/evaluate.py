@@ -85,7 +85,6 @@ def model_outputs(model, batches, task: str) -> dict[str, np.ndarray]:
 def evaluate(model, batches, task: str, processes=None) -> dict[str, float]:
     """The task's metrics of `model` over `batches` (causal-lm: loss and perplexity). With several
     `processes`, each scores every N-th batch and the outputs are gathered before the metrics."""
-
     processes = processes or ALONE
     mine = itertools.islice(batches, processes.rank, None, processes.size)
     parts = processes.gather(model_outputs(model, mine, task))

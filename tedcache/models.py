@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .errors import TedcacheError
 from .taps import is_causal_lm_class, num_layers, parse_layers
@@ -21,8 +22,6 @@ def _check_source(name: str, what: str) -> None:
 
 
 def load_tokenizer(name: str, what: str = "model"):
-    from transformers import AutoTokenizer
-
     _check_source(name, what)
     try:
         return AutoTokenizer.from_pretrained(name)
@@ -34,8 +33,6 @@ def load_tokenizer(name: str, what: str = "model"):
 def load_classifier(name: str, what: str = "model", task: str | None = None,
                     label_names: list[str] | None = None):
     """An AutoModelForSequenceClassification; with label_names/task given, its head is sized to them."""
-    from transformers import AutoModelForSequenceClassification
-
     _check_source(name, what)
     kwargs = {}
     if task == "regression":
@@ -50,8 +47,6 @@ def load_classifier(name: str, what: str = "model", task: str | None = None,
 
 def load_causal_lm(name: str, what: str = "model"):
     """An AutoModelForCausalLM (GPT-2, Llama, SmolLM, ...)."""
-    from transformers import AutoModelForCausalLM
-
     _check_source(name, what)
     return _from_pretrained(AutoModelForCausalLM, name, what, "a causal language model")
 
@@ -114,7 +109,6 @@ def tokenizer_hash(tokenizer) -> str:
 
 def layer_list(model: nn.Module) -> nn.ModuleList:
     """The model's stack of transformer layers (the ModuleList as long as num_hidden_layers)."""
-
     total = num_layers(model)
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == total:
@@ -124,14 +118,6 @@ def layer_list(model: nn.Module) -> nn.ModuleList:
 
 def init_student(source: str, layers: list[int], out: str) -> Path:
     """A shallower copy of `source` keeping the given 0-based layers (DistilBERT-style), saved to `out`."""
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-    )
-
-
     _check_source(source, "source model")
     config = AutoConfig.from_pretrained(source)
     architectures = config.architectures or []
