@@ -93,7 +93,8 @@ class DistillConfig:
 
     cache: str = setting(help="Cache folder printed by tedcache extract.")
     student: str = setting(help="Student: an HF model folder or hub name (with the teacher's tokenizer).")
-    out: str = setting(help="Folder for the best student, its tokenizer, metrics.json and config.yaml.")
+    out: str = setting(help="Folder for the best student, its tokenizer, metrics.json and config.yaml "
+                            "(compare: one such folder per method and seed inside it).")
     method: str = setting("ted", "ted, kd, lwd (needs a raw-state cache) or finetune.", choices=METHODS)
     seed: int = setting(42, "Seed of everything random in the run (head, filters, order, dropout).")
     kl_alpha: float = setting(1.0, "Weight of the KD term.")
