@@ -18,6 +18,8 @@ from tedcache.cache.metadata import schema_markdown
 from tedcache.cli.main import app
 from tedcache.cli.options import flags_of
 from tedcache.config import CompareConfig, DistillConfig, ExtractConfig, FinetuneConfig, OptimConfig
+from tedcache.configfile import read_config_file, resolve
+from tedcache.errors import TedcacheError
 from tedcache.schema import hints, is_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,26 +141,34 @@ def test_cache_format_page_is_generated_from_the_schema():
 # ---------------------------------------------------------------- config files
 
 
-def test_config_file_errors_are_one_line(assets, tmp_path):
+def test_config_file_errors_name_the_key(tmp_path):
+    def resolved(values: dict | str):
+        path = tmp_path / "c.yaml"
+        path.write_text(values if isinstance(values, str) else yaml.safe_dump(values))
+        return resolve(DistillConfig, read_config_file(str(path)))
+
+    required = {"cache": "c", "student": "s", "out": "o"}
+    assert resolved({**required, "optim": {"lr": "1e-4"}}).optim.lr == 1e-4  # YAML 1.1 reads 1e-4 as text
+    for values, needles in (({**required, "optim": {"epochs": "many"}}, ["optim.epochs", "float"]),
+                            ({**required, "method": "magic"}, ["method", "magic", "ted"]),
+                            ({**required, "seed": 1.5}, ["seed", "int"]),
+                            ("optim: [1, 2\n", ["not valid YAML", "line"]),
+                            ("- a list\n", ["mapping"])):
+        with pytest.raises(TedcacheError) as error:
+            resolved(values)
+        assert all(needle in str(error.value) for needle in needles), str(error.value)
+    with pytest.raises(TedcacheError, match="does not exist"):
+        read_config_file(str(tmp_path / "missing.yaml"))
+
+
+def test_config_file_errors_are_one_line_through_the_cli(tmp_path):
     bad_key = tmp_path / "bad.yaml"
     bad_key.write_text(yaml.safe_dump({"cache": "c", "student": "s", "out": "o", "optim": {"learning_rate": 1}}))
     assert_one_line_error(run_cli("distill", "--config", bad_key), "optim.learning_rate")
-    bad_type = tmp_path / "type.yaml"
-    bad_type.write_text(yaml.safe_dump({"cache": "c", "student": "s", "out": "o", "optim": {"epochs": "many"}}))
-    assert_one_line_error(run_cli("distill", "--config", bad_type), "optim.epochs", "float")
-    bad_choice = tmp_path / "choice.yaml"
-    bad_choice.write_text(yaml.safe_dump({"cache": "c", "student": "s", "out": "o", "method": "magic"}))
-    assert_one_line_error(run_cli("distill", "--config", bad_choice), "method", "magic")
-    assert_one_line_error(run_cli("distill", "--config", tmp_path / "missing.yaml"), "does not exist")
-    broken = tmp_path / "broken.yaml"
-    broken.write_text("optim: [1, 2\n")
-    assert_one_line_error(run_cli("distill", "--config", broken), "not valid YAML")
     assert_one_line_error(run_cli("distill", "--cache", "c", "--student", "s"), "--out")
 
 
 def test_shipped_example_configs_resolve():
-    from tedcache.configfile import read_config_file, resolve
-
     configs = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
     assert len(configs) >= 4
     for path in configs:
