@@ -21,7 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from tedcache import extract
-from tedcache.compare import CompareConfig, compare
+from tedcache.compare import compare
+from tedcache.config import CompareConfig
 from tedcache.demo import QUICK, prepare
 from tedcache.report import build_report
 from tedcache.results import format_table

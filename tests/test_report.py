@@ -13,7 +13,8 @@ import pytest
 from conftest import run_cli
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, extract
-from tedcache.compare import CompareConfig, compare
+from tedcache.compare import compare
+from tedcache.config import CompareConfig
 
 CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
 
