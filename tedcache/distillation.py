@@ -127,7 +127,7 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     log = (log or note) if procs.main else (lambda *_: None)
     check_choices(cfg)
     requested = asdict(cfg)
-    given = cfg
+    as_given = cfg  # saved as the run's config.yaml: what re-runs this command
     cfg = effective_weights(cfg)
     checkpoint = _checkpoint(cfg, requested, procs.size)
     if checkpoint.exists():
@@ -221,7 +221,7 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     report["seconds"] = time.perf_counter() - started
     report["processes"] = procs.size
     if procs.main:  # the student is saved once
-        save_run(student, tokenizer, cfg.out, report, given)
+        save_run(student, tokenizer, cfg.out, report, as_given)
         checkpoint.remove()
     procs.barrier()
     best = report["best"] or {}

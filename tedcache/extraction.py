@@ -90,7 +90,7 @@ def extract(cfg: ExtractConfig, log=None) -> str:
         if procs.main:
             try:
                 metadata = _metadata(cfg, identity, splits, label_names, spec, tokenizer, teacher, logit_spec)
-                plan = _prepare(location, cfg, metadata, splits, teacher, logit_spec, device, log)
+                plan = _prepare(location, cfg, metadata, spec, splits, teacher, logit_spec, device, log)
             except Exception as exc:  # the other processes wait for the plan: tell them, then fail here
                 procs.broadcast({"error": str(exc) if isinstance(exc, TedcacheError) else None})
                 raise
@@ -121,7 +121,8 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     return location.url
 
 
-def _prepare(location, cfg, metadata: CacheMetadata, splits, teacher, logit_spec, device, log) -> dict:
+def _prepare(location, cfg, metadata: CacheMetadata, spec: FilterSpec, splits, teacher, logit_spec, device,
+             log) -> dict:
     """The first process's part: reuse, resume, or Stage I + a new cache; the int8 scales from train unit 0
     (written here, so every process encodes with the same scales). Returns {"reuse", "todo": units left}."""
     try:
@@ -134,7 +135,6 @@ def _prepare(location, cfg, metadata: CacheMetadata, splits, teacher, logit_spec
     resuming = (existing is not None and not cfg.force and existing.inputs_written
                 and existing.identity == metadata.identity)
     raw = cfg.states == "raw"
-    spec = FilterSpec(metadata.layers, metadata.teacher_hidden_size, metadata.filter_dim, cfg.filters.kind)
     if resuming:
         writer = CacheWriter(location)
         bank = None if raw else FilterBank.from_bytes(read_filter_files(location)).to(device)
@@ -185,7 +185,8 @@ def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], l
     """What the new cache says about itself (the writer adds the layout's counts as it writes)."""
     task, raw = cfg.data.task, cfg.states == "raw"
     return CacheMetadata(
-        format_version=0, identity=identity, created_by=f"tedcache {version('tedcache')}", task=task,
+        format_version=0, identity=identity,  # format_version, chunk_tokens: set by CacheWriter.create
+        created_by=f"tedcache {version('tedcache')}", task=task,
         states=cfg.states, layers=spec.layers, filter_dim=spec.out_dim, teacher=cfg.teacher,
         teacher_weights_sha256=identity["teacher_weights"], tokenizer_vocab_sha256=vocab_hash(tokenizer),
         pad_token_id=pad_id(tokenizer), precision=cfg.precision, seed=cfg.seed, shard_tokens=cfg.shard_tokens,
