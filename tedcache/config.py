@@ -106,7 +106,10 @@ class DistillConfig:
     optim: OptimConfig = setting(help="Stage II optimiser.", factory=lambda: OptimConfig(epochs=3.0, lr=5e-5),
                                  prefix="")
     student_layers: str = setting("all", "Student layers that get filters (ted, lwd): all, every:K or 0,1.")
-    layer_map: str | None = setting(None, "Explicit student:teacher pairs, e.g. 0:2,1:5 (default: in order).")
+    layer_map: str = setting("interval", "Which teacher layer each student layer matches (ted, lwd): interval (TED's "
+                                         "rule over the cached layers), copy (for init-student copies: the layer "
+                                         "the next copied layer reads; the last with the teacher's last) or pairs "
+                                         "like 0:2,1:5. See docs/choosing-methods.md.")
     finetune_first: float = setting(0.0, "ted: epochs of plain fine-tuning before Stage I (the reference's practice).")
     stage1: OptimConfig = setting(help="Stage I (student filters) optimiser; every process runs it whole.",
                                   factory=lambda: OptimConfig(epochs=1.0, lr=1e-3), prefix="stage1-")

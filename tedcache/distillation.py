@@ -20,7 +20,7 @@ from .evaluate import PRIMARY_METRIC, evaluate, metrics, perplexity_from_nll
 from .filters import FilterBank, FilterSpec
 from .loop import COUNT_KINDS, Checkpoint, fit, save_run
 from .losses import filtered_mse, kd_loss, kd_targets, lm_loss, sparse_kd_loss, task_loss
-from .models import load_for_task, load_tokenizer, vocab_hash
+from .models import copied_from, load_for_task, load_tokenizer, vocab_hash
 from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
 from .schema import check_choices
 from .stage1 import train_filters
@@ -28,20 +28,37 @@ from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
 from .teacher import LiveTargets
 
 
-def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: str | None,
-               student_total: int) -> tuple[list[int], list[int]]:
+LAYER_MAP_RULES = ("interval", "copy")
+
+
+def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: str, student_total: int,
+               copied_from: list[int] | None = None, teacher_total: int | None = None) -> tuple[list[int], list[int]]:
     """Pair student layers with cached teacher layers; returns (student_layers, teacher_layers).
 
-    Default: with m student layers and K cached layers, K a multiple of m, student layer j is paired
-    with cached layer (j+1)*K/m - 1 (TED's interval rule applied to the cache: every (K/m)-th, ending
-    at the last). An explicit map "s:t,s:t" names 0-based student and teacher layers."""
-    if layer_map:
+    "interval" (TED's rule applied to the cache): with m student layers and K cached layers, K a multiple
+    of m, student layer j is paired with cached layer (j+1)*K/m - 1 (every (K/m)-th, ending at the last).
+    "copy", for a student made by init-student (`copied_from[j]`: the teacher layer student layer j
+    copies): student layer j is paired with the teacher layer whose output the next copied layer was
+    trained to read (copied_from[j+1] - 1), the last student layer with the teacher's last layer.
+    Anything else is an explicit map "s:t,s:t" of 0-based student and teacher layers."""
+    if layer_map == "copy":
+        if not copied_from or teacher_total is None:
+            raise TedcacheError("--layer-map copy needs a student made by tedcache init-student (its config records "
+                                "which teacher layer each layer copies); use --layer-map interval or explicit pairs")
+        wanted = [copied_from[j + 1] - 1 if j + 1 < len(copied_from) else teacher_total - 1 for j in student_layers]
+        missing = sorted(set(wanted) - set(cache_layers))
+        if missing:
+            raise TedcacheError(f"--layer-map copy pairs student layers {student_layers} with teacher layers {wanted}; "
+                                f"the cache holds {cache_layers}: extract one with --layers "
+                                f"{','.join(map(str, sorted(set(wanted) | set(cache_layers))))}")
+        return student_layers, wanted
+    if layer_map != "interval":
         try:
             pairs = [tuple(int(x) for x in item.split(":")) for item in layer_map.split(",") if item.strip()]
         except ValueError:
             pairs = []
         if not pairs or any(len(p) != 2 for p in pairs) or len({s for s, _ in pairs}) != len(pairs):
-            raise TedcacheError(f"--layer-map '{layer_map}' is not a list like 0:2,1:5 "
+            raise TedcacheError(f"--layer-map '{layer_map}' is not interval, copy or a list like 0:2,1:5 "
                                 "(distinct student layer:teacher layer pairs)")
         bad = [f"{s}:{t}" for s, t in pairs if not 0 <= s < student_total or t not in cache_layers]
         if bad:
@@ -52,7 +69,7 @@ def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: st
     if m > k or k % m:
         raise TedcacheError(f"cannot map {m} student layers {student_layers} onto the cache's {k} layers "
                             f"{cache_layers}; choose --student-layers so their count divides {k}, "
-                            "or give --layer-map s:t,...")
+                            "or give --layer-map copy or s:t,...")
     step = k // m
     return student_layers, [cache_layers[(j + 1) * step - 1] for j in range(m)]
 
@@ -159,7 +176,8 @@ def distill(cfg: DistillConfig, log=None) -> dict:
                                 f"{meta.states} ones; extract one with --states {needed}")
         total = num_layers(student)
         student_layers, teacher_layers = map_layers(parse_layers(cfg.student_layers, total), cache.layers,
-                                                    cfg.layer_map, total)
+                                                    cfg.layer_map, total, copied_from(student),
+                                                    meta.teacher_num_layers)
         bank = FilterBank(FilterSpec(student_layers, hidden_size(student), meta.filter_dim,
                                      meta.filter_kind or "linear")).to(device)
         log(f"layer map (student -> teacher): {dict(zip(student_layers, teacher_layers))}")
@@ -210,6 +228,7 @@ def distill(cfg: DistillConfig, log=None) -> dict:
         "method": cfg.method, "config": asdict(cfg), "requested": requested, "cache": str(cache.path),
         "cache_bytes": cache.bytes_on_disk(), "task": task, "kd_targets": form,
         "layer_map": dict(zip(bank.spec.layers, teacher_layers)) if bank is not None else None,
+        "layer_map_rule": (cfg.layer_map if cfg.layer_map in LAYER_MAP_RULES else "explicit") if bank is not None else None,
         "history": result["history"], "eval": result["evals"], "best": result["best"],
         "phases": {k: {"history": v["history"], "seconds": v["seconds"]} for k, v in phases.items()},
         "teacher": {name: teacher_metrics(split, task)

@@ -116,8 +116,17 @@ def layer_list(model: nn.Module) -> nn.ModuleList:
     raise TedcacheError(f"cannot find the transformer layer stack of {type(model).__name__}")
 
 
+COPIED_FROM = "tedcache_copied_from"  # config.json key: the teacher layer each student layer copies
+
+
+def copied_from(model) -> list[int] | None:
+    """Which source layer each layer of a student made by init_student copies (None for other models)."""
+    return getattr(model.config, COPIED_FROM, None)
+
+
 def init_student(source: str, layers: list[int], out: str) -> Path:
-    """A shallower copy of `source` keeping the given 0-based layers (DistilBERT-style), saved to `out`."""
+    """A shallower copy of `source` keeping the given 0-based layers (DistilBERT-style), saved to `out`;
+    its config records the kept layers (see copied_from: distill's copy layer map reads them)."""
     _check_source(source, "source model")
     config = AutoConfig.from_pretrained(source)
     architectures = config.architectures or []
@@ -138,6 +147,7 @@ def init_student(source: str, layers: list[int], out: str) -> Path:
     for i, layer in enumerate(kept):
         stack.add_module(str(i), layer)
     model.config.num_hidden_layers = len(kept)
+    setattr(model.config, COPIED_FROM, keep)
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_path)

@@ -37,14 +37,22 @@ def test_extract_init_student_distill(assets, cache, tmp_path):
     student = tmp_path / "student"
     made = run_cli("init-student", "--from", assets["teacher"], "--layers", "0,3", "--out", student)
     assert made.returncode == 0, made.stderr
-    assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 2
+    config = json.loads((student / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config["tedcache_copied_from"] == [0, 3]
     out = tmp_path / "run"
     result = run_cli("distill", "--cache", cache, "--student", student, "--out", out, "--epochs", "1",
                      "--batch-size", "16", "--kl-alpha", "2", "--mse-alpha", "3")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "ted" and metrics["layer_map"] == {"0": 1, "1": 3}
+    assert metrics["layer_map_rule"] == "interval"
     assert metrics["config"]["kl_alpha"] == 2.0 and "accuracy" in metrics["best"]
+    # the copy map pairs student layer 0 (teacher 0) with teacher layer 2, the input of the copied layer 3
+    copy = run_cli("distill", "--cache", cache, "--student", student, "--out", tmp_path / "copy", "--epochs", "0.5",
+                   "--layer-map", "copy")
+    assert copy.returncode == 0, copy.stderr
+    metrics = json.loads((tmp_path / "copy" / "metrics.json").read_text())
+    assert metrics["layer_map"] == {"0": 2, "1": 3} and metrics["layer_map_rule"] == "copy"
 
 
 def test_finetune_command(assets, tmp_path):

@@ -136,13 +136,18 @@ def test_distill_without_teacher_all_methods(assets, tmp_path):
 
 
 def test_layer_map_rules():
-    assert map_layers([0, 1], [0, 1, 2, 3, 4, 5], None, 2) == ([0, 1], [2, 5])
-    assert map_layers([0, 1, 2], [1, 3, 5], None, 3) == ([0, 1, 2], [1, 3, 5])
+    assert map_layers([0, 1], [0, 1, 2, 3, 4, 5], "interval", 2) == ([0, 1], [2, 5])
+    assert map_layers([0, 1, 2], [1, 3, 5], "interval", 3) == ([0, 1, 2], [1, 3, 5])
     assert map_layers([0, 1], [0, 1, 2], "0:0,1:2", 2) == ([0, 1], [0, 2])
-    for student, cache, explicit in (([0, 1, 2], [0, 1], None), ([0, 1], [0, 1, 2], None),
-                                     ([0, 1], [0, 1], "0:7"), ([0, 1], [0, 1], "x")):
+    # the demo student copies teacher layers 0 and 5: its layer 1 was trained to read teacher layer 4's output
+    assert map_layers([0, 1], [2, 4, 5], "copy", 2, copied_from=[0, 5], teacher_total=6) == ([0, 1], [4, 5])
+    assert map_layers([0, 2], list(range(30)), "copy", 3, [0, 12, 24], 30) == ([0, 2], [11, 29])
+    for student, cache, rule in (([0, 1, 2], [0, 1], "interval"), ([0, 1], [0, 1, 2], "interval"),
+                                 ([0, 1], [0, 1], "0:7"), ([0, 1], [0, 1], "x"), ([0, 1], [0, 1], "copy")):
         with pytest.raises(TedcacheError):
-            map_layers(student, cache, explicit, 2)
+            map_layers(student, cache, rule, 2)
+    with pytest.raises(TedcacheError, match="--layers 2,4,5"):
+        map_layers([0, 1], [2, 5], "copy", 2, copied_from=[0, 5], teacher_total=6)
 
 
 def test_regression_end_to_end(tmp_path):
