@@ -12,7 +12,7 @@ from .config import METHODS, CompareConfig, DistillConfig, what_it_computes
 from .configfile import CONFIG_FILE, config_yaml
 from .distillation import distill
 from .errors import TedcacheError, note
-from .results import COMPARE_FILE, find_runs, format_table, summarize
+from .results import COMPARE_FILE, find_runs, format_comparisons, format_table, summarize
 
 
 def run_config(cfg: CompareConfig, method: str, seed: int) -> DistillConfig:
@@ -53,5 +53,5 @@ def compare(cfg: CompareConfig, log=None) -> dict:
         distill(run, log)
     summary = {**summarize(find_runs([r.out for r in runs])), "config": asdict(cfg)}
     (Path(cfg.base.out) / COMPARE_FILE).write_text(json.dumps(summary, indent=2))
-    print(format_table(summary))
+    print(format_table(summary) + "\n\n" + format_comparisons(summary))
     return summary

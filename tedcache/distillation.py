@@ -16,7 +16,7 @@ from .cache import Cache, CacheMetadata, verify
 from .config import DistillConfig, what_it_computes
 from .distributed import processes
 from .errors import TedcacheError, note
-from .evaluate import PRIMARY_METRIC, evaluate, metrics, perplexity_from_nll
+from .evaluate import PRIMARY_METRIC, evaluate, metrics, perplexity_from_nll, predictions, score
 from .filters import FilterBank, FilterSpec
 from .loop import COUNT_KINDS, Checkpoint, fit, save_run
 from .losses import filtered_mse, kd_loss, kd_targets, lm_loss, sparse_kd_loss, task_loss
@@ -235,12 +235,14 @@ def distill(cfg: DistillConfig, log=None) -> dict:
                     for name, split in (("eval", eval_split), ("test", test_split)) if split is not None},
         "stage2_seconds": result["seconds"],
     }
+    test_outputs = None
     if test_split is not None:
-        report["test"] = evaluate_split(test_split)
+        test_outputs = predictions(student, iterate_batches(CacheSource(test_split), 64, pad_id), task, procs)
+        report["test"] = score(test_outputs, task)
     report["seconds"] = time.perf_counter() - started
     report["processes"] = procs.size
     if procs.main:  # the student is saved once
-        save_run(student, tokenizer, cfg.out, report, as_given)
+        save_run(student, tokenizer, cfg.out, report, as_given, test_outputs)
         checkpoint.remove()
     procs.barrier()
     best = report["best"] or {}

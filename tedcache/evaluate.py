@@ -82,15 +82,26 @@ def model_outputs(model, batches, task: str) -> dict[str, np.ndarray]:
     return result
 
 
-def evaluate(model, batches, task: str, processes=None) -> dict[str, float]:
-    """The task's metrics of `model` over `batches` (causal-lm: loss and perplexity). With several
-    `processes`, each scores every N-th batch and the outputs are gathered before the metrics."""
+def predictions(model, batches, task: str, processes=None) -> dict[str, np.ndarray]:
+    """`model`'s outputs over `batches` in example order: {"values": logits (classification, regression)
+    or each block's mean next-token loss (causal-lm), ["labels"]}. With several `processes`, each scores
+    every N-th batch and the outputs are gathered."""
     processes = processes or ALONE
     mine = itertools.islice(batches, processes.rank, None, processes.size)
     parts = processes.gather(model_outputs(model, mine, task))
     full = [p for p in parts if len(p["index"])]
     merged = {key: np.concatenate([p[key] for p in full]) for key in full[0]}
     order = merged["index"].argsort()
+    return {key: value[order] for key, value in merged.items() if key != "index"}
+
+
+def score(outputs: dict[str, np.ndarray], task: str) -> dict[str, float]:
+    """The task's metrics of `predictions` output (causal-lm: loss and perplexity)."""
     if task == "causal-lm":
-        return perplexity_from_nll(merged["values"][order])
-    return metrics(merged["values"][order], merged["labels"][order], task)
+        return perplexity_from_nll(outputs["values"])
+    return metrics(outputs["values"], outputs["labels"], task)
+
+
+def evaluate(model, batches, task: str, processes=None) -> dict[str, float]:
+    """The task's metrics of `model` over `batches` (see predictions and score)."""
+    return score(predictions(model, batches, task, processes), task)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -201,10 +202,13 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
             "seconds": time.perf_counter() - started}
 
 
-def save_run(model, tokenizer, out: str, metrics: dict, config) -> Path:
-    """Write the model (save_pretrained), its tokenizer, metrics.json and the run's configuration
-    (config.yaml: `--config` it to run it again) to `out`, atomically: everything goes to a temporary
-    sibling folder that replaces `out` only once complete."""
+PREDICTIONS_FILE = "test_predictions.npz"  # the test split's outputs in example order (see evaluate.predictions)
+
+
+def save_run(model, tokenizer, out: str, metrics: dict, config, test_outputs: dict | None = None) -> Path:
+    """Write the model (save_pretrained), its tokenizer, metrics.json, the run's configuration
+    (config.yaml: `--config` it to run it again) and its test predictions (for paired tests) to `out`,
+    atomically: everything goes to a temporary sibling folder that replaces `out` only once complete."""
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()) and not (out_path / "metrics.json").exists():
         raise TedcacheError(f"--out {out} exists and is not a tedcache run folder; choose an empty or new folder")
@@ -215,6 +219,8 @@ def save_run(model, tokenizer, out: str, metrics: dict, config) -> Path:
         tokenizer.save_pretrained(staging)
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (staging / CONFIG_FILE).write_text(config_yaml(config))
+        if test_outputs is not None:
+            np.savez(staging / PREDICTIONS_FILE, **test_outputs)
         if out_path.exists():
             shutil.rmtree(out_path)
         staging.rename(out_path)

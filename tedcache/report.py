@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from .errors import TedcacheError
-from .results import Run, find_runs, summarize, varied_caches
+from .results import COMPARISON_HEADER, Run, comparison_rows, find_runs, summarize, varied_caches
 
 CURVE_PANELS = (("task", "task loss"), ("kl", "KL (T² scaled)"), ("mse/", "filtered MSE per layer"))
 
@@ -84,7 +84,7 @@ def methods_plot(summary: dict) -> bytes | None:
         return None
     fig, axes = _figure(6.5, 3.6)
     ax = axes[0][0]
-    labels = [row["method"] + (f"\n{Path(row['cache']).name}" if row["cache"] else "") for row in rows]
+    labels = [row["label"].replace(" (", "\n(") for row in rows]
     ax.bar(labels, [r["test_mean"] for r in rows], yerr=[r["test_std"] for r in rows], capsize=4, color="#6a8fc7")
     if summary["teacher"] is not None:
         ax.axhline(summary["teacher"], color="k", linestyle="--", label="teacher")
@@ -147,13 +147,20 @@ def build_report(run_dirs: list[str], out: str) -> Path:
         header = ["model", "seeds", f"test {metric} mean", "std", f"validation {metric} mean", "share of teacher"]
         rows = [["teacher", "-", fmt(summary["teacher"]), "-", "-", "-"]] if summary["teacher"] is not None else []
         for row in summary["rows"]:
-            name = row["method"] + (f" ({Path(row['cache']).name})" if row["cache"] else "")
+            name = row["label"]
             share = fmt(100 * row["share_of_teacher"], 1) + "%" if "share_of_teacher" in row else "-"
             rows.append([name, ",".join(map(str, row["seeds"])), fmt(row["test_mean"]), fmt(row["test_std"]),
                          fmt(row["validation_mean"]), share])
         sections.append("<h2>Methods compared</h2>" + _table(header, rows))
         if (plot := methods_plot(summary)) is not None:
             sections.append(_image("methods.png", plot, out_dir, "test metric per method"))
+    if summary["comparisons"]:
+        sentences = "".join(f"<li>{html.escape(c['verdict'])}</li>" for c in summary["comparisons"])
+        sections.append("<h2>Paired comparisons</h2><p>Differences A − B in the test metric over the seeds both ran "
+                        "(Student's t), and a paired bootstrap over test examples (classification: accuracy; "
+                        "causal-lm: block loss in nats). A difference is called only where both 95% intervals "
+                        "exclude zero.</p>" + _table(COMPARISON_HEADER, comparison_rows(summary))
+                        + f"<ul>{sentences}</ul>")
     if (plot := cache_plot(runs)) is not None:
         sections.append("<h2>Cache size and accuracy</h2>" + _image("cache-size.png", plot, out_dir, "cache size"))
 

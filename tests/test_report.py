@@ -8,13 +8,16 @@ import re
 import shutil
 import statistics
 import subprocess
+from dataclasses import replace
 
 import pytest
 from conftest import run_cli
+from scipy import stats as scipy_stats
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, extract
 from tedcache.compare import compare
 from tedcache.config import CompareConfig
+from tedcache.results import find_runs, summarize
 
 CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
 
@@ -65,6 +68,25 @@ def test_compare_refuses_lwd_without_a_raw_cache(compared, tmp_path):
     assert result.returncode == 2 and "--raw-cache" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_variants_get_their_own_rows_and_paired_comparisons(compared, tmp_path):
+    """Two compare folders that differ only in the layer map: two ted rows, not one of four seeds."""
+    cfg, _, root = compared
+    variant = CompareConfig(base=replace(cfg.base, out=str(tmp_path / "map"), layer_map="0:0,1:3"),
+                            methods=["kd", "ted"], seeds=[1, 2])
+    compare(variant, log=lambda *_: None)
+    summary = summarize(find_runs([str(root / "runs"), str(tmp_path / "map")]))
+    labels = [row["label"] for row in summary["rows"]]
+    assert labels == ["ted (layer_map=0:0,1:3)", "ted (layer_map=interval)", "lwd", "kd", "finetune"]
+    assert all(row["seeds"] == [1, 2] for row in summary["rows"])
+    kd = summary["rows"][3]
+    assert len(kd["runs"]) == 4  # kd does not read the layer map: the two folders' kd runs are one variant
+    pair = next(c for c in summary["comparisons"] if c["a"] == labels[0] and c["b"] == labels[1])
+    tests = {row["label"]: row for row in summary["rows"]}
+    assert pair["by_seed"]["mean"] == pytest.approx(tests[labels[0]]["test_mean"] - tests[labels[1]]["test_mean"])
+    assert pair["by_example"]["n"] == 32 and pair["seeds"] == [1, 2]
+    assert ("beats" in pair["verdict"]) != ("not resolved" in pair["verdict"])
+
+
 def _page_numbers(page: str) -> list[str]:
     text = re.sub(r'src="data:[^"]*"', "", page)
     text = html.unescape(re.sub(r"<[^>]+>", " ", re.sub(r"<style>.*?</style>", "", text, flags=re.S)))
@@ -95,7 +117,23 @@ def test_report_numbers_all_come_from_the_run_folders(compared, tmp_path):
     for r in runs:
         allowed |= {str(r["config"]["seed"]), f"{r['best']['accuracy']:.4f}", f"{r['test']['accuracy']:.4f}",
                     f"{r['cache_bytes'] / 2**20:.1f}", f"{r['seconds']:.0f}"}
-    allowed |= {str(len(runs)), "1", "2"}  # "8 runs", the seed lists "1,2"
+    allowed |= {str(len(runs)), "1", "2", "95"}  # "8 runs", the seed lists "1,2", "95% interval"
+    # paired comparisons: the seed intervals recomputed here (mean ± t * sd / sqrt(n)); the bootstrap's
+    # bounds and the verdicts' counts are read from summary.json (tests/test_stats.py checks both)
+    by = {(r["method"], r["config"]["seed"]): r["test"]["accuracy"] for r in runs}
+    order = ("ted", "lwd", "kd", "finetune")
+    for i, a in enumerate(order):
+        for b in order[i + 1:]:
+            d = [by[a, s] - by[b, s] for s in (1, 2)]
+            half = scipy_stats.t.ppf(0.975, 1) * statistics.stdev(d) / 2 ** 0.5
+            allowed |= {f"{abs(v):.4f}" for v in (statistics.mean(d), statistics.mean(d) - half,
+                                                  statistics.mean(d) + half)}
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert len(summary["comparisons"]) == 6
+    for c in summary["comparisons"]:
+        e = c["by_example"]
+        allowed |= {f"{abs(v):.4f}" for v in (e["mean"], e["low"], e["high"])}
+        allowed |= set(re.findall(r"\d+", c["verdict"]))
     shown = _page_numbers(page)
     assert len(shown) > 40
     assert not [n for n in shown if n not in allowed]
