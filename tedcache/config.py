@@ -49,6 +49,8 @@ class OptimConfig:
     grad_accum: int = setting(1, "Micro-batches per optimiser step.")
     weight_decay: float = setting(0.0, "AdamW weight decay.")
     warmup_ratio: float = setting(0.0, "Share of the steps spent warming the learning rate up.")
+    patience: int = setting(0, "Stop after this many evaluations without a better validation result; epochs is "
+                               "then a cap (0: run every epoch).")
 
 
 @dataclass
@@ -69,8 +71,9 @@ class ExtractConfig:
     teacher: str = setting(help="Fine-tuned teacher: an HF model folder or hub name.")
     data: DataConfig = setting(help="Data settings.", prefix="")
     filters: FilterConfig = setting(help="TED filter settings.", factory=FilterConfig, prefix="")
-    stage1: OptimConfig = setting(help="Stage I (teacher filters) optimiser.",
-                                  factory=lambda: OptimConfig(epochs=3.0, lr=1e-3), prefix="stage1-")
+    stage1: OptimConfig = setting(help="Stage I (teacher filters) optimiser; with --eval-data it stops once the "
+                                       "filters' validation loss stops improving (epochs: the cap).",
+                                  factory=lambda: OptimConfig(epochs=10.0, lr=1e-3, patience=2), prefix="stage1-")
     cache_dir: str = setting(DEFAULT_CACHES, "Where caches go: a folder or an fsspec URL (s3://bucket/prefix).")
     precision: str = setting("int8", "Stored states: fp32, fp16, bf16 or int8 (see docs/design.md).", choices=PRECISIONS)
     states: str = setting("filtered", "filtered (TED) or raw (unfiltered hidden states, for --method lwd).",
@@ -111,8 +114,9 @@ class DistillConfig:
                                          "the next copied layer reads; the last with the teacher's last) or pairs "
                                          "like 0:2,1:5. See docs/choosing-methods.md.")
     finetune_first: float = setting(0.0, "ted: epochs of plain fine-tuning before Stage I (the reference's practice).")
-    stage1: OptimConfig = setting(help="Stage I (student filters) optimiser; every process runs it whole.",
-                                  factory=lambda: OptimConfig(epochs=1.0, lr=1e-3), prefix="stage1-")
+    stage1: OptimConfig = setting(help="Stage I (student filters) optimiser; every process runs it whole, stopping "
+                                       "once the validation loss stops improving (epochs: the cap; 0: untrained).",
+                                  factory=lambda: OptimConfig(epochs=10.0, lr=1e-3, patience=2), prefix="stage1-")
     eval_every: int = setting(0, "Optimiser steps between evaluations (0: once per epoch).")
     max_steps: int | None = setting(None, "Stop after this many optimiser steps.")
     log_every: int = setting(10, "Optimiser steps between loss records in metrics.json.")

@@ -23,7 +23,7 @@ from .losses import filtered_mse, kd_loss, kd_targets, lm_loss, sparse_kd_loss, 
 from .models import copied_from, load_for_task, load_tokenizer, vocab_hash
 from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
 from .schema import check_choices
-from .stage1 import train_filters
+from .stage1 import describe_filters, train_filters
 from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
 from .teacher import LiveTargets
 
@@ -196,7 +196,9 @@ def distill(cfg: DistillConfig, log=None) -> dict:
             ft_cfg, "fine-tune student first", device=device, autocast=autocast)
     if cfg.method == "ted":
         phases["stage1"] = train_filters(student, bank, labels_only, task, meta.num_outputs, cfg.stage1, pad_id,
-                                         cfg.seed, desc="stage I (student filters)", lm_head=meta.lm_head or "tied")
+                                         cfg.seed, desc="stage I (student filters)", lm_head=meta.lm_head or "tied",
+                                         eval_source=CacheSource(eval_split) if eval_split is not None else None)
+        log(describe_filters(phases["stage1"]["filters"]))
         student.requires_grad_(True)
 
     live = LiveTargets(cfg.teacher, cache, teacher_layers, device, cfg.seed) if cfg.teacher else None
@@ -230,7 +232,8 @@ def distill(cfg: DistillConfig, log=None) -> dict:
         "layer_map": dict(zip(bank.spec.layers, teacher_layers)) if bank is not None else None,
         "layer_map_rule": (cfg.layer_map if cfg.layer_map in LAYER_MAP_RULES else "explicit") if bank is not None else None,
         "history": result["history"], "eval": result["evals"], "best": result["best"],
-        "phases": {k: {"history": v["history"], "seconds": v["seconds"]} for k, v in phases.items()},
+        "phases": {k: {"history": v["history"], "seconds": v["seconds"],
+                       **({"filters": v["filters"]} if "filters" in v else {})} for k, v in phases.items()},
         "teacher": {name: teacher_metrics(split, task)
                     for name, split in (("eval", eval_split), ("test", test_split)) if split is not None},
         "stage2_seconds": result["seconds"],

@@ -13,7 +13,7 @@ from .losses import lm_loss_per_block
 from .taps import model_inputs
 
 PRIMARY_METRIC = {"classification": "accuracy", "regression": "spearman", "causal-lm": "perplexity"}
-LOWER_IS_BETTER = {"perplexity"}
+LOWER_IS_BETTER = {"perplexity", "loss"}
 
 
 def better(a: dict, b: dict | None, metric: str) -> bool:

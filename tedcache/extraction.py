@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib.metadata import version
 
 import numpy as np
@@ -28,7 +28,7 @@ from .losses import lm_loss_per_block
 from .models import load_for_task, load_tokenizer, pad_id, tokenizer_hash, vocab_hash, weights_hash
 from .reader import ExamplesSource, iterate_batches, to_device
 from .schema import check_choices, to_dict
-from .stage1 import train_filters
+from .stage1 import describe_filters, train_filters
 from .taps import hidden_size, num_layers, parse_layers
 from .teacher import teacher_targets
 
@@ -139,7 +139,10 @@ def _prepare(location, cfg, metadata: CacheMetadata, spec: FilterSpec, splits, t
         writer = CacheWriter(location)
         bank = None if raw else FilterBank.from_bytes(read_filter_files(location)).to(device)
     else:
-        bank = None if raw else _train_teacher_filters(teacher, spec, splits["train"], metadata, cfg)
+        bank = None
+        if not raw:
+            bank, measured = _train_teacher_filters(teacher, spec, splits, metadata, cfg, log)
+            metadata = replace(metadata, stage1_filters=measured)
         writer = _create_cache(location, metadata, splits, bank, logit_spec)
     if bank is not None:
         bank.eval()
@@ -170,14 +173,18 @@ def _load_splits(cfg: ExtractConfig, tokenizer, model_config) -> tuple[dict[str,
     return splits, label_names
 
 
-def _train_teacher_filters(teacher, spec: FilterSpec, train: Examples, metadata: CacheMetadata,
-                           cfg: ExtractConfig) -> FilterBank:
+def _train_teacher_filters(teacher, spec: FilterSpec, splits: dict[str, Examples], metadata: CacheMetadata,
+                           cfg: ExtractConfig, log) -> tuple[FilterBank, dict]:
+    """The trained filters and how well each learned (on the eval split when there is one)."""
     torch.manual_seed(cfg.seed)
     bank = FilterBank(spec).to(next(teacher.parameters()).device)
-    train_filters(teacher, bank, ExamplesSource(train), metadata.task, metadata.num_outputs or 1, cfg.stage1,
-                  metadata.pad_token_id, cfg.seed, desc="stage I (teacher filters)", lm_head=cfg.filters.lm_head)
+    evaluation = ExamplesSource(splits["eval"]) if "eval" in splits else None
+    result = train_filters(teacher, bank, ExamplesSource(splits["train"]), metadata.task, metadata.num_outputs or 1,
+                           cfg.stage1, metadata.pad_token_id, cfg.seed, desc="stage I (teacher filters)",
+                           lm_head=cfg.filters.lm_head, eval_source=evaluation)
     teacher.eval()
-    return bank
+    log(describe_filters(result["filters"]))
+    return bank, result["filters"]
 
 
 def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], label_names, spec: FilterSpec,

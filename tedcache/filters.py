@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import load, save
 from torch import nn
 
+from .taps import pooled
+
 
 @dataclass
 class FilterSpec:
@@ -53,14 +55,16 @@ class FilterBank(nn.Module):
 
 
 class SequenceHead(nn.Module):
-    """Stage-I head on a filter's output at token 0: the shape of a BERT classification head."""
+    """Stage-I head on a filter's output at one position (see taps.pooled: token 0 for encoders, the last
+    real token for decoder-only models): the shape of a BERT classification head."""
 
-    def __init__(self, dim: int, num_outputs: int, dropout: float = 0.1):
+    def __init__(self, dim: int, num_outputs: int, last_token: bool = False, dropout: float = 0.1):
         super().__init__()
+        self.last_token = last_token
         self.net = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, num_outputs))
 
-    def forward(self, filtered: torch.Tensor) -> torch.Tensor:
-        return self.net(filtered[:, 0])
+    def forward(self, filtered: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net(pooled(filtered, mask, self.last_token))
 
 
 class LMHead(nn.Module):

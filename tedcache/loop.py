@@ -103,20 +103,21 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
     modules are wrapped in DDP). `loss_fn` gets each batch with its "share" (see batch_shares).
 
     `modules` are put in train mode; with `evaluate`, it runs every `eval_every` steps (0: each epoch)
-    and the state of `modules` at the best `select` metric is restored at the end. With `checkpoint`,
+    and the state of `modules` at the best `select` metric is restored at the end; with `cfg.patience`,
+    training stops after that many evaluations without a better one. With `checkpoint`,
     the loop's state is saved every `checkpoint.every` steps (0: each epoch) and a saved one is resumed.
     Batches are read ahead in a background thread and moved to `device`; `autocast` runs the forward
     passes in bf16. Returns {"history": [...loss terms, averaged over processes...], "evals": [...],
     "best": {...}, "seconds": s}."""
     accum = max(1, cfg.grad_accum)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / accum))
-    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    total = max(1, math.ceil(cfg.epochs * steps_per_epoch)) if cfg.epochs > 0 else 0
     if max_steps is not None:
         total = min(total, max_steps)
     model = processes.wrap(LossModule(modules, loss_fn))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    loop = {"step": 0, "epoch": 0, "consumed": 0, "history": [], "evals": [], "best": None}
+    loop = {"step": 0, "epoch": 0, "consumed": 0, "history": [], "evals": [], "best": None, "stale": 0}
     best_state = None
     started = time.perf_counter()
     if checkpoint is not None and checkpoint.exists():
@@ -142,6 +143,12 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
         if better(result, loop["best"], select):
             loop["best"] = result
             best_state = snapshot()
+            loop["stale"] = 0
+        else:
+            loop["stale"] += 1
+
+    def patience_spent() -> bool:
+        return bool(cfg.patience) and evaluate is not None and loop.get("stale", 0) >= cfg.patience
 
     def save_checkpoint():
         processes.barrier()
@@ -184,22 +191,24 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
                 run_eval()
             if checkpoint is not None and checkpoint.every and step % checkpoint.every == 0 and step < total:
                 save_checkpoint()
-            if step >= total:
+            if step >= total or patience_spent():
                 break
         loop["epoch"] += 1
         loop["consumed"] = 0
         if evaluate is not None and not eval_every and (loop["step"] % steps_per_epoch == 0 or loop["step"] >= total):
             run_eval()
+        if patience_spent():
+            break
         if checkpoint is not None and not checkpoint.every and loop["step"] < total:
             save_checkpoint()
     bar.close()
-    if evaluate is not None and (not loop["evals"] or loop["evals"][-1]["step"] != loop["step"]):
+    if evaluate is not None and not patience_spent() and (not loop["evals"] or loop["evals"][-1]["step"] != loop["step"]):
         run_eval()
     if best_state is not None:
         for m, state in zip(modules, best_state):
             m.load_state_dict(state)
-    return {"history": loop["history"], "evals": loop["evals"], "best": loop["best"],
-            "seconds": time.perf_counter() - started}
+    return {"history": loop["history"], "evals": loop["evals"], "best": loop["best"], "steps": loop["step"],
+            "stopped_early": loop["step"] < total, "seconds": time.perf_counter() - started}
 
 
 PREDICTIONS_FILE = "test_predictions.npz"  # the test split's outputs in example order (see evaluate.predictions)

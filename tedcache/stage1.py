@@ -1,4 +1,4 @@
-"""Stage I: train one filter + throw-away head per tapped layer on a frozen model."""
+"""Stage I: train one filter + throw-away head per tapped layer on a frozen model, and measure each filter."""
 
 from __future__ import annotations
 
@@ -9,39 +9,100 @@ from .config import OptimConfig
 from .filters import FilterBank, LMHead, SequenceHead
 from .loop import fit
 from .losses import lm_loss, task_loss
-from .reader import iterate_batches, num_batches
-from .taps import forward_with_taps
+from .reader import iterate_batches, num_batches, to_device
+from .taps import forward_with_taps, is_decoder_only
 
 
 def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, cfg: OptimConfig, pad_id: int,
-                  seed: int, desc: str = "stage I", lm_head: str = "tied") -> dict:
+                  seed: int, desc: str = "stage I", lm_head: str = "tied", eval_source=None) -> dict:
     """Train `bank` in place; only filter and head weights change. The loss is the mean over filters of
     each head's task loss (causal-lm: next-token loss through an `lm_head` head, see LMHead). The frozen
     backbone stays in train mode (dropout on), as in the reference, and runs without autograd since
-    nothing in it is trained."""
+    nothing in it is trained. With `eval_source`, the filters are scored after every epoch, training
+    stops once their mean validation loss has not improved for `cfg.patience` epochs, and the best
+    filters are kept. `cfg.epochs` 0 leaves them untrained (the ablation).
+
+    Returns fit's result plus "filters": each filter's metrics (see filter_metrics) on `eval_source`,
+    else on the training data, with the split they were measured on and the steps trained."""
     torch.manual_seed(seed)
     dim = bank.spec.out_dim
+    last_token = is_decoder_only(model)
     if task == "causal-lm":
         heads = nn.ModuleList(LMHead(dim, model.get_output_embeddings(), lm_head) for _ in bank.spec.layers)
     else:
-        heads = nn.ModuleList(SequenceHead(dim, num_outputs) for _ in bank.spec.layers)
+        heads = nn.ModuleList(SequenceHead(dim, num_outputs, last_token) for _ in bank.spec.layers)
     model.requires_grad_(False)
-
-    def head_loss(head, filtered, batch):
-        if task == "causal-lm":
-            return lm_loss(head(filtered), batch["input_ids"], batch["attention_mask"])
-        return task_loss(head(filtered), batch["labels"], task)
 
     def loss_fn(batch):
         with torch.no_grad():
             _, hidden = forward_with_taps(model, batch, bank.spec.layers)
-        losses = torch.stack([head_loss(head, f, batch) for head, f in zip(heads, bank(hidden))])
+        losses = torch.stack([head_loss(head, f, batch, task) for head, f in zip(heads, bank(hidden))])
         return losses.mean(), {f"layer_{layer}": value for layer, value in zip(bank.spec.layers, losses.detach())}
 
     device = next(model.parameters()).device
     heads.to(device)
+    scored = eval_source if eval_source is not None else source
+
+    def measure() -> dict:
+        return filter_metrics(model, bank, heads, scored, task, pad_id, cfg.batch_size)
+
     params = list(bank.parameters()) + list(heads.parameters())
-    return fit(params, [model, bank, heads],
-               lambda epoch: iterate_batches(source, cfg.batch_size, pad_id, shuffle=True, seed=seed,
-                                             epoch=epoch),
-               num_batches(source, cfg.batch_size), loss_fn, cfg, desc, device=device)
+    result = fit(params, [model, bank, heads],
+                 lambda epoch: iterate_batches(source, cfg.batch_size, pad_id, shuffle=True, seed=seed, epoch=epoch),
+                 num_batches(source, cfg.batch_size), loss_fn, cfg, desc, device=device,
+                 evaluate=measure if eval_source is not None else None, select="loss")
+    final = result["best"] if eval_source is not None else measure()
+    model.train()
+    result["filters"] = {"split": "eval" if eval_source is not None else "train", "steps": result["steps"],
+                         "stopped_early": result["stopped_early"], "metrics": final}
+    return result
+
+
+def head_loss(head, filtered: torch.Tensor, batch: dict, task: str) -> torch.Tensor:
+    if task == "causal-lm":
+        return lm_loss(head(filtered), batch["input_ids"], batch["attention_mask"])
+    return task_loss(head(filtered, batch["attention_mask"]), batch["labels"], task)
+
+
+@torch.no_grad()
+def filter_metrics(model, bank: FilterBank, heads, source, task: str, pad_id: int, batch_size: int) -> dict:
+    """Every filter through its head over `source`, dropout off: {"loss": mean over filters, and per
+    layer "<layer>/loss" (the task loss: cross-entropy, squared error, or next-token loss), classification
+    "<layer>/accuracy", causal-lm "<layer>/logit_lens_loss" (the same layer's state read by the model's
+    own final norm and output head, no filter: what the layer says without training)."""
+    for module in (model, bank, heads):
+        module.eval()
+    device = next(model.parameters()).device
+    layers = bank.spec.layers
+    sums: dict[str, float] = {}
+    total = 0.0
+    for batch in iterate_batches(source, batch_size, pad_id):
+        batch = to_device(batch, device)
+        _, hidden = forward_with_taps(model, batch, layers)
+        mask = batch["attention_mask"]
+        weight = float(mask[:, 1:].sum()) if task == "causal-lm" else float(len(mask))
+        total += weight
+        for layer, head, state, filtered in zip(layers, heads, hidden, bank(hidden)):
+            values = {"loss": head_loss(head, filtered, batch, task)}
+            if task == "causal-lm":
+                values["logit_lens_loss"] = lm_loss(model.get_output_embeddings()(state), batch["input_ids"], mask)
+            elif task == "classification":
+                predicted = head(filtered, mask).argmax(-1)
+                values["accuracy"] = (predicted == batch["labels"]).float().mean()
+            for name, value in values.items():
+                key = f"{layer}/{name}"
+                sums[key] = sums.get(key, 0.0) + float(value) * weight
+    result = {key: value / max(total, 1.0) for key, value in sums.items()}
+    result["loss"] = sum(result[f"{layer}/loss"] for layer in layers) / len(layers)
+    return result
+
+
+def describe_filters(measured: dict) -> str:
+    """One line per filter for the log: its Stage-I metrics and where they were measured."""
+    metrics = measured["metrics"]
+    layers = sorted({key.split("/")[0] for key in metrics if "/" in key}, key=int)
+    parts = [f"layer {layer}: " + ", ".join(f"{key.split('/')[1]} {value:.4f}" for key, value in metrics.items()
+                                            if key.startswith(f"{layer}/")) for layer in layers]
+    return (f"stage I filters after {measured['steps']} steps"
+            + (" (stopped: no better validation loss)" if measured["stopped_early"] else "")
+            + f", on the {measured['split']} split: " + "; ".join(parts))

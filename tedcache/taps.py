@@ -54,8 +54,25 @@ def is_causal_lm_class(name: str) -> bool:
     return name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
-def is_causal_lm(model) -> bool:
-    return is_causal_lm_class(type(model).__name__)
+def is_decoder_only(model) -> bool:
+    """Whether the model is a decoder-only transformer (GPT-2, Llama, Qwen...; as a causal LM or as a
+    sequence classifier): its model type has a causal-LM class and no masked-LM class (BERT has both)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = model.config.model_type
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def pooled(states: torch.Tensor, mask: torch.Tensor, last: bool) -> torch.Tensor:
+    """The one position a sequence head reads: the last real token (decoder-only models, whose own
+    classification heads read it: only it has seen the whole text) or the first ([CLS], encoders)."""
+    if not last:
+        return states[:, 0]
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return states[torch.arange(len(states), device=states.device), (mask * positions).argmax(1)]
 
 
 def final_norm(model) -> torch.nn.Module:
@@ -72,14 +89,14 @@ def final_norm(model) -> torch.nn.Module:
 def forward_with_taps(model, batch: dict, layers: list[int]):
     """Run the model; return (logits, [hidden state after layer i for i in layers]).
 
-    hidden_states[0] is the embedding output, so layer i's output is hidden_states[i + 1]. Causal LMs
-    are pre-norm: their residual stream is not normalised and its scale grows with depth, while HF's
-    last hidden state already has the final norm applied. So for them every tapped layer reads
-    final_norm(residual stream after layer i): the last layer's is exactly HF's last hidden state, and
-    all layers are on the scale the LM head reads."""
+    hidden_states[0] is the embedding output, so layer i's output is hidden_states[i + 1]. Decoder-only
+    models are pre-norm: their residual stream is not normalised and its scale grows with depth, while
+    HF's last hidden state already has the final norm applied. So for them (causal LMs and decoder
+    sequence classifiers) every tapped layer reads final_norm(residual stream after layer i): the last
+    layer's is exactly HF's last hidden state, and all layers are on the scale the head reads."""
     out = model(**model_inputs(batch), output_hidden_states=True)
     last = len(out.hidden_states) - 2
-    if is_causal_lm(model):
+    if is_decoder_only(model):
         norm = final_norm(model)
         return out.logits, [out.hidden_states[i + 1] if i == last else norm(out.hidden_states[i + 1]) for i in layers]
     return out.logits, [out.hidden_states[i + 1] for i in layers]

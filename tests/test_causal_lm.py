@@ -137,11 +137,14 @@ def test_stage1_lm_heads_train_only_filters(lm_assets, family, head):
     torch.manual_seed(0)
     bank = FilterBank(FilterSpec([1, 3], 32, 24))
     result = train_filters(model, bank, ExamplesSource(blocks), "causal-lm", None,
-                           OptimConfig(epochs=4, lr=1e-2, batch_size=8), 0, 42, lm_head=head)
+                           OptimConfig(epochs=4, lr=1e-2, batch_size=8), 0, 42, lm_head=head,
+                           eval_source=ExamplesSource(blocks))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the tied embedding included
     history = result["history"]
     assert set(history[0]) >= {"layer_1", "layer_3"}
     assert history[-1]["loss"] < history[0]["loss"] - 0.3  # the heads learn next-token prediction
+    metrics = result["filters"]["metrics"]  # each filter beside what its layer says through the model's own head
+    assert all(metrics[f"{layer}/loss"] > 0 and metrics[f"{layer}/logit_lens_loss"] > 0 for layer in (1, 3))
 
 
 @pytest.mark.parametrize("logits", ["topk:8", "sample:20", "full"])

@@ -55,8 +55,10 @@ def test_cache_round_trip_matches_live_teacher(assets, tmp_path, precision, boun
     meta = cache.metadata
     assert meta.complete and meta.precision == precision and meta.layers == [0, 1, 2, 3]
     for key in ("format_version", "teacher_weights_sha256", "tokenizer_vocab_sha256", "data_fingerprint",
-                "label_names", "filter_dim", "stage1", "created_by", "max_length", "tokenizer_sha256", "config"):
+                "label_names", "filter_dim", "stage1", "created_by", "max_length", "tokenizer_sha256", "config",
+                "stage1_filters"):
         assert getattr(meta, key) is not None, key
+    assert meta.stage1_filters["split"] == "eval" and set(meta.stage1_filters["metrics"]) >= {"0/accuracy", "3/loss"}
     teacher = load_classifier(str(assets["teacher"])).eval()
     bank = _teacher_bank(path).eval()
     tokenizer = load_tokenizer(str(assets["teacher"]))
@@ -101,7 +103,7 @@ def test_stage2_loss_on_cached_targets_equals_live_teacher(assets, tmp_path):
     teacher = load_classifier(str(assets["teacher"])).eval()
     bank_t = _teacher_bank(path).eval()
     student = load_classifier(str(assets["student"]), task="classification", label_names=["0", "1"]).eval()
-    s_layers, t_layers = map_layers([0, 1], cache.layers, None, 2)
+    s_layers, t_layers = map_layers([0, 1], cache.layers, "interval", 2)
     assert t_layers == [1, 3]
     bank_s = FilterBank(FilterSpec(s_layers, 32, cache.metadata.filter_dim))
     dcfg = DistillConfig(cache=str(path), student="", out="", kl_alpha=3.0, mse_alpha=5.0, temperature=2.0)

@@ -53,6 +53,10 @@ class CacheMetadata:
     vocab_size: int | None = setting(None, "The teacher's vocabulary size.")
     lm_head: str | None = setting(None, "causal-lm: the Stage-I head kind (tied or new).")
     stage1: dict[str, Any] | None = setting(None, "The Stage-I optimiser settings (null for raw states).")
+    stage1_filters: dict[str, Any] | None = setting(None, "How well each teacher filter learned: split measured on, "
+                                                          "steps trained, whether patience stopped it, and per layer "
+                                                          "the Stage-I head's loss (classification: accuracy; "
+                                                          "causal-lm: the layer's logit-lens loss beside it).")
     splits: dict[str, int] = setting(help="Examples per split.", factory=dict)
     tokens: dict[str, int] = setting(help="Real tokens per split.", factory=dict)
     units: dict[str, int] = setting(help="Units (shards) per split.", factory=dict)

@@ -1,0 +1,90 @@
+"""Stage I measured: per-filter validation metrics, early stopping on the validation loss, untrained
+filters for the ablation, and decoder-only classifiers read at their last real token."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from conftest import FILLER, NEGATIVE, POSITIVE, make_tokenizer, write_rows
+from transformers import GPT2Config, GPT2ForSequenceClassification
+
+from tedcache import DataConfig, FinetuneConfig, OptimConfig, finetune
+from tedcache.data import load_examples
+from tedcache.filters import FilterBank, FilterSpec
+from tedcache.models import load_classifier, load_tokenizer
+from tedcache.reader import ExamplesSource
+from tedcache.stage1 import train_filters
+
+
+def _examples(model_dir, rows_file, model):
+    tokenizer = load_tokenizer(str(model_dir))
+    examples, _ = load_examples([str(rows_file)], DataConfig(train=[]), tokenizer, None, "--data",
+                                model_config=model.config)
+    return ExamplesSource(examples), tokenizer.pad_token_id
+
+
+def test_filters_are_measured_and_stop_when_validation_stops_improving(assets):
+    model = load_classifier(str(assets["teacher"]))
+    train, pad = _examples(assets["teacher"], assets["train"], model)
+    evaluation, _ = _examples(assets["teacher"], assets["eval"], model)
+    bank = FilterBank(FilterSpec([1, 3], 48, 40))
+    cap = 40
+    result = train_filters(model, bank, train, "classification", 2,
+                           OptimConfig(epochs=cap, lr=1e-2, batch_size=16, patience=2), pad, 42, eval_source=evaluation)
+    measured = result["filters"]
+    steps_per_epoch = -(-len(train) // 16)
+    assert measured["split"] == "eval" and measured["stopped_early"] and measured["steps"] < cap * steps_per_epoch
+    # it stopped two evaluations after the best one, and kept the best filters
+    losses = [e["loss"] for e in result["evals"]]
+    assert losses.index(min(losses)) == len(losses) - 3 and measured["metrics"] == result["best"]
+    for layer in (1, 3):
+        assert 0.0 <= measured["metrics"][f"{layer}/accuracy"] <= 1.0 and measured["metrics"][f"{layer}/loss"] > 0
+    assert measured["metrics"]["loss"] == (measured["metrics"]["1/loss"] + measured["metrics"]["3/loss"]) / 2
+
+
+def test_zero_epochs_leave_the_filters_untrained(assets):
+    model = load_classifier(str(assets["teacher"]))
+    train, pad = _examples(assets["teacher"], assets["train"], model)
+    bank = FilterBank(FilterSpec([1, 3], 48, 40))
+    before = [p.detach().clone() for p in bank.parameters()]
+    result = train_filters(model, bank, train, "classification", 2, OptimConfig(epochs=0, batch_size=16), pad, 42)
+    assert result["filters"]["steps"] == 0 and result["filters"]["split"] == "train"
+    assert all(torch.equal(a, b) for a, b in zip(before, bank.parameters()))
+
+
+def _last_word_rows(n: int, seed: int) -> list[dict]:
+    """The label is the sentiment of the last word; everything before it is filler."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.choices(FILLER, k=rng.randint(3, 9)) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def test_decoder_classifier_filters_read_the_last_token(tmp_path):
+    """A causal model's first token sees only itself: a Stage-I head there could not beat chance. Here a
+    tiny GPT-2 classifier, fine-tuned on a task decided by the last word, teaches its filters."""
+    folder = tmp_path / "gpt2-classifier"
+    tokenizer = make_tokenizer(folder)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64, num_labels=2,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2ForSequenceClassification(config).save_pretrained(folder)
+    train_file = write_rows(tmp_path / "train.csv", _last_word_rows(256, 0))
+    eval_file = write_rows(tmp_path / "eval.csv", _last_word_rows(128, 1))
+    teacher = tmp_path / "teacher"
+    tuned = finetune(FinetuneConfig(model=str(folder), out=str(teacher), data=DataConfig(train=[str(train_file)],
+                                                                                          eval=[str(eval_file)]),
+                                    optim=OptimConfig(epochs=8, lr=3e-3, batch_size=16)))
+    assert tuned["best"]["accuracy"] > 0.9
+    model = load_classifier(str(teacher))
+    train, pad = _examples(teacher, train_file, model)
+    evaluation, _ = _examples(teacher, eval_file, model)
+    bank = FilterBank(FilterSpec([0, 1], 32, 32))
+    result = train_filters(model, bank, train, "classification", 2,
+                           OptimConfig(epochs=20, lr=3e-3, batch_size=16, patience=3), pad, 42, eval_source=evaluation)
+    metrics = result["filters"]["metrics"]
+    assert metrics["1/accuracy"] > 0.85, metrics
