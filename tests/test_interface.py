@@ -236,5 +236,5 @@ def test_online_mode_through_the_cli(assets, small_cache, tmp_path):
 
 def test_optim_config_is_one_phase():
     assert {f.name for f in fields(OptimConfig)} == {"epochs", "lr", "batch_size", "grad_accum", "weight_decay",
-                                                     "warmup_ratio"}
+                                                     "warmup_ratio", "patience"}
     assert typing.get_type_hints(DistillConfig)["stage1"] is OptimConfig
