@@ -13,6 +13,7 @@ TASKS = ("classification", "regression", "causal-lm")
 METHODS = ("ted", "kd", "lwd", "finetune")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 FILTER_KINDS = ("linear", "mlp")
+MSE_NORMS = ("none", "variance")
 STATE_KINDS = ("filtered", "raw")  # raw: unfiltered hidden states, for the LWD baseline
 LM_HEADS = ("tied", "new")  # causal-lm Stage-I heads: the frozen output embedding, or a fresh one
 KD_TARGETS = ("auto", "sampled", "logits")
@@ -102,6 +103,9 @@ class DistillConfig:
     seed: int = setting(42, "Seed of everything random in the run (head, filters, order, dropout).")
     kl_alpha: float = setting(1.0, "Weight of the KD term.")
     mse_alpha: float = setting(1.0, "Weight of the filtered-state (ted) or raw-state (lwd) term.")
+    mse_norm: str = setting("none", "none, or variance: each layer's MSE divided by the variance of its cached "
+                                    "teacher states, so an mse_alpha means the same for every teacher and "
+                                    "precision (docs/choosing-methods.md).", choices=MSE_NORMS)
     temperature: float | None = setting(None, "KD temperature (default: 2.0; for a causal-lm cache of samples, "
                                               "the temperature they were drawn at).")
     kd_targets: str = setting("auto", "causal-lm: sampled (sample counts, unbiased) or logits (renormalised over "

@@ -74,12 +74,19 @@ def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: st
     return student_layers, [cache_layers[(j + 1) * step - 1] for j in range(m)]
 
 
-def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfig, task: str, kd_form: str = "logits"):
+PROBE_EVERY = 5  # logged steps between gradient-ratio probes
+
+
+def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfig, task: str, kd_form: str = "logits",
+                state_variance: torch.Tensor | None = None, probe: bool = False):
     """L = task + kl_alpha * T^2 * KL(teacher || student) + mse_alpha * mean-over-layers filtered MSE.
     batch carries the targets: teacher_logits (B, C) or, causal-lm, teacher_rows (sparse per-token
     distributions, used in `kd_form`), and teacher_states, one CompactStates (B, L, d_f) per mapped
     layer (cached or live). For LWD `bank` holds the student's projections and the states are raw.
-    causal-lm: the task term is the next-token loss and KL and MSE cover every real position."""
+    causal-lm: the task term is the next-token loss and KL and MSE cover every real position.
+    With `state_variance` (one per mapped layer) each layer's MSE is divided by it. With `probe`, the
+    terms also carry grad_ratio: |grad of mse_alpha * MSE| / |grad of kl_alpha * KL| on the student's
+    backbone (its weights less the task head)."""
     layers = bank.spec.layers if bank is not None else []
     logits, hidden = forward_with_taps(student, batch, layers)
     mask = batch["attention_mask"]
@@ -100,10 +107,23 @@ def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfi
     if bank is not None and cfg.mse_alpha > 0:
         targets = [s.widen() for s in batch["teacher_states"]]  # compact on the wire, fp32 only here
         per_layer = filtered_mse(bank(hidden), targets, mask) * per_token
+        if state_variance is not None:
+            per_layer = per_layer / state_variance.to(per_layer.device)
         terms["mse"] = per_layer.mean()
         terms.update({f"mse/{layer}": value for layer, value in zip(layers, per_layer)})  # for the report's curves
         loss = loss + cfg.mse_alpha * terms["mse"]
+    if probe and "mse" in terms and "kl" in terms:
+        terms["grad_ratio"] = _gradient_ratio(student, cfg.mse_alpha * terms["mse"], cfg.kl_alpha * terms["kl"])
     return loss, {k: v.detach() for k, v in terms.items()}
+
+
+def _gradient_ratio(student, state_term: torch.Tensor, kl_term: torch.Tensor) -> torch.Tensor:
+    backbone = [p for p in student.base_model.parameters() if p.requires_grad]
+    norms = []
+    for term in (state_term, kl_term):
+        grads = torch.autograd.grad(term, backbone, retain_graph=True, allow_unused=True)
+        norms.append(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+    return norms[0] / norms[1].clamp_min(1e-12)
 
 
 def kd_form(cfg: DistillConfig, meta: CacheMetadata) -> str:
@@ -218,11 +238,17 @@ def distill(cfg: DistillConfig, log=None) -> dict:
 
     modules = [student] + ([bank] if bank is not None else [])
     params = [p for m in modules for p in m.parameters()]
+    variance = _state_variance(cfg, meta, teacher_layers) if bank is not None else None
+    probe_every = cfg.log_every * PROBE_EVERY if procs.size == 1 else 0  # (autograd.grad inside DDP: not tried)
+
+    def loss_fn(batch):
+        probe = bool(probe_every) and batch["step"] % probe_every == 0
+        return stage2_loss(student, bank, live(batch) if live else batch, cfg, task, form, variance, probe)
+
     torch.manual_seed(cfg.seed)  # Stage II's dropout does not depend on what ran before it
     result = fit(params, modules,
                  epoch_batches, num_batches(labels_only, cfg.optim.batch_size, procs.size),
-                 lambda b: stage2_loss(student, bank, live(b) if live else b, cfg, task, form),
-                 cfg.optim, f"stage II ({cfg.method}{', online' if live else ''})",
+                 loss_fn, cfg.optim, f"stage II ({cfg.method}{', online' if live else ''})",
                  evaluate=(lambda: evaluate_split(eval_split)) if eval_split is not None else None,
                  select=PRIMARY_METRIC[task], eval_every=cfg.eval_every, max_steps=cfg.max_steps,
                  log_every=cfg.log_every, device=device, autocast=autocast, processes=procs, checkpoint=checkpoint)
@@ -253,6 +279,17 @@ def distill(cfg: DistillConfig, log=None) -> dict:
         + (f", test {report['test'][PRIMARY_METRIC[task]]:.4f}" if "test" in report else "")
         + f" ({report['seconds']:.0f}s); saved to {cfg.out}")
     return report
+
+
+def _state_variance(cfg: DistillConfig, meta: CacheMetadata, teacher_layers: list[int]) -> torch.Tensor | None:
+    """--mse-norm variance: the cached variance of each mapped teacher layer's states."""
+    if cfg.mse_norm == "none":
+        return None
+    if not meta.state_variance:
+        raise TedcacheError(f"--mse-norm variance needs the teacher-state variances that caches record; {cfg.cache} "
+                            "was written before they were: rebuild it with tedcache extract --force, or use "
+                            "--mse-norm none")
+    return torch.tensor([meta.state_variance[str(layer)] for layer in teacher_layers], dtype=torch.float32)
 
 
 def _checkpoint(cfg: DistillConfig, requested: dict, num_processes: int) -> Checkpoint:

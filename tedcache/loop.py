@@ -100,7 +100,8 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
         autocast: bool = False, processes: Processes = ALONE, checkpoint: Checkpoint | None = None) -> dict:
     """AdamW + linear warm-up/decay over `cfg.epochs` (fractions allowed) of `epoch_batches(epoch)`; an
     optimiser step takes `cfg.grad_accum` micro-batches (and, with several processes, one from each: the
-    modules are wrapped in DDP). `loss_fn` gets each batch with its "share" (see batch_shares).
+    modules are wrapped in DDP). `loss_fn` gets each batch with its "share" (see batch_shares) and the
+    number of the optimiser step it is part of ("step", from 1).
 
     `modules` are put in train mode; with `evaluate`, it runs every `eval_every` steps (0: each epoch)
     and the state of `modules` at the best `select` metric is restored at the end; with `cfg.patience`,
@@ -170,7 +171,7 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
             for i, (batch, share) in enumerate(zip(micro, batch_shares(micro, processes))):
                 with processes.no_sync(model, skip=i < len(micro) - 1):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        loss, terms = model({**batch, "share": share})
+                        loss, terms = model({**batch, "share": share, "step": loop["step"] + 1})
                     (loss / len(micro)).backward()
                 step_loss = step_loss + loss.detach() / len(micro)
                 for k, v in terms.items():

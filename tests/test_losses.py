@@ -284,3 +284,55 @@ def test_sparse_kd_loss_on_full_rows_equals_kd_loss(temperature):
     rows = {"ids": ids, "logprobs": torch.tensor([log_softmax(row) for row in KD_TEACHER]).half()}
     cached = sparse_kd_loss(student, ids, kd_targets(rows, "logits", temperature), temperature)
     assert float(cached) == pytest.approx(float(kd_loss(student, teacher, temperature)), rel=2e-3, abs=1e-4)
+
+
+def test_cache_records_each_layers_state_variance_and_the_normalised_mse_uses_it(assets, tmp_path):
+    """The variance the writer gathers from its units equals numpy's over the states it was handed, and
+    --mse-norm variance divides each layer's MSE by it (the logged terms show both)."""
+    import numpy as np
+
+    from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
+    from tedcache.cache import Cache
+    from tedcache.config import FilterConfig
+    from tedcache.filters import FilterBank
+    from tedcache.models import load_classifier
+    from tedcache.reader import CacheSource, iterate_batches
+    from tedcache.teacher import teacher_targets
+
+    data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], max_length=24)
+    path = extract(ExtractConfig(teacher=str(assets["teacher"]), data=data, cache_dir=str(tmp_path / "c"),
+                                 precision="fp32", shard_tokens=256, filters=FilterConfig(layers="1,3"),
+                                 stage1=OptimConfig(epochs=1, batch_size=16)))
+    cache = Cache(path)
+    teacher = load_classifier(str(assets["teacher"])).eval()
+    bank = FilterBank.from_bytes(cache.filter_files()).eval()
+    states = {1: [], 3: []}
+    for batch in iterate_batches(CacheSource(cache.split("train")), 16, 0):
+        _, filtered = teacher_targets(teacher, bank, batch, [1, 3])
+        for layer, s in zip((1, 3), filtered):
+            states[layer].append(s[batch["attention_mask"].bool()].double().numpy())
+    for layer in (1, 3):
+        expected = np.concatenate(states[layer]).var(axis=0).mean()
+        assert cache.metadata.state_variance[str(layer)] == pytest.approx(expected, rel=1e-4)
+    runs = {}
+    for norm in ("none", "variance"):
+        runs[norm] = distill(DistillConfig(cache=path, student=str(assets["student"]), out=str(tmp_path / norm),
+                                           mse_norm=norm, log_every=1, max_steps=1, layer_map="0:1,1:3",
+                                           optim=OptimConfig(epochs=1, batch_size=16)))["history"][0]
+    variance = cache.metadata.state_variance
+    for j, layer in enumerate((1, 3)):
+        assert runs["variance"][f"mse/{j}"] == pytest.approx(runs["none"][f"mse/{j}"] / variance[str(layer)], rel=1e-5)
+
+
+def test_gradient_ratio_is_logged_every_few_logged_steps(assets, tmp_path):
+    from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
+    from tedcache.distillation import PROBE_EVERY
+
+    data = DataConfig(train=[str(assets["train"])], max_length=24)
+    path = extract(ExtractConfig(teacher=str(assets["teacher"]), data=data, cache_dir=str(tmp_path / "c"),
+                                 stage1=OptimConfig(epochs=1, batch_size=16)))
+    history = distill(DistillConfig(cache=path, student=str(assets["student"]), out=str(tmp_path / "o"), log_every=1,
+                                    optim=OptimConfig(epochs=2, batch_size=16)))["history"]
+    probed = [h["step"] for h in history if "grad_ratio" in h]
+    assert probed == [s for s in range(1, len(history) + 1) if s % PROBE_EVERY == 0] and probed
+    assert all(h["grad_ratio"] > 0 for h in history if "grad_ratio" in h)

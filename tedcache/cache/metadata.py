@@ -57,6 +57,10 @@ class CacheMetadata:
                                                           "steps trained, whether patience stopped it, and per layer "
                                                           "the Stage-I head's loss (classification: accuracy; "
                                                           "causal-lm: the layer's logit-lens loss beside it).")
+    state_variance: dict[str, float] | None = setting(None, "Per stored layer, the variance of the teacher states "
+                                                            "over the training tokens (mean over the d channels of "
+                                                            "each channel's variance, before encoding): distill "
+                                                            "--mse-norm variance divides each layer's MSE by it.")
     splits: dict[str, int] = setting(help="Examples per split.", factory=dict)
     tokens: dict[str, int] = setting(help="Real tokens per split.", factory=dict)
     units: dict[str, int] = setting(help="Units (shards) per split.", factory=dict)
@@ -85,6 +89,8 @@ class UnitRecord:
     unit: int = setting(help="Unit number within the split.")
     outputs: dict[str, list] = setting(help="Per-example teacher outputs: logits (rows) or nll (numbers).")
     checksums: dict[str, str] = setting(help="sha256 of every shard object the unit wrote.")
+    state_moments: dict[str, list] | None = setting(None, "train units: per layer [tokens, per-channel sums, sum "
+                                                          "of squares], gathered into state_variance at the end.")
 
     def to_bytes(self) -> bytes:
         return json.dumps(to_dict(self)).encode()

@@ -193,7 +193,8 @@ class CacheWriter:
             stop = min((unit + 1) * shard, arr.shape[0])  # the last shard may be short
             arr[unit * shard:stop] = data[:stop - unit * shard]
             checksums.update(self._object_checksums(arr, [(unit,) + (0,) * (data.ndim - 1)]))
-        record = UnitRecord(split, unit, outputs, checksums)
+        moments = {str(layer): _moments(values) for layer, values in (states or {}).items()} or None
+        record = UnitRecord(split, unit, outputs, checksums, moments)
         self.location.write_bytes(layout.unit_record(split, unit), record.to_bytes())
 
     def done_units(self, split: str) -> set[int]:
@@ -204,14 +205,19 @@ class CacheWriter:
         return {split: sorted(set(range(n)) - self.done_units(split)) for split, n in self.metadata.units.items()}
 
     def complete(self, timings: dict | None = None) -> None:
-        """Gather the per-example teacher outputs from the unit records, then mark the cache complete."""
+        """Gather the per-example teacher outputs and the state variances from the unit records, then
+        mark the cache complete."""
+        variance = None
         for split, units in self.metadata.units.items():
             records = [UnitRecord.from_bytes(self.location.read_bytes(layout.unit_record(split, u)))
                        for u in range(units)]
             for key in records[0].outputs if records else []:
                 rows = np.asarray([row for r in records for row in r.outputs[key]], dtype=np.float32)
                 self._write_whole(f"{split}/{layout.teacher_output_array(key)}", rows)
-        self._update(complete=True, timings=timings)
+            if split == "train" and records and records[0].state_moments:
+                variance = {layer: _variance([r.state_moments[layer] for r in records])
+                            for layer in records[0].state_moments}
+        self._update(complete=True, timings=timings, state_variance=variance)
         self._save_metadata()
 
 
@@ -219,3 +225,17 @@ def _pad(values: torch.Tensor, rows: int, fill) -> torch.Tensor:
     padded = torch.full((rows, *values.shape[1:]), fill, dtype=values.dtype)
     padded[:len(values)] = values
     return padded
+
+
+def _moments(values: torch.Tensor) -> list:
+    """[tokens, per-channel sums, sum of squares] of (tokens, d) states, in float64."""
+    values = values.double()
+    return [len(values), values.sum(0).tolist(), float((values ** 2).sum())]
+
+
+def _variance(moments: list[list]) -> float:
+    """Mean over channels of each channel's variance, from the units' moments."""
+    count = sum(m[0] for m in moments)
+    sums = np.sum([m[1] for m in moments], axis=0)
+    squares = sum(m[2] for m in moments)
+    return float((squares - (sums ** 2).sum() / count) / (count * len(sums)))
