@@ -27,7 +27,6 @@ from .stage1 import describe_filters, train_filters
 from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
 from .teacher import LiveTargets
 
-
 LAYER_MAP_RULES = ("interval", "copy")
 
 
