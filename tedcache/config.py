@@ -28,6 +28,10 @@ class DataConfig:
 
     train: list[str] = setting(help="Training data: csv/tsv/json/jsonl/parquet/txt files, a datasets "
                                     "save_to_disk folder, or a hub name.", flag="--data")
+    transfer: list[str] | None = setting(None, "extract: unlabelled training text (same formats; only the text "
+                                               "columns are read). The cache holds its teacher outputs and states; "
+                                               "distill trains on it without a task loss. Rows of --data with an "
+                                               "empty label count as such too.", flag="--transfer-data")
     eval: list[str] | None = setting(None, "Evaluation split (same formats); picks the best epoch.", flag="--eval-data")
     test: list[str] | None = setting(None, "Test split, scored once with the best model.", flag="--test-data")
     task: str = setting("classification", "classification, regression or causal-lm (plain text packed into blocks).",

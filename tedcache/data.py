@@ -103,9 +103,7 @@ def label_names_from_data(table, label_column: str) -> list[str]:
     feature = table.features[label_column]
     if hasattr(feature, "names"):
         return list(feature.names)
-    values = table[label_column][:]
-    if any(v is None for v in values):
-        raise TedcacheError(f"column '{label_column}' has empty labels; drop those rows or fill them in")
+    values = [v for v in table[label_column][:] if not _missing(v)]  # (empty labels: see encode_labels)
     if all(isinstance(v, str) for v in values):
         return sorted(set(values))
     ints = np.asarray(values)
@@ -115,11 +113,26 @@ def label_names_from_data(table, label_column: str) -> list[str]:
     return [str(i) for i in range(int(ints.max()) + 1)]
 
 
-def encode_labels(table, label_column: str, task: str, label_names: list[str] | None, source: str) -> np.ndarray:
-    """Labels as class ids (classification) or float targets (regression), checked against the label set."""
+def _missing(value) -> bool:
+    return value is None or value == "" or (isinstance(value, float) and np.isnan(value))
+
+
+def encode_labels(table, label_column: str, task: str, label_names: list[str] | None, source: str,
+                  allow_missing: bool = False) -> np.ndarray:
+    """Labels as class ids (classification) or float targets (regression), checked against the label set.
+    With `allow_missing` (training data for a cache), an empty label marks an unlabelled example: -1
+    (classification) or NaN (regression)."""
     values = table[label_column][:]
-    if any(v is None for v in values):
+    missing = np.asarray([_missing(v) for v in values], dtype=bool)
+    if missing.any() and not allow_missing:
         raise TedcacheError(f"{source}: column '{label_column}' has empty labels; drop those rows or fill them in")
+    if missing.any():
+        known = encode_labels(table.select(np.flatnonzero(~missing)), label_column, task, label_names, source) \
+            if not missing.all() else np.zeros(0)
+        filled = np.full(len(values), np.nan if task == "regression" else -1,
+                         dtype=np.float32 if task == "regression" else np.int64)
+        filled[~missing] = known
+        return filled
     if task == "regression":
         try:
             return np.asarray(values, dtype=np.float32)
@@ -190,8 +203,8 @@ def resolve_label_names(table, label_column: str, model_config) -> list[str]:
     checked against the model's number of labels."""
     num_labels = model_config.num_labels if model_config is not None else None
     model_names = [model_config.id2label[i] for i in range(num_labels)] if num_labels else None
-    values = table[label_column][:]
-    if model_names and values and all(isinstance(v, str) for v in values) and set(values) <= set(model_names):
+    values = [v for v in table[label_column][:] if not _missing(v)]
+    if model_names and (not values or all(isinstance(v, str) for v in values) and set(values) <= set(model_names)):
         return model_names
     names = label_names_from_data(table, label_column)
     if num_labels is None:
@@ -209,18 +222,39 @@ def _generic(names: list[str]) -> bool:
 
 
 def load_examples(paths: list[str], cfg, tokenizer, label_names: list[str] | None, source: str,
-                  limit: int | None = None, model_config=None) -> tuple[Examples, list[str] | None]:
+                  limit: int | None = None, model_config=None,
+                  unlabelled: str = "refuse") -> tuple[Examples, list[str] | None]:
     """Read one split, check it, encode labels and tokenize. With label_names=None (classification)
-    the label set is resolved from the data and model_config; returns (examples, label_names)."""
+    the label set is resolved from the data and model_config; returns (examples, label_names).
+    `unlabelled`: "refuse" empty labels, "allow" them (see encode_labels), or "all": the files are
+    unlabelled text and need no label column."""
     table = load_table(paths)
-    check_columns(table, [cfg.text_column, cfg.text_pair_column, cfg.label_column], source)
+    label_column = None if unlabelled == "all" else cfg.label_column
+    check_columns(table, [cfg.text_column, cfg.text_pair_column, label_column], source)
     if limit is not None and limit < len(table):
         table = table.select(range(limit))
+    if label_column is None:
+        labels = np.full(len(table), np.nan if cfg.task == "regression" else -1,
+                         dtype=np.float32 if cfg.task == "regression" else np.int64)
+        examples = tokenize(table, tokenizer, cfg.text_column, cfg.text_pair_column, cfg.max_length, labels, source)
+        return examples, label_names
     if cfg.task == "classification" and label_names is None:
         label_names = resolve_label_names(table, cfg.label_column, model_config)
-    labels = encode_labels(table, cfg.label_column, cfg.task, label_names, source)
+    labels = encode_labels(table, cfg.label_column, cfg.task, label_names, source, allow_missing=unlabelled == "allow")
     examples = tokenize(table, tokenizer, cfg.text_column, cfg.text_pair_column, cfg.max_length, labels, source)
     return examples, label_names
+
+
+def concatenate(first: Examples, second: Examples) -> Examples:
+    """`first`'s examples followed by `second`'s (a training split and its unlabelled transfer text)."""
+    if (first.token_type_ids is None) != (second.token_type_ids is None):
+        raise TedcacheError("the training and transfer data were tokenized differently (token types); "
+                            "give both the same columns")
+    types = None if first.token_type_ids is None else np.concatenate([first.token_type_ids, second.token_type_ids])
+    labels = None if first.labels is None else np.concatenate([first.labels, second.labels.astype(first.labels.dtype)])
+    return Examples(np.concatenate([first.input_ids, second.input_ids]),
+                    np.concatenate([first.offsets, first.offsets[-1] + second.offsets[1:]]), types, labels,
+                    hashlib.sha256((first.fingerprint + second.fingerprint).encode()).hexdigest())
 
 
 def load_blocks(paths: list[str], cfg, tokenizer, source: str, limit: int | None = None) -> Examples:

@@ -20,11 +20,11 @@ from .cache import CacheLock, CacheMetadata, CacheWriter, Location, cache_name, 
 from .cache.logits import LogitSpec, id_dtype, parse_logit_spec, sparsify
 from .cache.read import read_filter_files
 from .config import ExtractConfig
-from .data import Examples, load_blocks, load_examples
+from .data import Examples, concatenate, load_blocks, load_examples
 from .distributed import processes
 from .errors import TedcacheError, note
 from .filters import FilterBank, FilterSpec
-from .losses import lm_loss_per_block
+from .losses import labelled, lm_loss_per_block
 from .models import load_for_task, load_tokenizer, pad_id, tokenizer_hash, vocab_hash, weights_hash
 from .reader import ExamplesSource, iterate_batches, to_device
 from .schema import check_choices, to_dict
@@ -163,7 +163,12 @@ def _load_splits(cfg: ExtractConfig, tokenizer, model_config) -> tuple[dict[str,
         train, label_names = load_blocks(data.train, data, tokenizer, "--data", data.limit), None
     else:
         train, label_names = load_examples(data.train, data, tokenizer, None, "--data", data.limit,
-                                           model_config if data.task == "classification" else None)
+                                           model_config if data.task == "classification" else None,
+                                           unlabelled="allow")
+    if data.transfer:
+        transfer = load_blocks(data.transfer, data, tokenizer, "--transfer-data") if lm else \
+            load_examples(data.transfer, data, tokenizer, label_names, "--transfer-data", unlabelled="all")[0]
+        train = concatenate(train, transfer)
     splits = {"train": train}
     for split, paths in (("eval", data.eval), ("test", data.test)):
         if paths:
@@ -191,6 +196,7 @@ def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], l
               tokenizer, teacher, logit_spec: LogitSpec | None) -> CacheMetadata:
     """What the new cache says about itself (the writer adds the layout's counts as it writes)."""
     task, raw = cfg.data.task, cfg.states == "raw"
+    lm = task == "causal-lm"
     return CacheMetadata(
         format_version=0, identity=identity,  # format_version, chunk_tokens: set by CacheWriter.create
         created_by=f"tedcache {version('tedcache')}", task=task,
@@ -201,13 +207,14 @@ def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], l
         num_outputs=len(label_names) if task == "classification" else (1 if task == "regression" else None),
         filter_kind=None if raw else spec.kind, teacher_hidden_size=spec.in_dim,
         teacher_num_layers=num_layers(teacher),
-        data={"train": cfg.data.train, "eval": cfg.data.eval, "test": cfg.data.test,
+        data={"train": cfg.data.train, "transfer": cfg.data.transfer, "eval": cfg.data.eval, "test": cfg.data.test,
               "text_column": cfg.data.text_column, "text_pair_column": cfg.data.text_pair_column,
               "label_column": cfg.data.label_column, "limit": cfg.data.limit},
         data_fingerprint=identity["data"], max_length=identity["max_length"],
         logits=None if logit_spec is None else asdict(logit_spec), vocab_size=teacher.config.vocab_size,
         lm_head=identity.get("lm_head"), stage1=None if raw else asdict(cfg.stage1),
         splits={s: len(ex) for s, ex in splits.items()}, tokens={s: ex.num_tokens for s, ex in splits.items()},
+        labelled_train=None if lm else int(labelled(torch.from_numpy(splits["train"].labels), task).sum()),
         config=to_dict(cfg))
 
 

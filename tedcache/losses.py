@@ -11,14 +11,29 @@ import torch
 import torch.nn.functional as F
 
 
+def labelled(labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Which examples have a gold label (unlabelled transfer examples carry -1, or NaN for regression)."""
+    return ~torch.isnan(labels) if task == "regression" else labels >= 0
+
+
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """The task's own loss, a scalar.
+    """The task's own loss, a scalar, over the examples that have a gold label (0 when none has).
 
     classification: mean_b -log softmax(logits_b)[labels_b];  logits (B, C), labels (B,) class ids.
     regression:     mean_b (logits_b - labels_b)^2;            logits (B, 1), labels (B,) floats."""
+    known = labelled(labels, task)
+    if not bool(known.any()):
+        return logits.float().sum() * 0.0  # keeps the graph: every process runs the same backward
     if task == "regression":
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-    return F.cross_entropy(logits.float(), labels)
+        return F.mse_loss(logits.squeeze(-1).float()[known], labels.float()[known])
+    return F.cross_entropy(logits.float()[known], labels[known])
+
+
+def labels_or_teacher(labels: torch.Tensor, teacher_logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Gold labels where there are some, else the teacher's prediction (Stage I's heads learn the task
+    from unlabelled examples through it)."""
+    guess = teacher_logits.squeeze(-1).float() if task == "regression" else teacher_logits.argmax(-1)
+    return torch.where(labelled(labels, task), labels, guess.to(labels.dtype))
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from torch import nn
 from .config import OptimConfig
 from .filters import FilterBank, LMHead, SequenceHead
 from .loop import fit
-from .losses import lm_loss, task_loss
+from .losses import labelled, labels_or_teacher, lm_loss, task_loss
 from .reader import iterate_batches, num_batches, to_device
 from .taps import forward_with_taps, is_decoder_only
 
@@ -35,7 +35,9 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
 
     def loss_fn(batch):
         with torch.no_grad():
-            _, hidden = forward_with_taps(model, batch, bank.spec.layers)
+            logits, hidden = forward_with_taps(model, batch, bank.spec.layers)
+        if task != "causal-lm":  # unlabelled examples: the teacher's prediction (the cache's, or this model's own)
+            batch = {**batch, "labels": labels_or_teacher(batch["labels"], batch.get("teacher_logits", logits), task)}
         losses = torch.stack([head_loss(head, f, batch, task) for head, f in zip(heads, bank(hidden))])
         return losses.mean(), {f"layer_{layer}": value for layer, value in zip(bank.spec.layers, losses.detach())}
 
@@ -69,7 +71,8 @@ def filter_metrics(model, bank: FilterBank, heads, source, task: str, pad_id: in
     """Every filter through its head over `source`, dropout off: {"loss": mean over filters, and per
     layer "<layer>/loss" (the task loss: cross-entropy, squared error, or next-token loss), classification
     "<layer>/accuracy", causal-lm "<layer>/logit_lens_loss" (the same layer's state read by the model's
-    own final norm and output head, no filter: what the layer says without training)."""
+    own final norm and output head, no filter: what the layer says without training). Examples without a
+    gold label count only in causal-lm."""
     for module in (model, bank, heads):
         module.eval()
     device = next(model.parameters()).device
@@ -80,15 +83,17 @@ def filter_metrics(model, bank: FilterBank, heads, source, task: str, pad_id: in
         batch = to_device(batch, device)
         _, hidden = forward_with_taps(model, batch, layers)
         mask = batch["attention_mask"]
-        weight = float(mask[:, 1:].sum()) if task == "causal-lm" else float(len(mask))
+        weight = float(mask[:, 1:].sum()) if task == "causal-lm" else float(labelled(batch["labels"], task).sum())
+        if weight == 0:
+            continue
         total += weight
         for layer, head, state, filtered in zip(layers, heads, hidden, bank(hidden)):
             values = {"loss": head_loss(head, filtered, batch, task)}
             if task == "causal-lm":
                 values["logit_lens_loss"] = lm_loss(model.get_output_embeddings()(state), batch["input_ids"], mask)
             elif task == "classification":
-                predicted = head(filtered, mask).argmax(-1)
-                values["accuracy"] = (predicted == batch["labels"]).float().mean()
+                known = labelled(batch["labels"], task)
+                values["accuracy"] = (head(filtered, mask).argmax(-1) == batch["labels"])[known].float().mean()
             for name, value in values.items():
                 key = f"{layer}/{name}"
                 sums[key] = sums.get(key, 0.0) + float(value) * weight

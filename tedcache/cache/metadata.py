@@ -63,6 +63,8 @@ class CacheMetadata:
                                                             "--mse-norm variance divides each layer's MSE by it.")
     splits: dict[str, int] = setting(help="Examples per split.", factory=dict)
     tokens: dict[str, int] = setting(help="Real tokens per split.", factory=dict)
+    labelled_train: int | None = setting(None, "Training examples with a gold label (the rest are unlabelled "
+                                               "transfer text: label -1, or NaN for regression).")
     units: dict[str, int] = setting(help="Units (shards) per split.", factory=dict)
     slots: dict[str, int] = setting(help="Token slots per split (tokens plus the gaps at shard ends).", factory=dict)
     inputs_written: bool = setting(False, "The token arrays, filters and state arrays exist (a resume keeps them).")
