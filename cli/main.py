@@ -21,6 +21,7 @@ from tedcache.config import (
     DistillConfig,
     ExtractConfig,
     FinetuneConfig,
+    TuneConfig,
 )
 from tedcache.demo import FULL, QUICK, run_demo
 from tedcache.distillation import distill
@@ -30,6 +31,7 @@ from tedcache.finetuning import finetune
 from tedcache.models import init_student
 from tedcache.report import build_report
 from tedcache.taps import parse_layers
+from tedcache.tune import tune
 
 from .options import config_command
 
@@ -59,6 +61,14 @@ def compare_command(cfg: CompareConfig) -> None:
     Finished runs are kept and a run cut off mid-way continues from its checkpoint: re-running the command
     resumes. Feed OUT to tedcache report."""
     compare(cfg)
+
+
+def tune_command(cfg: TuneConfig) -> None:
+    """Tune each method's settings with Optuna over one cache: the same number of trials per method, scored
+    on the validation split only, poor trials pruned. Writes OUT/best-<method>.yaml (run it with tedcache
+    distill --config), OUT/trials-<method>.csv and OUT/tune.json (importances, trials per hour). The
+    studies live in OUT/study.journal: re-running resumes, and several processes may share one OUT."""
+    tune(cfg)
 
 
 def finetune_command(cfg: FinetuneConfig) -> None:
@@ -179,6 +189,7 @@ def demo(task, full, workdir, seed):
 config_command(app, "extract", ExtractConfig)(extract_command)
 config_command(app, "distill", DistillConfig)(distill_command)
 config_command(app, "compare", CompareConfig, exclude=("base.method", "base.seed", "base.resume"))(compare_command)
+config_command(app, "tune", TuneConfig, exclude=("base.method", "base.resume"))(tune_command)
 config_command(app, "finetune", FinetuneConfig)(finetune_command)
 
 

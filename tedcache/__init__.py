@@ -1,18 +1,28 @@
 """tedcache: task-aware layer-wise distillation (TED) through an offline teacher feature cache.
 
 Python API: `extract(ExtractConfig)`, `distill(DistillConfig)`, `finetune(FinetuneConfig)`,
-`compare(CompareConfig)`, `init_student(source, layers, out)`; the `tedcache` CLI only builds these
+`compare(CompareConfig)`, `tune(TuneConfig)`, `init_student(source, layers, out)`; the `tedcache` CLI only builds these
 configs from flags and config files."""
 
 from importlib.metadata import PackageNotFoundError, version
 
 from .compare import compare
-from .config import CompareConfig, DataConfig, DistillConfig, ExtractConfig, FilterConfig, FinetuneConfig, OptimConfig
+from .config import (
+    CompareConfig,
+    DataConfig,
+    DistillConfig,
+    ExtractConfig,
+    FilterConfig,
+    FinetuneConfig,
+    OptimConfig,
+    TuneConfig,
+)
 from .distillation import distill
 from .errors import TedcacheError
 from .extraction import extract
 from .finetuning import finetune
 from .models import init_student
+from .tune import tune
 
 try:
     __version__ = version("tedcache")
@@ -20,4 +30,5 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = ["CompareConfig", "DataConfig", "DistillConfig", "ExtractConfig", "FilterConfig", "FinetuneConfig",
-           "OptimConfig", "TedcacheError", "compare", "distill", "extract", "finetune", "init_student", "__version__"]
+           "OptimConfig", "TedcacheError", "TuneConfig", "compare", "distill", "extract", "finetune", "init_student",
+           "tune", "__version__"]

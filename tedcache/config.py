@@ -164,3 +164,22 @@ class CompareConfig:
     methods: list[str] = setting(help="Methods to run.", factory=lambda: ["finetune", "kd", "lwd", "ted"])
     seeds: list[int] = setting(help="Seeds every method runs with.", factory=lambda: [1, 2, 3])
     raw_cache: str | None = setting(None, "Cache of raw states from the same teacher and data (lwd runs read it).")
+
+
+PRUNERS = ("median", "halving", "none")
+
+
+@dataclass
+class TuneConfig:
+    """`tedcache tune`: an Optuna study per method over one cache, the same number of trials for each,
+    scored on the validation split only. `base` holds the fixed settings (its `out` receives the study,
+    the trial folders and each method's best configuration)."""
+
+    base: DistillConfig = setting(help="The settings every trial starts from (searched ones are overridden).",
+                                  prefix="")
+    methods: list[str] = setting(help="Methods to tune, each with its own search space.",
+                                 factory=lambda: ["kd", "ted"])
+    trials: int = setting(20, "Finished trials (complete or pruned) per method.")
+    pruner: str = setting("median", "Stop trials whose validation curve is poor: median (Optuna's MedianPruner), "
+                                    "halving (successive halving) or none.", choices=PRUNERS)
+    raw_cache: str | None = setting(None, "Cache of raw states from the same teacher and data (lwd trials read it).")

@@ -157,8 +157,11 @@ def effective_weights(cfg: DistillConfig) -> DistillConfig:
     return cfg
 
 
-def distill(cfg: DistillConfig, log=None) -> dict:
-    """Train `cfg.student` against `cfg.cache` with `cfg.method`; save the best epoch to `cfg.out`."""
+def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True, keep_model: bool = True) -> dict:
+    """Train `cfg.student` against `cfg.cache` with `cfg.method`; save the best epoch to `cfg.out`.
+    `on_eval(metrics)` is called after every validation (tune reports to Optuna there, and may raise to
+    stop the run); with score_test=False the test split is not read at all, and with keep_model=False
+    only metrics.json and config.yaml are saved."""
     procs = processes()
     log = (log or note) if procs.main else (lambda *_: None)
     check_choices(cfg)
@@ -200,7 +203,8 @@ def distill(cfg: DistillConfig, log=None) -> dict:
         bank = FilterBank(FilterSpec(student_layers, hidden_size(student), meta.filter_dim,
                                      meta.filter_kind or "linear")).to(device)
         log(f"layer map (student -> teacher): {dict(zip(student_layers, teacher_layers))}")
-    train_split, eval_split, test_split = cache.split("train"), cache.split("eval"), cache.split("test")
+    train_split, eval_split = cache.split("train"), cache.split("eval")
+    test_split = cache.split("test") if score_test else None
     pad_id = meta.pad_token_id
     phases = {}
 
@@ -235,6 +239,12 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     def evaluate_split(split) -> dict:
         return evaluate(student, iterate_batches(CacheSource(split), 64, pad_id), task, procs)
 
+    def validate() -> dict:
+        result = evaluate_split(eval_split)
+        if on_eval is not None:
+            on_eval(result)
+        return result
+
     modules = [student] + ([bank] if bank is not None else [])
     params = [p for m in modules for p in m.parameters()]
     variance = _state_variance(cfg, meta, teacher_layers) if bank is not None else None
@@ -248,7 +258,7 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     result = fit(params, modules,
                  epoch_batches, num_batches(labels_only, cfg.optim.batch_size, procs.size),
                  loss_fn, cfg.optim, f"stage II ({cfg.method}{', online' if live else ''})",
-                 evaluate=(lambda: evaluate_split(eval_split)) if eval_split is not None else None,
+                 evaluate=validate if eval_split is not None else None,
                  select=PRIMARY_METRIC[task], eval_every=cfg.eval_every, max_steps=cfg.max_steps,
                  log_every=cfg.log_every, device=device, autocast=autocast, processes=procs, checkpoint=checkpoint)
     report = {
@@ -270,7 +280,7 @@ def distill(cfg: DistillConfig, log=None) -> dict:
     report["seconds"] = time.perf_counter() - started
     report["processes"] = procs.size
     if procs.main:  # the student is saved once
-        save_run(student, tokenizer, cfg.out, report, as_given, test_outputs)
+        save_run(student if keep_model else None, tokenizer, cfg.out, report, as_given, test_outputs)
         checkpoint.remove()
     procs.barrier()
     best = report["best"] or {}

@@ -225,8 +225,9 @@ def save_run(model, tokenizer, out: str, metrics: dict, config, test_outputs: di
     out_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        if model is not None:  # (None: a tuning trial keeps only its metrics)
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (staging / CONFIG_FILE).write_text(config_yaml(config))
         if test_outputs is not None:

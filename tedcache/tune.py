@@ -1,0 +1,228 @@
+"""`tedcache tune`: Optuna studies over one cache, one per method, the same number of trials each, scored
+on the validation split only (a trial never sees the test split).
+
+The studies live in one journal file under `out` (Optuna's JournalStorage, safe for several processes
+and for machines sharing a file system): a killed tune resumes where it stopped, and many `tune`
+processes started on one `out` work on the same studies. A trial that was running in a process that
+died on this machine is marked failed and its parameters are tried again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from .cache import load_metadata
+from .config import METHODS, DistillConfig, TuneConfig
+from .configfile import CONFIG_FILE, config_yaml
+from .distillation import distill
+from .errors import TedcacheError, note
+from .evaluate import LOWER_IS_BETTER, PRIMARY_METRIC
+
+STUDY_FILE = "study.journal"
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+def search_space(method: str, temperature_fixed: bool) -> dict[str, tuple]:
+    """Each method's own space: name -> ("log" | "float" | "int", low, high). Names are DistillConfig
+    fields ("optim.lr", "stage1.lr", ...). Stage II length is searched; Stage I stops by patience."""
+    space = {"optim.lr": ("log", 1e-5, 5e-4), "optim.epochs": ("int", 2, 8), "optim.warmup_ratio": ("float", 0.0, 0.2)}
+    if method != "finetune":
+        space["kl_alpha"] = ("log", 0.1, 20.0)
+        if not temperature_fixed:
+            space["temperature"] = ("float", 1.0, 8.0)
+    if method in ("ted", "lwd"):
+        space["mse_alpha"] = ("log", 0.01, 100.0)
+    if method == "ted":
+        space["stage1.lr"] = ("log", 1e-4, 1e-2)
+    return space
+
+
+def sample(trial, space: dict[str, tuple]) -> dict:
+    kinds = {"log": lambda n, lo, hi: trial.suggest_float(n, lo, hi, log=True),
+             "float": trial.suggest_float, "int": trial.suggest_int}
+    return {name: kinds[kind](name, low, high) for name, (kind, low, high) in space.items()}
+
+
+def apply(base: DistillConfig, params: dict) -> DistillConfig:
+    """`base` with the sampled values set (dotted names reach into optim and stage1)."""
+    nested: dict[str, dict] = {}
+    top = {}
+    for name, value in params.items():
+        if "." in name:
+            record, field = name.split(".", 1)
+            nested.setdefault(record, {})[field] = value
+        else:
+            top[name] = value
+    records = {record: replace(getattr(base, record), **fields) for record, fields in nested.items()}
+    return replace(base, **top, **records)
+
+
+def _identity(cfg: TuneConfig, method: str, space: dict) -> str:
+    """What a study was made for: the cache, the fixed settings, the method and its space."""
+    base = asdict(replace(cfg.base, out="", resume=False, method=method,
+                          cache=cfg.raw_cache if method == "lwd" else cfg.base.cache))
+    cache = load_metadata(base["cache"]).identity
+    payload = {"cache": cache, "base": base, "space": space, "pruner": cfg.pruner}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _reclaim(study, optuna) -> None:
+    """Trials left running by a process of this machine that no longer exists: failed, then re-queued."""
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker", "")
+        if worker.rsplit(":", 1)[0] != host or _alive(int(worker.rsplit(":", 1)[1])):
+            continue
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params, skip_if_exists=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pruner(name: str, optuna):
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+def _check(cfg: TuneConfig) -> None:
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown or not cfg.methods:
+        raise TedcacheError(f"unknown --methods {', '.join(unknown) or '(none)'}; use some of {', '.join(METHODS)}")
+    if cfg.trials < 1:
+        raise TedcacheError(f"--trials must be at least 1, got {cfg.trials}")
+    if "lwd" in cfg.methods and not cfg.raw_cache:
+        raise TedcacheError("--methods lwd needs --raw-cache: a cache extracted with --states raw from the same "
+                            "teacher and data (or leave lwd out of --methods)")
+    for cache in {cfg.base.cache} | ({cfg.raw_cache} if cfg.raw_cache else set()):
+        if not load_metadata(cache).splits.get("eval"):
+            raise TedcacheError(f"cache {cache} has no eval split: tune scores trials on validation only; "
+                                "extract it with --eval-data")
+
+
+def tune(cfg: TuneConfig, log=None) -> dict:
+    """Run each method's study until it has `cfg.trials` finished trials; write best-<method>.yaml (a
+    distill config), trials-<method>.csv, and tune.json (best values, parameters, importances, trials per
+    hour)."""
+    import optuna
+
+    log = log or note
+    _check(cfg)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = Path(cfg.base.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(config_yaml(cfg))
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / STUDY_FILE)))
+    meta = load_metadata(cfg.base.cache)
+    metric = PRIMARY_METRIC[meta.task]
+    temperature_fixed = meta.task == "causal-lm" and (meta.logits or {}).get("kind") == "sample"
+    summary = {"metric": metric, "methods": {}}
+    for number, method in enumerate(cfg.methods):
+        space = search_space(method, temperature_fixed)
+        identity = _identity(cfg, method, space)
+        study = optuna.create_study(
+            study_name=method, storage=storage, load_if_exists=True,
+            direction="minimize" if metric in LOWER_IS_BETTER else "maximize",
+            sampler=optuna.samplers.TPESampler(seed=cfg.base.seed + number), pruner=_pruner(cfg.pruner, optuna))
+        made_for = study.user_attrs.get("identity")
+        if made_for is None:
+            study.set_user_attr("identity", identity)
+        elif made_for != identity:
+            raise TedcacheError(f"{out / STUDY_FILE} holds a {method} study made for another cache, settings or search "
+                                "space; give tune another --out, or delete that file to start over")
+        _reclaim(study, optuna)
+        base = replace(cfg.base, method=method, cache=cfg.raw_cache if method == "lwd" else cfg.base.cache,
+                       resume=False)
+        _optimize(study, base, space, cfg.trials, out / "trials" / method, metric, log, optuna)
+        summary["methods"][method] = _report(study, base, space, out, optuna)
+    (out / "tune.json").write_text(json.dumps(summary, indent=2))
+    rows = [[m, str(r["finished"]), str(r["pruned"]), f"{r['best_value']:.4f}",
+             "-" if r["trials_per_hour"] is None else f"{r['trials_per_hour']:.1f}"] for m, r in summary["methods"].items()]
+    print("\n".join([f"| method | trials | pruned | best validation {metric} | trials per hour |", "|---|---|---|---|---|"]
+                    + ["| " + " | ".join(row) + " |" for row in rows]))
+    return summary
+
+
+def _finished(study, optuna) -> list:
+    return study.get_trials(deepcopy=False, states=tuple(getattr(optuna.trial.TrialState, s) for s in FINISHED))
+
+
+def _optimize(study, base: DistillConfig, space: dict, trials: int, folder: Path, metric: str, log, optuna) -> None:
+    def objective(trial):
+        trial.set_user_attr("worker", _worker())
+        run = apply(replace(base, out=str(folder / f"{trial.number:04d}")), sample(trial, space))
+        evaluations = []
+
+        def on_eval(result: dict) -> None:
+            evaluations.append(result[metric])
+            trial.report(result[metric], len(evaluations))
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        started = time.perf_counter()
+        try:
+            report = distill(run, lambda *_: None, on_eval=on_eval, score_test=False, keep_model=False)
+        finally:
+            trial.set_user_attr("seconds", time.perf_counter() - started)
+            shutil.rmtree(f"{run.out}.checkpoint", ignore_errors=True)
+        return report["best"][metric]
+
+    def progress(study, trial):
+        done = _finished(study, optuna)
+        pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in done)
+        best = study.best_value if any(t.state == optuna.trial.TrialState.COMPLETE for t in done) else float("nan")
+        log(f"[{base.method}] trial {trial.number} {trial.state.name.lower()}: {len(done)}/{trials} finished, "
+            f"{pruned} pruned, best validation {metric} {best:.4f}")
+
+    stop = optuna.study.MaxTrialsCallback(trials, states=tuple(getattr(optuna.trial.TrialState, s) for s in FINISHED))
+    while len(_finished(study, optuna)) < trials:
+        study.optimize(objective, n_trials=trials - len(_finished(study, optuna)), callbacks=[progress, stop],
+                       catch=(TedcacheError,))
+        if not _finished(study, optuna) and all(t.state == optuna.trial.TrialState.FAIL for t in study.trials):
+            raise TedcacheError(f"every {base.method} trial failed; run tedcache distill with the base settings to "
+                                "see why")
+
+
+def _report(study, base: DistillConfig, space: dict, out: Path, optuna) -> dict:
+    """Write best-<method>.yaml and trials-<method>.csv; return the method's summary."""
+    trials = _finished(study, optuna)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise TedcacheError(f"no {base.method} trial completed (all were pruned); run more --trials or --pruner none")
+    best = study.best_trial
+    (out / f"best-{base.method}.yaml").write_text(config_yaml(replace(apply(base, best.params),
+                                                                      out=str(out / f"best-{base.method}"))))
+    frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs"))
+    frame.to_csv(out / f"trials-{base.method}.csv", index=False)
+    importance = {}
+    if len(complete) >= 2:
+        try:
+            importance = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError):  # e.g. every complete trial drew the same values
+            importance = {}
+    seconds = sum(t.user_attrs.get("seconds", 0.0) for t in trials)
+    return {"best_value": best.value, "best_params": best.params, "best_trial": best.number,
+            "finished": len(trials), "pruned": len(trials) - len(complete),
+            "importance": {k: float(v) for k, v in importance.items()},
+            "trials_per_hour": 3600 * len(trials) / seconds if seconds else None,
+            "config": str(out / f"best-{base.method}.yaml")}

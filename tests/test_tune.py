@@ -1,0 +1,102 @@
+"""tedcache tune on Optuna: the same number of trials per method, validation only, a resumable journal
+study shared by processes, its best configuration runnable with distill --config, and studies of other
+caches or spaces refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import yaml
+from conftest import run_cli
+
+from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, TuneConfig, extract, tune
+from tedcache.errors import TedcacheError
+from tedcache.tune import STUDY_FILE
+
+
+@pytest.fixture(scope="module")
+def cache(assets, tmp_path_factory):
+    data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], test=[str(assets["test"])],
+                      max_length=24)
+    return extract(ExtractConfig(teacher=str(assets["teacher"]), data=data,
+                                 cache_dir=str(tmp_path_factory.mktemp("tune") / "c"),
+                                 stage1=OptimConfig(epochs=1, batch_size=16)))
+
+
+def _config(assets, cache, out, **kw) -> TuneConfig:
+    base = DistillConfig(cache=cache, student=str(assets["student"]), out=str(out), seed=3,
+                         optim=OptimConfig(batch_size=16), stage1=OptimConfig(epochs=1, batch_size=16), max_steps=6)
+    return TuneConfig(base=base, **{"methods": ["kd", "ted"], "trials": 3, **kw})
+
+
+def test_tune_runs_each_method_the_same_number_of_trials_on_validation_only(assets, cache, tmp_path):
+    messages = []
+    summary = tune(_config(assets, cache, tmp_path / "t", pruner="none"), log=messages.append)
+    for method in ("kd", "ted"):
+        result = summary["methods"][method]
+        assert result["finished"] == 3 and result["pruned"] == 0
+        assert set(result["best_params"]) >= {"optim.lr", "kl_alpha"}
+        assert ("mse_alpha" in result["best_params"]) == (method == "ted")
+        assert (tmp_path / "t" / f"trials-{method}.csv").exists()
+        trials = sorted((tmp_path / "t" / "trials" / method).glob("*/metrics.json"))
+        assert len(trials) == 3
+        for path in trials:
+            metrics = json.loads(path.read_text())
+            assert "test" not in metrics and "test" not in metrics["teacher"]  # validation only
+            assert not list(path.parent.glob("*.safetensors"))  # trials keep their metrics, not a model
+        best = [json.loads(p.read_text())["best"]["accuracy"] for p in trials]
+        assert result["best_value"] == max(best)
+    assert any("3/3 finished" in m for m in messages)
+    # the best configuration is a distill config file that reproduces the best trial's validation result
+    best_file = tmp_path / "t" / "best-kd.yaml"
+    assert yaml.safe_load(best_file.read_text())["method"] == "kd"
+    run = run_cli("distill", "--config", best_file, "--out", tmp_path / "again")
+    assert run.returncode == 0, run.stderr
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["best"]["accuracy"] == summary["methods"]["kd"]["best_value"]
+
+
+def test_a_finished_study_is_kept_and_a_foreign_one_refused(assets, cache, tmp_path):
+    cfg = _config(assets, cache, tmp_path / "t", methods=["kd"], trials=2, pruner="none")
+    tune(cfg, log=lambda *_: None)
+    messages = []
+    tune(cfg, log=messages.append)
+    assert messages == []  # nothing left to run
+    changed = replace(cfg, base=replace(cfg.base, temperature=4.0))
+    with pytest.raises(TedcacheError, match="another cache, settings or search space"):
+        tune(changed, log=lambda *_: None)
+    result = run_cli("tune", "--cache", cache, "--student", assets["student"], "--out", tmp_path / "t",
+                     "--methods", "kd", "--trials", "2", "--pruner", "none", "--temperature", "4", "--max-steps", "6")
+    assert result.returncode != 0 and "Traceback" not in result.stderr and "another cache" in result.stderr
+
+
+def test_a_killed_tune_resumes_and_retries_the_trial_it_was_running(assets, cache, tmp_path):
+    out = tmp_path / "t"
+    args = ["tune", "--cache", cache, "--student", assets["student"], "--out", out, "--methods", "kd",
+            "--trials", "3", "--pruner", "none", "--max-steps", "40", "--batch-size", "8", "--seed", "3"]
+    process = subprocess.Popen([sys.executable, "-m", "tedcache.cli.main", *map(str, args)], stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "trials" / "kd").glob("*.checkpoint")):
+        time.sleep(0.2)  # a trial is mid-way once its first epoch has been checkpointed
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    import optuna
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / STUDY_FILE)))
+    killed = [t for t in optuna.load_study(study_name="kd", storage=storage).trials
+              if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(killed) == 1
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    trials = optuna.load_study(study_name="kd", storage=storage).trials
+    finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finished) == 3 and [t.state for t in trials].count(optuna.trial.TrialState.FAIL) == 1
+    assert any(t.params == killed[0].params for t in finished)  # the killed trial's parameters ran again
