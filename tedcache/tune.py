@@ -83,7 +83,7 @@ def _reclaim(study, optuna) -> None:
         worker = trial.user_attrs.get("worker", "")
         if worker.rsplit(":", 1)[0] != host or _alive(int(worker.rsplit(":", 1)[1])):
             continue
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(trial.params, skip_if_exists=False)
 
 
