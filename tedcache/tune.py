@@ -154,7 +154,7 @@ def tune(cfg: TuneConfig, log=None) -> dict:
         base = replace(cfg.base, method=method, cache=cfg.raw_cache if method == "lwd" else cfg.base.cache,
                        resume=False)
         _optimize(study, base, space, cfg.trials, out / "trials" / method, metric, log, optuna)
-        summary["methods"][method] = _report(study, base, space, out, optuna)
+        summary["methods"][method] = _report(study, base, cfg.trials, out, optuna)
     (out / "tune.json").write_text(json.dumps(summary, indent=2))
     rows = [[m, str(r["finished"]), str(r["pruned"]), f"{r['best_value']:.4f}",
              "-" if r["trials_per_hour"] is None else f"{r['trials_per_hour']:.1f}"] for m, r in summary["methods"].items()]
@@ -163,8 +163,17 @@ def tune(cfg: TuneConfig, log=None) -> dict:
     return summary
 
 
-def _finished(study, optuna) -> list:
-    return study.get_trials(deepcopy=False, states=tuple(getattr(optuna.trial.TrialState, s) for s in FINISHED))
+def _finished(study, optuna, trials: int | None = None) -> list:
+    """The finished (complete or pruned) trials in the order they were created; with `trials`, only the
+    first that many: when processes sharing a study start their last trials at the same moment, one
+    extra may finish, and it does not count, so every method is judged on the same budget."""
+    states = tuple(getattr(optuna.trial.TrialState, s) for s in FINISHED)
+    done = sorted(study.get_trials(deepcopy=False, states=states), key=lambda t: t.number)
+    return done if trials is None else done[:trials]
+
+
+def _running(study, optuna) -> int:
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
 
 
 def _optimize(study, base: DistillConfig, space: dict, trials: int, folder: Path, metric: str, log, optuna) -> None:
@@ -188,28 +197,38 @@ def _optimize(study, base: DistillConfig, space: dict, trials: int, folder: Path
         return report["best"][metric]
 
     def progress(study, trial):
-        done = _finished(study, optuna)
-        pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in done)
-        best = study.best_value if any(t.state == optuna.trial.TrialState.COMPLETE for t in done) else float("nan")
+        done = _finished(study, optuna, trials)
+        complete = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
+        best = _best(complete, study).value if complete else float("nan")
         log(f"[{base.method}] trial {trial.number} {trial.state.name.lower()}: {len(done)}/{trials} finished, "
-            f"{pruned} pruned, best validation {metric} {best:.4f}")
+            f"{len(done) - len(complete)} pruned, best validation {metric} {best:.4f}")
 
-    stop = optuna.study.MaxTrialsCallback(trials, states=tuple(getattr(optuna.trial.TrialState, s) for s in FINISHED))
     while len(_finished(study, optuna)) < trials:
-        study.optimize(objective, n_trials=trials - len(_finished(study, optuna)), callbacks=[progress, stop],
-                       catch=(TedcacheError,))
-        if not _finished(study, optuna) and all(t.state == optuna.trial.TrialState.FAIL for t in study.trials):
-            raise TedcacheError(f"every {base.method} trial failed; run tedcache distill with the base settings to "
-                                "see why")
+        if len(_finished(study, optuna)) + _running(study, optuna) >= trials:
+            time.sleep(5)  # the last trials are running in other processes
+            _reclaim(study, optuna)
+            continue
+        study.optimize(objective, n_trials=1, callbacks=[progress], catch=(TedcacheError,))
+        failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+        if len(failed) > trials:
+            reason = failed[0].system_attrs.get("fail_reason", "?")
+            raise TedcacheError(f"{len(failed)} {base.method} trials failed (first: {reason}); run tedcache distill "
+                                "with the base settings to see why")
 
 
-def _report(study, base: DistillConfig, space: dict, out: Path, optuna) -> dict:
+def _best(complete: list, study):
+    """The best of `complete` trials in the study's direction."""
+    pick = min if study.direction.name == "MINIMIZE" else max
+    return pick(complete, key=lambda t: t.value)
+
+
+def _report(study, base: DistillConfig, budget: int, out: Path, optuna) -> dict:
     """Write best-<method>.yaml and trials-<method>.csv; return the method's summary."""
-    trials = _finished(study, optuna)
+    trials = _finished(study, optuna, budget)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise TedcacheError(f"no {base.method} trial completed (all were pruned); run more --trials or --pruner none")
-    best = study.best_trial
+    best = _best(complete, study)
     (out / f"best-{base.method}.yaml").write_text(config_yaml(replace(apply(base, best.params),
                                                                       out=str(out / f"best-{base.method}"))))
     frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs"))

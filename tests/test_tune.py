@@ -100,3 +100,22 @@ def test_a_killed_tune_resumes_and_retries_the_trial_it_was_running(assets, cach
     finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished) == 3 and [t.state for t in trials].count(optuna.trial.TrialState.FAIL) == 1
     assert any(t.params == killed[0].params for t in finished)  # the killed trial's parameters ran again
+
+
+def test_two_processes_share_one_study(assets, cache, tmp_path):
+    out = tmp_path / "t"
+    args = ["tune", "--cache", cache, "--student", assets["student"], "--out", out, "--methods", "kd",
+            "--trials", "4", "--pruner", "none", "--max-steps", "6", "--batch-size", "16"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    workers = [subprocess.Popen([sys.executable, "-m", "tedcache.cli.main", *map(str, args)], stderr=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    results = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [err[-2000:] for _, err in results]
+    workers_seen = set()
+    import optuna
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / STUDY_FILE)))
+    for trial in optuna.load_study(study_name="kd", storage=storage).trials:
+        workers_seen.add(trial.user_attrs["worker"])
+    assert len(workers_seen) == 2  # both processes ran trials of the one study
+    assert json.loads((out / "tune.json").read_text())["methods"]["kd"]["finished"] == 4
