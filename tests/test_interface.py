@@ -17,15 +17,16 @@ from test_cli import assert_one_line_error
 from tedcache.cache.metadata import schema_markdown
 from tedcache.cli.main import app
 from tedcache.cli.options import flags_of
-from tedcache.config import CompareConfig, DistillConfig, ExtractConfig, FinetuneConfig, OptimConfig
+from tedcache.config import CompareConfig, DistillConfig, ExtractConfig, FinetuneConfig, OptimConfig, TuneConfig
 from tedcache.configfile import read_config_file, resolve
 from tedcache.errors import TedcacheError
 from tedcache.schema import hints, is_record
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_COMMANDS = {"extract": ExtractConfig, "distill": DistillConfig, "compare": CompareConfig,
-                   "finetune": FinetuneConfig}
-SET_PER_RUN = {"compare": {"base.method", "base.seed", "base.resume"}}  # compare sets these for each run
+                   "finetune": FinetuneConfig, "tune": TuneConfig}
+SET_PER_RUN = {"compare": {"base.method", "base.seed", "base.resume"},  # compare sets these for each run
+               "tune": {"base.method", "base.resume"}}  # tune: for each trial
 
 
 def leaf_fields(cls, path=(), defaults=None):
