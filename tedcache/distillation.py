@@ -248,7 +248,8 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
     modules = [student] + ([bank] if bank is not None else [])
     params = [p for m in modules for p in m.parameters()]
     variance = _state_variance(cfg, meta, teacher_layers) if bank is not None else None
-    probe_every = cfg.log_every * PROBE_EVERY if procs.size == 1 else 0  # (autograd.grad inside DDP: not tried)
+    # the ratio of one step's gradients: not of a micro-batch's (accumulation), nor inside DDP (untried)
+    probe_every = cfg.log_every * PROBE_EVERY if procs.size == 1 and cfg.optim.grad_accum == 1 else 0
 
     def loss_fn(batch):
         probe = bool(probe_every) and batch["step"] % probe_every == 0

@@ -161,6 +161,9 @@ def test_two_process_distill_matches_one_process_at_the_same_global_batch(one_pr
         assert [h["step"] for h in history] == [h["step"] for h in reference]
         for mine, theirs in zip(history, reference):
             for key, value in theirs.items():
+                if key == "grad_ratio":  # a diagnostic probed only in one process without accumulation
+                    assert key not in mine
+                    continue
                 assert mine[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, mine["step"], key)
         # evaluation: each process scores half the batches, the outputs are gathered
         assert [e["accuracy"] for e in runs[name]["eval"]] == [e["accuracy"] for e in runs["one"]["eval"]]
