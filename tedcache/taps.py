@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .errors import TedcacheError
@@ -57,12 +59,16 @@ def is_causal_lm_class(name: str) -> bool:
 def is_decoder_only(model) -> bool:
     """Whether the model is a decoder-only transformer (GPT-2, Llama, Qwen...; as a causal LM or as a
     sequence classifier): its model type has a causal-LM class and no masked-LM class (BERT has both)."""
+    return _decoder_only_type(model.config.model_type)
+
+
+@functools.cache  # asked on every forward: answered once per model type
+def _decoder_only_type(kind: str) -> bool:
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    kind = model.config.model_type
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
