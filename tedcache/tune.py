@@ -18,6 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .cache import load_metadata
+from .cache.location import process_alive
 from .config import METHODS, DistillConfig, TuneConfig
 from .configfile import CONFIG_FILE, config_yaml
 from .distillation import distill
@@ -81,20 +82,10 @@ def _reclaim(study, optuna) -> None:
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker", "")
-        if worker.rsplit(":", 1)[0] != host or _alive(int(worker.rsplit(":", 1)[1])):
+        if worker.rsplit(":", 1)[0] != host or process_alive(int(worker.rsplit(":", 1)[1])):
             continue
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(trial.params, skip_if_exists=False)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _pruner(name: str, optuna):

@@ -105,7 +105,7 @@ class CacheLock:
             held = json.loads(self.location.read_bytes(LOCK))
         except (FileNotFoundError, ValueError):
             return None
-        if held.get("host") == socket.gethostname() and not _alive(int(held.get("pid", -1))):
+        if held.get("host") == socket.gethostname() and not process_alive(int(held.get("pid", -1))):
             return None
         return held
 
@@ -128,7 +128,8 @@ class CacheLock:
             self.location.remove(LOCK)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
