@@ -183,3 +183,9 @@ class TuneConfig:
     pruner: str = setting("median", "Stop trials whose validation curve is poor: median (Optuna's MedianPruner), "
                                     "halving (successive halving) or none.", choices=PRUNERS)
     raw_cache: str | None = setting(None, "Cache of raw states from the same teacher and data (lwd trials read it).")
+    seeds: list[int] = setting(help="Seeds each trial runs; its value is the mean of their best validation scores "
+                                    "(the averaging a paired comparison over seeds uses). Empty: the base's seed.",
+                               factory=list)
+    search: list[str] = setting(help="Parameters to search (names from the methods' spaces, e.g. optim.lr,kl_alpha); "
+                                     "the others keep the base's values. Empty: each method's whole space.",
+                                factory=list)

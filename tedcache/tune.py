@@ -44,6 +44,11 @@ def search_space(method: str, temperature_fixed: bool) -> dict[str, tuple]:
     return space
 
 
+def searched(space: dict[str, tuple], search: list[str]) -> dict[str, tuple]:
+    """`space` cut to the names in `search` (all of it when `search` is empty)."""
+    return {name: spec for name, spec in space.items() if not search or name in search}
+
+
 def sample(trial, space: dict[str, tuple]) -> dict:
     kinds = {"log": lambda n, lo, hi: trial.suggest_float(n, lo, hi, log=True),
              "float": trial.suggest_float, "int": trial.suggest_int}
@@ -69,8 +74,12 @@ def _identity(cfg: TuneConfig, method: str, space: dict) -> str:
     base = asdict(replace(cfg.base, out="", resume=False, method=method,
                           cache=cfg.raw_cache if method == "lwd" else cfg.base.cache))
     cache = load_metadata(base["cache"]).identity
-    payload = {"cache": cache, "base": base, "space": space, "pruner": cfg.pruner}
+    payload = {"cache": cache, "base": base, "space": space, "pruner": cfg.pruner, "seeds": _seeds(cfg)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _seeds(cfg: TuneConfig) -> list[int]:
+    return cfg.seeds or [cfg.base.seed]
 
 
 def _worker() -> str:
@@ -102,6 +111,10 @@ def _check(cfg: TuneConfig) -> None:
         raise TedcacheError(f"unknown --methods {', '.join(unknown) or '(none)'}; use some of {', '.join(METHODS)}")
     if cfg.trials < 1:
         raise TedcacheError(f"--trials must be at least 1, got {cfg.trials}")
+    known = {name for method in METHODS for name in search_space(method, False)}
+    if set(cfg.search) - known:
+        raise TedcacheError(f"unknown --search {', '.join(sorted(set(cfg.search) - known))}; use some of "
+                            f"{', '.join(sorted(known))}")
     if "lwd" in cfg.methods and not cfg.raw_cache:
         raise TedcacheError("--methods lwd needs --raw-cache: a cache extracted with --states raw from the same "
                             "teacher and data (or leave lwd out of --methods)")
@@ -129,7 +142,10 @@ def tune(cfg: TuneConfig, log=None) -> dict:
     temperature_fixed = meta.task == "causal-lm" and (meta.logits or {}).get("kind") == "sample"
     summary = {"metric": metric, "methods": {}}
     for number, method in enumerate(cfg.methods):
-        space = search_space(method, temperature_fixed)
+        space = searched(search_space(method, temperature_fixed), cfg.search)
+        if not space:
+            raise TedcacheError(f"--search {','.join(cfg.search)} leaves nothing to tune for {method}; add one of "
+                                f"{', '.join(search_space(method, temperature_fixed))} or leave {method} out")
         identity = _identity(cfg, method, space)
         study = optuna.create_study(
             study_name=method, storage=storage, load_if_exists=True,
@@ -144,7 +160,7 @@ def tune(cfg: TuneConfig, log=None) -> dict:
         _reclaim(study, optuna)
         base = replace(cfg.base, method=method, cache=cfg.raw_cache if method == "lwd" else cfg.base.cache,
                        resume=False)
-        _optimize(study, base, space, cfg.trials, out / "trials" / method, metric, log, optuna)
+        _optimize(study, base, space, _seeds(cfg), cfg.trials, out / "trials" / method, metric, log, optuna)
         summary["methods"][method] = _report(study, base, cfg.trials, out, optuna)
     (out / "tune.json").write_text(json.dumps(summary, indent=2))
     rows = [[m, str(r["finished"]), str(r["pruned"]), f"{r['best_value']:.4f}",
@@ -167,25 +183,36 @@ def _running(study, optuna) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
 
 
-def _optimize(study, base: DistillConfig, space: dict, trials: int, folder: Path, metric: str, log, optuna) -> None:
+def _optimize(study, base: DistillConfig, space: dict, seeds: list[int], trials: int, folder: Path, metric: str, log,
+              optuna) -> None:
     def objective(trial):
         trial.set_user_attr("worker", _worker())
-        run = apply(replace(base, out=str(folder / f"{trial.number:04d}")), sample(trial, space))
+        params = sample(trial, space)
         evaluations = []
 
         def on_eval(result: dict) -> None:
+            # only the first seed's curve is reported: pruning compares trials at the same seed and evaluation
             evaluations.append(result[metric])
             trial.report(result[metric], len(evaluations))
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
         started = time.perf_counter()
+        best = []
         try:
-            report = distill(run, lambda *_: None, on_eval=on_eval, score_test=False, keep_model=False)
+            for seed in seeds:
+                name = f"{trial.number:04d}" if len(seeds) == 1 else f"{trial.number:04d}-seed{seed}"
+                run = apply(replace(base, seed=seed, out=str(folder / name)), params)
+                try:
+                    report = distill(run, lambda *_: None, on_eval=on_eval if seed == seeds[0] else None,
+                                     score_test=False, keep_model=False)
+                finally:
+                    shutil.rmtree(f"{run.out}.checkpoint", ignore_errors=True)
+                best.append(report["best"][metric])
         finally:
             trial.set_user_attr("seconds", time.perf_counter() - started)
-            shutil.rmtree(f"{run.out}.checkpoint", ignore_errors=True)
-        return report["best"][metric]
+        trial.set_user_attr("seed_values", best)
+        return sum(best) / len(best)
 
     def progress(study, trial):
         done = _finished(study, optuna, trials)

@@ -63,6 +63,25 @@ def test_tune_runs_each_method_the_same_number_of_trials_on_validation_only(asse
     assert again["best"]["accuracy"] == summary["methods"]["kd"]["best_value"]
 
 
+def test_a_trial_over_several_seeds_scores_their_mean_and_searches_only_what_is_asked(assets, cache, tmp_path):
+    cfg = _config(assets, cache, tmp_path / "t", methods=["kd"], trials=2, pruner="none", seeds=[3, 4],
+                  search=["optim.lr"])
+    result = tune(cfg, log=lambda *_: None)["methods"]["kd"]
+    assert set(result["best_params"]) == {"optim.lr"}
+    folder = tmp_path / "t" / "trials" / "kd"
+    values = []
+    for number in range(2):
+        runs = [json.loads((folder / f"{number:04d}-seed{seed}" / "metrics.json").read_text()) for seed in (3, 4)]
+        assert [r["config"]["seed"] for r in runs] == [3, 4]
+        assert {r["config"]["kl_alpha"] for r in runs} == {cfg.base.kl_alpha}  # not searched
+        values.append(sum(r["best"]["accuracy"] for r in runs) / 2)
+    assert result["best_value"] == pytest.approx(max(values))
+    with pytest.raises(TedcacheError, match="unknown --search mse_alfa"):
+        tune(replace(cfg, search=["mse_alfa"]), log=lambda *_: None)
+    with pytest.raises(TedcacheError, match="leaves nothing to tune for kd"):
+        tune(replace(cfg, search=["mse_alpha"]), log=lambda *_: None)
+
+
 def test_a_finished_study_is_kept_and_a_foreign_one_refused(assets, cache, tmp_path):
     cfg = _config(assets, cache, tmp_path / "t", methods=["kd"], trials=2, pruner="none")
     tune(cfg, log=lambda *_: None)
