@@ -49,6 +49,21 @@ def searched(space: dict[str, tuple], search: list[str]) -> dict[str, tuple]:
     return {name: spec for name, spec in space.items() if not search or name in search}
 
 
+def starting_point(base: DistillConfig, space: dict[str, tuple]) -> dict:
+    """The base's own values of the searched parameters (clipped into the space): every study tries them
+    first, so a small budget never ends below the settings it started from on validation."""
+    point = {}
+    for name, (kind, low, high) in space.items():
+        value = base
+        for part in name.split("."):
+            value = getattr(value, part)
+        if value is None:  # a default decided at run time (the temperature): sampled instead
+            continue
+        value = min(max(value, low), high)
+        point[name] = round(value) if kind == "int" else value
+    return point
+
+
 def sample(trial, space: dict[str, tuple]) -> dict:
     kinds = {"log": lambda n, lo, hi: trial.suggest_float(n, lo, hi, log=True),
              "float": trial.suggest_float, "int": trial.suggest_int}
@@ -158,6 +173,8 @@ def tune(cfg: TuneConfig, log=None) -> dict:
             raise TedcacheError(f"{out / STUDY_FILE} holds a {method} study made for another cache, settings or search "
                                 "space; give tune another --out, or delete that file to start over")
         _reclaim(study, optuna)
+        if not study.trials:
+            study.enqueue_trial(starting_point(cfg.base, space))
         base = replace(cfg.base, method=method, cache=cfg.raw_cache if method == "lwd" else cfg.base.cache,
                        resume=False)
         _optimize(study, base, space, _seeds(cfg), cfg.trials, out / "trials" / method, metric, log, optuna)

@@ -75,6 +75,8 @@ def test_a_trial_over_several_seeds_scores_their_mean_and_searches_only_what_is_
         assert [r["config"]["seed"] for r in runs] == [3, 4]
         assert {r["config"]["kl_alpha"] for r in runs} == {cfg.base.kl_alpha}  # not searched
         values.append(sum(r["best"]["accuracy"] for r in runs) / 2)
+        if number == 0:  # every study starts from the base's own values
+            assert {r["config"]["optim"]["lr"] for r in runs} == {cfg.base.optim.lr}
     assert result["best_value"] == pytest.approx(max(values))
     with pytest.raises(TedcacheError, match="unknown --search mse_alfa"):
         tune(replace(cfg, search=["mse_alfa"]), log=lambda *_: None)
