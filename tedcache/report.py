@@ -97,6 +97,29 @@ def methods_plot(summary: dict) -> bytes | None:
     return _png(fig)
 
 
+def paired_plot(summary: dict) -> bytes | None:
+    """Each paired difference A − B with its 95% interval over seeds (and, where recorded, over test
+    examples), against a line at zero: an interval that crosses it is not resolved."""
+    comparisons = summary.get("comparisons") or []
+    if not comparisons:
+        return None
+    fig, axes = _figure(7.5, 0.9 + 0.5 * len(comparisons))
+    ax = axes[0][0]
+    for y, c in enumerate(reversed(comparisons)):
+        for offset, key, colour, label in ((0.12, "by_seed", "#2a5caa", "over seeds"),
+                                           (-0.12, "by_example", "#d08020", "over test examples")):
+            interval = c.get(key)
+            if not interval or interval.get("low") is None:
+                continue
+            ax.errorbar(interval["mean"], y + offset, capsize=3, fmt="o", color=colour, label=label if y == 0 else None,
+                        xerr=[[interval["mean"] - interval["low"]], [interval["high"] - interval["mean"]]])
+    ax.axvline(0.0, color="k", linewidth=0.8)
+    ax.set_yticks(range(len(comparisons)), [f"{c['a']} − {c['b']}" for c in reversed(comparisons)], fontsize=8)
+    ax.set_xlabel(f"paired difference in test {summary['metric']} (95% interval)")
+    ax.legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
 def cache_plot(runs: list[Run]) -> bytes | None:
     """Cache size against the test metric, when a method was run from more than one cache."""
     scored = [r for r in runs if r.test() is not None and r.cache_mib is not None]
@@ -161,6 +184,8 @@ def build_report(run_dirs: list[str], out: str) -> Path:
                         "causal-lm: block loss in nats). A difference is called only where both 95% intervals "
                         "exclude zero.</p>" + _table(COMPARISON_HEADER, comparison_rows(summary))
                         + f"<ul>{sentences}</ul>")
+        if (plot := paired_plot(summary)) is not None:
+            sections.append(_image("paired.png", plot, out_dir, "paired differences with 95% intervals"))
     if (plot := cache_plot(runs)) is not None:
         sections.append("<h2>Cache size and accuracy</h2>" + _image("cache-size.png", plot, out_dir, "cache size"))
 

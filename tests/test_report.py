@@ -100,7 +100,7 @@ def test_report_numbers_all_come_from_the_run_folders(compared, tmp_path):
     assert result.returncode == 0, result.stderr
     page = (tmp_path / "report" / "index.html").read_text()
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
-    assert "methods.png" in pngs and "eval.png" in pngs and "curves-ted-seed1.png" in pngs
+    assert "methods.png" in pngs and "eval.png" in pngs and "curves-ted-seed1.png" in pngs and "paired.png" in pngs
     assert page.count("data:image/png;base64,") == len(pngs)  # self-contained: every plot embedded
 
     # every number the page shows, recomputed here from the metrics.json files
