@@ -146,6 +146,10 @@ def init_student(source: str, layers: list[int], out: str) -> Path:
     stack._modules.clear()
     for i, layer in enumerate(kept):
         stack.add_module(str(i), layer)
+    total = model.config.num_hidden_layers
+    for name, value in vars(model.config).items():  # per-layer lists (layer_types, ...) keep the kept entries
+        if isinstance(value, list) and len(value) == total > 1 and name != "architectures":
+            setattr(model.config, name, [value[i] for i in keep])
     model.config.num_hidden_layers = len(kept)
     setattr(model.config, COPIED_FROM, keep)
     out_path = Path(out)

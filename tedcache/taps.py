@@ -82,14 +82,19 @@ def pooled(states: torch.Tensor, mask: torch.Tensor, last: bool) -> torch.Tensor
 
 
 def final_norm(model) -> torch.nn.Module:
-    """A decoder's final normalisation (Llama `norm`, GPT-2 `ln_f`, ...): the one before its LM head."""
-    base = model.base_model
-    for name in ("norm", "ln_f", "final_layernorm", "norm_f"):
-        module = getattr(base, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise TedcacheError(f"cannot find the final norm of {type(model).__name__}; tedcache knows the names "
-                        "norm, ln_f, final_layernorm and norm_f")
+    """A decoder's final normalisation (Llama `norm`, GPT-2 `ln_f`, ...), found by its place, not its
+    name: the last direct child of the base model that holds exactly one or two vectors of the hidden
+    size (an RMSNorm's weight, a LayerNorm's weight and bias)."""
+    width = hidden_size(model)
+    found = None
+    for module in model.base_model.children():
+        shapes = [tuple(p.shape) for p in module.parameters()]
+        if shapes and len(shapes) <= 2 and all(shape == (width,) for shape in shapes):
+            found = module
+    if found is None:
+        raise TedcacheError(f"cannot find the final norm of {type(model).__name__}: tedcache looks for the last "
+                            f"module of its base model holding only {width}-wide vectors (a LayerNorm or RMSNorm)")
+    return found
 
 
 def forward_with_taps(model, batch: dict, layers: list[int]):

@@ -1,0 +1,85 @@
+"""The architecture matrix: a tiny random-initialised model of each family goes through extract ->
+init-student -> distill, for sequence classification (decoders pool their last real token, as their HF
+heads do) and, for decoders, causal-lm. The code is generic: nothing here names a family's modules."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from conftest import make_tokenizer
+from test_causal_lm import documents, make_lm_tokenizer, write_text
+
+from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
+from tedcache.config import FilterConfig
+from tedcache.models import init_student
+from tedcache.taps import final_norm, is_decoder_only
+
+SIZE = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64)
+DECODER = dict(SIZE, num_key_value_heads=2, pad_token_id=0, bos_token_id=2, eos_token_id=2)
+FAMILIES = {
+    "bert": (transformers.BertConfig, SIZE),
+    "roberta": (transformers.RobertaConfig, dict(SIZE, pad_token_id=0)),
+    "deberta-v2": (transformers.DebertaV2Config, SIZE),
+    "distilbert": (transformers.DistilBertConfig, dict(dim=32, n_layers=4, n_heads=4, hidden_dim=64,
+                                                       max_position_embeddings=64)),
+    "electra": (transformers.ElectraConfig, dict(SIZE, embedding_size=32)),
+    "gpt2": (transformers.GPT2Config, dict(n_embd=32, n_layer=4, n_head=4, n_positions=64, pad_token_id=0,
+                                           bos_token_id=2, eos_token_id=2)),
+    "llama": (transformers.LlamaConfig, DECODER),
+    "qwen2": (transformers.Qwen2Config, DECODER),
+    "mistral": (transformers.MistralConfig, DECODER),
+    "phi3": (transformers.Phi3Config, DECODER),
+}
+DECODERS = ["gpt2", "llama", "qwen2", "mistral", "phi3"]
+QUICK = OptimConfig(epochs=1, batch_size=16)
+
+
+def _teacher(family: str, folder, auto, tokenizer, **extra):
+    config_class, settings = FAMILIES[family]
+    torch.manual_seed(0)
+    model = auto.from_config(config_class(vocab_size=len(tokenizer), **settings, **extra))
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def _pipeline(teacher: str, data: DataConfig, tmp_path) -> dict:
+    cache = extract(ExtractConfig(teacher=teacher, data=data, filters=FilterConfig(layers="all"), stage1=QUICK,
+                                  cache_dir=str(tmp_path / "caches"), logits="full"))
+    student = init_student(teacher, [0, 3], str(tmp_path / "student"))
+    assert json.loads((student / "config.json").read_text())["tedcache_copied_from"] == [0, 3]
+    return distill(DistillConfig(cache=cache, student=str(student), out=str(tmp_path / "ted"), method="ted",
+                                 optim=QUICK, stage1=QUICK, layer_map="copy", max_steps=3))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sequence_classification(family, assets, tmp_path):
+    tokenizer = make_tokenizer(tmp_path / "teacher")
+    teacher = _teacher(family, tmp_path / "teacher", transformers.AutoModelForSequenceClassification, tokenizer,
+                       num_labels=2)
+    data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], test=[str(assets["test"])],
+                      max_length=32)
+    metrics = _pipeline(teacher, data, tmp_path)
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
+    assert metrics["layer_map"] == {0: 2, 1: 3}  # the copy map: student layer 1 is teacher 3, which reads 2
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_causal_lm(family, tmp_path):
+    tokenizer = make_lm_tokenizer(tmp_path / "teacher")
+    teacher = _teacher(family, tmp_path / "teacher", transformers.AutoModelForCausalLM, tokenizer)
+    model = transformers.AutoModelForCausalLM.from_pretrained(teacher)
+    assert is_decoder_only(model)
+    # the final norm is the module HF's last hidden state comes out of
+    seen = {}
+    handle = final_norm(model).register_forward_hook(lambda module, args, output: seen.update(output=output))
+    last = model.base_model(input_ids=torch.tensor([[3, 4, 5, 6]])).last_hidden_state
+    handle.remove()
+    assert torch.equal(seen["output"], last)
+    texts = {name: str(write_text(tmp_path / f"{name}.txt", documents(n, seed)))
+             for name, n, seed in (("train", 60, 0), ("eval", 20, 1), ("test", 20, 2))}
+    data = DataConfig(train=[texts["train"]], eval=[texts["eval"]], test=[texts["test"]], task="causal-lm",
+                      block_size=16)
+    metrics = _pipeline(teacher, data, tmp_path)
+    assert metrics["test"]["perplexity"] > 1.0
