@@ -89,9 +89,10 @@ def report(runs, out):
 @click.option("--from", "source", required=True, help="Model to copy layers from.")
 @click.option("--layers", required=True, help="0-based layers to keep, e.g. 0,5.")
 @click.option("--out", required=True)
-def init_student_command(source, layers, out):
+@click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the model (custom architectures).")
+def init_student_command(source, layers, out, trust_remote_code):
     """A shallower copy of a model keeping the given layers (DistilBERT-style initialisation)."""
-    click.echo(init_student(source, parse_layers(layers, 10**6), out))
+    click.echo(init_student(source, parse_layers(layers, 10**6), out, trust_remote_code))
 
 
 @app.command("verify")

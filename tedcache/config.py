@@ -92,6 +92,8 @@ class ExtractConfig:
     seed: int = setting(42, "Seed of Stage I and of the training split's storage order.")
     device: str = setting("auto", "auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
     force: bool = setting(False, "Rebuild even if a cache of the same inputs exists.")
+    trust_remote_code: bool = setting(False, "Run code shipped with the model folder or hub repository (custom "
+                                             "architectures). Off by default: such code runs with your rights.")
 
 
 @dataclass
@@ -136,6 +138,8 @@ class DistillConfig:
     autocast: bool | None = setting(None, "bf16 autocast (default: on when the device is a GPU).")
     resume: bool = setting(False, "Continue from the checkpoint an interrupted run left in OUT.checkpoint.")
     checkpoint_every: int = setting(0, "Optimiser steps between checkpoints (0: after every epoch).")
+    trust_remote_code: bool = setting(False, "Run code shipped with the model folder or hub repository (custom "
+                                             "architectures). Off by default: such code runs with your rights.")
 
 
 def what_it_computes(requested: dict) -> dict:
@@ -153,6 +157,8 @@ class FinetuneConfig:
     data: DataConfig = setting(help="Data settings.", prefix="")
     seed: int = setting(42, "Seed of the new head, the order and dropout.")
     optim: OptimConfig = setting(help="Optimiser.", factory=OptimConfig, prefix="")
+    trust_remote_code: bool = setting(False, "Run code shipped with the model folder or hub repository (custom "
+                                             "architectures). Off by default: such code runs with your rights.")
 
 
 @dataclass

@@ -180,14 +180,15 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
             raise TedcacheError(f"cache {cfg.cache} failed verification ({len(problems)} problems, first: "
                                 f"{problems[0]}); run tedcache verify {cfg.cache} --repair, then the extract command")
     task = meta.task
-    tokenizer = load_tokenizer(cfg.student, "student")
+    tokenizer = load_tokenizer(cfg.student, "student", cfg.trust_remote_code)
     if vocab_hash(tokenizer) != meta.tokenizer_vocab_sha256:
         raise TedcacheError(f"the student's tokenizer vocabulary differs from the cache's ({meta.tokenizer}); "
                             "use a student with the teacher's tokenizer, or extract a cache with a matching teacher")
     device = procs.device(cfg.device)
     autocast = device.type == "cuda" if cfg.autocast is None else cfg.autocast
     torch.manual_seed(cfg.seed)  # a fresh head and the student's filters start from this seed
-    student = load_for_task(cfg.student, "student", task, meta.label_names).to(device)
+    student = load_for_task(cfg.student, "student", task, meta.label_names,
+                            trust_remote_code=cfg.trust_remote_code).to(device)
     form = kd_form(cfg, meta) if task == "causal-lm" else None
     cfg = replace(cfg, temperature=kd_temperature(cfg, meta, form))
     bank, teacher_layers = None, []

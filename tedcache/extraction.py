@@ -57,11 +57,11 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     log = (log or note) if procs.main else (lambda *_: None)
     _validate(cfg)
     started = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.teacher, "teacher")
+    tokenizer = load_tokenizer(cfg.teacher, "teacher", cfg.trust_remote_code)
     task = cfg.data.task
     lm = task == "causal-lm"
     device = procs.device(cfg.device)
-    teacher = load_for_task(cfg.teacher, "teacher", task, resize=False).to(device)
+    teacher = load_for_task(cfg.teacher, "teacher", task, resize=False, trust_remote_code=cfg.trust_remote_code).to(device)
     logit_spec = parse_logit_spec(cfg.logits, teacher.config.vocab_size, cfg.logits_temperature) if lm else None
     if task == "regression" and teacher.config.num_labels != 1:
         raise TedcacheError(f"--task regression needs a teacher with one output, {cfg.teacher} has "
@@ -215,6 +215,7 @@ def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], l
         lm_head=identity.get("lm_head"), stage1=None if raw else asdict(cfg.stage1),
         splits={s: len(ex) for s, ex in splits.items()}, tokens={s: ex.num_tokens for s, ex in splits.items()},
         labelled_train=None if lm else int(labelled(torch.from_numpy(splits["train"].labels), task).sum()),
+        trust_remote_code=cfg.trust_remote_code,
         config=to_dict(cfg))
 
 

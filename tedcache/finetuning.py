@@ -26,13 +26,13 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
     if task == "causal-lm":
         raise TedcacheError("tedcache finetune trains classifiers; a causal-lm teacher is used as it is "
                             "(train an LM-only student with tedcache distill --method finetune)")
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train, label_names = load_examples(cfg.data.train, cfg.data, tokenizer, None, "--data", cfg.data.limit)
     evaluation = None
     if cfg.data.eval:
         evaluation, _ = load_examples(cfg.data.eval, cfg.data, tokenizer, label_names, "--eval-data")
     torch.manual_seed(cfg.seed)
-    model = load_classifier(cfg.model, "model", task, label_names)
+    model = load_classifier(cfg.model, "model", task, label_names, cfg.trust_remote_code)
     pad = pad_id(tokenizer)
     source = ExamplesSource(train)
 

@@ -21,17 +21,17 @@ def _check_source(name: str, what: str) -> None:
         raise TedcacheError(f"{what} folder {name} does not exist; give a model folder or a hub name")
 
 
-def load_tokenizer(name: str, what: str = "model"):
+def load_tokenizer(name: str, what: str = "model", trust_remote_code: bool = False):
     _check_source(name, what)
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise TedcacheError(f"cannot load a tokenizer from {what} {name} ({type(exc).__name__}); "
                             "give a folder with tokenizer files, or a hub name when online") from exc
 
 
 def load_classifier(name: str, what: str = "model", task: str | None = None,
-                    label_names: list[str] | None = None):
+                    label_names: list[str] | None = None, trust_remote_code: bool = False):
     """An AutoModelForSequenceClassification; with label_names/task given, its head is sized to them."""
     _check_source(name, what)
     kwargs = {}
@@ -42,13 +42,14 @@ def load_classifier(name: str, what: str = "model", task: str | None = None,
                   "id2label": dict(enumerate(label_names)),
                   "label2id": {n: i for i, n in enumerate(label_names)}}
     return _from_pretrained(AutoModelForSequenceClassification, name, what, "a sequence classifier",
-                            ignore_mismatched_sizes=bool(kwargs), **kwargs)
+                            ignore_mismatched_sizes=bool(kwargs), trust_remote_code=trust_remote_code, **kwargs)
 
 
-def load_causal_lm(name: str, what: str = "model"):
+def load_causal_lm(name: str, what: str = "model", trust_remote_code: bool = False):
     """An AutoModelForCausalLM (GPT-2, Llama, SmolLM, ...)."""
     _check_source(name, what)
-    return _from_pretrained(AutoModelForCausalLM, name, what, "a causal language model")
+    return _from_pretrained(AutoModelForCausalLM, name, what, "a causal language model",
+                            trust_remote_code=trust_remote_code)
 
 
 def _from_pretrained(auto_class, name: str, what: str, kind: str, **kwargs):
@@ -56,16 +57,22 @@ def _from_pretrained(auto_class, name: str, what: str, kind: str, **kwargs):
     try:
         return auto_class.from_pretrained(name, **kwargs)
     except Exception as exc:
+        if "trust_remote_code" in str(exc):
+            raise TedcacheError(f"{what} {name} ships its own model code; pass --trust-remote-code to run it "
+                                "(only for code you have read or trust)") from exc
         raise TedcacheError(f"cannot load {what} {name} as {kind} "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
 
 
-def load_for_task(name: str, what: str, task: str, label_names: list[str] | None = None, resize: bool = True):
+def load_for_task(name: str, what: str, task: str, label_names: list[str] | None = None, resize: bool = True,
+                  trust_remote_code: bool = False):
     """The model class a task trains: a causal LM, or a sequence classifier (its head resized to the
-    task's labels when `resize`)."""
+    task's labels when `resize`). Code shipped with a model runs only with `trust_remote_code`."""
     if task == "causal-lm":
-        return load_causal_lm(name, what)
-    return load_classifier(name, what, task, label_names) if resize else load_classifier(name, what)
+        return load_causal_lm(name, what, trust_remote_code)
+    if not resize:
+        return load_classifier(name, what, trust_remote_code=trust_remote_code)
+    return load_classifier(name, what, task, label_names, trust_remote_code)
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -124,18 +131,18 @@ def copied_from(model) -> list[int] | None:
     return getattr(model.config, COPIED_FROM, None)
 
 
-def init_student(source: str, layers: list[int], out: str) -> Path:
+def init_student(source: str, layers: list[int], out: str, trust_remote_code: bool = False) -> Path:
     """A shallower copy of `source` keeping the given 0-based layers (DistilBERT-style), saved to `out`;
     its config records the kept layers (see copied_from: distill's copy layer map reads them)."""
     _check_source(source, "source model")
-    config = AutoConfig.from_pretrained(source)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     architectures = config.architectures or []
     auto = AutoModel
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         auto = AutoModelForSequenceClassification
     elif any(is_causal_lm_class(a) for a in architectures):
         auto = AutoModelForCausalLM
-    model = auto.from_pretrained(source)
+    model = auto.from_pretrained(source, trust_remote_code=trust_remote_code)
     keep = parse_layers(",".join(map(str, layers)), num_layers(model))
     stack = layer_list(model)
     kept = [stack[i] for i in keep]
@@ -155,5 +162,5 @@ def init_student(source: str, layers: list[int], out: str) -> Path:
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_path)
-    load_tokenizer(source, "source model").save_pretrained(out_path)
+    load_tokenizer(source, "source model", trust_remote_code).save_pretrained(out_path)
     return out_path

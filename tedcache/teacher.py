@@ -32,7 +32,8 @@ class LiveTargets:
 
     def __init__(self, teacher_dir: str, cache: Cache, teacher_layers: list[int], device: torch.device, seed: int = 0):
         meta = cache.metadata
-        self.teacher = load_for_task(teacher_dir, "teacher", meta.task, resize=False).to(device).eval()
+        self.teacher = load_for_task(teacher_dir, "teacher", meta.task, resize=False,
+                                     trust_remote_code=meta.trust_remote_code).to(device).eval()
         if weights_hash(self.teacher) != meta.teacher_weights_sha256:
             raise TedcacheError(f"--teacher {teacher_dir} is not the teacher this cache was extracted from; "
                                 "pass that teacher, or extract a cache from this one")

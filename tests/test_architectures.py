@@ -3,14 +3,16 @@ init-student -> distill, for sequence classification (decoders pool their last r
 heads do) and, for decoders, causal-lm. The code is generic: nothing here names a family's modules."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 import transformers
-from conftest import make_tokenizer
+from conftest import make_tokenizer, run_cli
 from test_causal_lm import documents, make_lm_tokenizer, write_text
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
+from tedcache.cache import load_metadata
 from tedcache.config import FilterConfig
 from tedcache.models import init_student
 from tedcache.taps import final_norm, is_decoder_only
@@ -83,3 +85,42 @@ def test_causal_lm(family, tmp_path):
                       block_size=16)
     metrics = _pipeline(teacher, data, tmp_path)
     assert metrics["test"]["perplexity"] > 1.0
+
+
+CUSTOM_CONFIG = '''from transformers import BertConfig
+
+
+class TinyCustomConfig(BertConfig):
+    model_type = "tiny-custom"
+'''
+CUSTOM_MODEL = '''from transformers import BertForSequenceClassification
+
+from .configuration_tiny import TinyCustomConfig
+
+
+class TinyCustomClassifier(BertForSequenceClassification):
+    config_class = TinyCustomConfig
+'''
+
+
+def test_model_code_runs_only_with_trust_remote_code(assets, tmp_path):
+    """A model folder that ships its own architecture (auto_map) is refused with one line unless
+    --trust-remote-code is given; the cache records the choice."""
+    folder = tmp_path / "custom"
+    tokenizer = make_tokenizer(folder)
+    (folder / "configuration_tiny.py").write_text(CUSTOM_CONFIG)
+    (folder / "modeling_tiny.py").write_text(CUSTOM_MODEL)
+    config = transformers.BertConfig(vocab_size=len(tokenizer), num_labels=2, **SIZE)
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    settings = json.loads((folder / "config.json").read_text())
+    settings.update(model_type="tiny-custom", auto_map={
+        "AutoConfig": "configuration_tiny.TinyCustomConfig",
+        "AutoModelForSequenceClassification": "modeling_tiny.TinyCustomClassifier"})
+    (folder / "config.json").write_text(json.dumps(settings))
+    data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], max_length=32)
+    base = ExtractConfig(teacher=str(folder), data=data, stage1=QUICK, cache_dir=str(tmp_path / "caches"))
+    result = run_cli("extract", "--teacher", folder, "--data", assets["train"], "--cache-dir", tmp_path / "caches")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "ships its own model code; pass --trust-remote-code" in result.stderr
+    cache = extract(replace(base, trust_remote_code=True))
+    assert load_metadata(cache).trust_remote_code is True

@@ -65,6 +65,8 @@ class CacheMetadata:
     tokens: dict[str, int] = setting(help="Real tokens per split.", factory=dict)
     labelled_train: int | None = setting(None, "Training examples with a gold label (the rest are unlabelled "
                                                "transfer text: label -1, or NaN for regression).")
+    trust_remote_code: bool = setting(False, "Whether the teacher's own code (shipped with the model) was allowed "
+                                             "to run; online mode loads it the same way.")
     units: dict[str, int] = setting(help="Units (shards) per split.", factory=dict)
     slots: dict[str, int] = setting(help="Token slots per split (tokens plus the gaps at shard ends).", factory=dict)
     inputs_written: bool = setting(False, "The token arrays, filters and state arrays exist (a resume keeps them).")
