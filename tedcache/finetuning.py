@@ -1,4 +1,5 @@
-"""Ordinary fine-tuning on labelled data: makes a teacher, or a baseline from raw data."""
+"""Ordinary fine-tuning: a classifier or regressor on labelled data (makes a teacher, or a baseline from
+raw data), or a causal LM on text (adapts a teacher to the user's domain before extraction)."""
 
 from __future__ import annotations
 
@@ -7,38 +8,46 @@ from dataclasses import asdict
 import torch
 
 from .config import FinetuneConfig
-from .data import load_examples
-from .errors import TedcacheError, note
+from .data import load_blocks, load_examples
+from .errors import note
 from .evaluate import PRIMARY_METRIC, evaluate
 from .loop import fit, save_run
-from .losses import task_loss
-from .models import load_classifier, load_tokenizer, pad_id
+from .losses import lm_loss, task_loss
+from .models import load_for_task, load_tokenizer, pad_id
 from .reader import ExamplesSource, iterate_batches, num_batches
 from .schema import check_choices
 from .taps import forward_with_taps
 
 
 def finetune(cfg: FinetuneConfig, log=None) -> dict:
-    """Fine-tune `cfg.model` with a fresh head sized to the data's labels; save the best epoch to `cfg.out`."""
+    """Fine-tune `cfg.model` (classification, regression: with a fresh head sized to the data's labels;
+    causal-lm: with the next-token loss on packed blocks); save the best epoch to `cfg.out` (causal-lm:
+    the lowest validation perplexity)."""
     log = log or note
     check_choices(cfg)
     task = cfg.data.task
-    if task == "causal-lm":
-        raise TedcacheError("tedcache finetune trains classifiers; a causal-lm teacher is used as it is "
-                            "(train an LM-only student with tedcache distill --method finetune)")
+    lm = task == "causal-lm"
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    train, label_names = load_examples(cfg.data.train, cfg.data, tokenizer, None, "--data", cfg.data.limit)
-    evaluation = None
-    if cfg.data.eval:
-        evaluation, _ = load_examples(cfg.data.eval, cfg.data, tokenizer, label_names, "--eval-data")
+    evaluation, label_names = None, None
+    if lm:
+        train = load_blocks(cfg.data.train, cfg.data, tokenizer, "--data", cfg.data.limit)
+        if cfg.data.eval:
+            evaluation = load_blocks(cfg.data.eval, cfg.data, tokenizer, "--eval-data")
+    else:
+        train, label_names = load_examples(cfg.data.train, cfg.data, tokenizer, None, "--data", cfg.data.limit)
+        if cfg.data.eval:
+            evaluation, _ = load_examples(cfg.data.eval, cfg.data, tokenizer, label_names, "--eval-data")
     torch.manual_seed(cfg.seed)
-    model = load_classifier(cfg.model, "model", task, label_names, cfg.trust_remote_code)
+    model = load_for_task(cfg.model, "model", task, label_names, trust_remote_code=cfg.trust_remote_code)
     pad = pad_id(tokenizer)
     source = ExamplesSource(train)
 
     def loss_fn(batch):
         logits, _ = forward_with_taps(model, batch, [])
-        loss = task_loss(logits, batch["labels"], task)
+        if lm:
+            loss = lm_loss(logits, batch["input_ids"], batch["attention_mask"])
+        else:
+            loss = task_loss(logits, batch["labels"], task)
         return loss, {"task": loss.detach()}
 
     def evaluate_model():

@@ -239,3 +239,28 @@ def test_lm_refusals(lm_assets, tmp_path):
     result = run_cli("extract", "--teacher", lm_assets["llama"], "--data", lm_assets["train"], "--task", "causal-lm",
                      "--logits", "topk:x", "--cache-dir", tmp_path / "c2")
     assert result.returncode == 2 and result.stderr.startswith("error: --logits 'topk:x'")
+
+
+def test_finetune_adapts_a_causal_lm_and_keeps_the_best_perplexity(lm_assets, tmp_path):
+    """tedcache finetune --task causal-lm: next-token loss on packed blocks, best epoch by validation
+    perplexity, saved with save_pretrained (extract takes the folder as a teacher)."""
+    out = tmp_path / "adapted"
+    result = run_cli("finetune", "--model", lm_assets["llama"], "--task", "causal-lm", "--block-size", "16",
+                     "--data", lm_assets["train"], "--eval-data", lm_assets["eval"], "--out", out,
+                     "--epochs", "3", "--lr", "3e-3", "--batch-size", "8")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    perplexities = [e["perplexity"] for e in metrics["eval"]]
+    assert len(perplexities) == 3 and perplexities[-1] < perplexities[0]  # the text is learnable
+    assert metrics["best"]["perplexity"] == min(perplexities)
+    model = load_causal_lm(str(out))
+    tokenizer = load_tokenizer(str(out))
+    data = DataConfig(train=[str(lm_assets["eval"])], task="causal-lm", block_size=16)
+    blocks = load_blocks(data.train, data, tokenizer, "eval")
+    batch = next(iterate_batches(ExamplesSource(blocks), 64, 0))
+    from tedcache.losses import lm_loss
+
+    with torch.no_grad():
+        loss = lm_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                       batch["input_ids"], batch["attention_mask"])
+    assert float(torch.exp(loss)) == pytest.approx(metrics["best"]["perplexity"], rel=1e-3)  # the best epoch was saved
