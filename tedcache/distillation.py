@@ -77,7 +77,7 @@ PROBE_EVERY = 5  # logged steps between gradient-ratio probes
 
 
 def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfig, task: str, kd_form: str = "logits",
-                state_variance: torch.Tensor | None = None, probe: bool = False):
+                state_variance: torch.Tensor | None = None, probe: bool = False, vocab: int | None = None):
     """L = task + kl_alpha * T^2 * KL(teacher || student) + mse_alpha * mean-over-layers filtered MSE.
     batch carries the targets: teacher_logits (B, C) or, causal-lm, teacher_rows (sparse per-token
     distributions, used in `kd_form`), and teacher_states, one CompactStates (B, L, d_f) per mapped
@@ -85,7 +85,8 @@ def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfi
     causal-lm: the task term is the next-token loss and KL and MSE cover every real position.
     With `state_variance` (one per mapped layer) each layer's MSE is divided by it. With `probe`, the
     terms also carry grad_ratio: |grad of mse_alpha * MSE| / |grad of kl_alpha * KL| on the student's
-    backbone (its weights less the task head)."""
+    backbone (its weights less the task head). causal-lm KD compares over the first `vocab` ids only
+    (the tokenizer's: padded output rows are left out)."""
     layers = bank.spec.layers if bank is not None else []
     logits, hidden = forward_with_taps(student, batch, layers)
     mask = batch["attention_mask"]
@@ -99,7 +100,8 @@ def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfi
         if lm:
             rows = batch["teacher_rows"]
             targets = kd_targets(rows, kd_form, cfg.temperature)
-            terms["kl"] = sparse_kd_loss(logits, rows["ids"].long(), targets, cfg.temperature, mask) * per_token
+            terms["kl"] = sparse_kd_loss(logits[..., :vocab], rows["ids"].long(), targets, cfg.temperature,
+                                         mask) * per_token
         else:
             terms["kl"] = kd_loss(logits, batch["teacher_logits"], cfg.temperature) * per_example
         loss = loss + cfg.kl_alpha * terms["kl"]
@@ -123,6 +125,18 @@ def _gradient_ratio(student, state_term: torch.Tensor, kl_term: torch.Tensor) ->
         grads = torch.autograd.grad(term, backbone, retain_graph=True, allow_unused=True)
         norms.append(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
     return norms[0] / norms[1].clamp_min(1e-12)
+
+
+def _student_width(student, meta: CacheMetadata) -> int:
+    """The ids KD compares over: the tokenizer's, as the cache's rows span them (a student's padded output
+    rows beyond them are left out of its distribution); a student with fewer output rows is refused."""
+    vocab = (meta.logits or {}).get("vocab") or meta.vocab_size
+    rows = student.get_output_embeddings().weight.shape[0]
+    if rows < vocab:
+        raise TedcacheError(f"the student has {rows} output rows, fewer than the {vocab} token ids the teacher's rows "
+                            "span: it cannot produce the last ones; resize its embeddings "
+                            "(model.resize_token_embeddings(len(tokenizer))) and save it again")
+    return vocab
 
 
 def kd_form(cfg: DistillConfig, meta: CacheMetadata) -> str:
@@ -190,6 +204,7 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
     student = load_for_task(cfg.student, "student", task, meta.label_names,
                             trust_remote_code=cfg.trust_remote_code).to(device)
     form = kd_form(cfg, meta) if task == "causal-lm" else None
+    vocab = _student_width(student, meta) if task == "causal-lm" else None
     cfg = replace(cfg, temperature=kd_temperature(cfg, meta, form))
     bank, teacher_layers = None, []
     if cfg.method in ("ted", "lwd"):
@@ -254,7 +269,7 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
 
     def loss_fn(batch):
         probe = bool(probe_every) and batch["step"] % probe_every == 0
-        return stage2_loss(student, bank, live(batch) if live else batch, cfg, task, form, variance, probe)
+        return stage2_loss(student, bank, live(batch) if live else batch, cfg, task, form, variance, probe, vocab)
 
     torch.manual_seed(cfg.seed)  # Stage II's dropout does not depend on what ran before it
     result = fit(params, modules,

@@ -62,7 +62,8 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     lm = task == "causal-lm"
     device = procs.device(cfg.device)
     teacher = load_for_task(cfg.teacher, "teacher", task, resize=False, trust_remote_code=cfg.trust_remote_code).to(device)
-    logit_spec = parse_logit_spec(cfg.logits, teacher.config.vocab_size, cfg.logits_temperature) if lm else None
+    logit_spec = parse_logit_spec(cfg.logits, _tokenizer_width(teacher, tokenizer, cfg.teacher),
+                                  cfg.logits_temperature) if lm else None
     if task == "regression" and teacher.config.num_labels != 1:
         raise TedcacheError(f"--task regression needs a teacher with one output, {cfg.teacher} has "
                             f"{teacher.config.num_labels}; fine-tune one with tedcache finetune --task regression")
@@ -235,6 +236,17 @@ def _create_cache(location: Location, metadata: CacheMetadata, splits: dict[str,
         writer.create_logit_arrays(logit_spec.size, dtypes)
     writer.finish_inputs()
     return writer
+
+
+def _tokenizer_width(teacher, tokenizer, name: str) -> int:
+    """The ids the teacher's logit rows are kept for: the tokenizer's (a padded output layer's extra rows
+    are never produced as tokens)."""
+    rows = teacher.get_output_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise TedcacheError(f"teacher {name} has {rows} output rows but its tokenizer has {len(tokenizer)} ids: "
+                            "it cannot predict the last ones; resize its embeddings to the tokenizer "
+                            "(model.resize_token_embeddings) and save it again")
+    return len(tokenizer)
 
 
 def _run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: int,

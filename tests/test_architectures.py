@@ -124,3 +124,22 @@ def test_model_code_runs_only_with_trust_remote_code(assets, tmp_path):
     assert "ships its own model code; pass --trust-remote-code" in result.stderr
     cache = extract(replace(base, trust_remote_code=True))
     assert load_metadata(cache).trust_remote_code is True
+
+
+@pytest.mark.parametrize("teacher_rows, student_rows", [(8, 0), (0, 8)])
+def test_classifiers_with_padded_embeddings(teacher_rows, student_rows, assets, tmp_path):
+    """Teacher and student share a tokenizer but one has embedding rows no token id reaches: only the
+    vocabulary decides whether they fit; the widths do not matter to a classification cache."""
+    models = {}
+    for name, extra, layers in (("teacher", teacher_rows, 4), ("student", student_rows, 2)):
+        tokenizer = make_tokenizer(tmp_path / name)
+        config = transformers.BertConfig(vocab_size=len(tokenizer) + extra, num_labels=2,
+                                         **{**SIZE, "num_hidden_layers": layers})
+        transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / name)
+        models[name] = str(tmp_path / name)
+    data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], test=[str(assets["test"])],
+                      max_length=32)
+    cache = extract(ExtractConfig(teacher=models["teacher"], data=data, stage1=QUICK, cache_dir=str(tmp_path / "c")))
+    report = distill(DistillConfig(cache=cache, student=models["student"], out=str(tmp_path / "kd"), method="kd",
+                                   optim=QUICK, max_steps=2))
+    assert 0.0 <= report["test"]["accuracy"] <= 1.0

@@ -264,3 +264,58 @@ def test_finetune_adapts_a_causal_lm_and_keeps_the_best_perplexity(lm_assets, tm
         loss = lm_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                        batch["input_ids"], batch["attention_mask"])
     assert float(torch.exp(loss)) == pytest.approx(metrics["best"]["perplexity"], rel=1e-3)  # the best epoch was saved
+
+
+def _padded(source: Path, folder: Path, extra_rows: int) -> Path:
+    """`source` with its (tied) embedding and output layer padded by `extra_rows` rows that no token id
+    reaches; the padded rows are made loud (large weights), so any use of them shows in the logits."""
+    model = load_causal_lm(str(source))
+    rows = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(rows + extra_rows, mean_resizing=False)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[rows:] = 5.0 * model.get_output_embeddings().weight[:rows].abs().max()
+    model.save_pretrained(folder)
+    load_tokenizer(str(source)).save_pretrained(folder)
+    return folder
+
+
+def test_a_padded_teacher_keeps_only_its_tokenizers_ids(lm_assets, tmp_path):
+    """A teacher whose output layer is wider than its tokenizer (padded vocabularies): the cache's rows
+    span the tokenizer's ids, normalised over them, and an unpadded student distils from it."""
+    padded = _padded(lm_assets["llama"], tmp_path / "padded", 7)
+    ids_in_tokenizer = len(load_tokenizer(str(padded)))
+    _, path = _extract({**lm_assets, "llama": padded}, tmp_path, logits="full")
+    cache = Cache(path)
+    assert cache.metadata.logits["vocab"] == ids_in_tokenizer and cache.metadata.vocab_size == ids_in_tokenizer + 7
+    split = cache.split("train")
+    rows = split.logits(0, 64)
+    assert rows["ids"].shape[1] == ids_in_tokenizer and rows["ids"].max() == ids_in_tokenizer - 1
+    assert np.allclose(np.exp(rows["logprobs"].astype(np.float64)).sum(-1), 1.0, atol=1e-2)  # over the tokenizer's ids
+    report = distill(DistillConfig(cache=path, student=str(lm_assets["llama_student"]), out=str(tmp_path / "kd"),
+                                   method="kd", optim=OptimConfig(epochs=1, batch_size=8), max_steps=2))
+    assert np.isfinite(report["test"]["perplexity"])
+
+
+def test_a_padded_student_is_compared_over_the_tokenizers_ids(lm_assets, tmp_path):
+    """A student wider than the tokenizer: its extra rows are left out of KD (the KL equals the unpadded
+    student's); a student narrower than the tokenizer is refused with one line."""
+    _, path = _extract(lm_assets, tmp_path, logits="topk:8")
+    cache = Cache(path)
+    padded = load_causal_lm(str(_padded(lm_assets["llama_student"], tmp_path / "padded-student", 5))).eval()
+    plain = load_causal_lm(str(lm_assets["llama_student"])).eval()
+    cfg = DistillConfig(cache=path, student="", out="", method="kd", kl_alpha=1.0, temperature=2.0)
+    batch = next(iterate_batches(CacheSource(cache.split("train"), [], with_logits=True), 8, 0))
+    vocab = cache.metadata.logits["vocab"]
+    _, wide = stage2_loss(padded, None, batch, cfg, "causal-lm", "logits", vocab=vocab)
+    _, narrow = stage2_loss(plain, None, batch, cfg, "causal-lm", "logits", vocab=vocab)
+    assert torch.allclose(wide["kl"], narrow["kl"], rtol=1e-5)
+    _, unsliced = stage2_loss(padded, None, batch, cfg, "causal-lm", "logits")
+    assert not torch.allclose(unsliced["kl"], narrow["kl"], rtol=1e-3)  # the loud rows would have counted
+    short = load_causal_lm(str(lm_assets["llama_student"]))
+    short.resize_token_embeddings(vocab - 3)
+    short.save_pretrained(tmp_path / "short")
+    load_tokenizer(str(lm_assets["llama_student"])).save_pretrained(tmp_path / "short")
+    result = run_cli("distill", "--cache", path, "--student", tmp_path / "short", "--out", tmp_path / "out",
+                     "--method", "kd")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"fewer than the {vocab} token ids" in result.stderr and not (tmp_path / "out").exists()

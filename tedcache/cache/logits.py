@@ -10,6 +10,9 @@ plus, for sampled rows, how often each id was drawn (`counts`):
 - topk:K: the K most likely ids. A truncated distribution, renormalised: biased (the tail is lost).
 - full: every id (only for small vocabularies).
 
+The rows span the tokenizer's ids only (`vocab`): a teacher whose output layer is padded beyond its
+tokenizer (Qwen2.5: 152,064 rows for 151,936 ids) has its extra rows dropped before anything is drawn.
+
 Stage II can train on either target form: "sampled" (counts / N; needs T = T_s) or "logits"
 (softmax(logprobs / T) renormalised over the stored ids, at any T: the usual top-k KD); the loss
 terms on these rows (kd_targets, sparse_cross_entropy, sparse_kd_loss) are in tedcache.losses.
@@ -33,23 +36,24 @@ class LogitSpec:
     kind: str  # sample | topk | full
     size: int  # draws (sample), K (topk), vocabulary (full)
     temperature: float  # sampling temperature (sample only)
+    vocab: int | None = None  # the ids rows span (the tokenizer's); None in caches made before it was recorded
 
 
 def parse_logit_spec(text: str, vocab_size: int, temperature: float) -> LogitSpec:
-    """'sample:N', 'topk:K' or 'full' -> LogitSpec, with one-line errors for bad values."""
+    """'sample:N', 'topk:K' or 'full' over `vocab_size` ids -> LogitSpec, with one-line errors for bad values."""
     kind, _, number = text.partition(":")
     if kind == "full" and not number:
         if vocab_size > FULL_VOCAB_LIMIT:
             raise TedcacheError(f"--logits full would store {vocab_size} values a token (vocabulary {vocab_size}); "
                                 f"it is allowed up to {FULL_VOCAB_LIMIT}: use sample:N or topk:K")
-        return LogitSpec("full", vocab_size, temperature)
+        return LogitSpec("full", vocab_size, temperature, vocab_size)
     if kind in ("sample", "topk") and number.isdigit():
         size = int(number)
         limit = min(vocab_size, 255) if kind == "sample" else vocab_size  # counts are stored as uint8
         if 1 <= size <= limit:
             if kind == "sample" and temperature <= 0:
                 raise TedcacheError(f"--logits-temperature must be positive, got {temperature}")
-            return LogitSpec(kind, size, temperature)
+            return LogitSpec(kind, size, temperature, vocab_size)
     raise TedcacheError(f"--logits '{text}' is not sample:N (1..255), topk:K (1..vocabulary) or full; "
                         "e.g. sample:50")
 
@@ -80,8 +84,9 @@ def sample(logits: torch.Tensor, draws: int, temperature: float = 1.0,
 
 
 def sparsify(logits: torch.Tensor, spec: LogitSpec, generator: torch.Generator | None = None) -> dict:
-    """(n, V) teacher logits -> the rows the cache stores: ids, logprobs (fp16) and, sampled, counts."""
-    logits = logits.float()
+    """(n, V) teacher logits -> the rows the cache stores: ids, logprobs (fp16) and, sampled, counts, over
+    the first `spec.vocab` ids."""
+    logits = logits[:, :spec.vocab].float()
     if spec.kind == "sample":
         ids, counts = sample(logits, spec.size, spec.temperature, generator)
     elif spec.kind == "topk":

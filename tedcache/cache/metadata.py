@@ -50,7 +50,8 @@ class CacheMetadata:
     data_fingerprint: str | None = setting(None, "Hash of the training texts and labels.")
     max_length: int | None = setting(None, "Tokens per example (causal-lm: per block).")
     logits: dict[str, Any] | None = setting(None, "causal-lm: the sparse logit rows (kind, size, temperature).")
-    vocab_size: int | None = setting(None, "The teacher's vocabulary size.")
+    vocab_size: int | None = setting(None, "The teacher's vocabulary size (its config's; causal-lm logit rows span "
+                                           "the tokenizer's ids, logits.vocab, which a padded output layer exceeds).")
     lm_head: str | None = setting(None, "causal-lm: the Stage-I head kind (tied or new).")
     stage1: dict[str, Any] | None = setting(None, "The Stage-I optimiser settings (null for raw states).")
     stage1_filters: dict[str, Any] | None = setting(None, "How well each teacher filter learned: split measured on, "
