@@ -6,10 +6,14 @@ KD, LWD and TED are tuned on validation with the same `tedcache tune` budget (tr
 the same two seeds), then each method's best configuration runs on ten paired seeds and is scored once on
 test. The settings and the analysis below were fixed before any test number was read.
 
-Every step is reused when done and resumes when killed (tune and compare continue their runs), so run
-it again after an interruption. ~6 hours on 2 CPU cores for all four settings.
+The causal-LM scenario (LM): SmolLM2-135M teaches its 15-layer copy on Rotten Tomatoes snippets as
+plain text, with Stage I run until its validation loss stops improving; LM loss only, KD, LWD and TED
+with the LM demo's settings on three paired seeds.
 
-    python examples/evidence.py run A C B D     # the study (any subset, in that order)
+Every step is reused when done and resumes when killed (tune and compare continue their runs), so run
+it again after an interruption. ~6 hours on 2 CPU cores for the four settings, ~1.5 hours for LM.
+
+    python examples/evidence.py run A C B D LM  # the study (any subset, in that order)
     python examples/evidence.py report          # docs/evidence tables from what has finished
 """
 
@@ -24,7 +28,8 @@ from pathlib import Path
 
 import datasets
 
-from tedcache import extract
+from tedcache import demo_lm, extract
+from tedcache.cache import load_metadata
 from tedcache.compare import compare
 from tedcache.config import (
     CompareConfig,
@@ -57,6 +62,11 @@ VALIDATION = 1500
 MAX_LENGTH = 64
 STUDENT_LAYERS = [0, 5]  # of MiniLM-L6's 6; TED's interval map then pairs them with teacher layers 2 and 5
 COMPARISONS = [("ted", "kd"), ("ted", "lwd"), ("ted", "finetune"), ("kd", "finetune")]
+
+
+LM_SEEDS = [1, 2, 3]
+LM_TEACHER_STAGE1 = OptimConfig(epochs=6, lr=1e-3, batch_size=8, patience=1)  # a cap; patience stops it
+LM_STUDENT_STAGE1 = OptimConfig(epochs=4, lr=1e-3, batch_size=8, patience=1)
 
 
 @dataclass
@@ -214,10 +224,36 @@ def run(setting: Setting) -> None:
                               raw_cache=by_method["lwd"] if method == "lwd" else None))
 
 
+def run_lm() -> None:
+    """The causal-LM scenario: one filtered and one raw-state cache of teacher layers 9, 19 and 29, then
+    LM-only, KD, LWD and TED (student layers 4, 9, 14 on TED's interval map) on LM_SEEDS."""
+    size = demo_lm.QUICK
+    root = WORK / "LM"
+    teacher = demo_lm.smollm2(WORK / "smollm2-135m-instruct")
+    files = demo_lm.snippet_texts(root / "data", size)
+    student = root / "student-init"
+    if not (student / "config.json").exists():
+        init_student(teacher, demo_lm.STUDENT_LAYERS, str(student))
+    data = DataConfig(train=[files["train"]], eval=[files["validation"]], test=[files["test"]], task="causal-lm",
+                      block_size=size.block_size, limit=size.train_blocks)
+    base = ExtractConfig(teacher=teacher, data=data, filters=FilterConfig(layers=demo_lm.TEACHER_FILTER_LAYERS),
+                         stage1=LM_TEACHER_STAGE1, batch_size=16, cache_dir=str(WORK / "caches"), seed=42)
+    filtered = extract(base)
+    raw = extract(replace(base, states="raw"))
+    runs = DistillConfig(cache=filtered, student=str(student), out=str(root / "final"), kl_alpha=demo_lm.KL_ALPHA,
+                         mse_alpha=demo_lm.MSE_ALPHA, student_layers=demo_lm.STUDENT_FILTER_LAYERS,
+                         optim=OptimConfig(epochs=size.student_epochs, lr=demo_lm.STUDENT_LR, batch_size=8,
+                                           warmup_ratio=0.1), stage1=LM_STUDENT_STAGE1)
+    compare(CompareConfig(base=runs, methods=list(METHODS), seeds=LM_SEEDS, raw_cache=raw))
+
+
+TITLES = {**{name: setting.title for name, setting in SETTINGS.items()}, "LM": "the causal-LM scenario"}
+
+
 def report() -> None:
     """docs/evidence/<setting>.md and .json from the finished final runs, and the report's plots."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for name, setting in SETTINGS.items():
+    for name, title in TITLES.items():
         final = WORK / name / "final"
         runs = find_runs([str(p) for p in sorted(final.glob("*-seed*"))]) if final.exists() else []
         if not runs:
@@ -231,19 +267,45 @@ def report() -> None:
             if path.exists():
                 result = json.loads(path.read_text())["methods"][method]
                 tuned[method] = {"best_validation": result["best_value"], "params": result["best_params"]}
-        lines = [f"## {name}: {setting.title}", "", format_table(summary), "",
+        lines = [f"## {name}: {title}", "", format_table(summary), "",
                  "| A − B | paired seeds | mean difference [95% interval over seeds] | per-example paired bootstrap [95%] "
                  "| verdict |", "|---|---|---|---|---|"]
         for c in sorted(comparisons, key=lambda c: COMPARISONS.index((c["a"], c["b"]))):
             by_seed, example = c["by_seed"], c["by_example"]
             lines.append(f"| {c['a']} − {c['b']} | {len(c['seeds'])} | {_interval(by_seed)} | {_interval(example)} "
                          f"| {c['verdict']} |")
-        lines += ["", "| method | best validation accuracy (mean of tuning seeds) | best settings |", "|---|---|---|"]
-        lines += [f"| {m} | {t['best_validation']:.4f} | {_params(t['params'])} |" for m, t in tuned.items()]
+        if tuned:
+            lines += ["", "| method | best validation accuracy (mean of tuning seeds) | best settings |",
+                      "|---|---|---|"]
+            lines += [f"| {m} | {t['best_validation']:.4f} | {_params(t['params'])} |" for m, t in tuned.items()]
+        lines += _stage1_lines(runs)
         (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
         (RESULTS / f"{name}.json").write_text(json.dumps({"summary": summary, "tuned": tuned}, indent=2, default=str))
         build_report([str(final)], str(WORK / name / "report"))
         print("\n".join(lines) + "\n")
+
+
+def _stage1_lines(runs) -> list[str]:
+    """The Stage-I filters behind the TED runs: the teacher's (from the cache) and each TED student's,
+    per layer the validation loss (causal-lm: beside the layer's own logit-lens loss)."""
+    ted = [r for r in runs if r.method == "ted"]
+    if not ted:
+        return []
+    found = [("teacher", load_metadata(ted[0].cache).stage1_filters)]
+    found += [(f"student, seed {r.seed}", r.metrics["phases"]["stage1"].get("filters")) for r in ted]
+    lines = []
+    for who, filters in found:
+        if not filters:
+            continue
+        metrics = filters["metrics"]
+        layers = sorted({k.split("/")[0] for k in metrics if "/" in k}, key=int)
+        cells = [f"{layer}: {metrics[f'{layer}/loss']:.3f}" + (f" ({metrics[f'{layer}/logit_lens_loss']:.2f})"
+                 if f"{layer}/logit_lens_loss" in metrics else "") for layer in layers]
+        lines.append(f"| {who} | {filters['steps']} | {filters['stopped_early']} | {', '.join(cells)} |")
+    if not lines:
+        return []
+    return ["", "| Stage I filters | steps | stopped early | per layer: validation loss (logit lens) |",
+            "|---|---|---|---|"] + lines
 
 
 def _interval(interval: dict | None) -> str:
@@ -259,13 +321,13 @@ def _params(params: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["run", "report"])
-    parser.add_argument("settings", nargs="*", default=list(SETTINGS))
+    parser.add_argument("settings", nargs="*", default=list(TITLES))
     args = parser.parse_args()
     if args.command == "report":
         report()
         return
     for name in args.settings:
-        run(SETTINGS[name])
+        run_lm() if name == "LM" else run(SETTINGS[name])
 
 
 if __name__ == "__main__":
