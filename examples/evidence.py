@@ -23,6 +23,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -281,7 +282,9 @@ def report() -> None:
         lines += _stage1_lines(runs)
         (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
         (RESULTS / f"{name}.json").write_text(json.dumps({"summary": summary, "tuned": tuned}, indent=2, default=str))
-        build_report([str(final)], str(WORK / name / "report"))
+        page = build_report([str(final)], str(WORK / name / "report"))
+        if (page.parent / "paired.png").exists():
+            shutil.copy(page.parent / "paired.png", RESULTS / f"{name}-paired.png")
         print("\n".join(lines) + "\n")
 
 
