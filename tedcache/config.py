@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .schema import setting
 
-TASKS = ("classification", "regression", "causal-lm")
+TASKS = ("classification", "regression", "causal-lm", "token-classification")
 METHODS = ("ted", "kd", "lwd", "finetune")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 FILTER_KINDS = ("linear", "mlp")
@@ -34,7 +34,9 @@ class DataConfig:
                                                "empty label count as such too.", flag="--transfer-data")
     eval: list[str] | None = setting(None, "Evaluation split (same formats); picks the best epoch.", flag="--eval-data")
     test: list[str] | None = setting(None, "Test split, scored once with the best model.", flag="--test-data")
-    task: str = setting("classification", "classification, regression or causal-lm (plain text packed into blocks).",
+    task: str = setting("classification", "classification, regression, causal-lm (plain text packed into blocks) "
+                                          "or token-classification (a list of words and one of tags per row, or "
+                                          ".conll files).",
                         choices=TASKS)
     text_column: str = setting("text", "Column holding the text.")
     text_pair_column: str | None = setting(None, "Second text of sentence-pair tasks.")

@@ -13,7 +13,10 @@ import numpy as np
 from .errors import TedcacheError
 
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
-                 ".txt": "text"}  # plain text: one row (document) per blank-line-separated paragraph
+                 ".txt": "text",  # plain text: one row (document) per blank-line-separated paragraph
+                 ".conll": "conll"}  # token classification: a word and its tag per line, sentences blank-separated
+IGNORED = -100  # token-classification label of positions that are not a word's first sub-token
+UNTAGGED = -1  # token-classification label of a word's first sub-token without a tag (unlabelled transfer text)
 
 
 @dataclass
@@ -25,6 +28,7 @@ class Examples:
     token_type_ids: np.ndarray | None  # (T,) int8, when the tokenizer makes them
     labels: np.ndarray | None  # (E,) int64 class ids or float32 targets; None for causal-lm blocks
     fingerprint: str  # hash of the raw texts and labels that produced these examples
+    token_labels: np.ndarray | None = None  # (T,) int16 token-classification tag ids, IGNORED off first sub-tokens
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -41,11 +45,13 @@ class Examples:
             if len(order) else np.zeros(0, dtype=np.int64)
         tt = None if self.token_type_ids is None else self.token_type_ids[token_index]
         labels = None if self.labels is None else self.labels[order]
-        return Examples(self.input_ids[token_index], offsets, tt, labels, self.fingerprint)
+        tags = None if self.token_labels is None else self.token_labels[token_index]
+        return Examples(self.input_ids[token_index], offsets, tt, labels, self.fingerprint, tags)
 
 
-def load_table(paths: list[str]):
-    """Load csv/json/jsonl/parquet files, a folder saved by `datasets`, or (online) a hub dataset."""
+def load_table(paths: list[str], conll_columns: tuple[str, str] = ("tokens", "tags")):
+    """Load csv/json/jsonl/parquet/txt/conll files, a folder saved by `datasets`, or (online) a hub
+    dataset. CoNLL files become one row per sentence: its words and tags in `conll_columns`."""
     if len(paths) == 1 and Path(paths[0]).is_dir():
         folder = Path(paths[0])
         if not ((folder / "dataset_info.json").exists() or (folder / "dataset_dict.json").exists()):
@@ -69,6 +75,8 @@ def load_table(paths: list[str]):
         raise TedcacheError(f"cannot read {paths}: give files of one kind among "
                             f"{', '.join(sorted(FILE_BUILDERS))}")
     builder = builders.pop()
+    if builder == "conll":
+        return read_conll(paths, conll_columns)
     kwargs = {"delimiter": "\t"} if builder == "csv" and paths[0].endswith(".tsv") else {}
     if builder == "text":
         kwargs = {"sample_by": "paragraph"}
@@ -78,6 +86,31 @@ def load_table(paths: list[str]):
         if any(s in str(exc).lower() for s in ("empty", "no columns", "corresponds to no data")):
             raise TedcacheError(f"{paths[0]} holds no examples; give a file with at least one row") from exc
         raise TedcacheError(f"cannot read {paths[0]} as {builder}: {str(exc).splitlines()[0]}") from exc
+
+
+def read_conll(paths: list[str], columns: tuple[str, str]):
+    """CoNLL-style files: one word per line, its tag in the last whitespace-separated column, a blank line
+    between sentences, -DOCSTART- lines skipped."""
+    sentences, words, tags = [], [], []
+    for path in paths:
+        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+            parts = line.split()
+            if not parts or parts[0] == "-DOCSTART-":
+                if words:
+                    sentences.append((words, tags))
+                words, tags = [], []
+                continue
+            if len(parts) < 2:
+                raise TedcacheError(f"{path}:{number}: '{line.strip()}' has no tag; CoNLL lines are "
+                                    "'word ... tag' (whitespace-separated)")
+            words.append(parts[0])
+            tags.append(parts[-1])
+        if words:
+            sentences.append((words, tags))
+            words, tags = [], []
+    if not sentences:
+        raise TedcacheError(f"{paths[0]} holds no sentences; give CoNLL lines 'word ... tag'")
+    return datasets.Dataset.from_dict({columns[0]: [w for w, _ in sentences], columns[1]: [t for _, t in sentences]})
 
 
 def _load_from_hub(name: str):
@@ -228,11 +261,16 @@ def load_examples(paths: list[str], cfg, tokenizer, label_names: list[str] | Non
     the label set is resolved from the data and model_config; returns (examples, label_names).
     `unlabelled`: "refuse" empty labels, "allow" them (see encode_labels), or "all": the files are
     unlabelled text and need no label column."""
-    table = load_table(paths)
+    table = load_table(paths, (cfg.text_column, cfg.label_column))
     label_column = None if unlabelled == "all" else cfg.label_column
     check_columns(table, [cfg.text_column, cfg.text_pair_column, label_column], source)
     if limit is not None and limit < len(table):
         table = table.select(range(limit))
+    if cfg.task == "token-classification":
+        if label_names is None:
+            label_names = tag_names(table, label_column, model_config, source)
+        return tokenize_words(table, tokenizer, cfg.text_column, label_column, label_names, cfg.max_length,
+                              source), label_names
     if label_column is None:
         labels = np.full(len(table), np.nan if cfg.task == "regression" else -1,
                          dtype=np.float32 if cfg.task == "regression" else np.int64)
@@ -245,6 +283,66 @@ def load_examples(paths: list[str], cfg, tokenizer, label_names: list[str] | Non
     return examples, label_names
 
 
+def tag_names(table, tag_column: str | None, model_config, source: str) -> list[str]:
+    """Token-classification label set: the model's names when the data's tags are among them, else the
+    data's tags sorted (an untrained head's generic LABEL_i names are not a label set)."""
+    num_labels = model_config.num_labels if model_config is not None else None
+    model_names = [model_config.id2label[i] for i in range(num_labels)] if num_labels else None
+    if tag_column is None:
+        if model_names is None or _generic(model_names):
+            raise TedcacheError(f"{source} has no tags and the model names no labels; give tagged training data")
+        return model_names
+    seen = sorted({t for row in table[tag_column] for t in row or []})
+    if any(not isinstance(t, str) for t in seen):
+        raise TedcacheError(f"{source}: column '{tag_column}' must hold lists of tag names (strings)")
+    if model_names and not _generic(model_names) and set(seen) <= set(model_names):
+        return model_names
+    if model_names and not _generic(model_names):
+        raise TedcacheError(f"{source}: tags {sorted(set(seen) - set(model_names))[:5]} are outside the model's "
+                            f"label set {model_names[:8]}; fix the tags or fine-tune a model on them")
+    return seen
+
+
+def tokenize_words(table, tokenizer, word_column: str, tag_column: str | None, label_names: list[str],
+                   max_length: int, source: str) -> Examples:
+    """Pre-split words -> sub-tokens (truncated at `max_length`); each word's tag id on its first
+    sub-token, IGNORED on the others and on special tokens (as HF's token-classification examples do).
+    Without `tag_column` (unlabelled transfer rows) first sub-tokens are UNTAGGED."""
+    index = {name: i for i, name in enumerate(label_names)}
+    ids, types, tags, lengths = [], [], [], []
+    for start in range(0, len(table), 8192):
+        rows = table[start:start + 8192]
+        words = rows[word_column]
+        if any(not isinstance(w, list) or not all(isinstance(x, str) for x in w) for w in words):
+            raise TedcacheError(f"{source}: column '{word_column}' must hold lists of words (strings) for "
+                                "--task token-classification")
+        row_tags = rows[tag_column] if tag_column else [None] * len(words)
+        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+        for row, (sentence, sentence_tags) in enumerate(zip(words, row_tags)):
+            if sentence_tags is not None and len(sentence_tags) != len(sentence):
+                raise TedcacheError(f"{source}: row {start + row} has {len(sentence)} words but "
+                                    f"{len(sentence_tags)} tags; give one tag per word")
+            unknown = sorted({t for t in sentence_tags or [] if t not in index})
+            if unknown:
+                raise TedcacheError(f"{source}: tags {unknown[:5]} are outside the label set {label_names[:8]}; "
+                                    "fix the tags or use a model trained on this label set")
+            previous = None
+            for word in enc.word_ids(row):
+                first = word is not None and word != previous
+                tags.append(IGNORED if not first else UNTAGGED if sentence_tags is None
+                            else index[sentence_tags[word]])
+                previous = word
+            lengths.append(len(enc["input_ids"][row]))
+        ids.extend(t for row in enc["input_ids"] for t in row)
+        if "token_type_ids" in enc:
+            types.extend(t for row in enc["token_type_ids"] for t in row)
+    token_labels = np.asarray(tags, dtype=np.int16)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    fingerprint = fingerprint_table(table, [word_column, tag_column]) + _hash_array(token_labels)
+    return Examples(np.asarray(ids, dtype=np.int32), offsets, np.asarray(types, dtype=np.int8) if types else None,
+                    None, fingerprint, token_labels)
+
+
 def concatenate(first: Examples, second: Examples) -> Examples:
     """`first`'s examples followed by `second`'s (a training split and its unlabelled transfer text)."""
     if (first.token_type_ids is None) != (second.token_type_ids is None):
@@ -252,9 +350,10 @@ def concatenate(first: Examples, second: Examples) -> Examples:
                             "give both the same columns")
     types = None if first.token_type_ids is None else np.concatenate([first.token_type_ids, second.token_type_ids])
     labels = None if first.labels is None else np.concatenate([first.labels, second.labels.astype(first.labels.dtype)])
+    tags = None if first.token_labels is None else np.concatenate([first.token_labels, second.token_labels])
     return Examples(np.concatenate([first.input_ids, second.input_ids]),
                     np.concatenate([first.offsets, first.offsets[-1] + second.offsets[1:]]), types, labels,
-                    hashlib.sha256((first.fingerprint + second.fingerprint).encode()).hexdigest())
+                    hashlib.sha256((first.fingerprint + second.fingerprint).encode()).hexdigest(), tags)
 
 
 def load_blocks(paths: list[str], cfg, tokenizer, source: str, limit: int | None = None) -> Examples:

@@ -9,14 +9,16 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .cache import Cache, CacheMetadata, verify
+from .cache import Cache, CacheMetadata, layout, verify
 from .config import DistillConfig, what_it_computes
+from .data import IGNORED
 from .distributed import processes
 from .errors import TedcacheError, note
-from .evaluate import PRIMARY_METRIC, evaluate, metrics, perplexity_from_nll, predictions, score
+from .evaluate import PRIMARY_METRIC, evaluate, metrics, perplexity_from_nll, predictions, score, token_metrics
 from .filters import FilterBank, FilterSpec
 from .loop import COUNT_KINDS, Checkpoint, fit, save_run
 from .losses import filtered_mse, kd_loss, kd_targets, lm_loss, sparse_kd_loss, task_loss
@@ -102,6 +104,9 @@ def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfi
             targets = kd_targets(rows, kd_form, cfg.temperature)
             terms["kl"] = sparse_kd_loss(logits[..., :vocab], rows["ids"].long(), targets, cfg.temperature,
                                          mask) * per_token
+        elif task == "token-classification":  # per word (its first sub-token), tagged or not
+            words = batch["labels"] != IGNORED
+            terms["kl"] = kd_loss(logits[words], batch["teacher_logits"][words], cfg.temperature) * per_example
         else:
             terms["kl"] = kd_loss(logits, batch["teacher_logits"], cfg.temperature) * per_example
         loss = loss + cfg.kl_alpha * terms["kl"]
@@ -253,7 +258,7 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
         return loader
 
     def evaluate_split(split) -> dict:
-        return evaluate(student, iterate_batches(CacheSource(split), 64, pad_id), task, procs)
+        return evaluate(student, iterate_batches(CacheSource(split), 64, pad_id), task, procs, meta.label_names)
 
     def validate() -> dict:
         result = evaluate_split(eval_split)
@@ -286,14 +291,14 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
         "history": result["history"], "eval": result["evals"], "best": result["best"],
         "phases": {k: {"history": v["history"], "seconds": v["seconds"],
                        **({"filters": v["filters"]} if "filters" in v else {})} for k, v in phases.items()},
-        "teacher": {name: teacher_metrics(split, task)
+        "teacher": {name: teacher_metrics(split, task, meta.label_names)
                     for name, split in (("eval", eval_split), ("test", test_split)) if split is not None},
         "stage2_seconds": result["seconds"],
     }
     test_outputs = None
     if test_split is not None:
         test_outputs = predictions(student, iterate_batches(CacheSource(test_split), 64, pad_id), task, procs)
-        report["test"] = score(test_outputs, task)
+        report["test"] = score(test_outputs, task, meta.label_names)
     report["seconds"] = time.perf_counter() - started
     report["processes"] = procs.size
     if procs.main:  # the student is saved once
@@ -330,8 +335,15 @@ def _checkpoint(cfg: DistillConfig, requested: dict, num_processes: int) -> Chec
     return checkpoint
 
 
-def teacher_metrics(split, task: str) -> dict:
+def teacher_metrics(split, task: str, label_names: list[str] | None = None) -> dict:
     """The teacher's metrics on a cached split, from what the extraction stored (no teacher needed)."""
     if task == "causal-lm":
         return perplexity_from_nll(split.teacher_nll)
+    if task == "token-classification":
+        tokens = np.concatenate([np.arange(a, a + n) for a, n in zip(split.starts, split.lengths)])
+        example = np.repeat(np.arange(len(split)), split.lengths)
+        tags = split.tokens(layout.TOKEN_LABELS, 0, int(tokens[-1]) + 1)[tokens]
+        tagged = tags >= 0
+        predicted = split.tokens(layout.TOKEN_LOGITS, 0, int(tokens[-1]) + 1)[tokens].argmax(-1)
+        return token_metrics(predicted[tagged], tags[tagged].astype(np.int64), example[tagged], label_names)
     return metrics(split.teacher_logits, split.labels, task)

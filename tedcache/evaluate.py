@@ -12,7 +12,8 @@ from .distributed import ALONE
 from .losses import lm_loss_per_block
 from .taps import model_inputs
 
-PRIMARY_METRIC = {"classification": "accuracy", "regression": "spearman", "causal-lm": "perplexity"}
+PRIMARY_METRIC = {"classification": "accuracy", "regression": "spearman", "causal-lm": "perplexity",
+                  "token-classification": "f1"}
 LOWER_IS_BETTER = {"perplexity", "loss"}
 
 
@@ -54,6 +55,20 @@ def metrics(logits: np.ndarray, labels: np.ndarray, task: str) -> dict[str, floa
     return {"accuracy": float(accuracy_score(labels, pred)), "f1": float(f1)}
 
 
+def token_metrics(pred: np.ndarray, gold: np.ndarray, example: np.ndarray, names: list[str]) -> dict[str, float]:
+    """Token classification: entity precision / recall / F1 as seqeval computes them (the CoNLL
+    evaluation, IOB tags) over sentences, and token accuracy. `pred`, `gold`: tag ids of every tagged word
+    (its first sub-token), `example`: the sentence each belongs to, in order."""
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    cuts = np.flatnonzero(np.diff(example)) + 1
+    sentences = [[[names[i] for i in part] for part in np.split(ids, cuts)] for ids in (gold, pred)]
+    scores = {"f1": f1_score, "precision": precision_score, "recall": recall_score}
+    result = {name: float(fn(*sentences, zero_division=0)) for name, fn in scores.items()}
+    result["accuracy"] = float((pred == gold).mean()) if len(gold) else 0.0
+    return result
+
+
 def perplexity_from_nll(nll: np.ndarray) -> dict[str, float]:
     """{"loss": mean next-token loss, "perplexity": its exp} from per-block mean losses (equal-length blocks)."""
     loss = float(np.mean(nll))
@@ -63,7 +78,8 @@ def perplexity_from_nll(nll: np.ndarray) -> dict[str, float]:
 @torch.no_grad()
 def model_outputs(model, batches, task: str) -> dict[str, np.ndarray]:
     """{"index": example_index, "values": logits (classification/regression) or each block's mean
-    next-token loss (causal-lm), ["labels"]} over `batches`, in the order met."""
+    next-token loss (causal-lm), ["labels"]} over `batches`, in the order met. Token classification: one
+    entry per tagged word (predicted tag id, gold tag id), "index" its sentence."""
     model.eval()
     device = next(model.parameters()).device
     values, labels, index = [], [], []
@@ -72,6 +88,12 @@ def model_outputs(model, batches, task: str) -> dict[str, np.ndarray]:
         logits = model(**inputs).logits
         if task == "causal-lm":
             values.extend(lm_loss_per_block(logits, inputs["input_ids"], inputs["attention_mask"]))
+        elif task == "token-classification":
+            tagged = batch["labels"] >= 0
+            values.extend(logits.argmax(-1).cpu()[tagged].numpy())
+            labels.append(batch["labels"][tagged].numpy())
+            index.append(batch["example_index"][:, None].expand_as(tagged)[tagged].numpy())
+            continue
         else:
             values.extend(logits.float().cpu().numpy())
             labels.append(batch["labels"].numpy())
@@ -91,17 +113,21 @@ def predictions(model, batches, task: str, processes=None) -> dict[str, np.ndarr
     parts = processes.gather(model_outputs(model, mine, task))
     full = [p for p in parts if len(p["index"])]
     merged = {key: np.concatenate([p[key] for p in full]) for key in full[0]}
-    order = merged["index"].argsort()
-    return {key: value[order] for key, value in merged.items() if key != "index"}
+    order = merged["index"].argsort(kind="stable")  # token classification: words keep their order
+    return {("example" if key == "index" else key): value[order] for key, value in merged.items()
+            if key != "index" or task == "token-classification"}
 
 
-def score(outputs: dict[str, np.ndarray], task: str) -> dict[str, float]:
-    """The task's metrics of `predictions` output (causal-lm: loss and perplexity)."""
+def score(outputs: dict[str, np.ndarray], task: str, label_names: list[str] | None = None) -> dict[str, float]:
+    """The task's metrics of `predictions` output (causal-lm: loss and perplexity; token classification,
+    which needs the tag names: entity F1, precision, recall and token accuracy)."""
     if task == "causal-lm":
         return perplexity_from_nll(outputs["values"])
+    if task == "token-classification":
+        return token_metrics(outputs["values"], outputs["labels"], outputs["example"], label_names)
     return metrics(outputs["values"], outputs["labels"], task)
 
 
-def evaluate(model, batches, task: str, processes=None) -> dict[str, float]:
+def evaluate(model, batches, task: str, processes=None, label_names: list[str] | None = None) -> dict[str, float]:
     """The task's metrics of `model` over `batches` (see predictions and score)."""
-    return score(predictions(model, batches, task, processes), task)
+    return score(predictions(model, batches, task, processes), task, label_names)

@@ -164,7 +164,7 @@ def _load_splits(cfg: ExtractConfig, tokenizer, model_config) -> tuple[dict[str,
         train, label_names = load_blocks(data.train, data, tokenizer, "--data", data.limit), None
     else:
         train, label_names = load_examples(data.train, data, tokenizer, None, "--data", data.limit,
-                                           model_config if data.task == "classification" else None,
+                                           model_config if data.task != "regression" else None,
                                            unlabelled="allow")
     if data.transfer:
         transfer = load_blocks(data.transfer, data, tokenizer, "--transfer-data") if lm else \
@@ -205,7 +205,7 @@ def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], l
         teacher_weights_sha256=identity["teacher_weights"], tokenizer_vocab_sha256=vocab_hash(tokenizer),
         pad_token_id=pad_id(tokenizer), precision=cfg.precision, seed=cfg.seed, shard_tokens=cfg.shard_tokens,
         chunk_tokens=0, tokenizer=cfg.teacher, tokenizer_sha256=identity["tokenizer"], label_names=label_names,
-        num_outputs=len(label_names) if task == "classification" else (1 if task == "regression" else None),
+        num_outputs=1 if task == "regression" else (None if lm else len(label_names)),
         filter_kind=None if raw else spec.kind, teacher_hidden_size=spec.in_dim,
         teacher_num_layers=num_layers(teacher),
         data={"train": cfg.data.train, "transfer": cfg.data.transfer, "eval": cfg.data.eval, "test": cfg.data.test,
@@ -215,9 +215,17 @@ def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], l
         logits=None if logit_spec is None else asdict(logit_spec), vocab_size=teacher.config.vocab_size,
         lm_head=identity.get("lm_head"), stage1=None if raw else asdict(cfg.stage1),
         splits={s: len(ex) for s, ex in splits.items()}, tokens={s: ex.num_tokens for s, ex in splits.items()},
-        labelled_train=None if lm else int(labelled(torch.from_numpy(splits["train"].labels), task).sum()),
+        labelled_train=None if lm else _labelled_examples(splits["train"], task),
         trust_remote_code=cfg.trust_remote_code,
         config=to_dict(cfg))
+
+
+def _labelled_examples(examples: Examples, task: str) -> int:
+    """Training examples with a gold label (token classification: with at least one tagged word)."""
+    if task == "token-classification":
+        tagged = np.add.reduceat(examples.token_labels >= 0, examples.offsets[:-1]) if len(examples) else []
+        return int(np.count_nonzero(tagged))
+    return int(labelled(torch.from_numpy(examples.labels), task).sum())
 
 
 def _create_cache(location: Location, metadata: CacheMetadata, splits: dict[str, Examples], bank: FilterBank | None,
@@ -229,6 +237,8 @@ def _create_cache(location: Location, metadata: CacheMetadata, splits: dict[str,
     if bank is not None:
         writer.save_filters(bank.to_bytes())
     writer.create_state_arrays(metadata.filter_dim)
+    if metadata.task == "token-classification":
+        writer.create_token_logit_arrays(metadata.num_outputs)
     if logit_spec is not None:
         dtypes = {"ids": id_dtype(metadata.vocab_size), "logprobs": np.float16}
         if logit_spec.kind == "sample":
@@ -250,10 +260,11 @@ def _tokenizer_width(teacher, tokenizer, name: str) -> int:
 
 
 def _run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: int,
-              logit_spec: LogitSpec | None, generator: torch.Generator | None):
-    """One unit through the teacher. Returns (per-example outputs, states, logit rows): outputs are (C,)
-    logit rows or, causal-lm, each block's mean next-token loss; states {layer: (tokens, d)} in storage
-    order; causal-lm with a generator, the sparse rows {"ids", "logprobs"[, "counts"]: (tokens, S)}."""
+              logit_spec: LogitSpec | None, generator: torch.Generator | None, per_token: bool = False):
+    """One unit through the teacher. Returns (outputs, states, logit rows): outputs are per-example (C,)
+    logit rows or, causal-lm, each block's mean next-token loss, or with `per_token` (token
+    classification) a (tokens, C) tensor per batch; states {layer: (tokens, d)} in storage order;
+    causal-lm with a generator, the sparse rows {"ids", "logprobs"[, "counts"]: (tokens, S)}."""
     device = next(teacher.parameters()).device
     outputs, states, rows = [], {layer: [] for layer in layers}, {}
     for batch in iterate_batches(ExamplesSource(examples), batch_size, pad):
@@ -262,6 +273,9 @@ def _run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: i
         real = batch["attention_mask"].bool()  # row-major: tokens come out in storage order
         for layer, s in zip(layers, filtered):
             states[layer].append(s[real].cpu())
+        if per_token:
+            outputs.append(logits[real].cpu())
+            continue
         if logit_spec is None:
             outputs.extend(logits.cpu().tolist())
             continue
@@ -281,9 +295,10 @@ def _unit_generator(seed: int, unit: int) -> torch.Generator:
 def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec: LogitSpec | None, batch_size: int,
                   units: list[tuple[str, int]]) -> None:
     """Compute `units` ((split, unit) pairs) and hand each to the writer; states and logit rows are
-    stored for the training split only."""
+    stored for the training split only, token-classification logits for every split."""
     meta = writer.metadata
     output_key = "logits" if logit_spec is None else "nll"
+    per_token = meta.task == "token-classification"
     stored = {split: writer.in_storage_order(split, examples) for split, examples in splits.items()}
     bounds = {split: writer.unit_bounds(split) for split in splits}
     # The teacher computes unit u+1 while a background thread encodes, writes and checksums unit u.
@@ -295,11 +310,12 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec
             train = split == "train"
             generator = _unit_generator(meta.seed, unit) if train and logit_spec is not None else None
             outputs, states, rows = _run_unit(teacher, bank, layers, part, meta.pad_token_id, batch_size,
-                                              logit_spec, generator)
+                                              logit_spec, generator, per_token)
             if pending is not None:
                 pending.result()  # at most one unit in flight: memory stays bounded
-            pending = background.submit(writer.write_unit, split, unit, {output_key: outputs},
-                                        states if train else None, rows if train else None)
+            pending = background.submit(writer.write_unit, split, unit, {} if per_token else {output_key: outputs},
+                                        states if train else None, rows if train else None,
+                                        torch.cat(outputs) if per_token else None)
             bar.update(1)
         if pending is not None:
             pending.result()

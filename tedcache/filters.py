@@ -67,6 +67,18 @@ class SequenceHead(nn.Module):
         return self.net(pooled(filtered, mask, self.last_token))
 
 
+class TokenHead(nn.Module):
+    """Stage-I head on a filter's output at every token (token classification): the shape of HF's token
+    classification heads (dropout, then a linear map to the tags)."""
+
+    def __init__(self, dim: int, num_outputs: int, dropout: float = 0.1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_outputs))
+
+    def forward(self, filtered: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net(filtered)
+
+
 class LMHead(nn.Module):
     """Stage-I next-token head on a filter's output (causal-lm).
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .data import IGNORED
+
 
 def labelled(labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Which examples have a gold label (unlabelled transfer examples carry -1, or NaN for regression)."""
+    """Which examples (token classification: positions) have a gold label (unlabelled transfer examples
+    carry -1, or NaN for regression; positions that are not a word's first sub-token carry IGNORED)."""
     return ~torch.isnan(labels) if task == "regression" else labels >= 0
 
 
@@ -20,7 +23,8 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Te
     """The task's own loss, a scalar, over the examples that have a gold label (0 when none has).
 
     classification: mean_b -log softmax(logits_b)[labels_b];  logits (B, C), labels (B,) class ids.
-    regression:     mean_b (logits_b - labels_b)^2;            logits (B, 1), labels (B,) floats."""
+    regression:     mean_b (logits_b - labels_b)^2;            logits (B, 1), labels (B,) floats.
+    token classification: the classification loss over tagged positions; logits (B, L, C), labels (B, L)."""
     known = labelled(labels, task)
     if not bool(known.any()):
         return logits.float().sum() * 0.0  # keeps the graph: every process runs the same backward
@@ -33,7 +37,8 @@ def labels_or_teacher(labels: torch.Tensor, teacher_logits: torch.Tensor, task: 
     """Gold labels where there are some, else the teacher's prediction (Stage I's heads learn the task
     from unlabelled examples through it)."""
     guess = teacher_logits.squeeze(-1).float() if task == "regression" else teacher_logits.argmax(-1)
-    return torch.where(labelled(labels, task), labels, guess.to(labels.dtype))
+    filled = torch.where(labelled(labels, task), labels, guess.to(labels.dtype))
+    return filled.masked_fill(labels == IGNORED, IGNORED) if task == "token-classification" else filled
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 
 from .errors import TedcacheError
 from .taps import is_causal_lm_class, num_layers, parse_layers
@@ -32,7 +39,8 @@ def load_tokenizer(name: str, what: str = "model", trust_remote_code: bool = Fal
 
 def load_classifier(name: str, what: str = "model", task: str | None = None,
                     label_names: list[str] | None = None, trust_remote_code: bool = False):
-    """An AutoModelForSequenceClassification; with label_names/task given, its head is sized to them."""
+    """An AutoModelForSequenceClassification (token-classification: AutoModelForTokenClassification);
+    with label_names/task given, its head is sized to them."""
     _check_source(name, what)
     kwargs = {}
     if task == "regression":
@@ -41,8 +49,10 @@ def load_classifier(name: str, what: str = "model", task: str | None = None,
         kwargs = {"num_labels": len(label_names), "problem_type": "single_label_classification",
                   "id2label": dict(enumerate(label_names)),
                   "label2id": {n: i for i, n in enumerate(label_names)}}
-    return _from_pretrained(AutoModelForSequenceClassification, name, what, "a sequence classifier",
-                            ignore_mismatched_sizes=bool(kwargs), trust_remote_code=trust_remote_code, **kwargs)
+    auto, kind = (AutoModelForTokenClassification, "a token classifier") if task == "token-classification" \
+        else (AutoModelForSequenceClassification, "a sequence classifier")
+    return _from_pretrained(auto, name, what, kind, ignore_mismatched_sizes=bool(kwargs),
+                            trust_remote_code=trust_remote_code, **kwargs)
 
 
 def load_causal_lm(name: str, what: str = "model", trust_remote_code: bool = False):
@@ -71,7 +81,8 @@ def load_for_task(name: str, what: str, task: str, label_names: list[str] | None
     if task == "causal-lm":
         return load_causal_lm(name, what, trust_remote_code)
     if not resize:
-        return load_classifier(name, what, trust_remote_code=trust_remote_code)
+        return load_classifier(name, what, task if task == "token-classification" else None,
+                               trust_remote_code=trust_remote_code)
     return load_classifier(name, what, task, label_names, trust_remote_code)
 
 
@@ -140,6 +151,8 @@ def init_student(source: str, layers: list[int], out: str, trust_remote_code: bo
     auto = AutoModel
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         auto = AutoModelForSequenceClassification
+    elif any(a.endswith("ForTokenClassification") for a in architectures):
+        auto = AutoModelForTokenClassification
     elif any(is_causal_lm_class(a) for a in architectures):
         auto = AutoModelForCausalLM
     model = auto.from_pretrained(source, trust_remote_code=trust_remote_code)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .cache import Cache, CompactStates, Split, decode_values
-from .data import Examples
+from .cache.layout import TOKEN_LABELS, TOKEN_LOGITS
+from .data import IGNORED, Examples
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Window:
     token_type_ids: np.ndarray | None
     states: list[tuple[np.ndarray, np.ndarray | None]] | None  # per requested layer: values, int8 token scales
     logits: dict[str, np.ndarray] | None = None  # causal-lm: sparse teacher rows per token
+    token_arrays: dict[str, np.ndarray] | None = None  # token-classification: token_labels [, token_logits]
 
 
 class ExamplesSource:
@@ -48,8 +50,9 @@ class ExamplesSource:
 
     def read(self, first: int, last: int) -> Window:
         a, b = self.examples.offsets[first], self.examples.offsets[last]
-        tt = self.examples.token_type_ids
-        return Window(first, int(a), self.examples.input_ids[a:b], None if tt is None else tt[a:b], None)
+        tt, tags = self.examples.token_type_ids, self.examples.token_labels
+        return Window(first, int(a), self.examples.input_ids[a:b], None if tt is None else tt[a:b], None,
+                      token_arrays=None if tags is None else {TOKEN_LABELS: tags[a:b]})
 
 
 class CacheSource:
@@ -78,9 +81,12 @@ class CacheSource:
             reads[layer] = lambda layer=layer: self.split.states(layer, a, b)
         if self.with_logits:
             reads["logits"] = lambda: self.split.logits(a, b)
+        for name in self.split.token_arrays:
+            reads[name] = lambda name=name: self.split.tokens(name, a, b)
         done = dict(zip(reads, _pool().map(lambda read: read(), reads.values())))
         states = [done[layer] for layer in self.layers] if self.layers else None
-        return Window(first, a, done["input_ids"], done.get("token_type_ids"), states, done.get("logits"))
+        extra = {name: done[name] for name in self.split.token_arrays} or None
+        return Window(first, a, done["input_ids"], done.get("token_type_ids"), states, done.get("logits"), extra)
 
 
 WINDOW_BYTES = 16 * 2**20  # states held per window: bounds the reader's memory, still ~10 batches a window
@@ -212,7 +218,21 @@ def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
             for v, t, c in zip(values, scales, source.channel_scales)]
     if rows is not None:
         batch["teacher_rows"] = {name: torch.from_numpy(v) for name, v in rows.items()}
+    if items[0][0].token_arrays:  # token-classification: per-token labels and teacher logits
+        for name, key, fill in ((TOKEN_LABELS, "labels", IGNORED), (TOKEN_LOGITS, "teacher_logits", 0.0)):
+            if name in items[0][0].token_arrays:
+                batch[key] = torch.from_numpy(_pad_tokens([w.token_arrays[name] for w, _ in items], spans, batch_len,
+                                                          fill))
     return batch
+
+
+def _pad_tokens(arrays: list[np.ndarray], spans: list[tuple[int, int]], length: int, fill) -> np.ndarray:
+    """Each example's slice of a per-token array, padded to `length` with `fill`: (B, length, ...)."""
+    first = arrays[0]
+    out = np.full((len(arrays), length, *first.shape[1:]), fill, dtype=np.int64 if first.dtype.kind == "i" else first.dtype)
+    for row, (values, (a, b)) in enumerate(zip(arrays, spans)):
+        out[row, :b - a] = values[a:b]
+    return out
 
 
 def num_batches(source, batch_size: int, processes: int = 1) -> int:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .config import OptimConfig
-from .filters import FilterBank, LMHead, SequenceHead
+from .filters import FilterBank, LMHead, SequenceHead, TokenHead
 from .loop import fit
 from .losses import labelled, labels_or_teacher, lm_loss, task_loss
 from .reader import iterate_batches, num_batches, to_device
@@ -29,6 +29,8 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
     last_token = is_decoder_only(model)
     if task == "causal-lm":
         heads = nn.ModuleList(LMHead(dim, model.get_output_embeddings(), lm_head) for _ in bank.spec.layers)
+    elif task == "token-classification":
+        heads = nn.ModuleList(TokenHead(dim, num_outputs) for _ in bank.spec.layers)
     else:
         heads = nn.ModuleList(SequenceHead(dim, num_outputs, last_token) for _ in bank.spec.layers)
     model.requires_grad_(False)
@@ -91,7 +93,7 @@ def filter_metrics(model, bank: FilterBank, heads, source, task: str, pad_id: in
             values = {"loss": head_loss(head, filtered, batch, task)}
             if task == "causal-lm":
                 values["logit_lens_loss"] = lm_loss(model.get_output_embeddings()(state), batch["input_ids"], mask)
-            elif task == "classification":
+            elif task in ("classification", "token-classification"):
                 known = labelled(batch["labels"], task)
                 values["accuracy"] = (head(filtered, mask).argmax(-1) == batch["labels"])[known].float().mean()
             for name, value in values.items():

@@ -9,6 +9,8 @@ Layout (FORMAT_VERSION 3), one zarr v3 group per cache, on local disk or behind 
     <split>/unit_bounds (U+1,)     int64   unit u owns examples unit_bounds[u]:unit_bounds[u+1]
     <split>/input_ids  (N,)        int32   tokens; examples never straddle a shard of S tokens; N <= U*S
     <split>/token_type_ids (N,)    int8    when the tokenizer makes them
+    <split>/token_labels (N,)      int16   token-classification: tag id on a word's first sub-token, else -100
+    <split>/token_logits (N, C)    float32 token-classification: the teacher's class logits per token
     <split>/labels     (E,)        int64 class ids | float32 targets (not for causal-lm)
     <split>/example_ids (E,)       int64   source row of each example (training rows are stored shuffled)
     <split>/teacher_logits (E, C)  float32 classification/regression (written when every unit is done)
@@ -45,6 +47,7 @@ FILTER_FILES = ("teacher_filters.safetensors", "teacher_filters.json")
 
 # per-token arrays (relative to a split's group); the rest are per example
 INPUT_IDS, TOKEN_TYPES = "input_ids", "token_type_ids"
+TOKEN_LABELS, TOKEN_LOGITS = "token_labels", "token_logits"  # token-classification
 LOGIT_ROWS = "logits"  # group of ids / logprobs / counts
 
 

@@ -27,6 +27,7 @@ class Split:
         self.logit_rows = sorted(group[layout.LOGIT_ROWS].array_keys()) if layout.LOGIT_ROWS in group else []
         self.example_ids = group["example_ids"][...]
         self.has_token_types = layout.TOKEN_TYPES in group
+        self.token_arrays = [n for n in (layout.TOKEN_LABELS, layout.TOKEN_LOGITS) if n in group]
         self._channel_scales: dict[int, torch.Tensor] = {}
 
     def _optional(self, name: str):
@@ -40,7 +41,7 @@ class Split:
         return self.group["unit_bounds"][...]
 
     def tokens(self, name: str, start: int, stop: int) -> np.ndarray:
-        """input_ids or token_type_ids of tokens start:stop."""
+        """A per-token array (input_ids, token_type_ids, token_labels, token_logits) of tokens start:stop."""
         return self.group[name][start:stop]
 
     def states(self, layer: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:

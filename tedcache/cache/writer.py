@@ -117,6 +117,9 @@ class CacheWriter:
         self._write_whole(f"{split}/starts", starts)
         self._write_whole(f"{split}/lengths", lengths.astype(np.int32))
         self._write_whole(f"{split}/unit_bounds", bounds)
+        if examples.token_labels is not None:
+            tags = np.where(used, examples.token_labels[placed], 0).astype(np.int16)
+            self._write_whole(f"{split}/{layout.TOKEN_LABELS}", tags, per_token=True)
         if examples.labels is not None:
             self._write_whole(f"{split}/labels", examples.labels)
         self._write_whole(f"{split}/example_ids", order.astype(np.int64))
@@ -149,6 +152,12 @@ class CacheWriter:
         for name, dtype in dtypes.items():
             self._create(f"train/{layout.logit_array(name)}", (tokens, width), dtype, per_token=True)
 
+    def create_token_logit_arrays(self, classes: int) -> None:
+        """Token-classification: the teacher's class logits per token, in every split (its test metric and
+        the KD targets are per token)."""
+        for split, tokens in self.metadata.slots.items():
+            self._create(f"{split}/{layout.TOKEN_LOGITS}", (tokens, classes), np.float32, per_token=True)
+
     def finish_inputs(self) -> None:
         self._update(inputs_written=True)
         self._save_metadata()
@@ -171,10 +180,11 @@ class CacheWriter:
 
     def write_unit(self, split: str, unit: int, outputs: dict[str, list],
                    states: dict[int, torch.Tensor] | None = None,
-                   logit_rows: dict[str, torch.Tensor] | None = None) -> None:
+                   logit_rows: dict[str, torch.Tensor] | None = None,
+                   token_logits: torch.Tensor | None = None) -> None:
         """Write one unit: its per-token rows in storage order (`states`: layer -> (tokens, d) float;
-        `logit_rows`: name -> (tokens, S)), padded to a whole shard, encoded and written; then its record
-        holding the per-example `outputs`, the unit's done-marker."""
+        `logit_rows`: name -> (tokens, S); `token_logits`: (tokens, C)), padded to a whole shard, encoded
+        and written; then its record holding the per-example `outputs`, the unit's done-marker."""
         if states and self.needs_channel_scales():
             self._calibrate(states)
         shard, precision = self.metadata.shard_tokens, self.metadata.precision
@@ -185,6 +195,8 @@ class CacheWriter:
             arrays[layout.token_scales_array(layer)] = scales
         for name, values in (logit_rows or {}).items():
             arrays[layout.logit_array(name)] = _pad(values, shard, -1 if name == "ids" else 0).numpy()
+        if token_logits is not None:
+            arrays[layout.TOKEN_LOGITS] = _pad(token_logits.float(), shard, 0).numpy()
         checksums = {}
         for name, data in arrays.items():
             if data is None:
