@@ -87,8 +87,10 @@ def final_norm(model) -> torch.nn.Module:
     size (an RMSNorm's weight, a LayerNorm's weight and bias)."""
     width = hidden_size(model)
     found = None
-    for module in model.base_model.children():
-        shapes = [tuple(p.shape) for p in module.parameters()]
+    for module in model.base_model.children():  # a few modules: cheap enough for every forward
+        if next(module.children(), None) is not None:
+            continue  # not a leaf (the layer stack, embeddings with sub-modules)
+        shapes = [tuple(p.shape) for p in module.parameters(recurse=False)]
         if shapes and len(shapes) <= 2 and all(shape == (width,) for shape in shapes):
             found = module
     if found is None:
