@@ -285,7 +285,7 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
                  log_every=cfg.log_every, device=device, autocast=autocast, processes=procs, checkpoint=checkpoint)
     report = {
         "method": cfg.method, "config": asdict(cfg), "requested": requested, "cache": str(cache.path),
-        "cache_bytes": cache.bytes_on_disk(), "task": task, "kd_targets": form,
+        "cache_bytes": cache.bytes_on_disk(), "task": task, "label_names": meta.label_names, "kd_targets": form,
         "layer_map": dict(zip(bank.spec.layers, teacher_layers)) if bank is not None else None,
         "layer_map_rule": (cfg.layer_map if cfg.layer_map in LAYER_MAP_RULES else "explicit") if bank is not None else None,
         "history": result["history"], "eval": result["evals"], "best": result["best"],

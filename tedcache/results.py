@@ -170,7 +170,8 @@ def compare_groups(a: list[Run], b: list[Run], label_a: str, label_b: str) -> di
     outputs = [(x.test_outputs(), y.test_outputs()) for x, y in pairs]
     by_example = None
     if all(o is not None for pair in outputs for o in pair) and len({len(o["values"]) for p in outputs for o in p}) == 1:
-        by_example = stats.example_interval([x for x, _ in outputs], [y for _, y in outputs], task)
+        by_example = stats.example_interval([x for x, _ in outputs], [y for _, y in outputs], task,
+                                            label_names=a[0].metrics.get("label_names"))
     return {"a": label_a, "b": label_b, "seeds": seeds, "metric": metric, "by_seed": by_seed,
             "by_example": by_example, "verdict": stats.verdict(label_a, label_b, by_seed, by_example, metric)}
 

@@ -62,32 +62,60 @@ def _metric(outputs: dict[str, np.ndarray], index: np.ndarray, task: str) -> flo
     return float(np.nan_to_num(spearmanr(values, labels).statistic))
 
 
+def entity_counts(outputs: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
+    """Token classification: per test sentence, (true positive, false positive, false negative) entities
+    as seqeval finds them; summed over sentences they give seqeval's micro precision, recall and F1."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    cuts = np.flatnonzero(np.diff(outputs["example"])) + 1
+    counts = []
+    for gold, pred in zip(np.split(outputs["labels"], cuts), np.split(outputs["values"], cuts)):
+        true, found = (set(get_entities([names[i] for i in ids])) for ids in (gold, pred))
+        counts.append((len(true & found), len(found - true), len(true - found)))
+    return np.asarray(counts, dtype=np.float64)
+
+
+def _entity_f1(counts: np.ndarray) -> float:
+    tp, fp, fn = counts.sum(0)
+    return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
+
+
 def example_interval(a: list[dict], b: list[dict], task: str, resamples: int = 1000,
-                     seed: int = 0) -> dict | None:
+                     seed: int = 0, label_names: list[str] | None = None) -> dict | None:
     """Paired bootstrap over test examples of mean-over-seeds (A - B): `a` and `b` hold each seed's test
     outputs in the same seed order. The statistic is accuracy (classification), mean block loss in nats
-    (causal-lm) or Spearman (regression); percentile interval from scipy.stats.bootstrap."""
+    (causal-lm), Spearman (regression) or entity F1 over resampled sentences (token classification, which
+    needs `label_names`); percentile interval from scipy.stats.bootstrap."""
     from scipy import stats
 
-    if task == "token-classification":  # entity F1 over resampled sentences: not implemented yet
-        return None
-    terms_a, terms_b = [per_example(o, task) for o in a], [per_example(o, task) for o in b]
     n = len(a[0]["values"])
+    unit = {"causal-lm": "loss (nats)", "token-classification": "entity F1 over sentences"}.get(task)
+    terms_a, terms_b = [per_example(o, task) for o in a], [per_example(o, task) for o in b]
     if terms_a[0] is not None:
         differences = np.mean([x - y for x, y in zip(terms_a, terms_b)], axis=0)
         data, statistic, vectorized = (differences,), lambda x, axis=-1: np.mean(x, axis=axis), True
     else:
+        if task == "token-classification":
+            if not label_names:
+                return None
+            counts = [(entity_counts(x, label_names), entity_counts(y, label_names)) for x, y in zip(a, b)]
+            n = len(counts[0][0])
+
+            def metric_difference(index):
+                return np.mean([_entity_f1(x[index]) - _entity_f1(y[index]) for x, y in counts])
+        else:
+            def metric_difference(index):
+                return np.mean([_metric(x, index, task) - _metric(y, index, task) for x, y in zip(a, b)])
+
         def statistic(index):
-            index = index.astype(np.int64)
-            return np.mean([_metric(x, index, task) - _metric(y, index, task) for x, y in zip(a, b)])
+            return metric_difference(index.astype(np.int64))
 
         data, vectorized = (np.arange(n),), False
     result = stats.bootstrap(data, statistic, vectorized=vectorized, n_resamples=resamples, method="percentile",
                              random_state=np.random.default_rng(seed))
     point = float(statistic(data[0])) if not vectorized else float(data[0].mean())
     return {"n": n, "mean": point, "low": float(result.confidence_interval.low),
-            "high": float(result.confidence_interval.high),
-            "unit": "loss (nats)" if task == "causal-lm" else None}
+            "high": float(result.confidence_interval.high), "unit": unit}
 
 
 def excludes_zero(interval: dict | None) -> bool:

@@ -18,6 +18,7 @@ from tedcache.errors import TedcacheError
 from tedcache.evaluate import token_metrics
 from tedcache.finetuning import finetune
 from tedcache.models import init_student, load_tokenizer
+from tedcache.stats import entity_counts, example_interval
 
 TAGS = ["O", "B-POS", "I-POS", "B-NEG", "I-NEG"]
 
@@ -142,3 +143,20 @@ def test_token_classification_errors(tagged, tmp_path):
                      "--text-column", "text", "--label-column", "tags", "--cache-dir", tmp_path / "c")
     assert result.returncode != 0 and "must hold lists of words" in result.stderr
     assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())  # nothing half-written
+
+
+def test_entity_f1_paired_bootstrap_over_sentences():
+    """Per-sentence entity counts add up to seqeval's micro F1; the paired bootstrap resamples sentences."""
+    rng = np.random.default_rng(0)
+    sentences = [sentence(random.Random(i)) for i in range(60)]
+    gold = np.array([TAGS.index(t) for _, tags in sentences for t in tags])
+    example = np.array([i for i, (words, _) in enumerate(sentences) for _ in words])
+    noisy = np.where(rng.random(len(gold)) < 0.2, rng.integers(0, len(TAGS), len(gold)), gold)
+    good = {"values": gold.copy(), "labels": gold, "example": example}
+    bad = {"values": noisy, "labels": gold, "example": example}
+    counts = entity_counts(bad, TAGS)
+    tp, fp, fn = counts.sum(0)
+    assert 2 * tp / (2 * tp + fp + fn) == pytest.approx(token_metrics(noisy, gold, example, TAGS)["f1"])
+    interval = example_interval([good, good], [bad, bad], "token-classification", label_names=TAGS)
+    assert interval["n"] == 60 and interval["low"] > 0 and interval["mean"] == pytest.approx(1 - 2 * tp / (2 * tp + fp + fn))
+    assert example_interval([good], [bad], "token-classification") is None  # without tag names: not computed
