@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .schema import setting
 
-TASKS = ("classification", "regression", "causal-lm", "token-classification")
+TASKS = ("classification", "regression", "causal-lm", "token-classification", "question-answering")
 METHODS = ("ted", "kd", "lwd", "finetune")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 FILTER_KINDS = ("linear", "mlp")
@@ -35,8 +35,9 @@ class DataConfig:
     eval: list[str] | None = setting(None, "Evaluation split (same formats); picks the best epoch.", flag="--eval-data")
     test: list[str] | None = setting(None, "Test split, scored once with the best model.", flag="--test-data")
     task: str = setting("classification", "classification, regression, causal-lm (plain text packed into blocks) "
-                                          "or token-classification (a list of words and one of tags per row, or "
-                                          ".conll files).",
+                                          "token-classification (a list of words and one of tags per row, or "
+                                          ".conll files) or question-answering (extractive: SQuAD json, or "
+                                          "question/context/answers columns).",
                         choices=TASKS)
     text_column: str = setting("text", "Column holding the text.")
     text_pair_column: str | None = setting(None, "Second text of sentence-pair tasks.")
@@ -44,6 +45,8 @@ class DataConfig:
     max_length: int = setting(128, "Tokens per example (longer ones are truncated).")
     limit: int | None = setting(None, "Keep only the first N training rows (causal-lm: blocks).")
     block_size: int = setting(128, "causal-lm: tokens per block (documents joined by EOS, then cut).")
+    doc_stride: int | None = setting(None, "question-answering: tokens that consecutive windows of a long "
+                                           "context share (default: a third of --max-length, HF's 128 of 384).")
 
 
 @dataclass

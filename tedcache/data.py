@@ -29,6 +29,10 @@ class Examples:
     labels: np.ndarray | None  # (E,) int64 class ids or float32 targets; None for causal-lm blocks
     fingerprint: str  # hash of the raw texts and labels that produced these examples
     token_labels: np.ndarray | None = None  # (T,) int16 token-classification tag ids, IGNORED off first sub-tokens
+    # question-answering (see tedcache.qa): labels are (E, 2) answer start/end tokens of each window
+    context_spans: np.ndarray | None = None  # (T, 2) int32 each token's character span in its context, or -1
+    question_index: np.ndarray | None = None  # (E,) int64 the question each window belongs to
+    questions: list[dict] | None = None  # per question: id, context, gold answer texts
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -43,10 +47,15 @@ class Examples:
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         token_index = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in order]) \
             if len(order) else np.zeros(0, dtype=np.int64)
-        tt = None if self.token_type_ids is None else self.token_type_ids[token_index]
-        labels = None if self.labels is None else self.labels[order]
-        tags = None if self.token_labels is None else self.token_labels[token_index]
-        return Examples(self.input_ids[token_index], offsets, tt, labels, self.fingerprint, tags)
+        def per_token(values):
+            return None if values is None else values[token_index]
+
+        def per_example(values):
+            return None if values is None else values[order]
+
+        return Examples(self.input_ids[token_index], offsets, per_token(self.token_type_ids), per_example(self.labels),
+                        self.fingerprint, per_token(self.token_labels), per_token(self.context_spans),
+                        per_example(self.question_index), self.questions)
 
 
 def load_table(paths: list[str], conll_columns: tuple[str, str] = ("tokens", "tags")):
@@ -77,6 +86,12 @@ def load_table(paths: list[str], conll_columns: tuple[str, str] = ("tokens", "ta
     builder = builders.pop()
     if builder == "conll":
         return read_conll(paths, conll_columns)
+    if builder == "json" and len(paths) == 1:
+        from .qa import read_squad_json  # (tedcache.qa builds on this module)
+
+        squad = read_squad_json(paths[0])
+        if squad is not None:
+            return squad
     kwargs = {"delimiter": "\t"} if builder == "csv" and paths[0].endswith(".tsv") else {}
     if builder == "text":
         kwargs = {"sample_by": "paragraph"}
@@ -263,9 +278,17 @@ def load_examples(paths: list[str], cfg, tokenizer, label_names: list[str] | Non
     unlabelled text and need no label column."""
     table = load_table(paths, (cfg.text_column, cfg.label_column))
     label_column = None if unlabelled == "all" else cfg.label_column
-    check_columns(table, [cfg.text_column, cfg.text_pair_column, label_column], source)
+    if cfg.task != "question-answering":  # (its columns are checked by tedcache.qa)
+        check_columns(table, [cfg.text_column, cfg.text_pair_column, label_column], source)
     if limit is not None and limit < len(table):
         table = table.select(range(limit))
+    if cfg.task == "question-answering":
+        from .qa import load_questions
+
+        if unlabelled == "all":
+            raise TedcacheError(f"{source}: question-answering takes no unlabelled transfer data; give questions "
+                                "with answers (an empty answer list marks an unanswerable one)")
+        return load_questions(table, cfg, tokenizer, source), None
     if cfg.task == "token-classification":
         if label_names is None:
             label_names = tag_names(table, label_column, model_config, source)

@@ -21,8 +21,9 @@ from .errors import TedcacheError, note
 from .evaluate import PRIMARY_METRIC, evaluate, metrics, perplexity_from_nll, predictions, score, token_metrics
 from .filters import FilterBank, FilterSpec
 from .loop import COUNT_KINDS, Checkpoint, fit, save_run
-from .losses import filtered_mse, kd_loss, kd_targets, lm_loss, sparse_kd_loss, task_loss
+from .losses import filtered_mse, kd_loss, kd_targets, lm_loss, span_kd_loss, sparse_kd_loss, task_loss
 from .models import copied_from, load_for_task, load_tokenizer, vocab_hash
+from .qa import answer_questions, best_span, squad_metrics
 from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
 from .schema import check_choices
 from .stage1 import describe_filters, train_filters
@@ -107,6 +108,8 @@ def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfi
         elif task == "token-classification":  # per word (its first sub-token), tagged or not
             words = batch["labels"] != IGNORED
             terms["kl"] = kd_loss(logits[words], batch["teacher_logits"][words], cfg.temperature) * per_example
+        elif task == "question-answering":  # over the window's tokens, start and end averaged
+            terms["kl"] = span_kd_loss(logits, batch["teacher_logits"], mask, cfg.temperature) * per_example
         else:
             terms["kl"] = kd_loss(logits, batch["teacher_logits"], cfg.temperature) * per_example
         loss = loss + cfg.kl_alpha * terms["kl"]
@@ -258,7 +261,8 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
         return loader
 
     def evaluate_split(split) -> dict:
-        return evaluate(student, iterate_batches(CacheSource(split), 64, pad_id), task, procs, meta.label_names)
+        return evaluate(student, iterate_batches(CacheSource(split), 64, pad_id), task, procs, meta.label_names,
+                        split.questions)
 
     def validate() -> dict:
         result = evaluate_split(eval_split)
@@ -297,7 +301,8 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
     }
     test_outputs = None
     if test_split is not None:
-        test_outputs = predictions(student, iterate_batches(CacheSource(test_split), 64, pad_id), task, procs)
+        test_outputs = predictions(student, iterate_batches(CacheSource(test_split), 64, pad_id), task, procs,
+                                   test_split.questions)
         report["test"] = score(test_outputs, task, meta.label_names)
     report["seconds"] = time.perf_counter() - started
     report["processes"] = procs.size
@@ -339,11 +344,16 @@ def teacher_metrics(split, task: str, label_names: list[str] | None = None) -> d
     """The teacher's metrics on a cached split, from what the extraction stored (no teacher needed)."""
     if task == "causal-lm":
         return perplexity_from_nll(split.teacher_nll)
-    if task == "token-classification":
+    if task in ("token-classification", "question-answering"):
         tokens = np.concatenate([np.arange(a, a + n) for a, n in zip(split.starts, split.lengths)])
+        logits = split.tokens(layout.TOKEN_LOGITS, 0, int(tokens[-1]) + 1)[tokens]
+        if task == "question-answering":
+            cuts = np.cumsum(split.lengths)[:-1]
+            spans = split.tokens(layout.CONTEXT_SPANS, 0, int(tokens[-1]) + 1)[tokens]
+            windows = [best_span(x, y) for x, y in zip(np.split(logits, cuts), np.split(spans, cuts))]
+            return squad_metrics(answer_questions(np.asarray(windows), split.question_index, split.questions))
         example = np.repeat(np.arange(len(split)), split.lengths)
         tags = split.tokens(layout.TOKEN_LABELS, 0, int(tokens[-1]) + 1)[tokens]
         tagged = tags >= 0
-        predicted = split.tokens(layout.TOKEN_LOGITS, 0, int(tokens[-1]) + 1)[tokens].argmax(-1)
-        return token_metrics(predicted[tagged], tags[tagged].astype(np.int64), example[tagged], label_names)
+        return token_metrics(logits.argmax(-1)[tagged], tags[tagged].astype(np.int64), example[tagged], label_names)
     return metrics(split.teacher_logits, split.labels, task)

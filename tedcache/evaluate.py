@@ -10,10 +10,11 @@ import torch
 
 from .distributed import ALONE
 from .losses import lm_loss_per_block
-from .taps import model_inputs
+from .qa import answer_questions, best_span, squad_metrics
+from .taps import model_inputs, output_logits
 
 PRIMARY_METRIC = {"classification": "accuracy", "regression": "spearman", "causal-lm": "perplexity",
-                  "token-classification": "f1"}
+                  "token-classification": "f1", "question-answering": "f1"}
 LOWER_IS_BETTER = {"perplexity", "loss"}
 
 
@@ -79,14 +80,19 @@ def perplexity_from_nll(nll: np.ndarray) -> dict[str, float]:
 def model_outputs(model, batches, task: str) -> dict[str, np.ndarray]:
     """{"index": example_index, "values": logits (classification/regression) or each block's mean
     next-token loss (causal-lm), ["labels"]} over `batches`, in the order met. Token classification: one
-    entry per tagged word (predicted tag id, gold tag id), "index" its sentence."""
+    entry per tagged word (predicted tag id, gold tag id), "index" its sentence. Question answering: per
+    window its best_span row and "question"."""
     model.eval()
     device = next(model.parameters()).device
     values, labels, index = [], [], []
     for batch in batches:
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
-        logits = model(**inputs).logits
-        if task == "causal-lm":
+        logits = output_logits(model(**inputs))
+        if task == "question-answering":
+            values.extend(window_answers(logits.float().cpu().numpy(), batch["context_spans"].numpy(),
+                                         batch["attention_mask"].numpy()))
+            labels.append(batch["question_index"].numpy())
+        elif task == "causal-lm":
             values.extend(lm_loss_per_block(logits, inputs["input_ids"], inputs["attention_mask"]))
         elif task == "token-classification":
             tagged = batch["labels"] >= 0
@@ -100,20 +106,28 @@ def model_outputs(model, batches, task: str) -> dict[str, np.ndarray]:
         index.append(batch["example_index"].numpy())
     result = {"index": np.concatenate(index) if index else np.zeros(0, dtype=np.int64), "values": np.asarray(values)}
     if labels:
-        result["labels"] = np.concatenate(labels)
+        result["question" if task == "question-answering" else "labels"] = np.concatenate(labels)
     return result
 
 
-def predictions(model, batches, task: str, processes=None) -> dict[str, np.ndarray]:
+def window_answers(logits: np.ndarray, spans: np.ndarray, mask: np.ndarray) -> list[tuple]:
+    """best_span of each window of a batch: logits (B, L, 2), spans (B, L, 2), mask (B, L)."""
+    return [best_span(row[m], span[m]) for row, span, m in zip(logits, spans, mask.astype(bool))]
+
+
+def predictions(model, batches, task: str, processes=None, questions: list[dict] | None = None) -> dict[str, np.ndarray]:
     """`model`'s outputs over `batches` in example order: {"values": logits (classification, regression)
-    or each block's mean next-token loss (causal-lm), ["labels"]}. With several `processes`, each scores
-    every N-th batch and the outputs are gathered."""
+    or each block's mean next-token loss (causal-lm), ["labels"]}; question answering (which needs the
+    split's `questions`): per question its F1 and more (see qa.answer_questions). With several
+    `processes`, each scores every N-th batch and the outputs are gathered."""
     processes = processes or ALONE
     mine = itertools.islice(batches, processes.rank, None, processes.size)
     parts = processes.gather(model_outputs(model, mine, task))
     full = [p for p in parts if len(p["index"])]
     merged = {key: np.concatenate([p[key] for p in full]) for key in full[0]}
     order = merged["index"].argsort(kind="stable")  # token classification: words keep their order
+    if task == "question-answering":
+        return answer_questions(merged["values"][order], merged["question"][order], questions)
     return {("example" if key == "index" else key): value[order] for key, value in merged.items()
             if key != "index" or task == "token-classification"}
 
@@ -125,9 +139,12 @@ def score(outputs: dict[str, np.ndarray], task: str, label_names: list[str] | No
         return perplexity_from_nll(outputs["values"])
     if task == "token-classification":
         return token_metrics(outputs["values"], outputs["labels"], outputs["example"], label_names)
+    if task == "question-answering":
+        return squad_metrics(outputs)
     return metrics(outputs["values"], outputs["labels"], task)
 
 
-def evaluate(model, batches, task: str, processes=None, label_names: list[str] | None = None) -> dict[str, float]:
+def evaluate(model, batches, task: str, processes=None, label_names: list[str] | None = None,
+             questions: list[dict] | None = None) -> dict[str, float]:
     """The task's metrics of `model` over `batches` (see predictions and score)."""
-    return score(predictions(model, batches, task, processes), task, label_names)
+    return score(predictions(model, batches, task, processes, questions), task, label_names)

@@ -205,7 +205,8 @@ def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], l
         teacher_weights_sha256=identity["teacher_weights"], tokenizer_vocab_sha256=vocab_hash(tokenizer),
         pad_token_id=pad_id(tokenizer), precision=cfg.precision, seed=cfg.seed, shard_tokens=cfg.shard_tokens,
         chunk_tokens=0, tokenizer=cfg.teacher, tokenizer_sha256=identity["tokenizer"], label_names=label_names,
-        num_outputs=1 if task == "regression" else (None if lm else len(label_names)),
+        num_outputs=1 if task == "regression" else 2 if task == "question-answering" else
+        None if lm else len(label_names),
         filter_kind=None if raw else spec.kind, teacher_hidden_size=spec.in_dim,
         teacher_num_layers=num_layers(teacher),
         data={"train": cfg.data.train, "transfer": cfg.data.transfer, "eval": cfg.data.eval, "test": cfg.data.test,
@@ -222,6 +223,8 @@ def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], l
 
 def _labelled_examples(examples: Examples, task: str) -> int:
     """Training examples with a gold label (token classification: with at least one tagged word)."""
+    if task == "question-answering":
+        return len(examples)  # (it takes no unlabelled data)
     if task == "token-classification":
         tagged = np.add.reduceat(examples.token_labels >= 0, examples.offsets[:-1]) if len(examples) else []
         return int(np.count_nonzero(tagged))
@@ -237,7 +240,7 @@ def _create_cache(location: Location, metadata: CacheMetadata, splits: dict[str,
     if bank is not None:
         writer.save_filters(bank.to_bytes())
     writer.create_state_arrays(metadata.filter_dim)
-    if metadata.task == "token-classification":
+    if metadata.task in ("token-classification", "question-answering"):
         writer.create_token_logit_arrays(metadata.num_outputs)
     if logit_spec is not None:
         dtypes = {"ids": id_dtype(metadata.vocab_size), "logprobs": np.float16}
@@ -295,10 +298,11 @@ def _unit_generator(seed: int, unit: int) -> torch.Generator:
 def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec: LogitSpec | None, batch_size: int,
                   units: list[tuple[str, int]]) -> None:
     """Compute `units` ((split, unit) pairs) and hand each to the writer; states and logit rows are
-    stored for the training split only, token-classification logits for every split."""
+    stored for the training split only, per-token logits (token classification, question answering) for
+    every split."""
     meta = writer.metadata
     output_key = "logits" if logit_spec is None else "nll"
-    per_token = meta.task == "token-classification"
+    per_token = meta.task in ("token-classification", "question-answering")
     stored = {split: writer.in_storage_order(split, examples) for split, examples in splits.items()}
     bounds = {split: writer.unit_bounds(split) for split in splits}
     # The teacher computes unit u+1 while a background thread encodes, writes and checksums unit u.

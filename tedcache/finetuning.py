@@ -51,7 +51,8 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
         return loss, {"task": loss.detach()}
 
     def evaluate_model():
-        return evaluate(model, iterate_batches(ExamplesSource(evaluation), 64, pad), task, label_names=label_names)
+        return evaluate(model, iterate_batches(ExamplesSource(evaluation), 64, pad), task, label_names=label_names,
+                        questions=evaluation.questions)
 
     result = fit(list(model.parameters()), [model],
                  lambda e: iterate_batches(source, cfg.optim.batch_size, pad, True, cfg.seed, e),

@@ -15,7 +15,8 @@ from .data import IGNORED
 
 def labelled(labels: torch.Tensor, task: str) -> torch.Tensor:
     """Which examples (token classification: positions) have a gold label (unlabelled transfer examples
-    carry -1, or NaN for regression; positions that are not a word's first sub-token carry IGNORED)."""
+    carry -1, or NaN for regression; positions that are not a word's first sub-token carry IGNORED;
+    question answering: (B, 2), per answer start and end)."""
     return ~torch.isnan(labels) if task == "regression" else labels >= 0
 
 
@@ -24,10 +25,15 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Te
 
     classification: mean_b -log softmax(logits_b)[labels_b];  logits (B, C), labels (B,) class ids.
     regression:     mean_b (logits_b - labels_b)^2;            logits (B, 1), labels (B,) floats.
-    token classification: the classification loss over tagged positions; logits (B, L, C), labels (B, L)."""
+    token classification: the classification loss over tagged positions; logits (B, L, C), labels (B, L).
+    question answering: the mean of the start and the end position's cross-entropy over the window's
+    tokens (as HF's QA heads); logits (B, L, 2), labels (B, 2) token positions."""
     known = labelled(labels, task)
     if not bool(known.any()):
         return logits.float().sum() * 0.0  # keeps the graph: every process runs the same backward
+    if task == "question-answering":
+        known = known.all(-1)
+        return sum(F.cross_entropy(logits[known][..., k].float(), labels[known][:, k]) for k in (0, 1)) / 2
     if task == "regression":
         return F.mse_loss(logits.squeeze(-1).float()[known], labels.float()[known])
     return F.cross_entropy(logits.float()[known], labels[known])
@@ -36,7 +42,8 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Te
 def labels_or_teacher(labels: torch.Tensor, teacher_logits: torch.Tensor, task: str) -> torch.Tensor:
     """Gold labels where there are some, else the teacher's prediction (Stage I's heads learn the task
     from unlabelled examples through it)."""
-    guess = teacher_logits.squeeze(-1).float() if task == "regression" else teacher_logits.argmax(-1)
+    guess = teacher_logits.squeeze(-1).float() if task == "regression" else \
+        teacher_logits.argmax(1) if task == "question-answering" else teacher_logits.argmax(-1)
     filled = torch.where(labelled(labels, task), labels, guess.to(labels.dtype))
     return filled.masked_fill(labels == IGNORED, IGNORED) if task == "token-classification" else filled
 
@@ -63,6 +70,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
     return t * t * F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+
+
+def span_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """Question answering: the mean of kd_loss over the start and over the end distribution, each a softmax
+    over the window's real tokens (padding left out). logits (B, L, 2), mask (B, L)."""
+    padding = ~mask.bool().unsqueeze(-1)
+    student, teacher = (x.float().masked_fill(padding, -1e4) for x in (student_logits, teacher_logits))
+    return sum(kd_loss(student[..., k], teacher[..., k], temperature) for k in (0, 1)) / 2
 
 
 def filtered_mse(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],

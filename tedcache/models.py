@@ -12,6 +12,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
@@ -37,20 +38,26 @@ def load_tokenizer(name: str, what: str = "model", trust_remote_code: bool = Fal
                             "give a folder with tokenizer files, or a hub name when online") from exc
 
 
+HEAD_CLASSES = {"token-classification": (AutoModelForTokenClassification, "a token classifier"),
+                "question-answering": (AutoModelForQuestionAnswering, "an extractive question-answering model")}
+
+
 def load_classifier(name: str, what: str = "model", task: str | None = None,
                     label_names: list[str] | None = None, trust_remote_code: bool = False):
-    """An AutoModelForSequenceClassification (token-classification: AutoModelForTokenClassification);
-    with label_names/task given, its head is sized to them."""
+    """An AutoModelForSequenceClassification (token-classification: AutoModelForTokenClassification,
+    question-answering: AutoModelForQuestionAnswering); with label_names/task given, its head is sized
+    to them."""
     _check_source(name, what)
     kwargs = {}
     if task == "regression":
         kwargs = {"num_labels": 1, "problem_type": "regression"}
+    elif task == "question-answering":
+        kwargs = {"num_labels": 2}  # start and end (a head copied from a classifier may have another width)
     elif label_names is not None:
         kwargs = {"num_labels": len(label_names), "problem_type": "single_label_classification",
                   "id2label": dict(enumerate(label_names)),
                   "label2id": {n: i for i, n in enumerate(label_names)}}
-    auto, kind = (AutoModelForTokenClassification, "a token classifier") if task == "token-classification" \
-        else (AutoModelForSequenceClassification, "a sequence classifier")
+    auto, kind = HEAD_CLASSES.get(task, (AutoModelForSequenceClassification, "a sequence classifier"))
     return _from_pretrained(auto, name, what, kind, ignore_mismatched_sizes=bool(kwargs),
                             trust_remote_code=trust_remote_code, **kwargs)
 
@@ -81,8 +88,7 @@ def load_for_task(name: str, what: str, task: str, label_names: list[str] | None
     if task == "causal-lm":
         return load_causal_lm(name, what, trust_remote_code)
     if not resize:
-        return load_classifier(name, what, task if task == "token-classification" else None,
-                               trust_remote_code=trust_remote_code)
+        return load_classifier(name, what, task if task in HEAD_CLASSES else None, trust_remote_code=trust_remote_code)
     return load_classifier(name, what, task, label_names, trust_remote_code)
 
 
@@ -153,6 +159,8 @@ def init_student(source: str, layers: list[int], out: str, trust_remote_code: bo
         auto = AutoModelForSequenceClassification
     elif any(a.endswith("ForTokenClassification") for a in architectures):
         auto = AutoModelForTokenClassification
+    elif any(a.endswith("ForQuestionAnswering") for a in architectures):
+        auto = AutoModelForQuestionAnswering
     elif any(is_causal_lm_class(a) for a in architectures):
         auto = AutoModelForCausalLM
     model = auto.from_pretrained(source, trust_remote_code=trust_remote_code)

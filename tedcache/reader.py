@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .cache import Cache, CompactStates, Split, decode_values
-from .cache.layout import TOKEN_LABELS, TOKEN_LOGITS
+from .cache.layout import CONTEXT_SPANS, TOKEN_LABELS, TOKEN_LOGITS
 from .data import IGNORED, Examples
 
 
@@ -33,7 +33,7 @@ class Window:
     token_type_ids: np.ndarray | None
     states: list[tuple[np.ndarray, np.ndarray | None]] | None  # per requested layer: values, int8 token scales
     logits: dict[str, np.ndarray] | None = None  # causal-lm: sparse teacher rows per token
-    token_arrays: dict[str, np.ndarray] | None = None  # token-classification: token_labels [, token_logits]
+    token_arrays: dict[str, np.ndarray] | None = None  # token_labels, token_logits, context_spans (see layout)
 
 
 class ExamplesSource:
@@ -42,7 +42,7 @@ class ExamplesSource:
     def __init__(self, examples: Examples):
         self.examples = examples
         self.starts, self.lengths = examples.offsets[:-1], np.diff(examples.offsets)
-        self.labels, self.teacher_logits = examples.labels, None
+        self.labels, self.teacher_logits, self.question_index = examples.labels, None, examples.question_index
         self.precision, self.layers, self.state_bytes_per_token = None, [], 0
 
     def __len__(self) -> int:
@@ -50,9 +50,12 @@ class ExamplesSource:
 
     def read(self, first: int, last: int) -> Window:
         a, b = self.examples.offsets[first], self.examples.offsets[last]
-        tt, tags = self.examples.token_type_ids, self.examples.token_labels
+        tt = self.examples.token_type_ids
+        arrays = {name: values[a:b] for name, values in ((TOKEN_LABELS, self.examples.token_labels),
+                                                         (CONTEXT_SPANS, self.examples.context_spans))
+                  if values is not None}
         return Window(first, int(a), self.examples.input_ids[a:b], None if tt is None else tt[a:b], None,
-                      token_arrays=None if tags is None else {TOKEN_LABELS: tags[a:b]})
+                      token_arrays=arrays or None)
 
 
 class CacheSource:
@@ -62,7 +65,7 @@ class CacheSource:
     def __init__(self, split: Split, layers: list[int] | None = None, with_logits: bool = False):
         self.split, self.precision, self.layers = split, split.precision, layers or []
         self.starts, self.lengths = split.starts, split.lengths
-        self.labels, self.teacher_logits = split.labels, split.teacher_logits
+        self.labels, self.teacher_logits, self.question_index = split.labels, split.teacher_logits, split.question_index
         self.with_logits = with_logits and bool(split.logit_rows)
         self.channel_scales = [split.channel_scale(layer) for layer in self.layers]
         self.state_bytes_per_token = sum(split.state_bytes_per_token(layer) for layer in self.layers) \
@@ -172,7 +175,9 @@ def _part(items: list, rank: int, size: int) -> list:
 def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
     """Pad examples to the batch's longest. Keys: input_ids, attention_mask, [token_type_ids], [labels],
     example_index, [teacher_logits], [teacher_states: one CompactStates (B, L, d) per layer],
-    [teacher_rows: causal-lm sparse rows {ids, logprobs[, counts]} (B, L, S), padding has id -1]."""
+    [teacher_rows: causal-lm sparse rows {ids, logprobs[, counts]} (B, L, S), padding has id -1];
+    token classification: labels and teacher_logits per token; question answering: teacher_logits per
+    token (B, L, 2), context_spans (B, L, 2) and question_index (B,)."""
     index = np.array([i for _, i in items])
     lengths = source.lengths[index]
     spans = [(int(source.starts[i]) - window.base, int(source.starts[i]) - window.base + int(n))
@@ -212,14 +217,17 @@ def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
         batch["token_type_ids"] = torch.from_numpy(token_types)
     if source.teacher_logits is not None:
         batch["teacher_logits"] = torch.from_numpy(source.teacher_logits[index])
+    if source.question_index is not None:
+        batch["question_index"] = torch.from_numpy(source.question_index[index])
     if values is not None:
         batch["teacher_states"] = [
             CompactStates(decode_values(v, source.precision), None if t is None else torch.from_numpy(t), c)
             for v, t, c in zip(values, scales, source.channel_scales)]
     if rows is not None:
         batch["teacher_rows"] = {name: torch.from_numpy(v) for name, v in rows.items()}
-    if items[0][0].token_arrays:  # token-classification: per-token labels and teacher logits
-        for name, key, fill in ((TOKEN_LABELS, "labels", IGNORED), (TOKEN_LOGITS, "teacher_logits", 0.0)):
+    if items[0][0].token_arrays:  # token classification and question answering
+        for name, key, fill in ((TOKEN_LABELS, "labels", IGNORED), (TOKEN_LOGITS, "teacher_logits", 0.0),
+                                (CONTEXT_SPANS, "context_spans", -1)):
             if name in items[0][0].token_arrays:
                 batch[key] = torch.from_numpy(_pad_tokens([w.token_arrays[name] for w, _ in items], spans, batch_len,
                                                           fill))

@@ -29,7 +29,7 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
     last_token = is_decoder_only(model)
     if task == "causal-lm":
         heads = nn.ModuleList(LMHead(dim, model.get_output_embeddings(), lm_head) for _ in bank.spec.layers)
-    elif task == "token-classification":
+    elif task in ("token-classification", "question-answering"):  # QA: start and end logits per token
         heads = nn.ModuleList(TokenHead(dim, num_outputs) for _ in bank.spec.layers)
     else:
         heads = nn.ModuleList(SequenceHead(dim, num_outputs, last_token) for _ in bank.spec.layers)
@@ -72,9 +72,10 @@ def head_loss(head, filtered: torch.Tensor, batch: dict, task: str) -> torch.Ten
 def filter_metrics(model, bank: FilterBank, heads, source, task: str, pad_id: int, batch_size: int) -> dict:
     """Every filter through its head over `source`, dropout off: {"loss": mean over filters, and per
     layer "<layer>/loss" (the task loss: cross-entropy, squared error, or next-token loss), classification
-    "<layer>/accuracy", causal-lm "<layer>/logit_lens_loss" (the same layer's state read by the model's
-    own final norm and output head, no filter: what the layer says without training). Examples without a
-    gold label count only in causal-lm."""
+    "<layer>/accuracy" (question answering: of whole answer spans in a window), causal-lm
+    "<layer>/logit_lens_loss" (the same layer's state read by the model's own final norm and output head,
+    no filter: what the layer says without training). Examples without a gold label count only in
+    causal-lm."""
     for module in (model, bank, heads):
         module.eval()
     device = next(model.parameters()).device
@@ -96,6 +97,10 @@ def filter_metrics(model, bank: FilterBank, heads, source, task: str, pad_id: in
             elif task in ("classification", "token-classification"):
                 known = labelled(batch["labels"], task)
                 values["accuracy"] = (head(filtered, mask).argmax(-1) == batch["labels"])[known].float().mean()
+            elif task == "question-answering":  # both ends of the window's answer span right
+                known = labelled(batch["labels"], task).all(-1)
+                right = (head(filtered, mask).argmax(1) == batch["labels"]).all(-1)
+                values["accuracy"] = right[known].float().mean()
             for name, value in values.items():
                 key = f"{layer}/{name}"
                 sums[key] = sums.get(key, 0.0) + float(value) * weight

@@ -47,7 +47,10 @@ def seeds_needed(mean: float, sd: float | None) -> int | None:
 
 def per_example(outputs: dict[str, np.ndarray], task: str) -> np.ndarray | None:
     """The test metric's per-example terms, where the metric is their mean: classification
-    correctness, causal-lm block loss. None for regression (Spearman has no per-example terms)."""
+    correctness, causal-lm block loss, question-answering F1 per question. None for regression (Spearman
+    has no per-example terms) and token classification (entity F1 is not a mean over sentences)."""
+    if task == "question-answering":
+        return outputs["values"].astype(np.float64)
     if task == "classification":
         return (outputs["values"].argmax(-1) == outputs["labels"]).astype(np.float64)
     if task == "causal-lm":
@@ -89,7 +92,8 @@ def example_interval(a: list[dict], b: list[dict], task: str, resamples: int = 1
     from scipy import stats
 
     n = len(a[0]["values"])
-    unit = {"causal-lm": "loss (nats)", "token-classification": "entity F1 over sentences"}.get(task)
+    unit = {"causal-lm": "loss (nats)", "token-classification": "entity F1 over sentences",
+            "question-answering": "F1 over questions"}.get(task)
     terms_a, terms_b = [per_example(o, task) for o in a], [per_example(o, task) for o in b]
     if terms_a[0] is not None:
         differences = np.mean([x - y for x, y in zip(terms_a, terms_b)], axis=0)

@@ -99,8 +99,15 @@ def final_norm(model) -> torch.nn.Module:
     return found
 
 
+def output_logits(out) -> torch.Tensor:
+    """A model output's logits; question-answering models' start and end logits stacked: (B, L, 2)."""
+    if getattr(out, "start_logits", None) is not None:
+        return torch.stack([out.start_logits, out.end_logits], dim=-1)
+    return out.logits
+
+
 def forward_with_taps(model, batch: dict, layers: list[int]):
-    """Run the model; return (logits, [hidden state after layer i for i in layers]).
+    """Run the model; return (logits (see output_logits), [hidden state after layer i for i in layers]).
 
     hidden_states[0] is the embedding output, so layer i's output is hidden_states[i + 1]. Decoder-only
     models are pre-norm: their residual stream is not normalised and its scale grows with depth, while
@@ -111,6 +118,7 @@ def forward_with_taps(model, batch: dict, layers: list[int]):
     last = len(out.hidden_states) - 2
     if is_decoder_only(model):
         norm = final_norm(model)
-        return out.logits, [out.hidden_states[i + 1] if i == last else norm(out.hidden_states[i + 1]) for i in layers]
-    return out.logits, [out.hidden_states[i + 1] for i in layers]
+        return output_logits(out), [out.hidden_states[i + 1] if i == last else norm(out.hidden_states[i + 1])
+                                    for i in layers]
+    return output_logits(out), [out.hidden_states[i + 1] for i in layers]
 

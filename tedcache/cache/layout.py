@@ -1,5 +1,6 @@
 """The cache format's layout: names of its arrays and files, chunking, how examples are packed into
-shards, and how a cache is named. FORMAT_VERSION changes whenever any of this does.
+shards, and how a cache is named. FORMAT_VERSION changes whenever a cache that exists would be read
+differently (arrays that only a new task writes do not change it).
 
 Layout (FORMAT_VERSION 3), one zarr v3 group per cache, on local disk or behind an fsspec URL:
 
@@ -10,8 +11,12 @@ Layout (FORMAT_VERSION 3), one zarr v3 group per cache, on local disk or behind 
     <split>/input_ids  (N,)        int32   tokens; examples never straddle a shard of S tokens; N <= U*S
     <split>/token_type_ids (N,)    int8    when the tokenizer makes them
     <split>/token_labels (N,)      int16   token-classification: tag id on a word's first sub-token, else -100
-    <split>/token_logits (N, C)    float32 token-classification: the teacher's class logits per token
-    <split>/labels     (E,)        int64 class ids | float32 targets (not for causal-lm)
+    <split>/token_logits (N, C)    float32 token-classification: the teacher's class logits per token;
+                                           question-answering: its start and end logits per token (C = 2)
+    <split>/context_spans (N, 2)   int32   question-answering: each token's character span in its context (-1: none)
+    <split>/question_index (E,)    int64   question-answering: the question each window (example) belongs to
+    <split>/questions  (bytes,)    uint8   question-answering: UTF-8 json list of {id, context, answers}
+    <split>/labels     (E,)        int64 class ids | float32 targets | (E, 2) answer tokens (not for causal-lm)
     <split>/example_ids (E,)       int64   source row of each example (training rows are stored shuffled)
     <split>/teacher_logits (E, C)  float32 classification/regression (written when every unit is done)
     <split>/teacher_nll (E,)       float32 causal-lm: the teacher's mean next-token loss on each block
@@ -47,7 +52,9 @@ FILTER_FILES = ("teacher_filters.safetensors", "teacher_filters.json")
 
 # per-token arrays (relative to a split's group); the rest are per example
 INPUT_IDS, TOKEN_TYPES = "input_ids", "token_type_ids"
-TOKEN_LABELS, TOKEN_LOGITS = "token_labels", "token_logits"  # token-classification
+TOKEN_LABELS, TOKEN_LOGITS = "token_labels", "token_logits"  # token-classification (logits: also QA)
+CONTEXT_SPANS = "context_spans"  # question-answering
+QUESTION_INDEX, QUESTIONS = "question_index", "questions"  # question-answering, per example and per split
 LOGIT_ROWS = "logits"  # group of ids / logprobs / counts
 
 

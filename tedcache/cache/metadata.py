@@ -24,7 +24,7 @@ class CacheMetadata:
                                             "layers, filters, Stage I, precision, seed...); the folder name ends "
                                             "with their hash.")
     created_by: str = setting(help="tedcache version that wrote the cache.")
-    task: str = setting(help="classification, regression or causal-lm.")
+    task: str = setting(help="classification, regression, causal-lm, token-classification or question-answering.")
     states: str = setting(help="filtered (TED filters' outputs) or raw (hidden states, for LWD).")
     layers: list[int] = setting(help="0-based teacher layers whose states are stored.")
     filter_dim: int = setting(help="Width d of each stored state.")
@@ -42,7 +42,8 @@ class CacheMetadata:
                                                  "pre-tokeniser, vocabulary, special tokens); absent in caches "
                                                  "written before it was recorded.")
     label_names: list[str] | None = setting(None, "classification: the label names, in id order.")
-    num_outputs: int | None = setting(None, "Teacher outputs per example (labels, or 1 for regression).")
+    num_outputs: int | None = setting(None, "Teacher outputs per example (labels; 1 for regression; question-answering: "
+                                                 "2 per token, start and end).")
     filter_kind: str | None = setting(None, "linear or mlp (null for raw states).")
     teacher_hidden_size: int | None = setting(None, "The teacher's hidden size.")
     teacher_num_layers: int | None = setting(None, "The teacher's number of transformer layers.")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 import zarr
@@ -27,8 +29,14 @@ class Split:
         self.logit_rows = sorted(group[layout.LOGIT_ROWS].array_keys()) if layout.LOGIT_ROWS in group else []
         self.example_ids = group["example_ids"][...]
         self.has_token_types = layout.TOKEN_TYPES in group
-        self.token_arrays = [n for n in (layout.TOKEN_LABELS, layout.TOKEN_LOGITS) if n in group]
+        self.token_arrays = [n for n in (layout.TOKEN_LABELS, layout.TOKEN_LOGITS, layout.CONTEXT_SPANS) if n in group]
+        self.question_index = self._optional(layout.QUESTION_INDEX)
         self._channel_scales: dict[int, torch.Tensor] = {}
+
+    @property
+    def questions(self) -> list[dict] | None:
+        """question-answering: per question its id, context and gold answer texts."""
+        return json.loads(self.group[layout.QUESTIONS][...].tobytes()) if layout.QUESTIONS in self.group else None
 
     def _optional(self, name: str):
         return self.group[name][...] if name in self.group else None

@@ -5,6 +5,7 @@ checksums happen here."""
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 from dataclasses import replace
 
@@ -120,6 +121,13 @@ class CacheWriter:
         if examples.token_labels is not None:
             tags = np.where(used, examples.token_labels[placed], 0).astype(np.int16)
             self._write_whole(f"{split}/{layout.TOKEN_LABELS}", tags, per_token=True)
+        if examples.context_spans is not None:
+            spans = np.where(used[:, None], examples.context_spans[placed], -1).astype(np.int32)
+            self._write_whole(f"{split}/{layout.CONTEXT_SPANS}", spans, per_token=True)
+        if examples.question_index is not None:
+            self._write_whole(f"{split}/{layout.QUESTION_INDEX}", examples.question_index)
+            self._write_whole(f"{split}/{layout.QUESTIONS}",
+                              np.frombuffer(json.dumps(examples.questions).encode(), dtype=np.uint8))
         if examples.labels is not None:
             self._write_whole(f"{split}/labels", examples.labels)
         self._write_whole(f"{split}/example_ids", order.astype(np.int64))
@@ -153,8 +161,8 @@ class CacheWriter:
             self._create(f"train/{layout.logit_array(name)}", (tokens, width), dtype, per_token=True)
 
     def create_token_logit_arrays(self, classes: int) -> None:
-        """Token-classification: the teacher's class logits per token, in every split (its test metric and
-        the KD targets are per token)."""
+        """Token classification and question answering: the teacher's logits per token (classes, or start
+        and end), in every split (the test metric and the KD targets are per token)."""
         for split, tokens in self.metadata.slots.items():
             self._create(f"{split}/{layout.TOKEN_LOGITS}", (tokens, classes), np.float32, per_token=True)
 
