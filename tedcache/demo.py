@@ -25,6 +25,7 @@ from .config import (
 )
 from .distillation import distill
 from .errors import TedcacheError, note
+from .evidence import study_lines
 from .extraction import extract
 from .finetuning import finetune
 from .models import init_student
@@ -156,6 +157,7 @@ def run_demo(workdir: str, size: DemoSize = QUICK, seed: int = 42) -> dict:
     cache_mb = opened.bytes_on_disk() / 2**20
     lines = ["| model | test accuracy | test F1 |", "|---|---|---|"]
     lines += [f"| {name} | {acc:.4f} | {f1:.4f} |" for name, acc, f1 in results]
+    lines += ["", *study_lines("A", seeds_here=1)]
     lines += ["", "| stage | wall time (s) |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in times.items()]
     lines += [f"| total | {sum(times.values()):.0f} |", "",

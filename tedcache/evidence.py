@@ -1,0 +1,48 @@
+"""What the evidence study (examples/evidence.py, docs/evidence.md) measured, as the demos print it beside
+their own one-seed tables: a one-seed table ranks nothing, the study's paired seeds do.
+
+`examples/evidence.py report` writes the summary this module reads (tedcache/evidence.json, shipped with
+the package): per setting the seeds, each method's test metric as mean and spread over them, and the
+paired differences with their 95% intervals and verdicts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SUMMARY = Path(__file__).with_name("evidence.json")
+COMPARISONS = [("ted", "kd"), ("ted", "lwd"), ("ted", "finetune"), ("kd", "finetune")]
+
+
+def compact(summary: dict, title: str, tuned: dict) -> dict:
+    """The part of a `tedcache.results.summarize` summary the demos print (kept small: it ships)."""
+    comparisons = [{"a": c["a"], "b": c["b"], "seeds": len(c["seeds"]), "by_seed": c["by_seed"],
+                    "verdict": c["verdict"]} for c in summary["comparisons"] if (c["a"], c["b"]) in COMPARISONS]
+    comparisons.sort(key=lambda c: COMPARISONS.index((c["a"], c["b"])))
+    return {"title": title, "metric": summary["metric"], "comparisons": comparisons, "tuned": tuned}
+
+
+def load(setting: str) -> dict | None:
+    """The study's summary of `setting`, or None where that setting has not finished."""
+    if not SUMMARY.exists():
+        return None
+    return json.loads(SUMMARY.read_text()).get(setting)
+
+
+def study_lines(setting: str, seeds_here: int) -> list[str]:
+    """Lines to print under a demo's table: how many seeds stand behind its rows, and the study's paired
+    intervals for the same comparison, or that the study has not finished it."""
+    here = f"Seeds behind each row above: {seeds_here}. One seed ranks nothing (seed-to-seed spread is of the " \
+           "size of the differences between methods)."
+    found = load(setting)
+    if found is None:
+        return [here, f"The evidence study's setting {setting} (docs/evidence.md) has not finished yet, so there is "
+                      "no paired interval to show; run `tedcache compare` over several seeds for one."]
+    lines = [here, f"The evidence study, setting {setting} ({found['title']}; each method tuned on validation with "
+                   f"the same budget; docs/evidence.md), paired test differences in {found['metric']}:", "",
+             "| A − B | paired seeds | mean [95% interval over seeds] | verdict |", "|---|---|---|---|"]
+    for c in found["comparisons"]:
+        s = c["by_seed"]
+        interval = f"{s['mean']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}]" if s.get("low") is not None else "-"
+        lines.append(f"| {c['a']} − {c['b']} | {c['seeds']} | {interval} | {c['verdict']} |")
+    return lines
