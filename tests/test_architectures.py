@@ -10,6 +10,7 @@ import torch
 import transformers
 from conftest import make_tokenizer, run_cli
 from test_causal_lm import documents, make_lm_tokenizer, write_text
+from test_question_answering import write_questions
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
 from tedcache.cache import load_metadata
@@ -65,6 +66,26 @@ def test_sequence_classification(family, assets, tmp_path):
     metrics = _pipeline(teacher, data, tmp_path)
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
     assert metrics["layer_map"] == {0: 2, 1: 3}  # the copy map: student layer 1 is teacher 3, which reads 2
+
+
+ENCODERS = [f for f in FAMILIES if f not in DECODERS]
+
+
+@pytest.mark.parametrize("family", ENCODERS)
+def test_question_answering(family, tmp_path):
+    """Extractive QA on each encoder family: windows of question + context (the word tokenizer made here
+    marks the context with token type 1, so RoBERTa gets a second type embedding, as a BERT-style
+    tokenizer would need), start/end logits per token, the QA head of a copied student."""
+    tokenizer = make_tokenizer(tmp_path / "teacher", extra=["which"])
+    extra = {"type_vocab_size": 2} if family == "roberta" else {}
+    teacher = _teacher(family, tmp_path / "teacher", transformers.AutoModelForQuestionAnswering, tokenizer, **extra)
+    files = {name: write_questions(tmp_path / f"{name}.jsonl", n, seed)
+             for name, n, seed in (("train", 48, 0), ("eval", 16, 1), ("test", 16, 2))}
+    data = DataConfig(train=[str(files["train"])], eval=[str(files["eval"])], test=[str(files["test"])],
+                      task="question-answering", max_length=24, doc_stride=6)
+    metrics = _pipeline(teacher, data, tmp_path)
+    assert {"f1", "exact"} <= set(metrics["test"]) and 0.0 <= metrics["test"]["f1"] <= 1.0
+    assert metrics["layer_map"] == {0: 2, 1: 3}
 
 
 @pytest.mark.parametrize("family", DECODERS)
