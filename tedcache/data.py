@@ -11,6 +11,7 @@ import datasets
 import numpy as np
 
 from .errors import TedcacheError
+from .qa import NO_ANSWER, NOT_CONTEXT, answer_tokens, checked_answers, doc_stride, question_columns, read_squad_json
 
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
                  ".txt": "text",  # plain text: one row (document) per blank-line-separated paragraph
@@ -87,8 +88,6 @@ def load_table(paths: list[str], conll_columns: tuple[str, str] = ("tokens", "ta
     if builder == "conll":
         return read_conll(paths, conll_columns)
     if builder == "json" and len(paths) == 1:
-        from .qa import read_squad_json  # (tedcache.qa builds on this module)
-
         squad = read_squad_json(paths[0])
         if squad is not None:
             return squad
@@ -283,8 +282,6 @@ def load_examples(paths: list[str], cfg, tokenizer, label_names: list[str] | Non
     if limit is not None and limit < len(table):
         table = table.select(range(limit))
     if cfg.task == "question-answering":
-        from .qa import load_questions
-
         if unlabelled == "all":
             raise TedcacheError(f"{source}: question-answering takes no unlabelled transfer data; give questions "
                                 "with answers (an empty answer list marks an unanswerable one)")
@@ -364,6 +361,61 @@ def tokenize_words(table, tokenizer, word_column: str, tag_column: str | None, l
     fingerprint = fingerprint_table(table, [word_column, tag_column]) + _hash_array(token_labels)
     return Examples(np.asarray(ids, dtype=np.int32), offsets, np.asarray(types, dtype=np.int8) if types else None,
                     None, fingerprint, token_labels)
+
+
+def load_questions(table, cfg, tokenizer, source: str):
+    """Rows of question / context / answers -> an Examples of windows (see tedcache.qa), with
+    per token its character span in the context (`context_spans`), per window its question
+    (`question_index`), and per question its id, context and gold answer texts (`questions`)."""
+    question_col, context_col, answer_col = question_columns(cfg)
+    id_col = "id" if "id" in table.column_names else None
+    check_columns(table, [question_col, context_col, answer_col], source)
+    if not tokenizer.is_fast:
+        raise TedcacheError("question-answering needs a fast tokenizer (it maps tokens to characters); "
+                            "save the model with its tokenizer.json")
+    stride = doc_stride(cfg)
+    if stride >= cfg.max_length // 2:
+        raise TedcacheError(f"--doc-stride ({stride}) must be below half of --max-length "
+                            f"({cfg.max_length}); e.g. --doc-stride {cfg.max_length // 3}")
+    ids, types, spans, lengths, labels, owner, questions = [], [], [], [], [], [], []
+    for first in range(0, len(table), 4096):
+        rows = table[first:first + 4096]
+        for name in (question_col, context_col):
+            if any(not isinstance(t, str) or not t for t in rows[name]):
+                raise TedcacheError(f"{source}: column '{name}' has empty or non-text rows; drop or fill them")
+        try:
+            enc = tokenizer(rows[question_col], rows[context_col], truncation="only_second",
+                            max_length=cfg.max_length, stride=stride, return_overflowing_tokens=True,
+                            return_offsets_mapping=True)
+        except Exception as exc:  # the tokenizers library raises a bare Exception when a question leaves no room
+            raise TedcacheError(f"{source}: a question leaves no room for its context in --max-length "
+                                f"{cfg.max_length} with --doc-stride {stride}; raise --max-length or "
+                                f"lower --doc-stride ({str(exc).splitlines()[0][:80]})") from exc
+        answers = [checked_answers(value, first + i, context, source)
+                   for i, (value, context) in enumerate(zip(rows[answer_col], rows[context_col]))]
+        for i, (context, (texts, _)) in enumerate(zip(rows[context_col], answers)):
+            row_id = str(rows[id_col][i]) if id_col else str(first + i)
+            questions.append({"id": row_id, "context": context, "answers": texts})
+        for window, row in enumerate(enc["overflow_to_sample_mapping"]):
+            in_context = np.asarray([s == 1 for s in enc.sequence_ids(window)])
+            offsets = np.asarray(enc["offset_mapping"][window], dtype=np.int32).reshape(-1, 2)
+            window_spans = np.where(in_context[:, None], offsets, NOT_CONTEXT).astype(np.int32)
+            texts, starts = answers[row]
+            labels.append(answer_tokens(window_spans, starts[0], starts[0] + len(texts[0])) if texts
+                          else (NO_ANSWER, NO_ANSWER))
+            ids.extend(enc["input_ids"][window])
+            if "token_type_ids" in enc:
+                types.extend(enc["token_type_ids"][window])
+            spans.append(window_spans)
+            lengths.append(len(enc["input_ids"][window]))
+            owner.append(first + row)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1, 2)
+    fingerprint = (fingerprint_table(table, [id_col, question_col, context_col, answer_col]) + f"-stride{stride}"
+                   + _hash_array(labels))
+    return Examples(np.asarray(ids, dtype=np.int32), np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
+                    np.asarray(types, dtype=np.int8) if types else None, labels, fingerprint,
+                    context_spans=np.concatenate(spans) if spans else np.zeros((0, 2), np.int32),
+                    question_index=np.asarray(owner, dtype=np.int64), questions=questions)
 
 
 def concatenate(first: Examples, second: Examples) -> Examples:

@@ -1,5 +1,6 @@
-"""Extractive question answering: reading SQuAD-style data into windows, picking each question's answer
-from the start/end logits of its windows, and scoring answers as the official SQuAD 2.0 script does.
+"""Extractive question answering: reading SQuAD json, labelling windows (tedcache.data.load_questions
+makes them), picking each question's answer from the start/end logits of its windows, and scoring
+answers as the official SQuAD 2.0 script does.
 
 A long context is cut into windows of at most `max_length` tokens (the question, then a part of the
 context), consecutive windows sharing `doc_stride` tokens. Each window is one example: its label is the
@@ -10,7 +11,6 @@ token span maps back to text."""
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import re
 import string
@@ -19,7 +19,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from .data import Examples, check_columns, fingerprint_table
 from .errors import TedcacheError
 
 NO_ANSWER = 0  # the token position that stands for "no answer in this window" ([CLS] for BERT-style models)
@@ -67,7 +66,7 @@ def read_squad_json(path: str) -> datasets.Dataset | None:
     return datasets.Dataset.from_dict(dict(rows))
 
 
-def _answers(value, row: int, context: str, source: str) -> tuple[list[str], list[int]]:
+def checked_answers(value, row: int, context: str, source: str) -> tuple[list[str], list[int]]:
     """An answers cell ({"text": [...], "answer_start": [...]}, or a list of {"text", "answer_start"})
     checked against its context."""
     if isinstance(value, list):
@@ -86,62 +85,7 @@ def _answers(value, row: int, context: str, source: str) -> tuple[list[str], lis
     return texts, starts
 
 
-def load_questions(table, cfg, tokenizer, source: str):
-    """Rows of question / context / answers -> an Examples of windows (see the module docstring), with
-    per token its character span in the context (`context_spans`), per window its question
-    (`question_index`), and per question its id, context and gold answer texts (`questions`)."""
-    question_col, context_col, answer_col = question_columns(cfg)
-    id_col = "id" if "id" in table.column_names else None
-    check_columns(table, [question_col, context_col, answer_col], source)
-    if not tokenizer.is_fast:
-        raise TedcacheError("question-answering needs a fast tokenizer (it maps tokens to characters); "
-                            "save the model with its tokenizer.json")
-    stride = doc_stride(cfg)
-    if stride >= cfg.max_length // 2:
-        raise TedcacheError(f"--doc-stride ({stride}) must be below half of --max-length "
-                            f"({cfg.max_length}); e.g. --doc-stride {cfg.max_length // 3}")
-    ids, types, spans, lengths, labels, owner, questions = [], [], [], [], [], [], []
-    for first in range(0, len(table), 4096):
-        rows = table[first:first + 4096]
-        for name in (question_col, context_col):
-            if any(not isinstance(t, str) or not t for t in rows[name]):
-                raise TedcacheError(f"{source}: column '{name}' has empty or non-text rows; drop or fill them")
-        try:
-            enc = tokenizer(rows[question_col], rows[context_col], truncation="only_second",
-                            max_length=cfg.max_length, stride=stride, return_overflowing_tokens=True,
-                            return_offsets_mapping=True)
-        except Exception as exc:  # the tokenizers library raises a bare Exception when a question leaves no room
-            raise TedcacheError(f"{source}: a question leaves no room for its context in --max-length "
-                                f"{cfg.max_length} with --doc-stride {stride}; raise --max-length or "
-                                f"lower --doc-stride ({str(exc).splitlines()[0][:80]})") from exc
-        answers = [_answers(value, first + i, context, source)
-                   for i, (value, context) in enumerate(zip(rows[answer_col], rows[context_col]))]
-        for i, (context, (texts, _)) in enumerate(zip(rows[context_col], answers)):
-            row_id = str(rows[id_col][i]) if id_col else str(first + i)
-            questions.append({"id": row_id, "context": context, "answers": texts})
-        for window, row in enumerate(enc["overflow_to_sample_mapping"]):
-            in_context = np.asarray([s == 1 for s in enc.sequence_ids(window)])
-            offsets = np.asarray(enc["offset_mapping"][window], dtype=np.int32).reshape(-1, 2)
-            window_spans = np.where(in_context[:, None], offsets, NOT_CONTEXT).astype(np.int32)
-            texts, starts = answers[row]
-            labels.append(_answer_tokens(window_spans, starts[0], starts[0] + len(texts[0])) if texts
-                          else (NO_ANSWER, NO_ANSWER))
-            ids.extend(enc["input_ids"][window])
-            if "token_type_ids" in enc:
-                types.extend(enc["token_type_ids"][window])
-            spans.append(window_spans)
-            lengths.append(len(enc["input_ids"][window]))
-            owner.append(first + row)
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1, 2)
-    fingerprint = hashlib.sha256((fingerprint_table(table, [id_col, question_col, context_col, answer_col])
-                                  + f"-stride{stride}").encode() + labels.tobytes()).hexdigest()
-    return Examples(np.asarray(ids, dtype=np.int32), np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
-                    np.asarray(types, dtype=np.int8) if types else None, labels, fingerprint,
-                    context_spans=np.concatenate(spans) if spans else np.zeros((0, 2), np.int32),
-                    question_index=np.asarray(owner, dtype=np.int64), questions=questions)
-
-
-def _answer_tokens(spans: np.ndarray, start: int, end: int) -> tuple[int, int]:
+def answer_tokens(spans: np.ndarray, start: int, end: int) -> tuple[int, int]:
     """The window's (first, last) token covering characters start:end, or the no-answer position when
     the answer is not wholly inside the window's part of the context."""
     context = np.flatnonzero(spans[:, 0] != NOT_CONTEXT)
