@@ -26,15 +26,14 @@ from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForSequenceC
 
 from .cache import Cache
 from .config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig
-from .data import load_examples
 from .demo import DemoSize, minilm_path, rotten_tomatoes
 from .distillation import map_layers, stage2_loss
 from .distributed import pick_device
 from .errors import note
-from .extraction import extract
+from .extraction import extract, load_splits, stored_units
 from .filters import FilterBank, FilterSpec
 from .losses import task_loss
-from .models import init_student, load_classifier, load_tokenizer, pad_id
+from .models import init_student, load_classifier, load_for_task, load_tokenizer
 from .reader import CacheBatches, ExamplesSource, iterate_batches, prefetch, to_device
 from .taps import forward_with_taps, hidden_size, model_inputs, num_layers
 from .teacher import LiveTargets
@@ -82,19 +81,25 @@ def _extract_config(workdir: Path, pair: str, teacher: str, data: DataConfig, **
     return ExtractConfig(**{**settings, **overrides})
 
 
-@torch.no_grad()
-def _forward_only(teacher_dir: str, data: DataConfig, batch_size: int) -> float:
-    """Examples/s of the bare teacher forward (eval, no grad) over the data, batched as the extraction is."""
+@torch.inference_mode()
+def bare_forward_seconds(cfg: ExtractConfig, cache: str) -> float:
+    """Seconds of the teacher's bare forward (inference mode; no taps, filters, encoding or writing) over
+    the cache's examples, batched exactly as its extraction batched them: unit by unit, in storage order.
+    This is the physical limit of a teacher pass."""
+    meta = Cache(cache).metadata
     device = pick_device()
-    tokenizer = load_tokenizer(teacher_dir)
-    model = load_classifier(teacher_dir).to(device).eval()
-    examples, _ = load_examples(data.train, data, tokenizer, None, "--data", model_config=model.config)
+    tokenizer = load_tokenizer(cfg.teacher)
+    model = load_for_task(cfg.teacher, "teacher", meta.task, resize=False).to(device).eval()
+    splits, _ = load_splits(cfg, tokenizer, model.config)
+    bounds = {split: Cache(cache).split(split).unit_bounds for split in splits}
+    units = [(split, unit) for split in splits for unit in range(len(bounds[split]) - 1)]
     _sync(device)
     started = time.perf_counter()
-    for batch in iterate_batches(ExamplesSource(examples), batch_size, pad_id(tokenizer)):
-        model(**model_inputs(to_device(batch, device)))
+    for _, _, part in stored_units(splits, bounds, meta.seed, units):
+        for batch in iterate_batches(ExamplesSource(part), cfg.batch_size, meta.pad_token_id):
+            model(**model_inputs(to_device(batch, device)))
     _sync(device)
-    return len(examples) / (time.perf_counter() - started)
+    return time.perf_counter() - started
 
 
 def _sync(device: torch.device) -> None:
@@ -180,10 +185,11 @@ def run_bench(workdir: str, pairs: tuple[str, ...] = PAIRS, steps: int = 20, bat
         note(f"== {pair}: preparing models and the cache")
         teacher, student = _pair_dirs(work, pair)
         cfg = _extract_config(work, pair, teacher, data)
-        forward = _forward_only(teacher, data, cfg.batch_size)
         cache = extract(replace(cfg, force=True))  # rebuilt, so its teacher pass is timed in this run
         meta = Cache(cache).metadata
-        extraction = meta.splits["train"] / meta.timings["teacher_pass_s"]
+        examples = sum(meta.splits.values())
+        forward = examples / bare_forward_seconds(cfg, cache)
+        extraction = examples / meta.timings["teacher_pass_s"]
         (work / pair / "cache.json").write_text(json.dumps({"cache": cache, "teacher": teacher, "student": student}))
         read_examples, read_mb = read_throughput(cache, Cache(cache).layers, batch_size)
         row = {"pair": pair, "batch_size": batch_size, "forward_examples_per_s": forward,

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import CacheLock, CacheMetadata, CacheWriter, Location, cache_name, load_metadata
+from .cache.layout import storage_order
 from .cache.logits import LogitSpec, id_dtype, parse_logit_spec, sparsify
 from .cache.read import read_filter_files
 from .config import ExtractConfig
@@ -68,7 +69,7 @@ def extract(cfg: ExtractConfig, log=None) -> str:
         raise TedcacheError(f"--task regression needs a teacher with one output, {cfg.teacher} has "
                             f"{teacher.config.num_labels}; fine-tune one with tedcache finetune --task regression")
     with procs.main_first():  # the first process fills the datasets cache, the others then read it
-        splits, label_names = _load_splits(cfg, tokenizer, teacher.config)
+        splits, label_names = load_splits(cfg, tokenizer, teacher.config)
     train = splits["train"]
     layers = parse_layers(cfg.filters.layers, num_layers(teacher))
     raw = cfg.states == "raw"
@@ -106,6 +107,7 @@ def extract(cfg: ExtractConfig, log=None) -> str:
         mine = units[procs.rank::procs.size]  # disjoint whole units: no shard has two writers
         pass_started = time.perf_counter()
         _teacher_pass(writer, teacher, bank, layers, splits, logit_spec, cfg.batch_size, mine)
+        pass_seconds = plan["calibration_s"] + time.perf_counter() - pass_started
         procs.barrier()
         if procs.main:
             missing = writer.missing_units()
@@ -113,7 +115,7 @@ def extract(cfg: ExtractConfig, log=None) -> str:
                 raise TedcacheError(f"units {missing} have no record after the teacher pass; run the same "
                                     "command again to compute them")
             writer.complete(timings={"total_s": time.perf_counter() - started,
-                                     "teacher_pass_s": time.perf_counter() - pass_started, "processes": procs.size})
+                                     "teacher_pass_s": pass_seconds, "processes": procs.size})
         procs.barrier()
     if procs.main:  # (the size is read once the lock is gone, which the other processes must not race)
         log(f"cache complete in {time.perf_counter() - started:.0f}s: {len(train)} examples, {train.num_tokens} "
@@ -125,7 +127,8 @@ def extract(cfg: ExtractConfig, log=None) -> str:
 def _prepare(location, cfg, metadata: CacheMetadata, spec: FilterSpec, splits, teacher, logit_spec, device,
              log) -> dict:
     """The first process's part: reuse, resume, or Stage I + a new cache; the int8 scales from train unit 0
-    (written here, so every process encodes with the same scales). Returns {"reuse", "todo": units left}."""
+    (written here, so every process encodes with the same scales). Returns {"reuse", "todo": units left,
+    "calibration_s": seconds of that first unit's teacher pass}."""
     try:
         existing = load_metadata(location) if location.exists("zarr.json") else None
     except TedcacheError:  # unreadable or of another format: we hold the lock, so it is rebuilt
@@ -147,16 +150,18 @@ def _prepare(location, cfg, metadata: CacheMetadata, spec: FilterSpec, splits, t
         writer = _create_cache(location, metadata, splits, bank, logit_spec)
     if bank is not None:
         bank.eval()
+    calibration_started = time.perf_counter()
     if writer.needs_channel_scales() and 0 not in writer.done_units("train"):
         _teacher_pass(writer, teacher, bank, spec.layers, splits, logit_spec, cfg.batch_size, [("train", 0)])
+    calibration_s = time.perf_counter() - calibration_started
     todo = writer.missing_units()
     total, remaining = sum(writer.metadata.units.values()), sum(len(v) for v in todo.values())
     if resuming and remaining < total:
         log(f"resuming: {total - remaining} of {total} units already written, {remaining} to go")
-    return {"reuse": False, "todo": todo}
+    return {"reuse": False, "todo": todo, "calibration_s": calibration_s}
 
 
-def _load_splits(cfg: ExtractConfig, tokenizer, model_config) -> tuple[dict[str, Examples], list[str] | None]:
+def load_splits(cfg: ExtractConfig, tokenizer, model_config) -> tuple[dict[str, Examples], list[str] | None]:
     """Tokenized train [, eval, test] splits (causal-lm: packed blocks) and the label names."""
     data = cfg.data
     lm = data.task == "causal-lm"
@@ -290,6 +295,15 @@ def _run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: i
             {name: torch.cat(parts) for name, parts in rows.items()})
 
 
+def stored_units(splits: dict[str, Examples], bounds: dict[str, np.ndarray], seed: int,
+                 units: list[tuple[str, int]]):
+    """(split, unit, examples) for each of `units`: the unit's examples in the order the cache stores
+    them, `bounds[split]` being the cache's `<split>/unit_bounds`."""
+    stored = {split: splits[split].reorder(storage_order(split, len(splits[split]), seed)) for split, _ in units}
+    for split, unit in units:
+        yield split, unit, stored[split].reorder(np.arange(bounds[split][unit], bounds[split][unit + 1]))
+
+
 def _unit_generator(seed: int, unit: int) -> torch.Generator:
     """Sampling is seeded per unit, so a resumed or repaired unit draws exactly what a clean run drew."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, unit]).generate_state(1)[0]))
@@ -303,14 +317,12 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec
     meta = writer.metadata
     output_key = "logits" if logit_spec is None else "nll"
     per_token = meta.task in ("token-classification", "question-answering")
-    stored = {split: writer.in_storage_order(split, examples) for split, examples in splits.items()}
     bounds = {split: writer.unit_bounds(split) for split in splits}
     # The teacher computes unit u+1 while a background thread encodes, writes and checksums unit u.
     bar = tqdm(total=len(units), desc="teacher pass (units)", leave=False, disable=None)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tedcache-write") as background:
         pending = None
-        for split, unit in units:
-            part = stored[split].reorder(np.arange(bounds[split][unit], bounds[split][unit + 1]))
+        for split, unit, part in stored_units(splits, bounds, meta.seed, units):
             train = split == "train"
             generator = _unit_generator(meta.seed, unit) if train and logit_spec is not None else None
             outputs, states, rows = _run_unit(teacher, bank, layers, part, meta.pad_token_id, batch_size,
