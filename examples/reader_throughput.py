@@ -4,12 +4,21 @@ Reads one epoch of the demo cache through the real reader (in-process, and with 
 and times TED steps of the 2-layer student on batches already in memory; prints examples/s and MB/s
 (compact bytes delivered), medians of --repeats runs.
   python examples/reader_throughput.py [--workdir DIR] [--repeats 3]
+
+With --s3, the same cache (or --cache, any local cache) is copied to an S3-compatible server that this
+script starts on loopback (moto, from the test extra), and the reader is timed from there against the
+local disk, reading 0 (one window at a time), 1 and 8 windows ahead:
+  python examples/reader_throughput.py --s3 [--cache DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,18 +60,59 @@ def step_rate(setup, cache: str, layers: list[int], batch_size: int, steps: int 
     return batch_size / statistics.median(times[2:])
 
 
+def from_s3(cache: str, layers: list[int], batch_size: int, repeats: int) -> list[str]:
+    """Table rows: the reader from the local disk and from a moto S3 server on loopback, by read-ahead."""
+    import fsspec
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+        fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        store = fsspec.filesystem("s3")
+        store.mkdir("bench")
+        store.put(cache.rstrip("/") + "/", "bench/cache/", recursive=True)
+        rows = []
+        for where, url in (("local disk", cache), ("S3 (moto, loopback)", "s3://bench/cache")):
+            for ahead in (0, 1, 8):
+                runs = [read_throughput(url, layers, batch_size, read_ahead=ahead) for _ in range(repeats)]
+                rows.append(f"| {where}, {ahead} windows ahead | {statistics.median(r[0] for r in runs):,.0f} | "
+                            f"{statistics.median(r[1] for r in runs):,.1f} |")
+        return rows
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "tedcache" / "demo"))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--s3", action="store_true", help="time the reader from a loopback S3 server too")
+    parser.add_argument("--cache", help="with --s3: a local cache to copy there (default: the demo's)")
     args = parser.parse_args()
     from tedcache import extract
 
+    lines = ["| reader | examples/s | MB/s (compact) |", "|---|---|---|"]
+    if args.s3:
+        cache = args.cache or extract(prepare(args.workdir, QUICK, seed=42).extract_config(42))
+        layers = Cache(cache).layers
+        print(f"cache: {cache} ({Cache(cache).precision}, layers {layers})")
+        print("\n".join(lines + from_s3(cache, layers, args.batch_size, args.repeats)))
+        return
     setup = prepare(args.workdir, QUICK, seed=42)
     cache = extract(setup.extract_config(42))
     layers = Cache(cache).layers
-    lines = ["| reader | examples/s | MB/s (compact) |", "|---|---|---|"]
     for workers in (0, 2):
         runs = [read_throughput(cache, layers, args.batch_size, workers) for _ in range(args.repeats)]
         rate, mb_rate = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)

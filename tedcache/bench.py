@@ -162,11 +162,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def read_throughput(cache: str, layers: list[int], batch_size: int, workers: int = 0) -> tuple[float, float]:
-    """(examples/s, compact MB/s) of one shuffled epoch through the reader (with DataLoader workers)."""
+def read_throughput(cache: str, layers: list[int], batch_size: int, workers: int = 0,
+                    read_ahead: int = 0) -> tuple[float, float]:
+    """(examples/s, compact MB/s) of one shuffled epoch through the reader (with DataLoader workers, and
+    `read_ahead` windows read concurrently)."""
     started, nbytes, count = time.perf_counter(), 0, 0
-    for batch in DataLoader(CacheBatches(cache, "train", layers, batch_size, seed=0), batch_size=None,
-                            num_workers=workers):
+    for batch in DataLoader(CacheBatches(cache, "train", layers, batch_size, seed=0, read_ahead=read_ahead),
+                            batch_size=None, num_workers=workers):
         count += len(batch["labels"])
         nbytes += sum(s.values.nbytes + (0 if s.token_scale is None else s.token_scale.nbytes)
                       for s in batch["teacher_states"])

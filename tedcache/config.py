@@ -137,6 +137,11 @@ class DistillConfig:
     log_every: int = setting(10, "Optimiser steps between loss records in metrics.json.")
     verify: bool = setting(False, "Check every shard's checksum before training.")
     workers: int = setting(0, "DataLoader worker processes reading the cache (0: read in the training process).")
+    shard_reads: bool = setting(False, "Many processes: each reads only its own 1/N of the training windows "
+                                       "(object stores, large caches); global batches are then not exactly "
+                                       "one process's. See docs/distributed.md.")
+    read_ahead: int = setting(1, "Cache windows (up to 16 MiB of states each) read concurrently ahead of "
+                                 "training; more hides an object store's latency (docs/performance.md).")
     teacher: str | None = setting(None, "Online mode: compute the targets live with this teacher (the one the cache "
                                         "was extracted from) and the cache's filters.")
     device: str = setting("auto", "auto (a GPU when there is one), cpu, cuda, cuda:1, ...")

@@ -251,7 +251,8 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
     live = LiveTargets(cfg.teacher, cache, teacher_layers, device, cfg.seed) if cfg.teacher else None
     batches = CacheBatches(cfg.cache, "train", [] if live else teacher_layers, cfg.optim.batch_size, shuffle=True,
                            seed=cfg.seed, with_logits=task == "causal-lm" and cfg.kl_alpha > 0 and not live,
-                           process=(procs.rank, procs.size))
+                           process=(procs.rank, procs.size), shard_reads=cfg.shard_reads,
+                           read_ahead=cfg.read_ahead)
     # its own generator: iterating a DataLoader draws a seed, which must not come from the global RNG
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers,
                         generator=torch.Generator().manual_seed(cfg.seed))
@@ -282,7 +283,7 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
 
     torch.manual_seed(cfg.seed)  # Stage II's dropout does not depend on what ran before it
     result = fit(params, modules,
-                 epoch_batches, num_batches(labels_only, cfg.optim.batch_size, procs.size),
+                 epoch_batches, num_batches(labels_only, cfg.optim.batch_size, procs.size, cfg.shard_reads, cfg.workers),
                  loss_fn, cfg.optim, f"stage II ({cfg.method}{', online' if live else ''})",
                  evaluate=validate if eval_split is not None else None,
                  select=PRIMARY_METRIC[task], eval_every=cfg.eval_every, max_steps=cfg.max_steps,

@@ -9,6 +9,7 @@ samples and each window costs one slice read per array.
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import threading
@@ -21,6 +22,7 @@ import torch
 from .cache import Cache, CompactStates, Split, decode_values
 from .cache.layout import CONTEXT_SPANS, TOKEN_LABELS, TOKEN_LOGITS
 from .data import IGNORED, Examples
+from .errors import TedcacheError
 
 
 @dataclass
@@ -93,15 +95,20 @@ class CacheSource:
 
 
 WINDOW_BYTES = 16 * 2**20  # states held per window: bounds the reader's memory, still ~10 batches a window
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, str], ThreadPoolExecutor] = {}
 
 
-def _pool() -> ThreadPoolExecutor:
-    """A read pool per process (threads do not survive the fork of a DataLoader worker)."""
-    pid = os.getpid()
-    if pid not in _POOLS:
-        _POOLS[pid] = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tedcache-read")
-    return _POOLS[pid]
+def _pool(name: str = "tedcache-read", threads: int = 8) -> ThreadPoolExecutor:
+    """A thread pool per process (threads do not survive the fork of a DataLoader worker)."""
+    key = (os.getpid(), name)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+    return _POOLS[key]
+
+
+def _ahead_pool() -> ThreadPoolExecutor:
+    """Whole-window reads; apart from `_pool`, whose threads a window's array reads wait on."""
+    return _pool("tedcache-window", 16)
 
 
 class CacheBatches(torch.utils.data.IterableDataset):
@@ -110,11 +117,12 @@ class CacheBatches(torch.utils.data.IterableDataset):
     Batches hold compact dtypes; widen them after moving them to the training device."""
 
     def __init__(self, cache: str, split: str, layers: list[int] | None, batch_size: int, shuffle: bool = True,
-                 seed: int = 0, with_logits: bool = False, process: tuple[int, int] = (0, 1)):
+                 seed: int = 0, with_logits: bool = False, process: tuple[int, int] = (0, 1),
+                 shard_reads: bool = False, read_ahead: int = 0):
         super().__init__()
         self.cache, self.split, self.layers, self.with_logits = cache, split, layers, with_logits
         self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
-        self.process = process
+        self.process, self.shard_reads, self.read_ahead = process, shard_reads, read_ahead
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -125,7 +133,8 @@ class CacheBatches(torch.utils.data.IterableDataset):
         worker = (info.id, info.num_workers) if info is not None else (0, 1)
         source = CacheSource(cache.split(self.split), self.layers, self.with_logits)
         yield from iterate_batches(source, self.batch_size, cache.metadata.pad_token_id, self.shuffle, self.seed,
-                                   self.epoch, worker=worker, process=self.process)
+                                   self.epoch, worker=worker, process=self.process,
+                                   shard_reads=self.shard_reads, read_ahead=self.read_ahead)
 
 
 def _windows(num_examples: int, size: int, rng: np.random.Generator | None) -> list[tuple[int, int]]:
@@ -138,33 +147,84 @@ def _windows(num_examples: int, size: int, rng: np.random.Generator | None) -> l
 
 
 def iterate_batches(source, batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0,
-                    epoch: int = 0, worker: tuple[int, int] = (0, 1), process: tuple[int, int] = (0, 1)):
+                    epoch: int = 0, worker: tuple[int, int] = (0, 1), process: tuple[int, int] = (0, 1),
+                    shard_reads: bool = False, read_ahead: int = 0):
     """Yield padded batch dicts (see `collate`) over the whole source, once. With worker=(i, n), only
     every n-th window from the i-th (DataLoader workers split an epoch this way). With process=(r, p),
     batches of p x batch_size are formed exactly as one process would form them, and process r keeps
-    its r-th part of each (a global batch with fewer examples than processes is skipped by all)."""
+    its r-th part of each (a global batch with fewer examples than processes is skipped by all): every
+    process reads every window.
+
+    With `shard_reads` and p > 1, the examples are cut into p x n contiguous parts, one per reader
+    (process, worker), and each reader reads and batches only its own part: 1/(p x n) of the reads.
+    Every reader yields the same number of batches (`num_batches`), of batch_size examples, its last
+    holding the rest (at most one more); a global batch then has the statistics of one process's but
+    not its exact composition. `read_ahead`: windows read concurrently ahead (see `_visit`)."""
     rank, size = process
     n = len(source)
-    mean_len = max(1.0, float(source.lengths.mean())) if n else 1.0
-    window_tokens = min(65536, WINDOW_BYTES // max(1, source.state_bytes_per_token))
-    batch_size *= size
-    window_size = max(batch_size, int(window_tokens / mean_len))
-    rng = np.random.default_rng([seed, epoch]) if shuffle else None
+    if shard_reads and size > 1:
+        reader, readers = rank * worker[1] + worker[0], size * worker[1]
+        if n < readers:
+            raise TedcacheError(f"--shard-reads needs at least one training example per reader ({readers} "
+                                f"processes x workers), the cache has {n}; run without --shard-reads")
+        lo, hi = reader * n // readers, (reader + 1) * n // readers
+        count = _reader_batches(n, batch_size, readers)
+        pending, yielded = [], 0
+        for item in _visit(source, lo, hi, batch_size, shuffle, (seed, epoch, reader), read_ahead=read_ahead):
+            pending.append(item)
+            if len(pending) == batch_size and yielded < count - 1:
+                yield collate(pending, source, pad_id)
+                pending, yielded = [], yielded + 1
+        yield collate(pending, source, pad_id)
+        return
     pending: list[tuple[Window, int]] = []
-    for number, (first, last) in enumerate(_windows(n, window_size, rng)):
-        if number % worker[1] != worker[0]:
-            continue
-        window = source.read(first, last)
-        order = np.arange(first, last)
-        if shuffle:
-            np.random.default_rng([seed, epoch, first]).shuffle(order)
-        for i in order:
-            pending.append((window, int(i)))
-            if len(pending) == batch_size:
-                yield collate(_part(pending, rank, size), source, pad_id)
-                pending = []
+    for item in _visit(source, 0, n, batch_size * size, shuffle, (seed, epoch), worker, read_ahead):
+        pending.append(item)
+        if len(pending) == batch_size * size:
+            yield collate(_part(pending, rank, size), source, pad_id)
+            pending = []
     if len(pending) >= size:
         yield collate(_part(pending, rank, size), source, pad_id)
+
+
+def _visit(source, lo: int, hi: int, batch_size: int, shuffle: bool, seed: tuple, worker: tuple[int, int] = (0, 1),
+           read_ahead: int = 0):
+    """(window, example) for examples [lo, hi) of `source`: windows of contiguous examples (at least a
+    batch), each read as one slice per array, in random order and shuffled inside when `shuffle`; with
+    worker=(i, n) only every n-th window from the i-th. The next `read_ahead` windows are read
+    concurrently while one is batched (from an object store, their latencies overlap)."""
+    n = hi - lo
+    mean_len = max(1.0, float(source.lengths[lo:hi].mean())) if n else 1.0
+    window_tokens = min(65536, WINDOW_BYTES // max(1, source.state_bytes_per_token))
+    window_size = max(batch_size, int(window_tokens / mean_len))
+    rng = np.random.default_rng(list(seed)) if shuffle else None
+    spans = [(lo + first, lo + last) for number, (first, last) in enumerate(_windows(n, window_size, rng))
+             if number % worker[1] == worker[0]]
+    if not read_ahead:
+        for first, last in spans:
+            yield from _in_window(source.read(first, last), first, last, shuffle, seed)
+        return
+    todo, reads = iter(spans), collections.deque()
+
+    def submit():
+        span = next(todo, None)
+        if span is not None:
+            reads.append((*span, _ahead_pool().submit(source.read, *span)))
+
+    for _ in range(read_ahead):
+        submit()
+    while reads:
+        first, last, window = reads.popleft()
+        submit()
+        yield from _in_window(window.result(), first, last, shuffle, seed)
+
+
+def _in_window(window: Window, first: int, last: int, shuffle: bool, seed: tuple):
+    order = np.arange(first, last)
+    if shuffle:
+        np.random.default_rng([*seed, first]).shuffle(order)
+    for i in order:
+        yield window, int(i)
 
 
 def _part(items: list, rank: int, size: int) -> list:
@@ -243,10 +303,19 @@ def _pad_tokens(arrays: list[np.ndarray], spans: list[tuple[int, int]], length: 
     return out
 
 
-def num_batches(source, batch_size: int, processes: int = 1) -> int:
-    """Batches per epoch that iterate_batches yields to each of `processes`."""
+def num_batches(source, batch_size: int, processes: int = 1, shard_reads: bool = False, workers: int = 0) -> int:
+    """Batches per epoch that iterate_batches yields to each of `processes` (with `shard_reads`, over its
+    `workers` DataLoader workers)."""
     n, size = len(source), batch_size * processes
+    if shard_reads and processes > 1:
+        return max(1, workers) * _reader_batches(n, batch_size, processes * max(1, workers))
     return n // size + (n % size >= processes)
+
+
+def _reader_batches(n: int, batch_size: int, readers: int) -> int:
+    """Batches of each reader with shard reads: its smallest part's, rounded up (a larger part's one extra
+    example joins its last batch)."""
+    return -(-(n // readers) // batch_size)
 
 
 def to_device(batch: dict, device: torch.device, non_blocking: bool = False) -> dict:

@@ -17,6 +17,11 @@ import pytest
 import zarr
 from conftest import make_model, sentiment_rows, write_rows
 
+from tedcache import reader
+from tedcache.cache import Cache
+from tedcache.errors import TedcacheError
+from tedcache.reader import CacheSource, iterate_batches, num_batches
+
 # One thread per process everywhere, the one-process references included: a float sum split over a
 # different number of threads rounds differently, and the comparisons below are exact.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -170,6 +175,52 @@ def test_two_process_distill_matches_one_process_at_the_same_global_batch(one_pr
         assert runs[name]["test"]["accuracy"] == runs["one"]["test"]["accuracy"]
     saved = sorted(p.name for p in tmp_path.iterdir())
     assert saved == ["accum", "one", "two"]  # the student saved once, no checkpoint folder left
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_shard_reads_give_each_process_its_own_half_of_the_reads(one_process_cache, workers, monkeypatch):
+    """Each reader (process, DataLoader worker) reads its own contiguous part: every example once per
+    epoch across processes, equal batch counts (DDP steps in lockstep), half the read volume each."""
+    monkeypatch.setattr(reader, "WINDOW_BYTES", 8192)  # several windows in each reader's part
+    _, cache = one_process_cache
+    split = Cache(cache).split("train")
+    pad, size = Cache(cache).metadata.pad_token_id, 8
+
+    def one_process(rank: int, shard_reads: bool) -> tuple[list[np.ndarray], int]:
+        source = CacheSource(split, Cache(cache).layers)
+        tokens_read, read = [], source.read
+        source.read = lambda a, b: tokens_read.append(int(split.lengths[a:b].sum())) or read(a, b)
+        batches = [batch["example_index"].numpy() for worker in range(workers)
+                   for batch in iterate_batches(source, size, pad, True, 3, 1, worker=(worker, workers),
+                                                process=(rank, 2), shard_reads=shard_reads)]
+        return batches, sum(tokens_read)
+
+    total = int(split.lengths.sum())
+    runs = [one_process(rank, True) for rank in (0, 1)]
+    seen = np.concatenate([index for batches, _ in runs for index in batches])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(len(split)))
+    expected = num_batches(CacheSource(split), size, 2, shard_reads=True, workers=workers)
+    for batches, tokens in runs:
+        sizes = [len(b) for b in batches]  # full, but each reader's last holds its rest (at most one more)
+        assert len(batches) == expected and max(sizes) <= size + 1 and sum(n != size for n in sizes) <= workers
+        assert abs(tokens - total / 2) < 0.02 * total
+    for rank in (0, 1):  # without shard reads every process reads everything
+        assert one_process(rank, False)[1] == total
+    with pytest.raises(TedcacheError, match="--shard-reads"):
+        next(iterate_batches(CacheSource(split), size, pad, process=(0, len(split) + 1), shard_reads=True))
+
+
+def test_two_process_distill_with_shard_reads(one_process_cache, no_dropout_student, tmp_path):
+    _, cache = one_process_cache
+    two = subprocess.run(accelerate_launch(*_distill_args(cache, no_dropout_student, tmp_path / "two", 8,
+                                                          "--shard-reads")),
+                         capture_output=True, text=True, env=ENV, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    run = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert run["processes"] == 2 and run["config"]["shard_reads"]
+    per_epoch = num_batches(CacheSource(Cache(cache).split("train")), 8, 2, shard_reads=True)
+    assert run["history"][-1]["step"] == 2 * per_epoch  # both processes stepped in lockstep to the end
+    assert run["history"][-1]["loss"] < run["history"][0]["loss"]
 
 
 def kill_after_checkpoint(args: list, state: Path) -> None:

@@ -173,3 +173,22 @@ def test_dataloader_workers_cover_the_epoch_with_compact_batches(assets, tmp_pat
         assert states[0].values.shape[:2] == batch["input_ids"].shape
         seen += batch["example_index"].tolist()
     assert sorted(seen) == list(range(96))
+
+
+def test_read_ahead_reads_the_same_batches_concurrently(assets, tmp_path, monkeypatch):
+    from tedcache import reader
+
+    monkeypatch.setattr(reader, "WINDOW_BYTES", 2048)  # windows of a few examples: many reads to overlap
+    path = extract(_cfg(assets, tmp_path / "caches"))
+    source = reader.CacheSource(Cache(path).split("train"), [1, 3])
+    reads, read = [], source.read
+    source.read = lambda a, b: reads.append((a, b)) or read(a, b)
+
+    def epoch(ahead: int) -> list[tuple[list, list]]:
+        return [(b["example_index"].tolist(), [s.values.tolist() for s in b["teacher_states"]])
+                for b in reader.iterate_batches(source, 16, 0, True, 3, 1, read_ahead=ahead)]
+
+    reference = epoch(0)
+    assert len(reads) > 5
+    for ahead in (1, 4):
+        assert epoch(ahead) == reference
