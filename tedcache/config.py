@@ -140,8 +140,9 @@ class DistillConfig:
     shard_reads: bool = setting(False, "Many processes: each reads only its own 1/N of the training windows "
                                        "(object stores, large caches); global batches are then not exactly "
                                        "one process's. See docs/distributed.md.")
-    read_ahead: int = setting(1, "Cache windows (up to 16 MiB of states each) read concurrently ahead of "
-                                 "training; more hides an object store's latency (docs/performance.md).")
+    read_ahead: int | None = setting(None, "Cache windows (up to 16 MiB of states each) read concurrently "
+                                           "ahead of training; default 0 from a local disk, 4 from an object "
+                                           "store, where their request latencies overlap.")
     teacher: str | None = setting(None, "Online mode: compute the targets live with this teacher (the one the cache "
                                         "was extracted from) and the cache's filters.")
     device: str = setting("auto", "auto (a GPU when there is one), cpu, cuda, cuda:1, ...")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .cache import Cache, CacheMetadata, layout, verify
+from .cache import Cache, CacheMetadata, Location, layout, verify
 from .config import DistillConfig, what_it_computes
 from .data import IGNORED
 from .distributed import processes
@@ -31,6 +31,7 @@ from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
 from .teacher import LiveTargets
 
 LAYER_MAP_RULES = ("interval", "copy")
+REMOTE_READ_AHEAD = 4  # windows in flight from an object store (see DistillConfig.read_ahead)
 
 
 def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: str, student_total: int,
@@ -179,6 +180,12 @@ def effective_weights(cfg: DistillConfig) -> DistillConfig:
     return cfg
 
 
+def _read_ahead(cfg: DistillConfig) -> int:
+    if cfg.read_ahead is not None:
+        return cfg.read_ahead
+    return 0 if Location(cfg.cache).local else REMOTE_READ_AHEAD
+
+
 def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True, keep_model: bool = True) -> dict:
     """Train `cfg.student` against `cfg.cache` with `cfg.method`; save the best epoch to `cfg.out`.
     `on_eval(metrics)` is called after every validation (tune reports to Optuna there, and may raise to
@@ -252,7 +259,7 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
     batches = CacheBatches(cfg.cache, "train", [] if live else teacher_layers, cfg.optim.batch_size, shuffle=True,
                            seed=cfg.seed, with_logits=task == "causal-lm" and cfg.kl_alpha > 0 and not live,
                            process=(procs.rank, procs.size), shard_reads=cfg.shard_reads,
-                           read_ahead=cfg.read_ahead)
+                           read_ahead=_read_ahead(cfg))
     # its own generator: iterating a DataLoader draws a seed, which must not come from the global RNG
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers,
                         generator=torch.Generator().manual_seed(cfg.seed))

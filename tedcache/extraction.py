@@ -50,10 +50,12 @@ def _validate(cfg: ExtractConfig) -> None:
 def extract(cfg: ExtractConfig, log=None) -> str:
     """Build, resume or reuse the cache for `cfg`; returns its location (a path or URL).
 
-    Under `accelerate launch` / `torchrun` with N processes: the first process alone trains the Stage-I
-    filters and creates the cache (arrays, metadata, filters, int8 scales); then every process loads
-    the stored filters and writes its own whole units (shards), and the first marks the cache complete
-    once all are written. The result is the same cache, value for value, as one process makes."""
+    Under `accelerate launch` / `torchrun` with N processes: every process trains the Stage-I filters
+    under DDP (each on its part of every batch, gradients all-reduced); the first alone creates the cache
+    (arrays, metadata, filters, int8 scales); then every process loads the stored filters and writes
+    its own whole units (shards), and the first marks the cache complete once all are written. Given
+    the filters, the cache is the one process's value for value; the filters themselves are one
+    process's up to float rounding and dropout draws (docs/distributed.md)."""
     procs = processes()
     log = (log or note) if procs.main else (lambda *_: None)
     _validate(cfg)
@@ -88,19 +90,16 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     location = Location(cfg.cache_dir).child(cache_name(cfg.teacher, identity))
     teacher.eval()
     with CacheLock(location) if procs.main else nullcontext():
-        plan = None
-        if procs.main:
-            try:
-                metadata = _metadata(cfg, identity, splits, label_names, spec, tokenizer, teacher, logit_spec)
-                plan = _prepare(location, cfg, metadata, spec, splits, teacher, logit_spec, device, log)
-            except Exception as exc:  # the other processes wait for the plan: tell them, then fail here
-                procs.broadcast({"error": str(exc) if isinstance(exc, TedcacheError) else None})
-                raise
-        plan = procs.broadcast(plan)
-        if "error" in plan:
-            raise TedcacheError(plan["error"] or "the first process failed while preparing the cache (see its error)")
-        if plan["reuse"]:
+        metadata = _metadata(cfg, identity, splits, label_names, spec, tokenizer, teacher, logit_spec)
+        found = _first_then_all(procs, lambda: _found(location, cfg, metadata, log))
+        if found == "complete":
             return location.url
+        bank = None
+        if found == "new" and not raw:
+            bank, measured = _train_teacher_filters(teacher, spec, splits, metadata, cfg, log, procs)
+            metadata = replace(metadata, stage1_filters=measured)
+        plan = _first_then_all(procs, lambda: _prepare(location, cfg, metadata, found, bank, splits, teacher,
+                                                      logit_spec, device, log))
         writer = CacheWriter(location)
         bank = None if raw else FilterBank.from_bytes(read_filter_files(location)).to(device).eval()
         units = [(split, unit) for split, todo in plan["todo"].items() for unit in todo]
@@ -124,41 +123,59 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     return location.url
 
 
-def _prepare(location, cfg, metadata: CacheMetadata, spec: FilterSpec, splits, teacher, logit_spec, device,
-             log) -> dict:
-    """The first process's part: reuse, resume, or Stage I + a new cache; the int8 scales from train unit 0
-    (written here, so every process encodes with the same scales). Returns {"reuse", "todo": units left,
-    "calibration_s": seconds of that first unit's teacher pass}."""
+def _first_then_all(procs, work):
+    """`work()` on the first process, its result on every process; when it fails there, every process
+    fails (the others would otherwise wait for it forever)."""
+    outcome = None
+    if procs.main:
+        try:
+            outcome = {"value": work()}
+        except Exception as exc:
+            procs.broadcast({"error": str(exc) if isinstance(exc, TedcacheError) else None})
+            raise
+    outcome = procs.broadcast(outcome)
+    if "error" in outcome:
+        raise TedcacheError(outcome["error"] or "the first process failed while preparing the cache (see its error)")
+    return outcome["value"]
+
+
+def _found(location: Location, cfg: ExtractConfig, metadata: CacheMetadata, log) -> str:
+    """What is at `location` (the first process looks, holding the lock): "complete" (reused), "resume"
+    (inputs written from the same inputs) or "new" (nothing, something unreadable or other, or --force)."""
     try:
         existing = load_metadata(location) if location.exists("zarr.json") else None
     except TedcacheError:  # unreadable or of another format: we hold the lock, so it is rebuilt
         existing = None
     if existing and existing.complete and not cfg.force:
         log("reusing the cache built earlier from the same inputs (--force rebuilds it)")
-        return {"reuse": True}
-    resuming = (existing is not None and not cfg.force and existing.inputs_written
-                and existing.identity == metadata.identity)
-    raw = cfg.states == "raw"
-    if resuming:
+        return "complete"
+    if existing is not None and not cfg.force and existing.inputs_written and existing.identity == metadata.identity:
+        return "resume"
+    return "new"
+
+
+def _prepare(location, cfg, metadata: CacheMetadata, found: str, bank: FilterBank | None, splits, teacher,
+             logit_spec, device, log) -> dict:
+    """The first process's part: open the cache to resume, or create it (with the Stage-I `bank`); the
+    int8 scales from train unit 0 (written here, so every process encodes with the same scales).
+    Returns {"todo": units left, "calibration_s": seconds of that first unit's teacher pass}."""
+    if found == "resume":
         writer = CacheWriter(location)
-        bank = None if raw else FilterBank.from_bytes(read_filter_files(location)).to(device)
+        if cfg.states != "raw":
+            bank = FilterBank.from_bytes(read_filter_files(location)).to(device)
     else:
-        bank = None
-        if not raw:
-            bank, measured = _train_teacher_filters(teacher, spec, splits, metadata, cfg, log)
-            metadata = replace(metadata, stage1_filters=measured)
         writer = _create_cache(location, metadata, splits, bank, logit_spec)
     if bank is not None:
         bank.eval()
     calibration_started = time.perf_counter()
     if writer.needs_channel_scales() and 0 not in writer.done_units("train"):
-        _teacher_pass(writer, teacher, bank, spec.layers, splits, logit_spec, cfg.batch_size, [("train", 0)])
+        _teacher_pass(writer, teacher, bank, metadata.layers, splits, logit_spec, cfg.batch_size, [("train", 0)])
     calibration_s = time.perf_counter() - calibration_started
     todo = writer.missing_units()
     total, remaining = sum(writer.metadata.units.values()), sum(len(v) for v in todo.values())
-    if resuming and remaining < total:
+    if found == "resume" and remaining < total:
         log(f"resuming: {total - remaining} of {total} units already written, {remaining} to go")
-    return {"reuse": False, "todo": todo, "calibration_s": calibration_s}
+    return {"todo": todo, "calibration_s": calibration_s}
 
 
 def load_splits(cfg: ExtractConfig, tokenizer, model_config) -> tuple[dict[str, Examples], list[str] | None]:
@@ -185,14 +202,15 @@ def load_splits(cfg: ExtractConfig, tokenizer, model_config) -> tuple[dict[str, 
 
 
 def _train_teacher_filters(teacher, spec: FilterSpec, splits: dict[str, Examples], metadata: CacheMetadata,
-                           cfg: ExtractConfig, log) -> tuple[FilterBank, dict]:
-    """The trained filters and how well each learned (on the eval split when there is one)."""
+                           cfg: ExtractConfig, log, procs) -> tuple[FilterBank, dict]:
+    """The trained filters and how well each learned (on the eval split when there is one); with many
+    processes, trained under DDP by all of them."""
     torch.manual_seed(cfg.seed)
     bank = FilterBank(spec).to(next(teacher.parameters()).device)
     evaluation = ExamplesSource(splits["eval"]) if "eval" in splits else None
     result = train_filters(teacher, bank, ExamplesSource(splits["train"]), metadata.task, metadata.num_outputs or 1,
                            cfg.stage1, metadata.pad_token_id, cfg.seed, desc="stage I (teacher filters)",
-                           lm_head=cfg.filters.lm_head, eval_source=evaluation)
+                           lm_head=cfg.filters.lm_head, eval_source=evaluation, processes=procs)
     teacher.eval()
     log(describe_filters(result["filters"]))
     return bank, result["filters"]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from .config import OptimConfig
+from .distributed import ALONE, Processes
+from .errors import TedcacheError
 from .filters import FilterBank, LMHead, SequenceHead, TokenHead
 from .loop import fit
 from .losses import labelled, labels_or_teacher, lm_loss, task_loss
@@ -14,7 +17,8 @@ from .taps import forward_with_taps, is_decoder_only
 
 
 def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, cfg: OptimConfig, pad_id: int,
-                  seed: int, desc: str = "stage I", lm_head: str = "tied", eval_source=None) -> dict:
+                  seed: int, desc: str = "stage I", lm_head: str = "tied", eval_source=None,
+                  processes: Processes = ALONE) -> dict:
     """Train `bank` in place; only filter and head weights change. The loss is the mean over filters of
     each head's task loss (causal-lm: next-token loss through an `lm_head` head, see LMHead). The frozen
     backbone stays in train mode (dropout on), as in the reference, and runs without autograd since
@@ -22,17 +26,26 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
     stops once their mean validation loss has not improved for `cfg.patience` epochs, and the best
     filters are kept. `cfg.epochs` 0 leaves them untrained (the ablation).
 
+    With several `processes` (all calling this), filters and heads train under DDP at the same global
+    batch (`cfg.batch_size`, each process a contiguous part of it, as one process would form it): the
+    same training as one process up to float rounding and dropout, whose draws are each process's own.
+    Every process scores the whole `eval_source`, so all stop at the same epoch.
+
     Returns fit's result plus "filters": each filter's metrics (see filter_metrics) on `eval_source`,
     else on the training data, with the split they were measured on and the steps trained."""
+    if cfg.batch_size % processes.size:
+        raise TedcacheError(f"--stage1-batch-size ({cfg.batch_size}) must be a multiple of the number of "
+                            f"processes ({processes.size}): Stage I trains at that global batch")
     torch.manual_seed(seed)
     dim = bank.spec.out_dim
     last_token = is_decoder_only(model)
     if task == "causal-lm":
         heads = nn.ModuleList(LMHead(dim, model.get_output_embeddings(), lm_head) for _ in bank.spec.layers)
     elif task in ("token-classification", "question-answering"):  # QA: start and end logits per token
-        heads = nn.ModuleList(TokenHead(dim, num_outputs) for _ in bank.spec.layers)
+        heads = nn.ModuleList(TokenHead(dim, num_outputs, head_dropout(model.config)) for _ in bank.spec.layers)
     else:
-        heads = nn.ModuleList(SequenceHead(dim, num_outputs, last_token) for _ in bank.spec.layers)
+        heads = nn.ModuleList(SequenceHead(dim, num_outputs, last_token, head_dropout(model.config))
+                              for _ in bank.spec.layers)
     model.requires_grad_(False)
 
     def loss_fn(batch):
@@ -40,7 +53,8 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
             logits, hidden = forward_with_taps(model, batch, bank.spec.layers)
         if task != "causal-lm":  # unlabelled examples: the teacher's prediction (the cache's, or this model's own)
             batch = {**batch, "labels": labels_or_teacher(batch["labels"], batch.get("teacher_logits", logits), task)}
-        losses = torch.stack([head_loss(head, f, batch, task) for head, f in zip(heads, bank(hidden))])
+        share = (batch.get("share") or {}).get("pairs" if task == "causal-lm" else "examples", 1.0)  # loop.batch_shares
+        losses = torch.stack([head_loss(head, f, batch, task) for head, f in zip(heads, bank(hidden))]) * share
         return losses.mean(), {f"layer_{layer}": value for layer, value in zip(bank.spec.layers, losses.detach())}
 
     device = next(model.parameters()).device
@@ -51,15 +65,29 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
         return filter_metrics(model, bank, heads, scored, task, pad_id, cfg.batch_size)
 
     params = list(bank.parameters()) + list(heads.parameters())
+    per_process, place = cfg.batch_size // processes.size, (processes.rank, processes.size)
+    if processes.size > 1:  # the backbone's dropout: each process its own draws
+        torch.manual_seed(int(np.random.SeedSequence([seed, processes.rank]).generate_state(1)[0]))
     result = fit(params, [model, bank, heads],
-                 lambda epoch: iterate_batches(source, cfg.batch_size, pad_id, shuffle=True, seed=seed, epoch=epoch),
-                 num_batches(source, cfg.batch_size), loss_fn, cfg, desc, device=device,
-                 evaluate=measure if eval_source is not None else None, select="loss")
+                 lambda epoch: iterate_batches(source, per_process, pad_id, shuffle=True, seed=seed, epoch=epoch,
+                                               process=place),
+                 num_batches(source, per_process, processes.size), loss_fn, cfg, desc, device=device,
+                 evaluate=measure if eval_source is not None else None, select="loss", processes=processes)
     final = result["best"] if eval_source is not None else measure()
     model.train()
     result["filters"] = {"split": "eval" if eval_source is not None else "train", "steps": result["steps"],
                          "stopped_early": result["stopped_early"], "metrics": final}
     return result
+
+
+def head_dropout(config) -> float:
+    """The dropout the model's own task head would use (its classifier dropout, else its hidden dropout);
+    0.1 for a model that names neither."""
+    for name in ("classifier_dropout", "seq_classif_dropout", "hidden_dropout_prob", "hidden_dropout"):
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 0.1
 
 
 def head_loss(head, filtered: torch.Tensor, batch: dict, task: str) -> torch.Tensor:
