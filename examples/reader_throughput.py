@@ -38,7 +38,7 @@ def step_rate(setup, cache: str, layers: list[int], batch_size: int, steps: int 
     """Examples per second a TED step consumes (batches pre-read, so no I/O is timed)."""
     meta = Cache(cache).metadata
     student = load_classifier(setup.student, "student", meta.task, meta.label_names)
-    s_layers, _ = map_layers([0, 1], Cache(cache).layers, None, 2)
+    s_layers, _ = map_layers([0, 1], Cache(cache).layers, "interval", 2)
     bank = FilterBank(FilterSpec(s_layers, hidden_size(student), meta.filter_dim))
     params = list(student.parameters()) + list(bank.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-5)

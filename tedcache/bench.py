@@ -118,7 +118,7 @@ def measure_steps(pair: str, mode: str, workdir: str, steps: int, batch_size: in
     torch.manual_seed(0)
     student = load_classifier(info["student"], "student", "classification", meta.label_names).to(device).train()
     total = num_layers(student)
-    s_layers, t_layers = map_layers(list(range(total)), cache.layers, None, total)
+    s_layers, t_layers = map_layers(list(range(total)), cache.layers, "interval", total)
     bank = FilterBank(FilterSpec(s_layers, hidden_size(student), meta.filter_dim)).to(device)
     params = list(student.parameters()) + (list(bank.parameters()) if mode != "student" else [])
     optimizer = torch.optim.AdamW(params, lr=1e-5)
