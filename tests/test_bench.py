@@ -1,4 +1,4 @@
-"""The extraction benchmark's reference: the teacher's bare forward over exactly the extraction's batches."""
+"""`tedcache bench`: its extraction reference (the bare forward over exactly the extraction's batches) and a whole run."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from transformers.models.bert.modeling_bert import BertEmbeddings
 from tedcache.bench import bare_forward_seconds
 from tedcache.cache import Cache
 from tedcache.config import DataConfig, ExtractConfig
+from tedcache.demo import minilm_path
 from tedcache.extraction import extract
 
 
@@ -37,3 +38,20 @@ def test_bare_forward_batches_exactly_as_extraction(assets, tmp_path):
     assert shapes == extraction and not any(grad for _, grad in shapes)
     assert sum(size for (size, _), _ in shapes) == sum(meta.splits.values())
     assert 0 < seconds and 0 < meta.timings["teacher_pass_s"] < meta.timings["total_s"]
+
+
+def test_bench_runs_every_mode_side_by_side(tmp_path, monkeypatch):
+    """`tedcache bench` end to end on the MiniLM pair, a few steps: every mode measured in its own process."""
+    from transformers import AutoTokenizer, BertConfig
+
+    from tedcache.bench import run_bench
+
+    shapes = tmp_path / "minilm-shapes"  # MiniLM's tokenizer and a small config: timing only needs shapes
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(shapes)
+    BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=6, num_attention_heads=2,
+               intermediate_size=128).save_pretrained(shapes)
+    monkeypatch.setenv("TEDCACHE_BENCH_MINILM", str(shapes))
+    [row] = run_bench(str(tmp_path / "bench"), ("minilm",), steps=5, batch_size=8, examples=64)
+    assert row["device"] == "cpu" and row["extract_over_forward"] > 0
+    for mode in ("student_only", "offline", "online"):
+        assert row[f"{mode}_step_s"] > 0 and row[f"peak_mem_{'student' if mode == 'student_only' else mode}_mb"] > 0
