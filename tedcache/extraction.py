@@ -317,7 +317,8 @@ def stored_units(splits: dict[str, Examples], bounds: dict[str, np.ndarray], see
                  units: list[tuple[str, int]]):
     """(split, unit, examples) for each of `units`: the unit's examples in the order the cache stores
     them, `bounds[split]` being the cache's `<split>/unit_bounds`."""
-    stored = {split: splits[split].reorder(storage_order(split, len(splits[split]), seed)) for split, _ in units}
+    stored = {split: splits[split].reorder(storage_order(split, len(splits[split]), seed))
+              for split in dict.fromkeys(split for split, _ in units)}  # each split reordered once
     for split, unit in units:
         yield split, unit, stored[split].reorder(np.arange(bounds[split][unit], bounds[split][unit + 1]))
 
