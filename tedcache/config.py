@@ -4,7 +4,7 @@ the configuration saved with every run and cache."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from .schema import setting
@@ -155,8 +155,10 @@ class DistillConfig:
 
 def what_it_computes(requested: dict) -> dict:
     """A distill configuration (as saved in metrics.json) less the settings that only say how the run
-    survives interruption: two runs that agree on the rest train the same student."""
-    return {k: v for k, v in requested.items() if k not in ("resume", "checkpoint_every")}
+    survives interruption or reads its cache: two runs that agree on the rest train the same student.
+    A setting missing from `requested` (saved before the setting existed) counts as its default."""
+    defaults = {f.name: f.default for f in fields(DistillConfig) if f.default is not MISSING}
+    return {k: v for k, v in {**defaults, **requested}.items() if k not in ("resume", "checkpoint_every", "read_ahead")}
 
 
 @dataclass

@@ -239,3 +239,16 @@ def test_optim_config_is_one_phase():
     assert {f.name for f in fields(OptimConfig)} == {"epochs", "lr", "batch_size", "grad_accum", "weight_decay",
                                                      "warmup_ratio", "patience"}
     assert typing.get_type_hints(DistillConfig)["stage1"] is OptimConfig
+
+
+def test_runs_saved_before_a_setting_existed_still_match():
+    """compare and --resume reuse a run whose saved settings lack a newer setting (it ran at the default);
+    read-ahead changes only how the cache is read."""
+    from dataclasses import asdict
+
+    from tedcache.config import DistillConfig, what_it_computes
+
+    new = asdict(DistillConfig(cache="c", student="s", out="o", read_ahead=8))
+    old = {k: v for k, v in new.items() if k not in ("shard_reads", "read_ahead")}
+    assert what_it_computes(old) == what_it_computes(new)
+    assert what_it_computes(old) != what_it_computes({**new, "shard_reads": True})
