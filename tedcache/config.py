@@ -88,10 +88,11 @@ class ExtractConfig:
     precision: str = setting("int8", "Stored states: fp32, fp16, bf16 or int8 (see docs/design.md).", choices=PRECISIONS)
     states: str = setting("filtered", "filtered (TED) or raw (unfiltered hidden states, for --method lwd).",
                           choices=STATE_KINDS)
-    logits: str = setting("sample:50", "causal-lm teacher distribution per token: sample:N, topk:K or full "
-                                       "(small vocabularies).")
+    logits: str = setting("sample:50", "causal-lm teacher distribution per token: sample:N, topk:K, full "
+                                       "(small vocabularies) or hidden (the final hidden state and, once, the "
+                                       "output layer: distill rebuilds the exact distribution).")
     logits_temperature: float = setting(1.0, "causal-lm: sample:N draws from softmax(logits / this); distill uses "
-                                             "the same temperature.")
+                                             "the same temperature (hidden: distill's default).")
     batch_size: int = setting(64, "Teacher batch during the cache pass.")
     shard_tokens: int = setting(16384, "Tokens per shard: the unit of writing, resuming and checksumming.")
     seed: int = setting(42, "Seed of Stage I and of the training split's storage order.")
@@ -120,7 +121,8 @@ class DistillConfig:
     temperature: float | None = setting(None, "KD temperature (default: 2.0; for a causal-lm cache of samples, "
                                               "the temperature they were drawn at).")
     kd_targets: str = setting("auto", "causal-lm: sampled (sample counts, unbiased) or logits (renormalised over "
-                                      "the stored ids); auto = sampled for sample:N caches.", choices=KD_TARGETS)
+                                      "the stored ids); auto = sampled for sample:N caches. A --logits hidden "
+                                      "cache always gives the exact full distribution.", choices=KD_TARGETS)
     optim: OptimConfig = setting(help="Stage II optimiser.", factory=lambda: OptimConfig(epochs=3.0, lr=5e-5),
                                  prefix="")
     student_layers: str = setting("all", "Student layers that get filters (ted, lwd): all, every:K or 0,1.")

@@ -21,7 +21,16 @@ from .errors import TedcacheError, note
 from .evaluate import PRIMARY_METRIC, evaluate, metrics, perplexity_from_nll, predictions, score, token_metrics
 from .filters import FilterBank, FilterSpec
 from .loop import COUNT_KINDS, Checkpoint, fit, save_run
-from .losses import filtered_mse, kd_loss, kd_targets, lm_loss, span_kd_loss, sparse_kd_loss, task_loss
+from .losses import (
+    filtered_mse,
+    hidden_kd_loss,
+    kd_loss,
+    kd_targets,
+    lm_loss,
+    span_kd_loss,
+    sparse_kd_loss,
+    task_loss,
+)
 from .models import copied_from, load_for_task, load_tokenizer, vocab_hash
 from .qa import answer_questions, best_span, squad_metrics
 from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
@@ -81,10 +90,12 @@ PROBE_EVERY = 5  # logged steps between gradient-ratio probes
 
 
 def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfig, task: str, kd_form: str = "logits",
-                state_variance: torch.Tensor | None = None, probe: bool = False, vocab: int | None = None):
+                state_variance: torch.Tensor | None = None, probe: bool = False, vocab: int | None = None,
+                head: dict | None = None):
     """L = task + kl_alpha * T^2 * KL(teacher || student) + mse_alpha * mean-over-layers filtered MSE.
     batch carries the targets: teacher_logits (B, C) or, causal-lm, teacher_rows (sparse per-token
-    distributions, used in `kd_form`), and teacher_states, one CompactStates (B, L, d_f) per mapped
+    distributions, used in `kd_form`) or teacher_hidden (kd_form "hidden": the full distribution rebuilt
+    with the teacher's output layer `head`), and teacher_states, one CompactStates (B, L, d_f) per mapped
     layer (cached or live). For LWD `bank` holds the student's projections and the states are raw.
     causal-lm: the task term is the next-token loss and KL and MSE cover every real position.
     With `state_variance` (one per mapped layer) each layer's MSE is divided by it. With `probe`, the
@@ -101,7 +112,10 @@ def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfi
              else task_loss(logits, batch["labels"], task) * per_example}
     loss = terms["task"]
     if cfg.kl_alpha > 0:
-        if lm:
+        if lm and kd_form == "hidden":
+            terms["kl"] = hidden_kd_loss(logits[..., :vocab], batch["teacher_hidden"].widen(), head, cfg.temperature,
+                                         mask) * per_token
+        elif lm:
             rows = batch["teacher_rows"]
             targets = kd_targets(rows, kd_form, cfg.temperature)
             terms["kl"] = sparse_kd_loss(logits[..., :vocab], rows["ids"].long(), targets, cfg.temperature,
@@ -150,9 +164,12 @@ def _student_width(student, meta: CacheMetadata) -> int:
 
 def kd_form(cfg: DistillConfig, meta: CacheMetadata) -> str:
     """Which causal-lm KD targets to train on: "sampled" (counts; unbiased, only at the sampling
-    temperature) or "logits" (renormalised over the stored ids, any temperature)."""
+    temperature), "logits" (renormalised over the stored ids, any temperature) or, from a --logits
+    hidden cache, "hidden" (the exact full distribution, any temperature)."""
     spec = meta.logits or {}
     form = cfg.kd_targets
+    if spec.get("kind") == "hidden" and form in ("auto", "logits"):
+        return "hidden"
     if form == "auto":
         form = "sampled" if spec.get("kind") == "sample" else "logits"
     if form == "sampled" and spec.get("kind") != "sample":
@@ -165,10 +182,11 @@ def kd_form(cfg: DistillConfig, meta: CacheMetadata) -> str:
 
 
 def kd_temperature(cfg: DistillConfig, meta: CacheMetadata, form: str | None) -> float:
-    """The KD temperature: as given, else the samples' own for sampled targets, else TED's 2."""
+    """The KD temperature: as given, else the cache's --logits-temperature for sampled and hidden targets,
+    else TED's 2."""
     if cfg.temperature is not None:
         return cfg.temperature
-    return meta.logits["temperature"] if form == "sampled" else 2.0
+    return meta.logits["temperature"] if form in ("sampled", "hidden") else 2.0
 
 
 def effective_weights(cfg: DistillConfig) -> DistillConfig:
@@ -220,6 +238,7 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
                             trust_remote_code=cfg.trust_remote_code).to(device)
     form = kd_form(cfg, meta) if task == "causal-lm" else None
     vocab = _student_width(student, meta) if task == "causal-lm" else None
+    head = {k: v.to(device) for k, v in cache.teacher_head().items()} if form == "hidden" else None
     cfg = replace(cfg, temperature=kd_temperature(cfg, meta, form))
     bank, teacher_layers = None, []
     if cfg.method in ("ted", "lwd"):
@@ -286,7 +305,7 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
 
     def loss_fn(batch):
         probe = bool(probe_every) and batch["step"] % probe_every == 0
-        return stage2_loss(student, bank, live(batch) if live else batch, cfg, task, form, variance, probe, vocab)
+        return stage2_loss(student, bank, live(batch) if live else batch, cfg, task, form, variance, probe, vocab, head)
 
     torch.manual_seed(cfg.seed)  # Stage II's dropout does not depend on what ran before it
     result = fit(params, modules,

@@ -14,11 +14,12 @@ from importlib.metadata import version
 
 import numpy as np
 import torch
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from .cache import CacheLock, CacheMetadata, CacheWriter, Location, cache_name, load_metadata
-from .cache.layout import storage_order
-from .cache.logits import LogitSpec, id_dtype, parse_logit_spec, sparsify
+from .cache.layout import FINAL, storage_order
+from .cache.logits import LogitSpec, check_rebuilt, head_tensors, id_dtype, parse_logit_spec, sparsify
 from .cache.read import read_filter_files
 from .config import ExtractConfig
 from .data import Examples, concatenate, load_blocks, load_examples
@@ -164,7 +165,7 @@ def _prepare(location, cfg, metadata: CacheMetadata, found: str, bank: FilterBan
         if cfg.states != "raw":
             bank = FilterBank.from_bytes(read_filter_files(location)).to(device)
     else:
-        writer = _create_cache(location, metadata, splits, bank, logit_spec)
+        writer = _create_cache(location, metadata, splits, bank, logit_spec, teacher)
     if bank is not None:
         bank.eval()
     calibration_started = time.perf_counter()
@@ -255,8 +256,9 @@ def _labelled_examples(examples: Examples, task: str) -> int:
 
 
 def _create_cache(location: Location, metadata: CacheMetadata, splits: dict[str, Examples], bank: FilterBank | None,
-                  logit_spec: LogitSpec | None) -> CacheWriter:
-    """Metadata, token arrays and the teacher filters: everything before the teacher pass."""
+                  logit_spec: LogitSpec | None, teacher) -> CacheWriter:
+    """Metadata, token arrays, the teacher filters (and for --logits hidden its output layer): everything
+    before the teacher pass."""
     writer = CacheWriter.create(location, metadata)
     for split, examples in splits.items():
         writer.write_inputs(split, examples)
@@ -265,7 +267,9 @@ def _create_cache(location: Location, metadata: CacheMetadata, splits: dict[str,
     writer.create_state_arrays(metadata.filter_dim)
     if metadata.task in ("token-classification", "question-answering"):
         writer.create_token_logit_arrays(metadata.num_outputs)
-    if logit_spec is not None:
+    if logit_spec is not None and logit_spec.kind == "hidden":
+        writer.save_head(save({k: v.contiguous().cpu() for k, v in head_tensors(teacher, logit_spec.vocab).items()}))
+    elif logit_spec is not None:
         dtypes = {"ids": id_dtype(metadata.vocab_size), "logprobs": np.float16}
         if logit_spec.kind == "sample":
             dtypes["counts"] = np.uint8
@@ -290,12 +294,14 @@ def _run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: i
     """One unit through the teacher. Returns (outputs, states, logit rows): outputs are per-example (C,)
     logit rows or, causal-lm, each block's mean next-token loss, or with `per_token` (token
     classification) a (tokens, C) tensor per batch; states {layer: (tokens, d)} in storage order;
-    causal-lm with a generator, the sparse rows {"ids", "logprobs"[, "counts"]: (tokens, S)}."""
+    causal-lm with a generator (training units), the sparse rows {"ids", "logprobs"[, "counts"]: (tokens, S)},
+    or for --logits hidden the final hidden states, in `states` under layout.FINAL."""
     device = next(teacher.parameters()).device
+    final = generator is not None and logit_spec.kind == "hidden"  # its final hidden state, last in `filtered`
     outputs, states, rows = [], {layer: [] for layer in layers}, {}
     for batch in iterate_batches(ExamplesSource(examples), batch_size, pad):
         batch = to_device(batch, device)
-        logits, filtered = teacher_targets(teacher, bank, batch, layers)
+        logits, filtered = teacher_targets(teacher, bank, batch, layers, final)
         real = batch["attention_mask"].bool()  # row-major: tokens come out in storage order
         for layer, s in zip(layers, filtered):
             states[layer].append(s[real].cpu())
@@ -306,9 +312,15 @@ def _run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: i
             outputs.extend(logits.cpu().tolist())
             continue
         outputs.extend(lm_loss_per_block(logits, batch["input_ids"], batch["attention_mask"]))
-        if generator is not None:
-            for name, part in sparsify(logits[real].cpu(), logit_spec, generator).items():
-                rows.setdefault(name, []).append(part)
+        if generator is None:  # (not a training unit: no per-token targets)
+            continue
+        if logit_spec.kind == "hidden":
+            if FINAL not in states:  # the unit's first batch
+                check_rebuilt(logits[real], filtered[-1][real], head_tensors(teacher, logit_spec.vocab))
+            states.setdefault(FINAL, []).append(filtered[-1][real].cpu())
+            continue
+        for name, part in sparsify(logits[real].cpu(), logit_spec, generator).items():
+            rows.setdefault(name, []).append(part)
     return (outputs, {layer: torch.cat(parts) for layer, parts in states.items()},
             {name: torch.cat(parts) for name, parts in rows.items()})
 

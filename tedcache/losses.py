@@ -2,7 +2,8 @@
 
 Each term is a small function whose docstring states its formula and the tensor shapes (in the
 style of torchtune's kd_losses). The sparse forms (`kd_targets`, `sparse_cross_entropy`,
-`sparse_kd_loss`) take the per-token rows that `tedcache.cache.logits.sparsify` stores for language models.
+`sparse_kd_loss`) take the per-token rows that `tedcache.cache.logits.sparsify` stores for language models;
+`hidden_kd_loss` rebuilds the full distribution from a --logits hidden cache.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cache.logits import head_logits
 from .data import IGNORED
 
 
@@ -128,3 +130,25 @@ def sparse_kd_loss(student_logits: torch.Tensor, ids: torch.Tensor, targets: tor
     if mask is not None:
         per_position = per_position[mask.bool()]
     return temperature ** 2 * per_position.mean()
+
+
+HEAD_CHUNK = 1024  # positions whose teacher logits are rebuilt at once: at most HEAD_CHUNK x V floats extra
+
+
+def hidden_kd_loss(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, head: dict[str, torch.Tensor],
+                   temperature: float, mask: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary KD from the teacher's final hidden states: T^2 * mean over real positions of
+    KL(softmax(z_T / T) || softmax(z_S / T)), z_T = head(h) rebuilt in fp32 (autocast off), HEAD_CHUNK
+    positions at a time so the teacher's side stays bounded whatever the batch.
+
+    student_logits (B, L, V); teacher_hidden (B, L, d); head {"weight" (V, d)[, "bias" (V,)]}; mask (B, L)."""
+    real = mask.bool()
+    student, hidden = student_logits[real], teacher_hidden[real]
+    total = student.new_zeros((), dtype=torch.float32)
+    with torch.autocast(student.device.type, enabled=False):
+        for start in range(0, len(hidden), HEAD_CHUNK):
+            with torch.no_grad():
+                log_q = F.log_softmax(head_logits(hidden[start:start + HEAD_CHUNK], head) / temperature, dim=-1)
+            log_p = F.log_softmax(student[start:start + HEAD_CHUNK].float() / temperature, dim=-1)
+            total = total + F.kl_div(log_p, log_q, reduction="sum", log_target=True)
+    return temperature ** 2 * total / max(1, len(hidden))

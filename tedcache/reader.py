@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .cache import Cache, CompactStates, Split, decode_values
-from .cache.layout import CONTEXT_SPANS, TOKEN_LABELS, TOKEN_LOGITS
+from .cache.layout import CONTEXT_SPANS, FINAL, TOKEN_LABELS, TOKEN_LOGITS
 from .data import IGNORED, Examples
 from .errors import TedcacheError
 
@@ -45,7 +45,7 @@ class ExamplesSource:
         self.examples = examples
         self.starts, self.lengths = examples.offsets[:-1], np.diff(examples.offsets)
         self.labels, self.teacher_logits, self.question_index = examples.labels, None, examples.question_index
-        self.precision, self.layers, self.state_bytes_per_token = None, [], 0
+        self.precision, self.layers, self.state_bytes_per_token, self.final = None, [], 0, False
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -69,6 +69,9 @@ class CacheSource:
         self.starts, self.lengths = split.starts, split.lengths
         self.labels, self.teacher_logits, self.question_index = split.labels, split.teacher_logits, split.question_index
         self.with_logits = with_logits and bool(split.logit_rows)
+        self.final = with_logits and split.has_final  # --logits hidden: read as one more layer, the last
+        if self.final:
+            self.layers = [*self.layers, FINAL]
         self.channel_scales = [split.channel_scale(layer) for layer in self.layers]
         self.state_bytes_per_token = sum(split.state_bytes_per_token(layer) for layer in self.layers) \
             + (split.logit_bytes_per_token() if self.with_logits else 0)
@@ -236,6 +239,7 @@ def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
     """Pad examples to the batch's longest. Keys: input_ids, attention_mask, [token_type_ids], [labels],
     example_index, [teacher_logits], [teacher_states: one CompactStates (B, L, d) per layer],
     [teacher_rows: causal-lm sparse rows {ids, logprobs[, counts]} (B, L, S), padding has id -1];
+    [teacher_hidden: --logits hidden, one CompactStates (B, L, d) of final hidden states];
     token classification: labels and teacher_logits per token; question answering: teacher_logits per
     token (B, L, 2), context_spans (B, L, 2) and question_index (B,)."""
     index = np.array([i for _, i in items])
@@ -280,9 +284,12 @@ def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
     if source.question_index is not None:
         batch["question_index"] = torch.from_numpy(source.question_index[index])
     if values is not None:
-        batch["teacher_states"] = [
-            CompactStates(decode_values(v, source.precision), None if t is None else torch.from_numpy(t), c)
-            for v, t, c in zip(values, scales, source.channel_scales)]
+        states = [CompactStates(decode_values(v, source.precision), None if t is None else torch.from_numpy(t), c)
+                  for v, t, c in zip(values, scales, source.channel_scales)]
+        if source.final:
+            batch["teacher_hidden"] = states.pop()
+        if states:
+            batch["teacher_states"] = states
     if rows is not None:
         batch["teacher_rows"] = {name: torch.from_numpy(v) for name, v in rows.items()}
     if items[0][0].token_arrays:  # token classification and question answering

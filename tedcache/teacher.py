@@ -11,18 +11,21 @@ from .cache.logits import LogitSpec, sparsify
 from .errors import TedcacheError
 from .filters import FilterBank
 from .models import load_for_task, weights_hash
-from .taps import forward_with_taps
+from .taps import forward_with_taps, num_layers
 
 
 @torch.no_grad()
-def teacher_targets(teacher, bank: FilterBank | None, batch: dict,
-                    layers: list[int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def teacher_targets(teacher, bank: FilterBank | None, batch: dict, layers: list[int] | None = None,
+                    final: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """What the cache stores for a batch: teacher logits (B, C; causal-lm (B, L, V)) and per tapped layer
     the filtered state (B, L, d_f), or the raw hidden state (B, L, d) when `bank` is None (then `layers`
-    says which). Teacher and filters must be in eval mode."""
-    logits, hidden = forward_with_taps(teacher, batch, bank.spec.layers if bank is not None else layers)
+    says which); with `final` (--logits hidden), one more state last: the final normed hidden state the
+    output layer reads (B, L, d). Teacher and filters must be in eval mode."""
+    tapped = bank.spec.layers if bank is not None else list(layers or [])
+    logits, hidden = forward_with_taps(teacher, batch, tapped + ([num_layers(teacher) - 1] if final else []))
+    last = [hidden.pop()] if final else []
     states = bank(hidden) if bank is not None else hidden
-    return logits.float(), [s.float() for s in states]
+    return logits.float(), [s.float() for s in [*states, *last]]
 
 
 class LiveTargets:
@@ -44,10 +47,13 @@ class LiveTargets:
         self.generator = torch.Generator(device).manual_seed(seed)  # fresh draws: sampled rows differ from the cache's
 
     def __call__(self, batch: dict) -> dict:
-        logits, states = teacher_targets(self.teacher, self.bank, batch, self.layers)
+        final = self.logit_spec is not None and self.logit_spec.kind == "hidden"
+        logits, states = teacher_targets(self.teacher, self.bank, batch, self.layers, final)
         targets = {**batch, "teacher_states": [CompactStates(s) for s in states]}
         if self.logit_spec is None:
             return {**targets, "teacher_logits": logits}
+        if final:
+            return {**targets, "teacher_states": targets["teacher_states"][:-1], "teacher_hidden": CompactStates(states[-1])}
         rows = sparsify(logits.flatten(0, 1), self.logit_spec, self.generator)
         rows = {k: v.view(*logits.shape[:2], -1) for k, v in rows.items()}
         rows["ids"] = rows["ids"].masked_fill(~batch["attention_mask"].bool().unsqueeze(-1), -1)

@@ -14,15 +14,17 @@ from conftest import FILLER, NEGATIVE, POSITIVE, run_cli
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
-from tedcache.cache import Cache
-from tedcache.cache.logits import parse_logit_spec, sparsify
+from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract, losses
+from tedcache.cache import Cache, inspect_cache, verify
+from tedcache.cache.layout import FINAL, HEAD_FILE
+from tedcache.cache.logits import check_rebuilt, head_logits, parse_logit_spec, sparsify
 from tedcache.config import FilterConfig
 from tedcache.data import load_blocks
 from tedcache.distillation import kd_form, stage2_loss
 from tedcache.errors import TedcacheError
 from tedcache.extraction import _unit_generator
 from tedcache.filters import FilterBank, FilterSpec
+from tedcache.losses import hidden_kd_loss, kd_loss
 from tedcache.models import init_student, load_causal_lm, load_tokenizer
 from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
 from tedcache.stage1 import train_filters
@@ -319,3 +321,75 @@ def test_a_padded_student_is_compared_over_the_tokenizers_ids(lm_assets, tmp_pat
                      "--method", "kd")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"fewer than the {vocab} token ids" in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hidden_logits_rebuild_the_teachers_exact_distribution(lm_assets, tmp_path, family):
+    """--logits hidden: the cache holds each training token's final hidden state and the output layer once;
+    the logits rebuilt from them are the teacher's own, and the loss built on them is the full KD loss."""
+    cfg, path = _extract(lm_assets, tmp_path, family=family, logits="hidden")
+    cache = Cache(path)
+    split = cache.split("train")
+    assert split.has_final and not split.logit_rows and cache.metadata.logits["kind"] == "hidden"
+    teacher = load_causal_lm(cfg.teacher).eval()
+    head = cache.teacher_head()
+    assert torch.equal(head["weight"], teacher.get_output_embeddings().weight.detach())
+    source = CacheSource(split, [], with_logits=True)
+    batch = next(iterate_batches(source, 8, 0))
+    assert "teacher_states" not in batch  # KD reads the final states alone
+    with torch.no_grad():
+        live = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    rebuilt = head_logits(batch["teacher_hidden"].widen(), head)
+    assert torch.allclose(rebuilt[real], live[real], atol=1e-5)  # fp32 cache: the teacher's logits
+    student_logits = torch.randn_like(live)
+    expected = kd_loss(student_logits[real], live[real], 2.0)
+    assert torch.allclose(hidden_kd_loss(student_logits, batch["teacher_hidden"].widen(), head, 2.0,
+                                         batch["attention_mask"]), expected, rtol=1e-5)
+
+
+def test_hidden_kd_loss_is_chunk_independent_and_offline_matches_live(lm_assets, tmp_path, monkeypatch):
+    _, path = _extract(lm_assets, tmp_path, logits="hidden", precision="int8")
+    cache = Cache(path)
+    assert cache.split("train").state_bytes_per_token(FINAL) == 32 + 2  # int8 values and a per-token scale
+    student = load_causal_lm(str(lm_assets["llama_student"])).eval()
+    torch.manual_seed(0)
+    bank = FilterBank(FilterSpec([0, 1], 32, 24))
+    cfg = DistillConfig(cache=path, student="", out="", kl_alpha=1.0, mse_alpha=1.0, temperature=1.0)
+    form = kd_form(cfg, cache.metadata)
+    assert form == "hidden" and kd_form(replace(cfg, kd_targets="logits"), cache.metadata) == "hidden"
+    head, vocab = cache.teacher_head(), cache.metadata.logits["vocab"]
+    live = LiveTargets(str(lm_assets["llama"]), cache, [1, 3], torch.device("cpu"))
+    source = CacheSource(cache.split("train"), [1, 3], with_logits=True)
+    for batch in list(iterate_batches(source, 8, 0))[:2]:
+        offline, terms = stage2_loss(student, bank, batch, cfg, "causal-lm", form, vocab=vocab, head=head)
+        online, live_terms = stage2_loss(student, bank, live(batch), cfg, "causal-lm", form, vocab=vocab, head=head)
+        assert set(terms) == {"task", "kl", "mse", "mse/0", "mse/1"}
+        assert torch.allclose(terms["kl"], live_terms["kl"], rtol=2e-2)  # int8 final states against fp32 live ones
+        monkeypatch.setattr(losses, "HEAD_CHUNK", 5)  # many chunks, the last one short
+        _, chunked = stage2_loss(student, bank, batch, cfg, "causal-lm", form, vocab=vocab, head=head)
+        monkeypatch.undo()
+        assert torch.allclose(chunked["kl"], terms["kl"], rtol=1e-5)
+
+
+def test_hidden_logits_distill_verify_and_refusal(lm_assets, tmp_path):
+    _, path = _extract(lm_assets, tmp_path, family="gpt2", logits="hidden", precision="int8")
+    out = tmp_path / "kd"
+    distill(DistillConfig(cache=path, student=str(lm_assets["gpt2_student"]), out=str(out), method="kd",
+                          optim=OptimConfig(epochs=1, lr=3e-3, batch_size=8)))
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["kd_targets"] == "hidden" and report["config"]["temperature"] == 1.0  # the cache's temperature
+    assert all("kl" in row for row in report["history"])
+    assert verify(path) == []
+    head_file = Path(path) / HEAD_FILE
+    head_file.write_bytes(head_file.read_bytes()[:-8] + b"\0" * 8)
+    assert any(HEAD_FILE in str(p) and "corrupt" in str(p) for p in verify(path))
+    teacher = load_causal_lm(str(lm_assets["llama"])).eval()
+    hidden = torch.randn(6, 32)
+    head = {"weight": teacher.get_output_embeddings().weight.detach()}
+    check_rebuilt(head_logits(hidden, head), hidden, head)  # the teacher's own logits pass
+    with pytest.raises(TedcacheError, match="--logits hidden"):  # soft-capped or scaled logits (Gemma 2, Cohere)
+        check_rebuilt(30 * torch.tanh(head_logits(hidden, head) / 3), hidden, head)
+    sizes = inspect_cache(path)  # per token: final states 32 int8 values + an fp16 scale; two layers of 24 + 2
+    assert sizes["logit_bytes"] / sizes["state_bytes"] == pytest.approx(34 / 52, rel=0.05)
+    assert sizes["head_bytes"] > Cache(path).metadata.logits["vocab"] * 32 * 4  # the output layer, fp32, apart

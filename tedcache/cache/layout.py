@@ -26,6 +26,9 @@ Layout (FORMAT_VERSION 3), one zarr v3 group per cache, on local disk or behind 
     train/logits/ids (N, S)        int8|16|32 causal-lm: sparse teacher distribution per token (-1 = unused)
     train/logits/logprobs (N, S)   fp16     the teacher's log-probabilities at those ids
     train/logits/counts (N, S)     uint8    sample:N only: draws of each id
+    train/states/final (N, d)      --logits hidden: the teacher's final normed hidden state, stored (and
+                                   scaled, int8) like a layer's states
+    teacher_head.safetensors       --logits hidden: the teacher's output layer (checksum in the metadata)
     teacher_filters.safetensors / .json   the teacher's Stage-I filters (saved before the teacher pass)
     units/<split>/<u>.json         done-marker of unit u: its per-example teacher outputs and the sha256
                                    of every shard object it wrote (written last, atomically)
@@ -49,6 +52,7 @@ import numpy as np
 FORMAT_VERSION = 3
 CHUNK_TOKENS = 256  # inner chunk of per-token arrays (a shard holds shard_tokens / CHUNK_TOKENS of them)
 FILTER_FILES = ("teacher_filters.safetensors", "teacher_filters.json")
+HEAD_FILE = "teacher_head.safetensors"  # --logits hidden: the teacher's output layer
 
 # per-token arrays (relative to a split's group); the rest are per example
 INPUT_IDS, TOKEN_TYPES = "input_ids", "token_type_ids"
@@ -56,6 +60,7 @@ TOKEN_LABELS, TOKEN_LOGITS = "token_labels", "token_logits"  # token-classificat
 CONTEXT_SPANS = "context_spans"  # question-answering
 QUESTION_INDEX, QUESTIONS = "question_index", "questions"  # question-answering, per example and per split
 LOGIT_ROWS = "logits"  # group of ids / logprobs / counts
+FINAL = "final"  # --logits hidden: the final hidden state, stored under the states' names as if a layer
 
 
 def states_array(layer: int) -> str:

@@ -9,6 +9,10 @@ plus, for sampled rows, how often each id was drawn (`counts`):
   the cross-entropy against it has the full KD loss's expectation and gradient.
 - topk:K: the K most likely ids. A truncated distribution, renormalised: biased (the tail is lost).
 - full: every id (only for small vocabularies).
+- hidden: no rows. The cache keeps, per token, the teacher's final normed hidden state (the input of
+  its output layer, stored as a state of the cache's precision) and, once, the output layer itself
+  (`teacher_head.safetensors`); Stage II rebuilds the exact full-vocabulary distribution from them
+  (`head_logits`). d values a token instead of V, and no sampling noise or truncation.
 
 The rows span the tokenizer's ids only (`vocab`): a teacher whose output layer is padded beyond its
 tokenizer (Qwen2.5: 152,064 rows for 151,936 ids) has its extra rows dropped before anything is drawn.
@@ -33,15 +37,18 @@ FULL_VOCAB_LIMIT = 8192  # `full` stores vocab x 4 bytes a token: refuse it abov
 
 @dataclass(frozen=True)
 class LogitSpec:
-    kind: str  # sample | topk | full
-    size: int  # draws (sample), K (topk), vocabulary (full)
+    kind: str  # sample | topk | full | hidden
+    size: int  # draws (sample), K (topk), vocabulary (full, hidden)
     temperature: float  # sampling temperature (sample only)
     vocab: int | None = None  # the ids rows span (the tokenizer's); None in caches made before it was recorded
 
 
 def parse_logit_spec(text: str, vocab_size: int, temperature: float) -> LogitSpec:
-    """'sample:N', 'topk:K' or 'full' over `vocab_size` ids -> LogitSpec, with one-line errors for bad values."""
+    """'sample:N', 'topk:K', 'full' or 'hidden' over `vocab_size` ids -> LogitSpec, with one-line errors for
+    bad values."""
     kind, _, number = text.partition(":")
+    if kind == "hidden" and not number:
+        return LogitSpec("hidden", vocab_size, temperature, vocab_size)
     if kind == "full" and not number:
         if vocab_size > FULL_VOCAB_LIMIT:
             raise TedcacheError(f"--logits full would store {vocab_size} values a token (vocabulary {vocab_size}); "
@@ -54,7 +61,7 @@ def parse_logit_spec(text: str, vocab_size: int, temperature: float) -> LogitSpe
             if kind == "sample" and temperature <= 0:
                 raise TedcacheError(f"--logits-temperature must be positive, got {temperature}")
             return LogitSpec(kind, size, temperature, vocab_size)
-    raise TedcacheError(f"--logits '{text}' is not sample:N (1..255), topk:K (1..vocabulary) or full; "
+    raise TedcacheError(f"--logits '{text}' is not sample:N (1..255), topk:K (1..vocabulary), full or hidden; "
                         "e.g. sample:50")
 
 
@@ -99,3 +106,35 @@ def sparsify(logits: torch.Tensor, spec: LogitSpec, generator: torch.Generator |
         rows["counts"] = counts.to(torch.uint8)
     return rows
 
+
+
+HEAD_TOLERANCE = 1e-3  # |rebuilt - teacher logits| allowed, relative to the logits' largest magnitude
+
+
+def head_tensors(teacher, vocab: int) -> dict[str, torch.Tensor]:
+    """The teacher's output layer over the first `vocab` ids: {"weight": (vocab, d)[, "bias": (vocab,)]},
+    in the teacher's own dtype (what it computed its logits with), on its device."""
+    layer = teacher.get_output_embeddings()
+    head = {"weight": layer.weight[:vocab]}
+    if getattr(layer, "bias", None) is not None:
+        head["bias"] = layer.bias[:vocab]
+    return {name: t.detach() for name, t in head.items()}
+
+
+def head_logits(hidden: torch.Tensor, head: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Teacher logits rebuilt from final hidden states (..., d): (..., vocab), in fp32."""
+    weight = head["weight"].float()
+    bias = head.get("bias")
+    return F.linear(hidden.float(), weight, None if bias is None else bias.float())
+
+
+def check_rebuilt(logits: torch.Tensor, hidden: torch.Tensor, head: dict[str, torch.Tensor]) -> None:
+    """Refuse --logits hidden for a teacher whose logits are not its output layer applied to its final
+    hidden state (logit soft-capping or scaling, as in Gemma 2 or Cohere): the cache would rebuild
+    other logits than the teacher's. logits (n, >= vocab), hidden (n, d)."""
+    rebuilt = head_logits(hidden, head)
+    expected = logits[:, :rebuilt.shape[-1]].float()
+    error = float((rebuilt - expected).abs().max()) / max(1e-6, float(expected.abs().max()))
+    if error > HEAD_TOLERANCE:
+        raise TedcacheError(f"--logits hidden: the teacher's logits are not its output layer applied to its final "
+                            f"hidden state (relative difference {error:.2g}); use --logits sample:N or topk:K")

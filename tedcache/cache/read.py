@@ -8,6 +8,7 @@ import json
 import numpy as np
 import torch
 import zarr
+from safetensors.torch import load
 
 from ..errors import TedcacheError
 from . import layout
@@ -29,9 +30,10 @@ class Split:
         self.logit_rows = sorted(group[layout.LOGIT_ROWS].array_keys()) if layout.LOGIT_ROWS in group else []
         self.example_ids = group["example_ids"][...]
         self.has_token_types = layout.TOKEN_TYPES in group
+        self.has_final = layout.states_array(layout.FINAL) in group  # --logits hidden (train split)
         self.token_arrays = [n for n in (layout.TOKEN_LABELS, layout.TOKEN_LOGITS, layout.CONTEXT_SPANS) if n in group]
         self.question_index = self._optional(layout.QUESTION_INDEX)
-        self._channel_scales: dict[int, torch.Tensor] = {}
+        self._channel_scales: dict[int | str, torch.Tensor] = {}
 
     @property
     def questions(self) -> list[dict] | None:
@@ -52,8 +54,8 @@ class Split:
         """A per-token array (input_ids, token_type_ids, token_labels, token_logits) of tokens start:stop."""
         return self.group[name][start:stop]
 
-    def states(self, layer: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Stored values (and int8 per-token scales) of tokens start:stop of one layer."""
+    def states(self, layer: int | str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Stored values (and int8 per-token scales) of tokens start:stop of one layer (or layout.FINAL)."""
         values = self.group[layout.states_array(layer)][start:stop]
         scales = self.group[layout.token_scales_array(layer)][start:stop] if self.precision == "int8" else None
         return values, scales
@@ -66,11 +68,11 @@ class Split:
         arrays = [self.group[layout.logit_array(n)] for n in self.logit_rows]
         return sum(a.dtype.itemsize * a.shape[1] for a in arrays)
 
-    def state_bytes_per_token(self, layer: int) -> int:
+    def state_bytes_per_token(self, layer: int | str) -> int:
         values = self.group[layout.states_array(layer)]
         return values.dtype.itemsize * values.shape[1] + (2 if self.precision == "int8" else 0)
 
-    def channel_scale(self, layer: int) -> torch.Tensor | None:
+    def channel_scale(self, layer: int | str) -> torch.Tensor | None:
         if self.precision != "int8":
             return None
         if layer not in self._channel_scales:
@@ -112,6 +114,10 @@ class Cache:
         """The teacher's Stage-I filters as stored ({suffix: bytes}, for FilterBank.from_bytes)."""
         return read_filter_files(self.location)
 
+    def teacher_head(self) -> dict[str, torch.Tensor]:
+        """--logits hidden: the teacher's output layer ({"weight"[, "bias"]}, see logits.head_tensors)."""
+        return load(self.location.read_bytes(layout.HEAD_FILE))
+
     def bytes_on_disk(self) -> int:
         return self.location.size()
 
@@ -150,16 +156,22 @@ def read_filter_files(location: Location) -> dict[str, bytes]:
 
 
 def storage_sizes(location: Location, metadata: CacheMetadata) -> dict:
-    """Bytes on disk, and bytes per cached state value and per token of logit rows (complete or not)."""
+    """Bytes on disk, and bytes per cached state value and per token of logit rows (--logits hidden: of
+    final hidden states, the output layer counted apart as head_bytes), complete or not."""
     train_tokens = metadata.tokens.get("train", 0)
     values = train_tokens * len(metadata.layers) * metadata.filter_dim
-    state_bytes = sum(location.size(f"train/{part}") for part in ("states", "token_scales", "channel_scales"))
+    parts = ("states", "token_scales", "channel_scales")
+    final_bytes = sum(location.size(f"train/{part}/{layout.FINAL}") for part in parts)  # (0 when absent)
+    state_bytes = sum(location.size(f"train/{part}") for part in parts) - final_bytes
     sizes = {"bytes_on_disk": location.size(), "examples": metadata.splits.get("train", 0), "tokens": train_tokens,
              "values_stored": values, "state_bytes": int(state_bytes),
              "bytes_per_value": state_bytes / values if values else None,
              "compression_vs_fp32": 4 * values / state_bytes if state_bytes else None}
-    if location.exists(f"train/{layout.LOGIT_ROWS}"):
-        logit_bytes = location.size(f"train/{layout.LOGIT_ROWS}")
+    logit_bytes = final_bytes or (location.size(f"train/{layout.LOGIT_ROWS}")
+                                  if location.exists(f"train/{layout.LOGIT_ROWS}") else 0)
+    if logit_bytes:
         sizes.update({"logit_bytes": int(logit_bytes),
                       "logit_bytes_per_token": logit_bytes / train_tokens if train_tokens else None})
+    if metadata.logits and metadata.logits["kind"] == "hidden":
+        sizes["head_bytes"] = location.size(layout.HEAD_FILE)
     return sizes

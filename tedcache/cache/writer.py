@@ -38,9 +38,9 @@ class CacheWriter:
         if metadata is None:
             metadata = CacheMetadata.from_dict(dict(self.root.attrs["tedcache"]))
         self.metadata = metadata
-        self.channel_scales: dict[int, torch.Tensor] = {}
+        self.channel_scales: dict[int | str, torch.Tensor] = {}
         if metadata.precision == "int8":
-            for layer in metadata.layers:
+            for layer in self.state_keys:
                 name = f"train/{layout.channel_scales_array(layer)}"
                 if name in self.root:
                     self.channel_scales[layer] = torch.from_numpy(self.root[name][...])
@@ -143,11 +143,23 @@ class CacheWriter:
         for name in layout.FILTER_FILES:
             self.location.write_bytes(name, files[name[name.index("."):]])
 
+    @property
+    def state_keys(self) -> list[int | str]:
+        """The layers whose states the cache holds, and layout.FINAL for a --logits hidden cache."""
+        hidden = (self.metadata.logits or {}).get("kind") == "hidden"
+        return list(self.metadata.layers) + ([layout.FINAL] if hidden else [])
+
+    def save_head(self, data: bytes) -> None:
+        """--logits hidden: the teacher's output layer (safetensors bytes), its checksum recorded for verify."""
+        self.location.write_bytes(layout.HEAD_FILE, data)
+        self._update(checksums={**self.metadata.checksums, layout.HEAD_FILE: sha256(data)})
+
     def create_state_arrays(self, dim: int) -> None:
         precision = self.metadata.precision
         tokens = self.metadata.slots["train"]
-        for layer in self.metadata.layers:
-            self._create(f"train/{layout.states_array(layer)}", (tokens, dim), STATE_DTYPES[precision],
+        for layer in self.state_keys:
+            width = self.metadata.teacher_hidden_size if layer == layout.FINAL else dim
+            self._create(f"train/{layout.states_array(layer)}", (tokens, width), STATE_DTYPES[precision],
                          per_token=True, compress=False)  # dense activations barely compress and reads slow down
             if precision == "int8":
                 self._create(f"train/{layout.token_scales_array(layer)}", (tokens,), np.float16, per_token=True,
@@ -175,9 +187,9 @@ class CacheWriter:
         return self.root[f"{split}/unit_bounds"][...]
 
     def needs_channel_scales(self) -> bool:
-        return self.metadata.precision == "int8" and bool(self.metadata.layers) and not self.channel_scales
+        return self.metadata.precision == "int8" and bool(self.state_keys) and not self.channel_scales
 
-    def _calibrate(self, states: dict[int, torch.Tensor]) -> None:
+    def _calibrate(self, states: dict[int | str, torch.Tensor]) -> None:
         """int8: per-channel scales from the first train unit's states, stored before any unit is
         written, so a resumed run (whose first unit is then done) encodes with the same scales."""
         for layer, values in states.items():
@@ -187,10 +199,10 @@ class CacheWriter:
         self._save_metadata()
 
     def write_unit(self, split: str, unit: int, outputs: dict[str, list],
-                   states: dict[int, torch.Tensor] | None = None,
+                   states: dict[int | str, torch.Tensor] | None = None,
                    logit_rows: dict[str, torch.Tensor] | None = None,
                    token_logits: torch.Tensor | None = None) -> None:
-        """Write one unit: its per-token rows in storage order (`states`: layer -> (tokens, d) float;
+        """Write one unit: its per-token rows in storage order (`states`: layer (or layout.FINAL) -> (tokens, d) float;
         `logit_rows`: name -> (tokens, S); `token_logits`: (tokens, C)), padded to a whole shard, encoded
         and written; then its record holding the per-example `outputs`, the unit's done-marker."""
         if states and self.needs_channel_scales():
