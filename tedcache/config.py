@@ -91,8 +91,8 @@ class ExtractConfig:
     logits: str = setting("sample:50", "causal-lm teacher distribution per token: sample:N, topk:K, full "
                                        "(small vocabularies) or hidden (the final hidden state and, once, the "
                                        "output layer: distill rebuilds the exact distribution).")
-    logits_temperature: float = setting(1.0, "causal-lm: sample:N draws from softmax(logits / this); distill uses "
-                                             "the same temperature (hidden: distill's default).")
+    logits_temperature: float = setting(1.0, "causal-lm: sample:N draws from softmax(logits / this); distill's "
+                                             "default KD temperature for every --logits option.")
     batch_size: int = setting(64, "Teacher batch during the cache pass.")
     shard_tokens: int = setting(16384, "Tokens per shard: the unit of writing, resuming and checksumming.")
     seed: int = setting(42, "Seed of Stage I and of the training split's storage order.")
@@ -118,8 +118,8 @@ class DistillConfig:
     mse_norm: str = setting("none", "none, or variance: each layer's MSE divided by the variance of its cached "
                                     "teacher states, so an mse_alpha means the same for every teacher and "
                                     "precision (docs/choosing-methods.md).", choices=MSE_NORMS)
-    temperature: float | None = setting(None, "KD temperature (default: 2.0; for a causal-lm cache of samples, "
-                                              "the temperature they were drawn at).")
+    temperature: float | None = setting(None, "KD temperature (default: 2.0; for a causal-lm cache, its "
+                                              "--logits-temperature, 1 unless set).")
     kd_targets: str = setting("auto", "causal-lm: sampled (sample counts, unbiased) or logits (renormalised over "
                                       "the stored ids); auto = sampled for sample:N caches. A --logits hidden "
                                       "cache always gives the exact full distribution.", choices=KD_TARGETS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,45 @@ class Examples:
         return Examples(self.input_ids[token_index], offsets, per_token(self.token_type_ids), per_example(self.labels),
                         self.fingerprint, per_token(self.token_labels), per_token(self.context_spans),
                         per_example(self.question_index), self.questions)
+
+
+class TokenSpool:
+    """A 1-D array built by appending, kept in an unlinked temporary file (under TMPDIR) and memory-mapped
+    when read: tokenizing a corpus never holds its tokens in memory."""
+
+    def __init__(self, dtype):
+        self.file = tempfile.TemporaryFile(prefix="tedcache-tokens-")
+        self.dtype, self.count = np.dtype(dtype), 0
+
+    def extend(self, values) -> None:
+        """Append an array, or the numbers an iterable yields."""
+        data = values.astype(self.dtype) if isinstance(values, np.ndarray) else np.fromiter(values, dtype=self.dtype)
+        self.file.write(data.tobytes())
+        self.count += len(data)
+
+    def array(self, count: int | None = None) -> np.ndarray:
+        """The first `count` values (default: all), memory-mapped read-only."""
+        count = self.count if count is None else count
+        self.file.flush()
+        return np.memmap(self.file, dtype=self.dtype, mode="r", shape=(count,)) if count else np.zeros(0, self.dtype)
+
+
+HASHED_ROWS = 10_000  # rows per update of a data fingerprint (part of its value: changing it changes cache keys)
+
+
+def _table_digest(columns: list[str | None]):
+    """A running content hash of `columns` of a table, fed chunk by chunk with `_hash_rows`."""
+    digest = hashlib.sha256()
+    for col in columns:
+        if col is not None:
+            digest.update(col.encode())
+    return digest
+
+
+def _hash_rows(digest, rows: dict, columns: list[str | None]) -> None:
+    for col in columns:
+        if col is not None:
+            digest.update(json.dumps(rows[col], default=str).encode())
 
 
 def load_table(paths: list[str], conll_columns: tuple[str, str] = ("tokens", "tags")):
@@ -206,43 +246,41 @@ def encode_labels(table, label_column: str, task: str, label_names: list[str] | 
 
 def fingerprint_table(table, columns: list[str | None]) -> str:
     """A content hash of the columns that determine the examples (order-sensitive)."""
-    digest = hashlib.sha256()
-    for col in columns:
-        if col is None:
-            continue
-        digest.update(col.encode())
-        for start in range(0, len(table), 10_000):
-            chunk = table[start:start + 10_000][col]  # a plain list
-            digest.update(json.dumps(chunk, default=str).encode())
+    digest = _table_digest(columns)
+    for start in range(0, len(table), HASHED_ROWS):
+        _hash_rows(digest, table[start:start + HASHED_ROWS], columns)
     return digest.hexdigest()
 
 
 def tokenize(table, tokenizer, text_column: str, text_pair_column: str | None, max_length: int,
-             labels: np.ndarray, source: str, chunk_rows: int = 8192) -> Examples:
-    """Tokenize (truncating, no padding) into flat CSR arrays, `chunk_rows` rows at a time so that only
-    compact arrays (5 bytes a token) outlive a chunk."""
-    ids, types, lengths = [], [], []
-    for start in range(0, len(table), chunk_rows):
-        rows = table[start:start + chunk_rows]
+             labels: np.ndarray, source: str) -> Examples:
+    """Tokenize (truncating, no padding) into flat CSR arrays, HASHED_ROWS rows at a time, in one pass
+    that also fingerprints the texts; tokens go to memory-mapped spools (TokenSpool)."""
+    columns = [text_column, text_pair_column]
+    ids, types, lengths, digest = TokenSpool(np.int32), TokenSpool(np.int8), [], _table_digest(columns)
+    for start in range(0, len(table), HASHED_ROWS):
+        rows = table[start:start + HASHED_ROWS]
+        _hash_rows(digest, rows, columns)
         texts, pairs = rows[text_column], rows[text_pair_column] if text_pair_column else None
         for name, col in ((text_column, texts), (text_pair_column, pairs)):
             if col is not None and any(not isinstance(t, str) for t in col):
                 raise TedcacheError(f"{source}: column '{name}' has empty or non-text rows; drop or fill them")
         enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
         lengths.append(np.fromiter(map(len, enc["input_ids"]), dtype=np.int64, count=len(texts)))
-        ids.append(np.fromiter((t for row in enc["input_ids"] for t in row), dtype=np.int32))
+        ids.extend(t for row in enc["input_ids"] for t in row)
         if "token_type_ids" in enc:
-            types.append(np.fromiter((t for row in enc["token_type_ids"] for t in row), dtype=np.int8))
+            types.extend(t for row in enc["token_type_ids"] for t in row)
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    input_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
-    token_type_ids = np.concatenate(types) if types else None
-    return Examples(input_ids, offsets, token_type_ids, labels,
-                    fingerprint=fingerprint_table(table, [text_column, text_pair_column]) + _hash_array(labels))
+    return Examples(ids.array(), offsets, types.array() if types.count else None, labels,
+                    fingerprint=digest.hexdigest() + _hash_array(labels))
 
 
-def _hash_array(values: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()[:16]
+def _hash_array(values: np.ndarray, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    for start in range(0, len(values), chunk):  # (a memory-mapped array is read a chunk at a time)
+        digest.update(np.ascontiguousarray(values[start:start + chunk]).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def resolve_label_names(table, label_column: str, model_config) -> list[str]:
@@ -329,9 +367,9 @@ def tokenize_words(table, tokenizer, word_column: str, tag_column: str | None, l
     sub-token, IGNORED on the others and on special tokens (as HF's token-classification examples do).
     Without `tag_column` (unlabelled transfer rows) first sub-tokens are UNTAGGED."""
     index = {name: i for i, name in enumerate(label_names)}
-    ids, types, tags, lengths = [], [], [], []
-    for start in range(0, len(table), 8192):
-        rows = table[start:start + 8192]
+    ids, types, tags, lengths = TokenSpool(np.int32), TokenSpool(np.int8), TokenSpool(np.int16), []
+    for start in range(0, len(table), HASHED_ROWS):
+        rows = table[start:start + HASHED_ROWS]
         words = rows[word_column]
         if any(not isinstance(w, list) or not all(isinstance(x, str) for x in w) for w in words):
             raise TedcacheError(f"{source}: column '{word_column}' must hold lists of words (strings) for "
@@ -346,21 +384,25 @@ def tokenize_words(table, tokenizer, word_column: str, tag_column: str | None, l
             if unknown:
                 raise TedcacheError(f"{source}: tags {unknown[:5]} are outside the label set {label_names[:8]}; "
                                     "fix the tags or use a model trained on this label set")
-            previous = None
-            for word in enc.word_ids(row):
-                first = word is not None and word != previous
-                tags.append(IGNORED if not first else UNTAGGED if sentence_tags is None
-                            else index[sentence_tags[word]])
-                previous = word
+            tags.extend(_first_subtoken_tags(enc.word_ids(row), sentence_tags, index))
             lengths.append(len(enc["input_ids"][row]))
         ids.extend(t for row in enc["input_ids"] for t in row)
         if "token_type_ids" in enc:
             types.extend(t for row in enc["token_type_ids"] for t in row)
-    token_labels = np.asarray(tags, dtype=np.int16)
+    token_labels = tags.array()
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     fingerprint = fingerprint_table(table, [word_column, tag_column]) + _hash_array(token_labels)
-    return Examples(np.asarray(ids, dtype=np.int32), offsets, np.asarray(types, dtype=np.int8) if types else None,
-                    None, fingerprint, token_labels)
+    return Examples(ids.array(), offsets, types.array() if types.count else None, None, fingerprint, token_labels)
+
+
+def _first_subtoken_tags(word_ids: list[int | None], sentence_tags: list[str] | None, index: dict[str, int]):
+    """Per sub-token: its word's tag id on the word's first sub-token (UNTAGGED without tags), IGNORED
+    elsewhere and on special tokens."""
+    previous = None
+    for word in word_ids:
+        first = word is not None and word != previous
+        yield IGNORED if not first else UNTAGGED if sentence_tags is None else index[sentence_tags[word]]
+        previous = word
 
 
 def load_questions(table, cfg, tokenizer, source: str):
@@ -423,10 +465,18 @@ def concatenate(first: Examples, second: Examples) -> Examples:
     if (first.token_type_ids is None) != (second.token_type_ids is None):
         raise TedcacheError("the training and transfer data were tokenized differently (token types); "
                             "give both the same columns")
-    types = None if first.token_type_ids is None else np.concatenate([first.token_type_ids, second.token_type_ids])
+    def joined(a, b):  # per-token arrays, joined in a spool (they may be memory-mapped)
+        if a is None:
+            return None
+        spool = TokenSpool(a.dtype)
+        for part in (a, b):
+            for begin in range(0, len(part), 1 << 20):
+                spool.extend(part[begin:begin + (1 << 20)])
+        return spool.array()
+
     labels = None if first.labels is None else np.concatenate([first.labels, second.labels.astype(first.labels.dtype)])
-    tags = None if first.token_labels is None else np.concatenate([first.token_labels, second.token_labels])
-    return Examples(np.concatenate([first.input_ids, second.input_ids]),
+    types, tags = joined(first.token_type_ids, second.token_type_ids), joined(first.token_labels, second.token_labels)
+    return Examples(joined(first.input_ids, second.input_ids),
                     np.concatenate([first.offsets, first.offsets[-1] + second.offsets[1:]]), types, labels,
                     hashlib.sha256((first.fingerprint + second.fingerprint).encode()).hexdigest(), tags)
 
@@ -443,23 +493,22 @@ def load_blocks(paths: list[str], cfg, tokenizer, source: str, limit: int | None
         raise TedcacheError("the tokenizer has no EOS token to mark document boundaries; set one "
                             "(tokenizer.eos_token) in the teacher folder")
     size = cfg.block_size
-    ids = []
-    for start in range(0, len(table), 8192):
-        if limit is not None and len(ids) >= limit * size:
-            break
-        texts = table[start:start + 8192][cfg.text_column]
+    ids, digest = TokenSpool(np.int32), _table_digest([cfg.text_column])
+    for start in range(0, len(table), HASHED_ROWS):
+        texts = table[start:start + HASHED_ROWS][cfg.text_column]
+        _hash_rows(digest, {cfg.text_column: texts}, [cfg.text_column])  # every row, --limit or not
+        if limit is not None and ids.count >= limit * size:
+            continue
         if any(not isinstance(t, str) for t in texts):
             raise TedcacheError(f"{source}: column '{cfg.text_column}' has empty or non-text rows; drop or fill them")
-        for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            ids.extend(row)
-            ids.append(eos)
-    blocks = len(ids) // size
+        ids.extend(t for row in tokenizer(texts, add_special_tokens=False)["input_ids"] for t in (*row, eos))
+    blocks = ids.count // size
     if limit is not None:
         blocks = min(blocks, limit)
     if blocks == 0:
-        raise TedcacheError(f"{source} holds {len(ids)} tokens, fewer than one block of {size}; "
+        raise TedcacheError(f"{source} holds {ids.count} tokens, fewer than one block of {size}; "
                             "lower --block-size or give more text")
-    input_ids = np.asarray(ids[:blocks * size], dtype=np.int32)
+    input_ids = ids.array(blocks * size)
     offsets = np.arange(0, blocks * size + 1, size, dtype=np.int64)
-    fingerprint = fingerprint_table(table, [cfg.text_column]) + f"-{blocks}x{size}-eos{eos}"
+    fingerprint = digest.hexdigest() + f"-{blocks}x{size}-eos{eos}"
     return Examples(input_ids, offsets, None, None, fingerprint)

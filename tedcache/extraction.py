@@ -328,11 +328,11 @@ def _run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: i
 def stored_units(splits: dict[str, Examples], bounds: dict[str, np.ndarray], seed: int,
                  units: list[tuple[str, int]]):
     """(split, unit, examples) for each of `units`: the unit's examples in the order the cache stores
-    them, `bounds[split]` being the cache's `<split>/unit_bounds`."""
-    stored = {split: splits[split].reorder(storage_order(split, len(splits[split]), seed))
-              for split in dict.fromkeys(split for split, _ in units)}  # each split reordered once
+    them, `bounds[split]` being the cache's `<split>/unit_bounds`. Only one unit's tokens are gathered
+    at a time."""
+    orders = {split: storage_order(split, len(splits[split]), seed) for split in dict.fromkeys(s for s, _ in units)}
     for split, unit in units:
-        yield split, unit, stored[split].reorder(np.arange(bounds[split][unit], bounds[split][unit + 1]))
+        yield split, unit, splits[split].reorder(orders[split][bounds[split][unit]:bounds[split][unit + 1]])
 
 
 def _unit_generator(seed: int, unit: int) -> torch.Generator:

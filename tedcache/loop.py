@@ -109,7 +109,8 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
     the loop's state is saved every `checkpoint.every` steps (0: each epoch) and a saved one is resumed.
     Batches are read ahead in a background thread and moved to `device`; `autocast` runs the forward
     passes in bf16. Returns {"history": [...loss terms, averaged over processes...], "evals": [...],
-    "best": {...}, "seconds": s}."""
+    "best": {...}, "seconds": s, "median_step_s": median wall time of an optimiser step in this process
+    since it started, waiting for batches included}."""
     accum = max(1, cfg.grad_accum)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / accum))
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch)) if cfg.epochs > 0 else 0
@@ -119,7 +120,7 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     loop = {"step": 0, "epoch": 0, "consumed": 0, "history": [], "evals": [], "best": None, "stale": 0}
-    best_state = None
+    best_state, step_seconds = None, []
     started = time.perf_counter()
     if checkpoint is not None and checkpoint.exists():
         saved = checkpoint.load()
@@ -165,6 +166,7 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
         batches = prefetch(epoch_batches(loop["epoch"]), device)
         for _ in range(loop["consumed"]):  # resumed mid-epoch: these micro-batches were trained on
             next(batches)
+        tick = time.perf_counter()
         for micro in _groups(batches, accum):
             optimizer.zero_grad(set_to_none=True)
             step_loss, step_terms = 0.0, {}
@@ -178,6 +180,7 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
                     step_terms[k] = step_terms.get(k, 0.0) + v.detach() / len(micro)
             optimizer.step()
             schedule.step()
+            step_seconds.append(time.perf_counter() - tick)  # waiting for data included
             loop["step"] += 1
             loop["consumed"] += len(micro)
             step = loop["step"]
@@ -194,6 +197,7 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
                 save_checkpoint()
             if step >= total or patience_spent():
                 break
+            tick = time.perf_counter()  # (evaluations and checkpoints are not part of a step)
         loop["epoch"] += 1
         loop["consumed"] = 0
         if evaluate is not None and not eval_every and (loop["step"] % steps_per_epoch == 0 or loop["step"] >= total):
@@ -209,7 +213,8 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
         for m, state in zip(modules, best_state):
             m.load_state_dict(state)
     return {"history": loop["history"], "evals": loop["evals"], "best": loop["best"], "steps": loop["step"],
-            "stopped_early": loop["step"] < total, "seconds": time.perf_counter() - started}
+            "stopped_early": loop["step"] < total, "seconds": time.perf_counter() - started,
+            "median_step_s": float(np.median(step_seconds)) if step_seconds else None}
 
 
 PREDICTIONS_FILE = "test_predictions.npz"  # the test split's outputs in example order (see evaluate.predictions)

@@ -380,6 +380,7 @@ def test_hidden_logits_distill_verify_and_refusal(lm_assets, tmp_path):
     report = json.loads((out / "metrics.json").read_text())
     assert report["kd_targets"] == "hidden" and report["config"]["temperature"] == 1.0  # the cache's temperature
     assert all("kl" in row for row in report["history"])
+    assert 0 < report["stage2_median_step_s"] <= report["stage2_seconds"]
     assert verify(path) == []
     head_file = Path(path) / HEAD_FILE
     head_file.write_bytes(head_file.read_bytes()[:-8] + b"\0" * 8)

@@ -50,7 +50,8 @@ class CacheMetadata:
     data: dict[str, Any] = setting(help="The data sources and columns as given.", factory=dict)
     data_fingerprint: str | None = setting(None, "Hash of the training texts and labels.")
     max_length: int | None = setting(None, "Tokens per example (causal-lm: per block).")
-    logits: dict[str, Any] | None = setting(None, "causal-lm: the sparse logit rows (kind, size, temperature).")
+    logits: dict[str, Any] | None = setting(None, "causal-lm: the per-token teacher targets (kind: sample, topk, full "
+                                                  "or hidden; size, temperature, vocab).")
     vocab_size: int | None = setting(None, "The teacher's vocabulary size (its config's; causal-lm logit rows span "
                                            "the tokenizer's ids, logits.vocab, which a padded output layer exceeds).")
     lm_head: str | None = setting(None, "causal-lm: the Stage-I head kind (tied or new).")

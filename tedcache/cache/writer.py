@@ -95,41 +95,42 @@ class CacheWriter:
 
     def write_inputs(self, split: str, examples) -> None:
         """Tokens (in storage order, packed into shards), lengths, labels and source rows of one split.
-        `examples`: tedcache.data.Examples in source order."""
+        `examples`: tedcache.data.Examples in source order (its token arrays may be memory-mapped: they
+        are gathered one shard at a time, so memory does not grow with the split)."""
         order = layout.storage_order(split, len(examples), self.metadata.seed)
-        examples = examples.reorder(order)  # = self.in_storage_order(split, examples), keeping `order`
-        lengths = np.diff(examples.offsets)
+        lengths = np.diff(examples.offsets)[order]
         shard = self.metadata.shard_tokens
         if len(lengths) and lengths.max() > shard:
             raise TedcacheError(f"an example has {lengths.max()} tokens, more than a shard ({shard}); "
                                 "raise --shard-tokens or lower --max-length")
         starts, bounds = layout.pack(lengths, shard)
         slots = int(starts[-1] + lengths[-1]) if len(lengths) else 0  # the last shard ends at its last token
-        placed = np.zeros(slots, dtype=np.int64)  # token index of each slot (gaps stay 0)
-        used = np.zeros(slots, dtype=bool)
-        for begin, start, length in zip(examples.offsets[:-1], starts, lengths):
-            placed[start:start + length] = np.arange(begin, begin + length)
-            used[start:start + length] = True
-        input_ids = np.where(used, examples.input_ids[placed] if len(examples.input_ids) else 0, 0).astype(np.int32)
-        self._write_whole(f"{split}/{layout.INPUT_IDS}", input_ids, per_token=True)
-        if examples.token_type_ids is not None:
-            token_types = np.where(used, examples.token_type_ids[placed], 0).astype(np.int8)
-            self._write_whole(f"{split}/{layout.TOKEN_TYPES}", token_types, per_token=True)
+        per_token = {name: (attr, dtype, fill) for name, attr, dtype, fill in (
+            (layout.INPUT_IDS, "input_ids", np.int32, 0), (layout.TOKEN_TYPES, "token_type_ids", np.int8, 0),
+            (layout.TOKEN_LABELS, "token_labels", np.int16, 0), (layout.CONTEXT_SPANS, "context_spans", np.int32, -1))
+            if getattr(examples, attr) is not None}
+        arrays = {name: self._create(f"{split}/{name}", (slots, *getattr(examples, attr).shape[1:]), dtype,
+                                     per_token=True) for name, (attr, dtype, _) in per_token.items()}
+        checksums = {}
+        for unit in range(len(bounds) - 1):
+            part = examples.reorder(order[bounds[unit]:bounds[unit + 1]])  # packed from the shard's first slot
+            first, stop = unit * shard, min((unit + 1) * shard, slots)
+            for name, (attr, dtype, fill) in per_token.items():
+                values = getattr(part, attr)
+                block = np.full((stop - first, *values.shape[1:]), fill, dtype=dtype)
+                block[:len(values)] = values
+                arrays[name][first:stop] = block
+                checksums.update(self._object_checksums(arrays[name], [(unit,) + (0,) * (block.ndim - 1)]))
+        self._update(checksums={**self.metadata.checksums, **checksums})
         self._write_whole(f"{split}/starts", starts)
         self._write_whole(f"{split}/lengths", lengths.astype(np.int32))
         self._write_whole(f"{split}/unit_bounds", bounds)
-        if examples.token_labels is not None:
-            tags = np.where(used, examples.token_labels[placed], 0).astype(np.int16)
-            self._write_whole(f"{split}/{layout.TOKEN_LABELS}", tags, per_token=True)
-        if examples.context_spans is not None:
-            spans = np.where(used[:, None], examples.context_spans[placed], -1).astype(np.int32)
-            self._write_whole(f"{split}/{layout.CONTEXT_SPANS}", spans, per_token=True)
         if examples.question_index is not None:
-            self._write_whole(f"{split}/{layout.QUESTION_INDEX}", examples.question_index)
+            self._write_whole(f"{split}/{layout.QUESTION_INDEX}", examples.question_index[order])
             self._write_whole(f"{split}/{layout.QUESTIONS}",
                               np.frombuffer(json.dumps(examples.questions).encode(), dtype=np.uint8))
         if examples.labels is not None:
-            self._write_whole(f"{split}/labels", examples.labels)
+            self._write_whole(f"{split}/labels", examples.labels[order])
         self._write_whole(f"{split}/example_ids", order.astype(np.int64))
         self._update(units={**self.metadata.units, split: len(bounds) - 1},
                      slots={**self.metadata.slots, split: slots})
