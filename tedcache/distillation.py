@@ -239,7 +239,7 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
                             trust_remote_code=cfg.trust_remote_code).to(device)
     form = kd_form(cfg, meta) if task == "causal-lm" else None
     vocab = _student_width(student, meta) if task == "causal-lm" else None
-    head = {k: v.to(device) for k, v in cache.teacher_head().items()} if form == "hidden" else None
+    head = {k: v.to(device, torch.float32) for k, v in cache.teacher_head().items()} if form == "hidden" else None
     cfg = replace(cfg, temperature=kd_temperature(cfg, meta))
     bank, teacher_layers = None, []
     if cfg.method in ("ted", "lwd"):
