@@ -93,7 +93,7 @@ def model_outputs(model, batches, task: str) -> dict[str, np.ndarray]:
                                          batch["attention_mask"].numpy()))
             labels.append(batch["question_index"].numpy())
         elif task == "causal-lm":
-            values.extend(lm_loss_per_block(logits, inputs["input_ids"], inputs["attention_mask"]))
+            values.extend(lm_loss_per_block(logits, inputs["input_ids"], inputs["attention_mask"]).tolist())
         elif task == "token-classification":
             tagged = batch["labels"] >= 0
             values.extend(logits.argmax(-1).cpu()[tagged].numpy())

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from .cache import CacheLock, CacheMetadata, CacheWriter, Location, cache_name, load_metadata
+from .cache import CacheLock, CacheMetadata, CacheWriter, Location, UnitStates, cache_name, load_metadata
 from .cache.layout import FINAL, storage_order
 from .cache.logits import LogitSpec, check_rebuilt, head_tensors, id_dtype, parse_logit_spec, sparsify
 from .cache.read import read_filter_files
@@ -100,7 +100,7 @@ def extract(cfg: ExtractConfig, log=None) -> str:
             bank, measured = _train_teacher_filters(teacher, spec, splits, metadata, cfg, log, procs)
             metadata = replace(metadata, stage1_filters=measured)
         plan = _first_then_all(procs, lambda: _prepare(location, cfg, metadata, found, bank, splits, teacher,
-                                                      logit_spec, device, log))
+                                                      logit_spec, device, log, procs.size))
         writer = CacheWriter(location)
         bank = None if raw else FilterBank.from_bytes(read_filter_files(location)).to(device).eval()
         units = [(split, unit) for split, todo in plan["todo"].items() for unit in todo]
@@ -156,10 +156,11 @@ def _found(location: Location, cfg: ExtractConfig, metadata: CacheMetadata, log)
 
 
 def _prepare(location, cfg, metadata: CacheMetadata, found: str, bank: FilterBank | None, splits, teacher,
-             logit_spec, device, log) -> dict:
-    """The first process's part: open the cache to resume, or create it (with the Stage-I `bank`); the
-    int8 scales from train unit 0 (written here, so every process encodes with the same scales).
-    Returns {"todo": units left, "calibration_s": seconds of that first unit's teacher pass}."""
+             logit_spec, device, log, processes: int) -> dict:
+    """The first process's part: open the cache to resume, or create it (with the Stage-I `bank`). With
+    several processes, it also computes train unit 0, whose states set the int8 scales, so that every
+    process encodes with the same scales (one process sets them in its teacher pass, where unit 0 comes
+    first). Returns {"todo": units left, "calibration_s": seconds of that first unit's teacher pass}."""
     if found == "resume":
         writer = CacheWriter(location)
         if cfg.states != "raw":
@@ -169,7 +170,7 @@ def _prepare(location, cfg, metadata: CacheMetadata, found: str, bank: FilterBan
     if bank is not None:
         bank.eval()
     calibration_started = time.perf_counter()
-    if writer.needs_channel_scales() and 0 not in writer.done_units("train"):
+    if processes > 1 and writer.needs_channel_scales() and 0 not in writer.done_units("train"):
         _teacher_pass(writer, teacher, bank, metadata.layers, splits, logit_spec, cfg.batch_size, [("train", 0)])
     calibration_s = time.perf_counter() - calibration_started
     todo = writer.missing_units()
@@ -289,40 +290,42 @@ def _tokenizer_width(teacher, tokenizer, name: str) -> int:
     return len(tokenizer)
 
 
-def _run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: int,
-              logit_spec: LogitSpec | None, generator: torch.Generator | None, per_token: bool = False):
-    """One unit through the teacher. Returns (outputs, states, logit rows): outputs are per-example (C,)
-    logit rows or, causal-lm, each block's mean next-token loss, or with `per_token` (token
-    classification) a (tokens, C) tensor per batch; states {layer: (tokens, d)} in storage order;
-    causal-lm with a generator (training units), the sparse rows {"ids", "logprobs"[, "counts"]: (tokens, S)},
-    or for --logits hidden the final hidden states, in `states` under layout.FINAL."""
+def _run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: int, logit_spec: LogitSpec | None,
+              states: dict | None, generator: torch.Generator | None, per_token: bool = False):
+    """One unit through the teacher. Training units pass `states` ({layer, or layout.FINAL for --logits
+    hidden: codecs.UnitStates}), which receive each batch's per-token states in storage order. Returns
+    (outputs, logit rows), on the host: outputs are the per-example (N, C) logit rows or, causal-lm,
+    each block's mean next-token loss (N,), or with `per_token` (token classification, question
+    answering) (tokens, C); with a `generator` (causal-lm training units), the sparse rows
+    {"ids", "logprobs"[, "counts"]: (tokens, S)}. Nothing waits for the device inside the unit."""
     device = next(teacher.parameters()).device
-    final = generator is not None and logit_spec.kind == "hidden"  # its final hidden state, last in `filtered`
-    outputs, states, rows = [], {layer: [] for layer in layers}, {}
+    final = states is not None and FINAL in states
+    outputs, rows = [], {}
     for batch in iterate_batches(ExamplesSource(examples), batch_size, pad):
+        # real tokens, row-major (storage order), indexed from the host mask: no device sync per batch
+        real = batch["attention_mask"].flatten().nonzero().squeeze(1).to(device)
         batch = to_device(batch, device)
-        logits, filtered = teacher_targets(teacher, bank, batch, layers, final)
-        real = batch["attention_mask"].bool()  # row-major: tokens come out in storage order
-        for layer, s in zip(layers, filtered):
-            states[layer].append(s[real].cpu())
+        logits, filtered = teacher_targets(teacher, bank if states is not None else None, batch,
+                                           layers if states is not None else [], final)
+        for unit_states, s in zip((states or {}).values(), filtered):
+            unit_states.add(_real(s, real))
         if per_token:
-            outputs.append(logits[real].cpu())
-            continue
-        if logit_spec is None:
-            outputs.extend(logits.cpu().tolist())
-            continue
-        outputs.extend(lm_loss_per_block(logits, batch["input_ids"], batch["attention_mask"]))
-        if generator is None:  # (not a training unit: no per-token targets)
-            continue
-        if logit_spec.kind == "hidden":
-            if FINAL not in states:  # the unit's first batch
-                check_rebuilt(logits[real], filtered[-1][real], head_tensors(teacher, logit_spec.vocab))
-            states.setdefault(FINAL, []).append(filtered[-1][real].cpu())
-            continue
-        for name, part in sparsify(logits[real].cpu(), logit_spec, generator).items():
-            rows.setdefault(name, []).append(part)
-    return (outputs, {layer: torch.cat(parts) for layer, parts in states.items()},
-            {name: torch.cat(parts) for name, parts in rows.items()})
+            outputs.append(_real(logits, real))
+        elif logit_spec is None:
+            outputs.append(logits)
+        else:
+            outputs.append(lm_loss_per_block(logits, batch["input_ids"], batch["attention_mask"]))
+        if final and len(outputs) == 1:  # the unit's first batch
+            check_rebuilt(_real(logits, real), _real(filtered[-1], real), head_tensors(teacher, logit_spec.vocab))
+        if generator is not None:
+            for name, part in sparsify(_real(logits, real), logit_spec, generator).items():
+                rows.setdefault(name, []).append(part)
+    return torch.cat(outputs).cpu(), {name: torch.cat(parts).cpu() for name, parts in rows.items()}
+
+
+def _real(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """(B, L, ...) -> the real tokens' rows (n, ...), `real` being their flat positions."""
+    return values.flatten(0, 1).index_select(0, real)
 
 
 def stored_units(splits: dict[str, Examples], bounds: dict[str, np.ndarray], seed: int,
@@ -335,34 +338,41 @@ def stored_units(splits: dict[str, Examples], bounds: dict[str, np.ndarray], see
         yield split, unit, splits[split].reorder(orders[split][bounds[split][unit]:bounds[split][unit + 1]])
 
 
-def _unit_generator(seed: int, unit: int) -> torch.Generator:
-    """Sampling is seeded per unit, so a resumed or repaired unit draws exactly what a clean run drew."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, unit]).generate_state(1)[0]))
+def _unit_generator(seed: int, unit: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """Sampling is seeded per unit, so a resumed or repaired unit draws exactly what a clean run drew (on
+    the same kind of device: the draws are made where the logits are)."""
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, unit]).generate_state(1)[0]))
 
 
 def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec: LogitSpec | None, batch_size: int,
                   units: list[tuple[str, int]]) -> None:
     """Compute `units` ((split, unit) pairs) and hand each to the writer; states and logit rows are
     stored for the training split only, per-token logits (token classification, question answering) for
-    every split."""
+    every split. Without int8 channel scales yet, the first training unit sets them (see _prepare)."""
     meta = writer.metadata
+    device = next(teacher.parameters()).device
     output_key = "logits" if logit_spec is None else "nll"
     per_token = meta.task in ("token-classification", "question-answering")
+    sampled = logit_spec is not None and logit_spec.kind != "hidden"
     bounds = {split: writer.unit_bounds(split) for split in splits}
-    # The teacher computes unit u+1 while a background thread encodes, writes and checksums unit u.
+    # The teacher computes unit u+1 while a background thread pads, compresses, writes and checksums unit u.
     bar = tqdm(total=len(units), desc="teacher pass (units)", leave=False, disable=None)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tedcache-write") as background:
         pending = None
         for split, unit, part in stored_units(splits, bounds, meta.seed, units):
             train = split == "train"
-            generator = _unit_generator(meta.seed, unit) if train and logit_spec is not None else None
-            outputs, states, rows = _run_unit(teacher, bank, layers, part, meta.pad_token_id, batch_size,
-                                              logit_spec, generator, per_token)
+            states = {key: UnitStates(meta.precision, writer.channel_scales.get(key), device)
+                      for key in writer.state_keys} if train else None
+            generator = _unit_generator(meta.seed, unit, device) if train and sampled else None
+            outputs, rows = _run_unit(teacher, bank, layers, part, meta.pad_token_id, batch_size, logit_spec,
+                                      states, generator, per_token)
             if pending is not None:
                 pending.result()  # at most one unit in flight: memory stays bounded
-            pending = background.submit(writer.write_unit, split, unit, {} if per_token else {output_key: outputs},
-                                        states if train else None, rows if train else None,
-                                        torch.cat(outputs) if per_token else None)
+            if states and writer.needs_channel_scales():
+                writer.calibrate({key: s.float_states() for key, s in states.items()})
+            encoded = {key: s.finish(writer.channel_scales.get(key)) for key, s in states.items()} if train else None
+            pending = background.submit(writer.write_unit, split, unit, {} if per_token else {output_key: outputs.tolist()},
+                                        encoded, rows, outputs if per_token else None)
             bar.update(1)
         if pending is not None:
             pending.result()

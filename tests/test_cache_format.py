@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer, BertTokenizerFast
 
 from tedcache import DataConfig, ExtractConfig, OptimConfig, extract
-from tedcache.cache import Cache, CacheMetadata, CacheWriter, Location, load_metadata, verify
+from tedcache.cache import Cache, CacheMetadata, CacheWriter, Location, UnitStates, load_metadata, verify
 from tedcache.data import Examples
 from tedcache.errors import TedcacheError
 from tedcache.models import tokenizer_hash, vocab_hash
@@ -45,7 +45,12 @@ def test_writer_takes_tensors_and_the_reader_gives_them_back(tmp_path):
         tokens = int(stored.offsets[last] - stored.offsets[first])
         states = {layer: torch.randn(tokens, 3) for layer in (0, 2)}
         expected[unit] = states
-        writer.write_unit("train", unit, {"logits": [[float(unit), 1.0]] * int(last - first)}, states)
+        encoded = {}
+        for layer, values in states.items():
+            unit_states = UnitStates("fp32", None, torch.device("cpu"))
+            unit_states.add(values)
+            encoded[layer] = unit_states.finish()
+        writer.write_unit("train", unit, {"logits": [[float(unit), 1.0]] * int(last - first)}, encoded)
     writer.complete(timings={"total_s": 1.0})
     cache = Cache(location.url)
     split = cache.split("train")

@@ -16,6 +16,7 @@ from tedcache.cache import (
     Cache,
     CompactStates,
     Problem,
+    UnitStates,
     calibrate_channel_scales,
     collect_garbage,
     encode_states,
@@ -49,15 +50,39 @@ def test_int8_error_bound_with_outlier_channels():
     states[:, :3] *= 40  # outlier channels, as real activations have
     scales = calibrate_channel_scales(states)
     q, token_scale = encode_states(states, "int8", scales)
-    assert q.dtype == np.int8 and token_scale.dtype == np.float16
-    decoded = CompactStates(torch.from_numpy(q), torch.from_numpy(token_scale), scales).widen()
+    assert q.dtype == torch.int8 and token_scale.dtype == torch.float16
+    decoded = CompactStates(q, token_scale, scales).widen()
     per_channel = (decoded - states).pow(2).mean(0).sqrt() / states.pow(2).mean(0).sqrt()
     assert per_channel.max() < 0.02  # every channel, outliers or not, within 2% RMS
     # a per-token scale alone is broken by the outliers: ordinary channels lose most of their signal
     alone, alone_scale = encode_states(states, "int8", torch.ones(64))
-    naive = CompactStates(torch.from_numpy(alone), torch.from_numpy(alone_scale), torch.ones(64)).widen()
+    naive = CompactStates(alone, alone_scale, torch.ones(64)).widen()
     naive_error = (naive - states).pow(2).mean(0).sqrt() / states.pow(2).mean(0).sqrt()
     assert naive_error.max() > 5 * per_channel.max()
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16", "fp16", "fp32"])
+def test_states_encoded_batch_by_batch_equal_the_whole_unit_encoded(precision):
+    torch.manual_seed(0)
+    batches = [torch.randn(n, 16) * 3 + 1 for n in (7, 1, 12)]
+    whole = torch.cat(batches)
+    scales = calibrate_channel_scales(whole)
+    expected_values, expected_scale = encode_states(whole, precision, scales)
+    known = UnitStates(precision, scales if precision == "int8" else None, torch.device("cpu"))
+    calibrating = UnitStates(precision, None, torch.device("cpu"))  # (int8: encoded only at finish)
+    for part in batches:
+        known.add(part)
+        calibrating.add(part)
+    for encoded in (known.finish(), calibrating.finish(scales)):
+        assert torch.equal(encoded.values, expected_values)
+        assert (encoded.token_scale is None) == (expected_scale is None)
+        assert expected_scale is None or torch.equal(encoded.token_scale, expected_scale)
+        count, sums, squares = encoded.moments
+        reference = whole.double()
+        assert count == 20
+        np.testing.assert_allclose(sums, reference.sum(0).numpy(), rtol=1e-12)
+        assert squares == pytest.approx(float(reference.square().sum()), rel=1e-12)
+    assert precision != "int8" or torch.equal(calibrating.float_states(), whole)
 
 
 def _flip_byte(path: Path) -> None:

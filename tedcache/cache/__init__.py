@@ -4,7 +4,7 @@ fsspec, and the lock) -> codecs (state precisions) and logits (sparse teacher di
 writer -> read (Cache, Split) -> verify -> catalog."""
 
 from .catalog import collect_garbage, inspect_cache, list_caches, remove_cache
-from .codecs import CompactStates, calibrate_channel_scales, decode_values, encode_states
+from .codecs import CompactStates, UnitStates, calibrate_channel_scales, decode_values, encode_states
 from .layout import FORMAT_VERSION, cache_key, cache_name, pack
 from .location import CacheLock, Location
 from .metadata import CacheMetadata, UnitRecord, load_metadata
@@ -13,6 +13,6 @@ from .verify import Problem, repair, verify
 from .writer import CacheWriter
 
 __all__ = ["FORMAT_VERSION", "Cache", "CacheLock", "CacheMetadata", "CacheWriter", "CompactStates", "Location",
-           "Problem", "Split", "UnitRecord", "cache_key", "cache_name", "calibrate_channel_scales",
+           "Problem", "Split", "UnitRecord", "UnitStates", "cache_key", "cache_name", "calibrate_channel_scales",
            "collect_garbage", "decode_values", "encode_states", "inspect_cache", "list_caches", "load_metadata",
            "pack", "remove_cache", "repair", "verify"]

@@ -16,17 +16,72 @@ def calibrate_channel_scales(states: torch.Tensor) -> torch.Tensor:
     return states.float().pow(2).mean(0).sqrt().clamp_min(1e-6)
 
 
+PAD_TOKEN_SCALE = 2 ** -14  # the smallest int8 per-token scale: what an all-zero (padding) row gets
+
+
 def encode_states(states: torch.Tensor, precision: str, channel_scale: torch.Tensor | None = None):
-    """(n, d) float -> (stored values, per-token scales or None). int8: x / channel_scale, then a per-token
-    absmax scale (stored in fp16; quantisation uses the rounded scale so decoding is exact to it)."""
+    """(n, d) float -> (stored values, per-token scales or None), tensors on the states' device. int8:
+    x / channel_scale, then a per-token absmax scale (stored in fp16; quantisation uses the rounded scale so
+    decoding is exact to it). bf16 values stay bfloat16 here (`as_stored` gives their bits)."""
     if precision == "int8":
         normalised = states.float() / channel_scale
-        token_scale = (normalised.abs().amax(-1) / 127).clamp_min(2 ** -14).half()
+        token_scale = (normalised.abs().amax(-1) / 127).clamp_min(PAD_TOKEN_SCALE).half()
         q = torch.round(normalised / token_scale.float().unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-        return q.numpy(), token_scale.numpy()
-    if precision == "bf16":
-        return states.to(torch.bfloat16).view(torch.uint16).numpy(), None
-    return states.to(torch.float32 if precision == "fp32" else torch.float16).numpy(), None
+        return q, token_scale
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return states.to(dtype), None
+
+
+def as_stored(values: torch.Tensor) -> np.ndarray:
+    """A host tensor of encoded values as the array the cache stores (bf16 as its bits in uint16)."""
+    return values.view(torch.uint16).numpy() if values.dtype == torch.bfloat16 else values.numpy()
+
+
+@dataclass
+class EncodedStates:
+    """One unit's states of one layer as stored, on the host, with the float64 moments of their float
+    values ([tokens, per-channel sums, sum of squares]) that the cache's state variance comes from."""
+
+    values: torch.Tensor  # (tokens, d)
+    token_scale: torch.Tensor | None  # (tokens,) fp16, int8 only
+    moments: list
+
+
+class UnitStates:
+    """One layer's states over one unit, added batch by batch as (tokens, d) float tensors on the device
+    that computed them. Each batch is encoded there, so only the stored bytes cross to the host and the
+    writer thread only compresses and writes; the exception is the first training unit of an int8 cache,
+    whose states set the channel scales: its float states wait on the host until `finish(channel_scale)`."""
+
+    def __init__(self, precision: str, channel_scale: torch.Tensor | None, device: torch.device):
+        self.precision = precision
+        self.calibrating = precision == "int8" and channel_scale is None
+        self.channel_scale = None if channel_scale is None else channel_scale.to(device)
+        self.parts: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.floats: list[torch.Tensor] = []
+        self.count, self.sums, self.squares = 0, 0.0, 0.0
+
+    def add(self, states: torch.Tensor) -> None:
+        self.count += len(states)
+        self.sums = self.sums + states.sum(0, dtype=torch.float64)
+        self.squares = self.squares + states.double().square().sum()
+        if self.calibrating:
+            self.floats.append(states.cpu())
+        else:
+            self.parts.append(encode_states(states, self.precision, self.channel_scale))
+
+    def float_states(self) -> torch.Tensor:
+        """The unit's float states (calibrating units only), what `calibrate_channel_scales` reads."""
+        return torch.cat(self.floats)
+
+    def finish(self, channel_scale: torch.Tensor | None = None) -> EncodedStates:
+        """The unit encoded, on the host; a calibrating unit is encoded with `channel_scale`."""
+        if self.calibrating:
+            self.parts = [encode_states(part, self.precision, channel_scale) for part in self.floats]
+        values = torch.cat([v for v, _ in self.parts]).cpu()
+        token_scale = torch.cat([s for _, s in self.parts]).cpu() if self.precision == "int8" else None
+        moments = [self.count, torch.as_tensor(self.sums).cpu().tolist(), float(self.squares)]
+        return EncodedStates(values, token_scale, moments)
 
 
 def decode_values(values: np.ndarray, precision: str) -> torch.Tensor:

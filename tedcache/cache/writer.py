@@ -16,7 +16,7 @@ from zarr.codecs import ZstdCodec
 
 from ..errors import TedcacheError
 from . import layout
-from .codecs import STATE_DTYPES, calibrate_channel_scales, encode_states
+from .codecs import PAD_TOKEN_SCALE, STATE_DTYPES, EncodedStates, as_stored, calibrate_channel_scales
 from .location import LOCK, Location
 from .metadata import CacheMetadata, UnitRecord
 
@@ -190,8 +190,8 @@ class CacheWriter:
     def needs_channel_scales(self) -> bool:
         return self.metadata.precision == "int8" and bool(self.state_keys) and not self.channel_scales
 
-    def _calibrate(self, states: dict[int | str, torch.Tensor]) -> None:
-        """int8: per-channel scales from the first train unit's states, stored before any unit is
+    def calibrate(self, states: dict[int | str, torch.Tensor]) -> None:
+        """int8: per-channel scales from the first train unit's float states, stored before any unit is
         written, so a resumed run (whose first unit is then done) encodes with the same scales."""
         for layer, values in states.items():
             self.channel_scales[layer] = calibrate_channel_scales(values)
@@ -200,33 +200,30 @@ class CacheWriter:
         self._save_metadata()
 
     def write_unit(self, split: str, unit: int, outputs: dict[str, list],
-                   states: dict[int | str, torch.Tensor] | None = None,
+                   states: dict[int | str, EncodedStates] | None = None,
                    logit_rows: dict[str, torch.Tensor] | None = None,
                    token_logits: torch.Tensor | None = None) -> None:
-        """Write one unit: its per-token rows in storage order (`states`: layer (or layout.FINAL) -> (tokens, d) float;
-        `logit_rows`: name -> (tokens, S); `token_logits`: (tokens, C)), padded to a whole shard, encoded
-        and written; then its record holding the per-example `outputs`, the unit's done-marker."""
-        if states and self.needs_channel_scales():
-            self._calibrate(states)
-        shard, precision = self.metadata.shard_tokens, self.metadata.precision
+        """Write one unit: its per-token rows in storage order (`states`: layer (or layout.FINAL) -> the
+        unit's encoded states (codecs.UnitStates); `logit_rows`: name -> (tokens, S); `token_logits`:
+        (tokens, C)), padded to a whole shard; then its record holding the per-example `outputs` and the
+        states' moments, the unit's done-marker."""
+        shard = self.metadata.shard_tokens
         arrays = {}
-        for layer, values in (states or {}).items():
-            encoded, scales = encode_states(_pad(values, shard, 0), precision, self.channel_scales.get(layer))
-            arrays[layout.states_array(layer)] = encoded
-            arrays[layout.token_scales_array(layer)] = scales
+        for layer, encoded in (states or {}).items():
+            arrays[layout.states_array(layer)] = as_stored(_pad(encoded.values, shard, 0))
+            if encoded.token_scale is not None:
+                arrays[layout.token_scales_array(layer)] = _pad(encoded.token_scale, shard, PAD_TOKEN_SCALE).numpy()
         for name, values in (logit_rows or {}).items():
             arrays[layout.logit_array(name)] = _pad(values, shard, -1 if name == "ids" else 0).numpy()
         if token_logits is not None:
             arrays[layout.TOKEN_LOGITS] = _pad(token_logits.float(), shard, 0).numpy()
         checksums = {}
         for name, data in arrays.items():
-            if data is None:
-                continue
             arr = self.root[f"{split}/{name}"]
             stop = min((unit + 1) * shard, arr.shape[0])  # the last shard may be short
             arr[unit * shard:stop] = data[:stop - unit * shard]
             checksums.update(self._object_checksums(arr, [(unit,) + (0,) * (data.ndim - 1)]))
-        moments = {str(layer): _moments(values) for layer, values in (states or {}).items()} or None
+        moments = {str(layer): encoded.moments for layer, encoded in (states or {}).items()} or None
         record = UnitRecord(split, unit, outputs, checksums, moments)
         self.location.write_bytes(layout.unit_record(split, unit), record.to_bytes())
 
@@ -258,12 +255,6 @@ def _pad(values: torch.Tensor, rows: int, fill) -> torch.Tensor:
     padded = torch.full((rows, *values.shape[1:]), fill, dtype=values.dtype)
     padded[:len(values)] = values
     return padded
-
-
-def _moments(values: torch.Tensor) -> list:
-    """[tokens, per-channel sums, sum of squares] of (tokens, d) states, in float64."""
-    values = values.double()
-    return [len(values), values.sum(0).tolist(), float((values ** 2).sum())]
 
 
 def _variance(moments: list[list]) -> float:
