@@ -61,10 +61,8 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -
 
 def lm_loss_per_block(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Each block's own mean next-token loss (lm_loss of that row alone), (B,) on the logits' device.
-    logits (B, L, V)."""
-    targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    return losses.sum(1) / (targets != -100).sum(1)
+    logits (B, L, V). (Row by row: one (L, V) copy at a time stays in cache, and nothing waits for the device.)"""
+    return torch.stack([lm_loss(row[None], ids[None], m[None]) for row, ids, m in zip(logits, input_ids, mask)])
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
