@@ -244,14 +244,6 @@ def encode_labels(table, label_column: str, task: str, label_names: list[str] | 
     return ids.astype(np.int64)
 
 
-def fingerprint_table(table, columns: list[str | None]) -> str:
-    """A content hash of the columns that determine the examples (order-sensitive)."""
-    digest = _table_digest(columns)
-    for start in range(0, len(table), HASHED_ROWS):
-        _hash_rows(digest, table[start:start + HASHED_ROWS], columns)
-    return digest.hexdigest()
-
-
 def tokenize(table, tokenizer, text_column: str, text_pair_column: str | None, max_length: int,
              labels: np.ndarray, source: str) -> Examples:
     """Tokenize (truncating, no padding) into flat CSR arrays, HASHED_ROWS rows at a time, in one pass
@@ -368,8 +360,10 @@ def tokenize_words(table, tokenizer, word_column: str, tag_column: str | None, l
     Without `tag_column` (unlabelled transfer rows) first sub-tokens are UNTAGGED."""
     index = {name: i for i, name in enumerate(label_names)}
     ids, types, tags, lengths = TokenSpool(np.int32), TokenSpool(np.int8), TokenSpool(np.int16), []
+    digest = _table_digest([word_column, tag_column])
     for start in range(0, len(table), HASHED_ROWS):
         rows = table[start:start + HASHED_ROWS]
+        _hash_rows(digest, rows, [word_column, tag_column])
         words = rows[word_column]
         if any(not isinstance(w, list) or not all(isinstance(x, str) for x in w) for w in words):
             raise TedcacheError(f"{source}: column '{word_column}' must hold lists of words (strings) for "
@@ -391,7 +385,7 @@ def tokenize_words(table, tokenizer, word_column: str, tag_column: str | None, l
             types.extend(t for row in enc["token_type_ids"] for t in row)
     token_labels = tags.array()
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    fingerprint = fingerprint_table(table, [word_column, tag_column]) + _hash_array(token_labels)
+    fingerprint = digest.hexdigest() + _hash_array(token_labels)
     return Examples(ids.array(), offsets, types.array() if types.count else None, None, fingerprint, token_labels)
 
 
@@ -419,9 +413,12 @@ def load_questions(table, cfg, tokenizer, source: str):
     if stride >= cfg.max_length // 2:
         raise TedcacheError(f"--doc-stride ({stride}) must be below half of --max-length "
                             f"({cfg.max_length}); e.g. --doc-stride {cfg.max_length // 3}")
-    ids, types, spans, lengths, labels, owner, questions = [], [], [], [], [], [], []
-    for first in range(0, len(table), 4096):
-        rows = table[first:first + 4096]
+    columns = [id_col, question_col, context_col, answer_col]
+    ids, types, spans = TokenSpool(np.int32), TokenSpool(np.int8), TokenSpool(np.int32)  # spans: 2 a token
+    lengths, labels, owner, questions, digest = [], [], [], [], _table_digest(columns)
+    for first in range(0, len(table), HASHED_ROWS):
+        rows = table[first:first + HASHED_ROWS]
+        _hash_rows(digest, rows, columns)
         for name in (question_col, context_col):
             if any(not isinstance(t, str) or not t for t in rows[name]):
                 raise TedcacheError(f"{source}: column '{name}' has empty or non-text rows; drop or fill them")
@@ -445,19 +442,18 @@ def load_questions(table, cfg, tokenizer, source: str):
             texts, starts = answers[row]
             labels.append(answer_tokens(window_spans, starts[0], starts[0] + len(texts[0])) if texts
                           else (NO_ANSWER, NO_ANSWER))
-            ids.extend(enc["input_ids"][window])
+            ids.extend(np.asarray(enc["input_ids"][window]))
             if "token_type_ids" in enc:
-                types.extend(enc["token_type_ids"][window])
-            spans.append(window_spans)
+                types.extend(np.asarray(enc["token_type_ids"][window]))
+            spans.extend(window_spans.ravel())
             lengths.append(len(enc["input_ids"][window]))
             owner.append(first + row)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1, 2)
-    fingerprint = (fingerprint_table(table, [id_col, question_col, context_col, answer_col]) + f"-stride{stride}"
-                   + _hash_array(labels))
-    return Examples(np.asarray(ids, dtype=np.int32), np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
-                    np.asarray(types, dtype=np.int8) if types else None, labels, fingerprint,
-                    context_spans=np.concatenate(spans) if spans else np.zeros((0, 2), np.int32),
-                    question_index=np.asarray(owner, dtype=np.int64), questions=questions)
+    fingerprint = digest.hexdigest() + f"-stride{stride}" + _hash_array(labels)
+    return Examples(ids.array(), np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
+                    types.array() if types.count else None, labels, fingerprint,
+                    context_spans=spans.array().reshape(-1, 2), question_index=np.asarray(owner, dtype=np.int64),
+                    questions=questions)
 
 
 def concatenate(first: Examples, second: Examples) -> Examples:

@@ -69,6 +69,8 @@ def test_windows_cover_long_contexts_and_keep_answer_spans(answered):
     table = load_table([str(answered["files"]["train"])])
     examples, _ = load_examples([str(answered["files"]["train"])], data, tokenizer, None, "--data")
     assert len(examples) > len(table)  # long contexts make several windows
+    # the windows' tokens and spans are spooled to disk while tokenizing, never all in memory
+    assert isinstance(examples.input_ids, np.memmap) and isinstance(examples.context_spans, np.memmap)
     assert np.diff(examples.offsets).max() <= data.max_length
     found = 0
     for window in range(len(examples)):
