@@ -99,7 +99,7 @@ def sparsify(logits: torch.Tensor, spec: LogitSpec, generator: torch.Generator |
     elif spec.kind == "topk":
         ids, counts = logits.topk(spec.size, dim=-1).indices, None
     else:
-        ids, counts = torch.arange(logits.shape[-1]).expand(len(logits), -1), None
+        ids, counts = torch.arange(logits.shape[-1], device=logits.device).expand(len(logits), -1), None
     logprobs = F.log_softmax(logits, dim=-1).gather(-1, ids.clamp_min(0)).masked_fill(ids < 0, 0.0)
     rows = {"ids": ids, "logprobs": logprobs.half()}
     if counts is not None:
