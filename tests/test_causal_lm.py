@@ -21,6 +21,7 @@ from tedcache.cache.logits import check_rebuilt, head_logits, parse_logit_spec, 
 from tedcache.config import FilterConfig
 from tedcache.data import load_blocks
 from tedcache.distillation import kd_form, stage2_loss
+from tedcache.distributed import pick_device
 from tedcache.errors import TedcacheError
 from tedcache.extraction import _unit_generator
 from tedcache.filters import FilterBank, FilterSpec
@@ -160,7 +161,8 @@ def test_sparse_logits_round_trip(lm_assets, tmp_path, logits):
     rows = split.logits(0, int(split.starts[-1] + split.lengths[-1]))
     assert rows["ids"].dtype == np.int8 and rows["ids"].shape[1] == width  # 35 ids fit in int8
     assert rows["logprobs"].dtype == np.float16 and ("counts" in rows) == logits.startswith("sample")
-    teacher = load_causal_lm(cfg.teacher).eval()
+    device = pick_device()  # where extraction ran: the draws are made on the teacher's device
+    teacher = load_causal_lm(cfg.teacher).to(device).eval()
     spec = parse_logit_spec(logits, vocab, cfg.logits_temperature)
     bounds = cache.root["train/unit_bounds"][...]
     for unit in range(meta.units["train"]):
@@ -168,8 +170,8 @@ def test_sparse_logits_round_trip(lm_assets, tmp_path, logits):
         a, b = int(split.starts[first]), int(split.starts[last - 1] + split.lengths[last - 1])
         ids = torch.from_numpy(cache.root["train/input_ids"][a:b].astype(np.int64)).view(last - first, -1)
         with torch.no_grad():
-            live = teacher(input_ids=ids).logits.flatten(0, 1)
-        expected = sparsify(live, spec, _unit_generator(cfg.seed, unit))
+            live = teacher(input_ids=ids.to(device)).logits.flatten(0, 1)
+        expected = {k: v.cpu() for k, v in sparsify(live, spec, _unit_generator(cfg.seed, unit, device)).items()}
         assert np.array_equal(rows["ids"][a:b], expected["ids"].numpy())
         assert np.allclose(rows["logprobs"][a:b].astype(np.float32), expected["logprobs"].float().numpy(), atol=2e-3)
         if "counts" in rows:
