@@ -1,0 +1,38 @@
+"""Extraction throughput against the teacher's bare forward over the same batches, for `tedcache bench`'s
+pairs at several data sizes (docs/performance.md, "Extraction on a GPU"). Appends one JSON line per run.
+
+    python examples/extraction_vs_forward.py WORKDIR OUT.jsonl minilm,bert 1024:1,4096:2
+
+The last argument lists examples:repeats. Set TEDCACHE_BENCH_MINILM to a folder with MiniLM's config and
+tokenizer on machines without the model package (timing depends on shapes only)."""
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from tedcache import bench, extract
+from tedcache.cache import Cache
+
+
+def main(work: Path, out: Path, pairs: list[str], sizes: list[tuple[int, int]]) -> None:
+    for pair in pairs:
+        teacher, _ = bench._pair_dirs(work, pair)
+        for examples, repeats in sizes:
+            cfg = bench._extract_config(work, pair, teacher, bench._data(work, examples))
+            for repeat in range(repeats):
+                cache = extract(replace(cfg, force=True))  # rebuilt, so its teacher pass is timed here
+                timings = Cache(cache).metadata.timings
+                forward = bench.bare_forward_seconds(cfg, cache)
+                row = dict(pair=pair, examples=examples, repeat=repeat, units=Cache(cache).metadata.units,
+                           pass_s=timings["teacher_pass_s"], forward_s=forward,
+                           extract_over_forward=forward / timings["teacher_pass_s"])
+                print(json.dumps(row), flush=True)
+                with out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    work_dir, out_file, pair_list, size_list = sys.argv[1:5]
+    main(Path(work_dir), Path(out_file), pair_list.split(","),
+         [tuple(int(x) for x in size.split(":")) for size in size_list.split(",")])
