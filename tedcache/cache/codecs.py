@@ -50,7 +50,7 @@ class EncodedStates:
 class UnitStates:
     """One layer's states over one unit, added batch by batch as (tokens, d) float tensors on the device
     that computed them. Each batch is encoded there, so only the stored bytes cross to the host and the
-    writer thread only compresses and writes; the exception is the first training unit of an int8 cache,
+    writer thread only pads, writes and checksums; the exception is the first training unit of an int8 cache,
     whose states set the channel scales: its float states wait on the host until `finish(channel_scale)`."""
 
     def __init__(self, precision: str, channel_scale: torch.Tensor | None, device: torch.device):
