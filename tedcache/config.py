@@ -123,8 +123,9 @@ class DistillConfig:
     kd_targets: str = setting("auto", "causal-lm: sampled (sample counts, unbiased) or logits (renormalised over "
                                       "the stored ids); auto = sampled for sample:N caches. A --logits hidden "
                                       "cache always gives the exact full distribution.", choices=KD_TARGETS)
-    optim: OptimConfig = setting(help="Stage II optimiser.", factory=lambda: OptimConfig(epochs=3.0, lr=5e-5),
-                                 prefix="")
+    # lr and warm-up from the evidence study's tuning (docs/evidence.md, "Defaults")
+    optim: OptimConfig = setting(help="Stage II optimiser.",
+                                 factory=lambda: OptimConfig(epochs=3.0, lr=2.5e-4, warmup_ratio=0.1), prefix="")
     student_layers: str = setting("all", "Student layers that get filters (ted, lwd): all, every:K or 0,1.")
     layer_map: str = setting("interval", "Which teacher layer each student layer matches (ted, lwd): interval (TED's "
                                          "rule over the cached layers), copy (for init-student copies: the layer "
@@ -171,7 +172,8 @@ class FinetuneConfig:
     out: str = setting(help="Folder for the fine-tuned model, its tokenizer, metrics.json and config.yaml.")
     data: DataConfig = setting(help="Data settings.", prefix="")
     seed: int = setting(42, "Seed of the new head, the order and dropout.")
-    optim: OptimConfig = setting(help="Optimiser.", factory=OptimConfig, prefix="")
+    optim: OptimConfig = setting(help="Optimiser.", factory=lambda: OptimConfig(lr=1e-4, warmup_ratio=0.1),
+                                 prefix="")
     trust_remote_code: bool = setting(False, "Run code shipped with the model folder or hub repository (custom "
                                              "architectures). Off by default: such code runs with your rights.")
 

@@ -29,6 +29,13 @@ def load(setting: str) -> dict | None:
     return json.loads(SUMMARY.read_text()).get(setting)
 
 
+def tuned_params(setting: str, method: str) -> dict:
+    """The best configuration the study's tuner found for `method` in `setting` (DistillConfig names, dotted
+    into optim as `tedcache.tune.apply` takes them), or {} where the study has none."""
+    found = load(setting) or {}
+    return dict(found.get("tuned", {}).get(method, {}).get("params", {}))
+
+
 def study_lines(setting: str, seeds_here: int) -> list[str]:
     """Lines to print under a demo's table: how many seeds stand behind its rows, and the study's paired
     intervals for the same comparison, or that the study has not finished it."""

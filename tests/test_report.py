@@ -170,3 +170,21 @@ def test_demo_prints_the_studys_paired_intervals(compared, tmp_path, monkeypatch
     row = next(line for line in lines if line.startswith("| ted − kd |"))
     assert f"{ted_kd['by_seed']['mean']:+.4f} [{ted_kd['by_seed']['low']:+.4f}" in row and ted_kd["verdict"] in row
     assert lines[0].startswith("Seeds behind each row above: 1") and "paired seeds" in "\n".join(lines)
+
+
+def test_demo_runs_each_method_with_the_studys_tuned_configuration(tmp_path, monkeypatch):
+    """The demo's students take the study's best configuration per method (dotted names reach optim);
+    a method or setting the study has not tuned keeps the demo's base settings."""
+    from tedcache import evidence
+    from tedcache.config import DistillConfig, OptimConfig
+    from tedcache.tune import apply
+
+    monkeypatch.setattr(evidence, "SUMMARY", tmp_path / "evidence.json")
+    assert evidence.tuned_params("A", "ted") == {}
+    tuned = {"ted": {"best_validation": 0.77, "params": {"optim.lr": 2.6e-4, "kl_alpha": 0.5, "mse_alpha": 7.7}}}
+    evidence.SUMMARY.write_text(json.dumps({"A": {"title": "the demo pair", "metric": "accuracy",
+                                                  "comparisons": [], "tuned": tuned}}))
+    base = DistillConfig(cache="c", student="s", out="o", optim=OptimConfig(epochs=3, lr=1e-4, batch_size=32))
+    run = apply(base, evidence.tuned_params("A", "ted"))
+    assert (run.optim.lr, run.kl_alpha, run.mse_alpha, run.optim.epochs) == (2.6e-4, 0.5, 7.7, 3)
+    assert evidence.tuned_params("A", "kd") == {} and evidence.tuned_params("C", "ted") == {}
