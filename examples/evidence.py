@@ -29,7 +29,7 @@ from pathlib import Path
 
 import datasets
 
-from tedcache import demo_lm, evidence, extract
+from tedcache import demo, demo_lm, evidence, extract
 from tedcache.cache import load_metadata
 from tedcache.compare import compare
 from tedcache.config import (
@@ -43,7 +43,6 @@ from tedcache.config import (
     TuneConfig,
 )
 from tedcache.configfile import read_config_file, resolve
-from tedcache.demo import minilm_path, rotten_tomatoes_table
 from tedcache.finetuning import finetune
 from tedcache.models import init_student
 from tedcache.report import build_report
@@ -107,7 +106,7 @@ def rotten_tomatoes_files(setting: str) -> dict[str, str]:
     names = {"A": ("train", "validation", "test"), "B": ("train", "transfer", "validation", "test")}[setting]
     if all((folder / f"{n}.parquet").exists() for n in names):
         return {n: str(folder / f"{n}.parquet") for n in names}
-    split = rotten_tomatoes_table().train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
+    split = demo.rotten_tomatoes_table().train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
     rest = split["train"].train_test_split(test_size=VALIDATION, seed=42, stratify_by_column="label")
     pool = rest["train"]
     parts = {"validation": rest["test"], "test": split["test"]}
@@ -179,10 +178,10 @@ def prepare(setting: Setting) -> Prepared:
     data = replace(labelled, transfer=[files["transfer"]]) if "transfer" in files else labelled
     teacher = work / "teacher"
     if not (teacher / "metrics.json").exists():
-        finetune(FinetuneConfig(model=minilm_path(), data=labelled, out=str(teacher), seed=42,
+        finetune(FinetuneConfig(model=demo.minilm_path(), data=labelled, out=str(teacher), seed=42,
                                 optim=OptimConfig(epochs=setting.teacher_epochs, lr=1e-4, batch_size=32,
                                                   warmup_ratio=0.1)))
-    source = str(teacher) if setting.student_from == "teacher" else minilm_path()
+    source = str(teacher) if setting.student_from == "teacher" else demo.minilm_path()
     student = WORK / setting.name / "student-init"
     if not (student / "config.json").exists():
         init_student(source, STUDENT_LAYERS, str(student))
@@ -203,9 +202,9 @@ def method_base(setting: Setting, prepared: Prepared, cache: str, method: str, o
     """The settings a method's tuning starts from (trial 0), the demo's where it has them."""
     epochs = setting.finetune_epochs if method == "finetune" else setting.student_epochs
     return DistillConfig(cache=cache, student=prepared.student, out=str(out), method=method, seed=TUNE_SEEDS[0],
-                         kl_alpha=1.0, mse_alpha=1.0,
-                         optim=OptimConfig(epochs=epochs, lr=1e-4, batch_size=32, warmup_ratio=0.1),
-                         stage1=OptimConfig(epochs=3, lr=1e-3, batch_size=32, patience=1))
+                         kl_alpha=demo.KL_ALPHA, mse_alpha=demo.MSE_ALPHA,
+                         optim=OptimConfig(epochs=epochs, lr=demo.STUDENT_LR, batch_size=32, warmup_ratio=0.1),
+                         stage1=demo.STUDENT_STAGE1)
 
 
 def run(setting: Setting) -> None:

@@ -48,6 +48,7 @@ FULL = DemoSize(train=10**9, validation=1000, max_length=64, teacher_epochs=3, s
 # tuner found best on this pair (setting A, validation only).
 KL_ALPHA, MSE_ALPHA, STUDENT_LR = 1.0, 1.0, 1e-4
 STUDY_SETTING = "A"
+STUDENT_STAGE1 = OptimConfig(epochs=3, lr=1e-3, batch_size=32, patience=1)  # the study's students' Stage I
 
 
 def minilm_path() -> str:
@@ -119,7 +120,8 @@ class DemoSetup:
     def distill_config(self, cache: str, method: str, out: str, size: "DemoSize", seed: int, **overrides):
         settings = dict(cache=cache, student=self.student, out=out, method=method, kl_alpha=KL_ALPHA,
                         mse_alpha=MSE_ALPHA, seed=seed,
-                        optim=OptimConfig(epochs=size.student_epochs, lr=STUDENT_LR, batch_size=32, warmup_ratio=0.1))
+                        optim=OptimConfig(epochs=size.student_epochs, lr=STUDENT_LR, batch_size=32, warmup_ratio=0.1),
+                        stage1=STUDENT_STAGE1)
         return DistillConfig(**{**settings, **overrides})
 
 
