@@ -279,7 +279,7 @@ def report() -> None:
         if tuned:
             lines += ["", "| method | best validation accuracy (mean of tuning seeds) | best settings |",
                       "|---|---|---|"]
-            lines += [f"| {m} | {t['best_validation']:.4f} | {_params(t['params'])} |" for m, t in tuned.items()]
+            lines += [f"| {m} | {t['best_validation']:.4f} | {evidence.describe(t['params'])} |" for m, t in tuned.items()]
         lines += _stage1_lines(runs)
         (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
         (RESULTS / f"{name}.json").write_text(json.dumps({"summary": summary, "tuned": tuned}, indent=2, default=str))
@@ -319,10 +319,6 @@ def _interval(interval: dict | None) -> str:
     if not interval or interval.get("low") is None:
         return "-"
     return f"{interval['mean']:+.4f} [{interval['low']:+.4f}, {interval['high']:+.4f}]"
-
-
-def _params(params: dict) -> str:
-    return ", ".join(f"{k} {v:.3g}" for k, v in params.items())
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from .config import (
 )
 from .distillation import distill
 from .errors import TedcacheError, note
-from .evidence import study_lines, tuned_params
+from .evidence import describe, study_lines, tuned_params
 from .extraction import extract
 from .finetuning import finetune
 from .models import init_student
@@ -156,7 +156,7 @@ def run_demo(workdir: str, size: DemoSize = QUICK, seed: int = 42) -> dict:
         params = tuned_params(STUDY_SETTING, method)
         rows[method] = timed(f"distill {method}", times, distill,
                              apply(setup.distill_config(cache, method, out, size, seed), params))
-        settings.append(f"{method} " + (", ".join(f"{k} {v:.3g}" for k, v in params.items()) or "base settings"))
+        settings.append(f"{method} {describe(params) or 'base settings'}")
     teacher = rows["ted"]["teacher"]["test"]
     names = {"finetune": "fine-tuned student (2 layers)", "kd": "KD student", "ted": "TED student"}
     results = [("teacher (MiniLM-L6, 6x384)", teacher["accuracy"], teacher["f1"])]

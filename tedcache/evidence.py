@@ -36,6 +36,11 @@ def tuned_params(setting: str, method: str) -> dict:
     return dict(found.get("tuned", {}).get(method, {}).get("params", {}))
 
 
+def describe(params: dict) -> str:
+    """Tuned parameters as one short phrase ("optim.lr 0.00026, kl_alpha 0.509")."""
+    return ", ".join(f"{name} {value:.3g}" for name, value in params.items())
+
+
 def study_lines(setting: str, seeds_here: int) -> list[str]:
     """Lines to print under a demo's table: how many seeds stand behind its rows, and the study's paired
     intervals for the same comparison, or that the study has not finished it."""

@@ -187,4 +187,5 @@ def test_demo_runs_each_method_with_the_studys_tuned_configuration(tmp_path, mon
     base = DistillConfig(cache="c", student="s", out="o", optim=OptimConfig(epochs=3, lr=1e-4, batch_size=32))
     run = apply(base, evidence.tuned_params("A", "ted"))
     assert (run.optim.lr, run.kl_alpha, run.mse_alpha, run.optim.epochs) == (2.6e-4, 0.5, 7.7, 3)
+    assert evidence.describe(evidence.tuned_params("A", "ted")) == "optim.lr 0.00026, kl_alpha 0.5, mse_alpha 7.7"
     assert evidence.tuned_params("A", "kd") == {} and evidence.tuned_params("C", "ted") == {}
