@@ -12,8 +12,13 @@ with the LM demo's settings on three paired seeds.
 
 Every step is reused when done and resumes when killed (tune and compare continue their runs), so run
 it again after an interruption. ~6 hours on 2 CPU cores for the four settings, ~1.5 hours for LM.
+The study's small outcome files (tuning journals, each finished run's metrics and test predictions) are
+copied to docs/evidence/ledger by `save` and committed as they come; `run` on a fresh machine puts them
+back, rebuilds the teachers and caches (deterministic: a rebuilt teacher whose metrics differ from the
+ledger's stops the study) and goes on from there.
 
     python examples/evidence.py run A C B D LM  # the study (any subset, in that order)
+    python examples/evidence.py save            # the outcome files so far -> docs/evidence/ledger
     python examples/evidence.py report          # docs/evidence tables from what has finished
 """
 
@@ -42,15 +47,21 @@ from tedcache.config import (
     OptimConfig,
     TuneConfig,
 )
-from tedcache.configfile import read_config_file, resolve
+from tedcache.configfile import CONFIG_FILE, read_config_file, resolve
 from tedcache.finetuning import finetune
+from tedcache.loop import PREDICTIONS_FILE
 from tedcache.models import init_student
 from tedcache.report import build_report
 from tedcache.results import find_runs, format_table, summarize
-from tedcache.tune import tune
+from tedcache.tune import STUDY_FILE, tune
 
 WORK = Path(os.environ.get("TEDCACHE_EVIDENCE_DIR", Path.home() / ".cache" / "tedcache" / "evidence"))
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "evidence"
+LEDGER = RESULTS / "ledger"
+# what `save` keeps of WORK (paths relative to it): tuning journals and summaries, every final run's
+# metrics and test predictions, the teachers' metrics (checked against a rebuild, never put back)
+OUTCOMES = ["*/tune/*/" + name for name in (STUDY_FILE, "tune.json", "best-*.yaml", "trials-*.csv")] + \
+           ["*/final/*/" + name for name in ("metrics.json", PREDICTIONS_FILE, CONFIG_FILE)] + ["*/teacher/metrics.json"]
 
 # --- fixed before the study ran (docs/evidence.md, "Plan") ---
 METHODS = ("finetune", "kd", "lwd", "ted")
@@ -181,11 +192,43 @@ def prepare(setting: Setting) -> Prepared:
         finetune(FinetuneConfig(model=demo.minilm_path(), data=labelled, out=str(teacher), seed=42,
                                 optim=OptimConfig(epochs=setting.teacher_epochs, lr=1e-4, batch_size=32,
                                                   warmup_ratio=0.1)))
+    _check_rebuild(teacher)
     source = str(teacher) if setting.student_from == "teacher" else demo.minilm_path()
     student = WORK / setting.name / "student-init"
     if not (student / "config.json").exists():
         init_student(source, STUDENT_LAYERS, str(student))
     return Prepared(data, labelled, str(teacher), str(student))
+
+
+def save() -> None:
+    """Copy the outcome files of WORK to the ledger (new or changed ones only)."""
+    for pattern in OUTCOMES:
+        for path in WORK.glob(pattern):
+            kept = LEDGER / path.relative_to(WORK)
+            if not kept.exists() or kept.read_bytes() != path.read_bytes():
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, kept)
+
+
+def restore() -> None:
+    """Put the ledger's outcome files back into WORK where missing (not the teachers': those are rebuilt)."""
+    for kept in LEDGER.rglob("*"):
+        path = WORK / kept.relative_to(LEDGER)
+        if kept.is_file() and path.parent.name != "teacher" and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(kept, path)
+
+
+def _check_rebuild(teacher: Path) -> None:
+    """Stop when a teacher rebuilt on this machine scores differently from the one the ledger's runs used."""
+    kept = LEDGER / teacher.relative_to(WORK) / "metrics.json"
+    if not kept.exists():
+        return
+    before, now = (json.loads(p.read_text()) for p in (kept, teacher / "metrics.json"))
+    if (before.get("eval"), before.get("test")) != (now.get("eval"), now.get("test")):
+        raise SystemExit(f"the teacher rebuilt in {teacher} scores differently from the one behind {kept} "
+                         f"(test {before.get('test')} then, {now.get('test')} now): the runs would mix two teachers; "
+                         "rebuild on the machine type the ledger came from or start the setting over")
 
 
 def caches(setting: Setting, prepared: Prepared) -> dict[str, str]:
@@ -323,12 +366,16 @@ def _interval(interval: dict | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["run", "report"])
+    parser.add_argument("command", choices=["run", "save", "report"])
     parser.add_argument("settings", nargs="*", default=list(TITLES))
     args = parser.parse_args()
     if args.command == "report":
         report()
         return
+    if args.command == "save":
+        save()
+        return
+    restore()
     for name in args.settings:
         run_lm() if name == "LM" else run(SETTINGS[name])
 
