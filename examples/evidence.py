@@ -14,8 +14,8 @@ Every step is reused when done and resumes when killed (tune and compare continu
 it again after an interruption. ~6 hours on 2 CPU cores for the four settings, ~1.5 hours for LM.
 The study's small outcome files (tuning journals, each finished run's metrics and test predictions) are
 copied to docs/evidence/ledger by `save` and committed as they come; `run` on a fresh machine puts them
-back, rebuilds the teachers and caches (deterministic: a rebuilt teacher whose metrics differ from the
-ledger's stops the study) and goes on from there.
+back, rebuilds the teachers and caches (deterministic: a rebuilt teacher whose validation metrics differ
+from the ledger's stops the study) and goes on from there.
 
     python examples/evidence.py run A C B D LM  # the study (any subset, in that order)
     python examples/evidence.py save            # the outcome files so far -> docs/evidence/ledger
@@ -225,9 +225,9 @@ def _check_rebuild(teacher: Path) -> None:
     if not kept.exists():
         return
     before, now = (json.loads(p.read_text()) for p in (kept, teacher / "metrics.json"))
-    if (before.get("eval"), before.get("test")) != (now.get("eval"), now.get("test")):
-        raise SystemExit(f"the teacher rebuilt in {teacher} scores differently from the one behind {kept} "
-                         f"(test {before.get('test')} then, {now.get('test')} now): the runs would mix two teachers; "
+    if before["eval"] != now["eval"]:
+        raise SystemExit(f"the teacher rebuilt in {teacher} scores differently on validation from the one behind "
+                         f"{kept} ({before['best']} then, {now['best']} now): the runs would mix two teachers; "
                          "rebuild on the machine type the ledger came from or start the setting over")
 
 
