@@ -331,8 +331,28 @@ def report() -> None:
         if (page.parent / "paired.png").exists():
             shutil.copy(page.parent / "paired.png", RESULTS / f"{name}-paired.png")
         print("\n".join(lines) + "\n")
-    if shipped:
-        evidence.SUMMARY.write_text(json.dumps(shipped, indent=1, default=str) + "\n")
+    if shipped:  # settings whose runs are not in WORK (finished on an earlier machine) keep their entries
+        kept = json.loads(evidence.SUMMARY.read_text()) if evidence.SUMMARY.exists() else {}
+        merged = {name: {**kept, **shipped}[name] for name in TITLES if name in {**kept, **shipped}}
+        evidence.SUMMARY.write_text(json.dumps(merged, indent=1, default=str) + "\n")
+        overview = _overview(merged)
+        (RESULTS / "overview.md").write_text("\n".join(overview) + "\n")
+        print("\n".join(overview))
+
+
+def _overview(summaries: dict) -> list[str]:
+    """One row per finished setting: each paired difference over seeds [95% interval], in bold where the verdict
+    is resolved (both the interval over seeds and the per-example bootstrap exclude zero)."""
+    lines = ["| setting | seeds | " + " | ".join(f"{a} − {b}" for a, b in COMPARISONS) + " |",
+             "|---|---|" + "---|" * len(COMPARISONS)]
+    for name, found in summaries.items():
+        cells = []
+        for c in found["comparisons"]:
+            cell = _interval(c["by_seed"])
+            cells.append(f"**{cell}**" if " beats " in c["verdict"] else cell)
+        seeds = max(c["seeds"] for c in found["comparisons"])
+        lines.append(f"| {name}: {found['title']} | {seeds} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _stage1_lines(runs) -> list[str]:
