@@ -333,7 +333,8 @@ def report() -> None:
         print("\n".join(lines) + "\n")
     if shipped:  # settings whose runs are not in WORK (finished on an earlier machine) keep their entries
         kept = json.loads(evidence.SUMMARY.read_text()) if evidence.SUMMARY.exists() else {}
-        merged = {name: {**kept, **shipped}[name] for name in TITLES if name in {**kept, **shipped}}
+        found = {**kept, **shipped}
+        merged = {name: found[name] for name in TITLES if name in found}
         evidence.SUMMARY.write_text(json.dumps(merged, indent=1, default=str) + "\n")
         overview = _overview(merged)
         (RESULTS / "overview.md").write_text("\n".join(overview) + "\n")
