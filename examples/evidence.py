@@ -11,7 +11,8 @@ plain text, with Stage I run until its validation loss stops improving; LM loss 
 with the LM demo's settings on three paired seeds.
 
 Every step is reused when done and resumes when killed (tune and compare continue their runs), so run
-it again after an interruption. ~6 hours on 2 CPU cores for the four settings, ~1.5 hours for LM.
+it again after an interruption. About 2.5 hours on 2 CPU cores per setting as measured (the plan said 6 for all
+four; docs/evidence.md, "Progress and compute"), about 1.5 hours for LM.
 The study's small outcome files (tuning journals, each finished run's metrics and test predictions) are
 copied to docs/evidence/ledger by `save` and committed as they come; `run` on a fresh machine puts them
 back, rebuilds the teachers and caches (deterministic: a rebuilt teacher whose validation metrics differ
