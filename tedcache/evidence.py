@@ -57,4 +57,21 @@ def study_lines(setting: str, seeds_here: int) -> list[str]:
         s = c["by_seed"]
         interval = f"{s['mean']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}]" if s.get("low") is not None else "-"
         lines.append(f"| {c['a']} − {c['b']} | {c['seeds']} | {interval} | {c['verdict']} |")
-    return lines
+    return lines + across_settings(setting)
+
+
+def across_settings(shown: str) -> list[str]:
+    """One line per other finished setting of the study: its TED − KD interval and verdict, so a demo that can
+    afford one setting still says what the others found."""
+    summaries = json.loads(SUMMARY.read_text()) if SUMMARY.exists() else {}
+    others = []
+    for name, found in summaries.items():
+        ted_kd = next((c for c in found["comparisons"] if (c["a"], c["b"]) == ("ted", "kd")), None)
+        if name == shown or ted_kd is None or ted_kd["by_seed"].get("low") is None:
+            continue
+        s = ted_kd["by_seed"]
+        others.append(f"- {name} ({found['title']}): ted − kd in {found['metric']} {s['mean']:+.4f} "
+                      f"[{s['low']:+.4f}, {s['high']:+.4f}] over {ted_kd['seeds']} seeds, {ted_kd['verdict']}")
+    if not others:
+        return []
+    return ["", "The study's other settings (docs/evidence.md):", *others]

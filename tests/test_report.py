@@ -170,6 +170,14 @@ def test_demo_prints_the_studys_paired_intervals(compared, tmp_path, monkeypatch
     row = next(line for line in lines if line.startswith("| ted − kd |"))
     assert f"{ted_kd['by_seed']['mean']:+.4f} [{ted_kd['by_seed']['low']:+.4f}" in row and ted_kd["verdict"] in row
     assert lines[0].startswith("Seeds behind each row above: 1") and "paired seeds" in "\n".join(lines)
+    assert not any(line.startswith("- ") for line in lines)  # no other setting has finished
+
+    evidence.SUMMARY.write_text(json.dumps({"A": evidence.compact(summary, "the demo pair", {}),
+                                            "C": evidence.compact(summary, "an independent student", {})}, default=str))
+    others = [line for line in evidence.study_lines("A", seeds_here=1) if line.startswith("- ")]
+    assert others == [f"- C (an independent student): ted − kd in {summary['metric']} {ted_kd['by_seed']['mean']:+.4f} "
+                      f"[{ted_kd['by_seed']['low']:+.4f}, {ted_kd['by_seed']['high']:+.4f}] over "
+                      f"{len(ted_kd['seeds'])} seeds, {ted_kd['verdict']}"]
 
 
 def test_demo_runs_each_method_with_the_studys_tuned_configuration(tmp_path, monkeypatch):
