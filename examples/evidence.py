@@ -19,6 +19,7 @@ back, rebuilds the teachers and caches (deterministic: a rebuilt teacher whose v
 from the ledger's stops the study) and goes on from there.
 
     python examples/evidence.py run A C B D LM  # the study (any subset, in that order)
+    python examples/evidence.py explore A C     # exploratory: TED's term on KD's tuned configuration
     python examples/evidence.py save            # the outcome files so far -> docs/evidence/ledger
     python examples/evidence.py report          # docs/evidence tables from what has finished
 """
@@ -61,8 +62,10 @@ RESULTS = Path(__file__).resolve().parent.parent / "docs" / "evidence"
 LEDGER = RESULTS / "ledger"
 # what `save` keeps of WORK (paths relative to it): tuning journals and summaries, every final run's
 # metrics and test predictions, the teachers' metrics (checked against a rebuild, never put back)
-OUTCOMES = ["*/tune/*/" + name for name in (STUDY_FILE, "tune.json", "best-*.yaml", "trials-*.csv")] + \
-           ["*/final/*/" + name for name in ("metrics.json", PREDICTIONS_FILE, CONFIG_FILE)] + ["*/teacher/metrics.json"]
+OUTCOMES = [f"{step}tune/*/{name}" for step in ("*/", "*/explore/")
+            for name in (STUDY_FILE, "tune.json", "best-*.yaml", "trials-*.csv")] + \
+           [f"{step}final/*/{name}" for step in ("*/", "*/explore/")
+            for name in ("metrics.json", PREDICTIONS_FILE, CONFIG_FILE)] + ["*/teacher/metrics.json"]
 
 # --- fixed before the study ran (docs/evidence.md, "Plan") ---
 METHODS = ("finetune", "kd", "lwd", "ted")
@@ -268,6 +271,23 @@ def run(setting: Setting) -> None:
                               raw_cache=by_method["lwd"] if method == "lwd" else None))
 
 
+def explore(setting: Setting) -> None:
+    """Exploratory, decided after A's and C's test numbers (docs/evidence.md, "Exploratory"): TED's filtered-state
+    term added to KD's tuned configuration, only mse_alpha tuned (the planned budget: TUNE_TRIALS trials, each
+    the mean over TUNE_SEEDS), then its best on FINAL_SEEDS, paired with the planned KD final runs."""
+    prepared = prepare(setting)
+    filtered = caches(setting, prepared)["ted"]
+    work = WORK / setting.name
+    kd_best = work / "tune" / "kd" / "best-kd.yaml"
+    kd = resolve(DistillConfig, read_config_file(str(kd_best)), where=str(kd_best))
+    tuned = work / "explore" / "tune" / "ted"
+    tune(TuneConfig(base=replace(kd, cache=filtered, method="ted", mse_alpha=demo.MSE_ALPHA, seed=TUNE_SEEDS[0],
+                                 out=str(tuned)),
+                    methods=["ted"], trials=TUNE_TRIALS, pruner="none", seeds=TUNE_SEEDS, search=["mse_alpha"]))
+    best = resolve(DistillConfig, read_config_file(str(tuned / "best-ted.yaml")), where=str(tuned))
+    compare(CompareConfig(base=replace(best, out=str(work / "explore" / "final")), methods=["ted"], seeds=FINAL_SEEDS))
+
+
 def run_lm() -> None:
     """The causal-LM scenario: one filtered and one raw-state cache of teacher layers 9, 19 and 29, then
     LM-only, KD, LWD and TED (student layers 4, 9, 14 on TED's interval map) on LM_SEEDS."""
@@ -332,6 +352,7 @@ def report() -> None:
         if (page.parent / "paired.png").exists():
             shutil.copy(page.parent / "paired.png", RESULTS / f"{name}-paired.png")
         print("\n".join(lines) + "\n")
+        _explore_report(name)
     if shipped:  # settings whose runs are not in WORK (finished on an earlier machine) keep their entries
         kept = json.loads(evidence.SUMMARY.read_text()) if evidence.SUMMARY.exists() else {}
         found = {**kept, **shipped}
@@ -340,6 +361,26 @@ def report() -> None:
         overview = _overview(merged)
         (RESULTS / "overview.md").write_text("\n".join(overview) + "\n")
         print("\n".join(overview))
+
+
+def _explore_report(name: str) -> None:
+    """docs/evidence/<setting>-explore.md: TED's term on KD's tuned configuration against the planned KD runs."""
+    explored = WORK / name / "explore"
+    runs = find_runs([str(p) for p in sorted((explored / "final").glob("*-seed*"))]) if explored.exists() else []
+    if not runs:
+        return
+    kd = find_runs([str(p) for p in sorted((WORK / name / "final").glob("kd-seed*"))])
+    summary = summarize(runs + kd)
+    tuning = json.loads((explored / "tune" / "ted" / "tune.json").read_text())["methods"]["ted"]
+    lines = [f"## {name} (exploratory): TED's term added to KD's tuned configuration, mse_alpha tuned", "",
+             format_table(summary), "", "| A − B | paired seeds | mean difference [95% interval over seeds] "
+             "| per-example paired bootstrap [95%] | verdict |", "|---|---|---|---|---|"]
+    lines += [f"| {c['a']} − {c['b']} | {len(c['seeds'])} | {_interval(c['by_seed'])} | {_interval(c['by_example'])} "
+              f"| {c['verdict']} |" for c in summary["comparisons"]]
+    lines += ["", f"Best mse_alpha on validation: {evidence.describe(tuning['best_params'])} "
+                  f"(mean validation accuracy over the tuning seeds {tuning['best_value']:.4f})."]
+    (RESULTS / f"{name}-explore.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines) + "\n")
 
 
 def _overview(summaries: dict) -> list[str]:
@@ -388,7 +429,7 @@ def _interval(interval: dict | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["run", "save", "report"])
+    parser.add_argument("command", choices=["run", "explore", "save", "report"])
     parser.add_argument("settings", nargs="*", default=list(TITLES))
     args = parser.parse_args()
     if args.command == "report":
@@ -399,7 +440,10 @@ def main() -> None:
         return
     restore()
     for name in args.settings:
-        run_lm() if name == "LM" else run(SETTINGS[name])
+        if args.command == "explore":
+            explore(SETTINGS[name])
+        else:
+            run_lm() if name == "LM" else run(SETTINGS[name])
 
 
 if __name__ == "__main__":
