@@ -1,6 +1,8 @@
 """Click options generated from the config dataclasses: one flag per field (nested records flattened
 under their prefix), the field's type, default and help. A command built here also takes `--config
-FILE` (YAML, nested like the dataclass); flags given on the command line override the file."""
+FILE` (YAML, nested like the dataclass); flags given on the command line override the file. Commands whose
+settings hold a run's as `base` (tune, compare) also take a run's own file (best-<method>.yaml, a run
+folder's config.yaml) as their base."""
 
 from __future__ import annotations
 
@@ -129,12 +131,22 @@ def config_from_command_line(cls, flags: list[Flag], config_file: str | None, va
     for flag in flags:
         if ctx.get_parameter_source(flag.param) not in (ParameterSource.DEFAULT, None):
             _set(given, flag.path, _value(flag, values[flag.param]))
-    from_file = read_config_file(config_file) if config_file else {}
+    from_file = _as_base(cls, read_config_file(config_file)) if config_file else {}
     for flag in flags:
         if flag.default is MISSING and not (_present(given, flag.path) or _present(from_file, flag.path)):
             raise TedcacheError(f"missing {flag.name} ({flag.help.rstrip('.')}); give it as a flag or as "
                                 f"'{flag.key}' in a --config file")
     return resolve(cls, from_file, given)
+
+
+def _as_base(cls, values: dict) -> dict:
+    """`values` with the keys `cls` does not have moved under its `base` field, where it has one: a run's
+    config file given to tune or compare becomes their base (the keys of neither stay unknown, named as base.*)."""
+    names = {f.name for f in fields(cls)}
+    if "base" not in names or "base" in values:
+        return values
+    run = {k: v for k, v in values.items() if k not in names}
+    return {**{k: v for k, v in values.items() if k in names}, **({"base": run} if run else {})}
 
 
 def config_command(group: click.Group, name: str, cls, exclude: tuple[str, ...] = ()):

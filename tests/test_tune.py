@@ -61,6 +61,13 @@ def test_tune_runs_each_method_the_same_number_of_trials_on_validation_only(asse
     assert run.returncode == 0, run.stderr
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert again["best"]["accuracy"] == summary["methods"]["kd"]["best_value"]
+    # a run's file is tune's base: TED's weight alone tuned from KD's best configuration
+    result = run_cli("tune", "--config", best_file, "--methods", "ted", "--search", "mse_alpha", "--trials", "1",
+                     "--pruner", "none", "--out", tmp_path / "ted-on-kd")
+    assert result.returncode == 0, result.stderr
+    kd = yaml.safe_load(best_file.read_text())
+    trial = json.loads(next((tmp_path / "ted-on-kd" / "trials" / "ted").glob("*/metrics.json")).read_text())["config"]
+    assert trial["method"] == "ted" and (trial["optim"]["lr"], trial["kl_alpha"]) == (kd["optim"]["lr"], kd["kl_alpha"])
 
 
 def test_a_trial_over_several_seeds_scores_their_mean_and_searches_only_what_is_asked(assets, cache, tmp_path):
