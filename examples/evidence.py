@@ -20,6 +20,7 @@ from the ledger's stops the study) and goes on from there.
 
     python examples/evidence.py run A C B D LM  # the study (any subset, in that order)
     python examples/evidence.py explore A C     # exploratory: TED's term on KD's tuned configuration
+    python examples/evidence.py retune B        # check: B's KD tuned again without interruption
     python examples/evidence.py save            # the outcome files so far -> docs/evidence/ledger
     python examples/evidence.py report          # docs/evidence tables from what has finished
 """
@@ -62,9 +63,10 @@ RESULTS = Path(__file__).resolve().parent.parent / "docs" / "evidence"
 LEDGER = RESULTS / "ledger"
 # what `save` keeps of WORK (paths relative to it): tuning journals and summaries, every final run's
 # metrics and test predictions, the teachers' metrics (checked against a rebuild, never put back)
-OUTCOMES = [f"{step}tune/*/{name}" for step in ("*/", "*/explore/")
+# (the planned study's, and those of the checks in EXTRA_STEPS)
+OUTCOMES = [f"{step}tune/*/{name}" for step in ("*/", "*/*/")
             for name in (STUDY_FILE, "tune.json", "best-*.yaml", "trials-*.csv")] + \
-           [f"{step}final/*/{name}" for step in ("*/", "*/explore/")
+           [f"{step}final/*/{name}" for step in ("*/", "*/*/")
             for name in ("metrics.json", PREDICTIONS_FILE, CONFIG_FILE)] + ["*/teacher/metrics.json"]
 
 # --- fixed before the study ran (docs/evidence.md, "Plan") ---
@@ -273,19 +275,43 @@ def run(setting: Setting) -> None:
 
 def explore(setting: Setting) -> None:
     """Exploratory, decided after A's and C's test numbers (docs/evidence.md, "Exploratory"): TED's filtered-state
-    term added to KD's tuned configuration, only mse_alpha tuned (the planned budget: TUNE_TRIALS trials, each
-    the mean over TUNE_SEEDS), then its best on FINAL_SEEDS, paired with the planned KD final runs."""
+    term added to KD's tuned configuration, only mse_alpha tuned (the planned budget), then its best on
+    FINAL_SEEDS, paired with the planned KD final runs."""
     prepared = prepare(setting)
-    filtered = caches(setting, prepared)["ted"]
-    work = WORK / setting.name
-    kd_best = work / "tune" / "kd" / "best-kd.yaml"
+    kd_best = WORK / setting.name / "tune" / "kd" / "best-kd.yaml"
     kd = resolve(DistillConfig, read_config_file(str(kd_best)), where=str(kd_best))
-    tuned = work / "explore" / "tune" / "ted"
-    tune(TuneConfig(base=replace(kd, cache=filtered, method="ted", mse_alpha=demo.MSE_ALPHA, seed=TUNE_SEEDS[0],
-                                 out=str(tuned)),
-                    methods=["ted"], trials=TUNE_TRIALS, pruner="none", seeds=TUNE_SEEDS, search=["mse_alpha"]))
-    best = resolve(DistillConfig, read_config_file(str(tuned / "best-ted.yaml")), where=str(tuned))
-    compare(CompareConfig(base=replace(best, out=str(work / "explore" / "final")), methods=["ted"], seeds=FINAL_SEEDS))
+    base = replace(kd, cache=caches(setting, prepared)["ted"], method="ted", mse_alpha=demo.MSE_ALPHA)
+    _extra_step(setting, "explore", base, ["mse_alpha"])
+
+
+def retune(setting: Setting) -> None:
+    """Robustness check, decided before B's test numbers (docs/evidence.md, "Checks"): B's KD tuning was killed
+    once, and the resumed Optuna study drew other trials than an uninterrupted one draws; KD tuned again in a
+    fresh study (same base, budget, seeds and search), run without interruption, and its best on FINAL_SEEDS
+    unless it is the planned best (whose final runs it would repeat)."""
+    prepared = prepare(setting)
+    base = method_base(setting, prepared, caches(setting, prepared)["kd"], "kd", WORK)
+    planned = WORK / setting.name / "tune" / "kd" / "tune.json"
+    _extra_step(setting, "retune", base, SEARCH, skip_final_if=json.loads(planned.read_text())["methods"]["kd"])
+
+
+def _extra_step(setting: Setting, step: str, base: DistillConfig, search: list[str],
+                skip_final_if: dict | None = None) -> None:
+    """Tune `base`'s method over `search` with the planned budget in WORK/<setting>/<step>/tune, then run its best
+    on FINAL_SEEDS in WORK/<setting>/<step>/final (not when its best parameters are `skip_final_if`'s)."""
+    method, work = base.method, WORK / setting.name / step
+    tuned = work / "tune" / method
+    result = tune(TuneConfig(base=replace(base, seed=TUNE_SEEDS[0], out=str(tuned)),
+                             methods=[method], trials=TUNE_TRIALS, pruner="none", seeds=TUNE_SEEDS, search=search))
+    if skip_final_if is not None and result["methods"][method]["best_params"] == skip_final_if["best_params"]:
+        return
+    best = resolve(DistillConfig, read_config_file(str(tuned / f"best-{method}.yaml")), where=str(tuned))
+    compare(CompareConfig(base=replace(best, out=str(work / "final")), methods=[method], seeds=FINAL_SEEDS))
+
+
+# each check after the plan: what runs it, the planned methods its final runs pair with, its title
+EXTRA_STEPS = {"explore": (explore, ["kd"], "exploratory: TED's term added to KD's tuned configuration, mse_alpha tuned"),
+               "retune": (retune, ["ted", "kd"], "check: KD tuned again in an uninterrupted study")}
 
 
 def run_lm() -> None:
@@ -352,7 +378,8 @@ def report() -> None:
         if (page.parent / "paired.png").exists():
             shutil.copy(page.parent / "paired.png", RESULTS / f"{name}-paired.png")
         print("\n".join(lines) + "\n")
-        _explore_report(name)
+        for step in EXTRA_STEPS:
+            _extra_report(name, step)
     if shipped:  # settings whose runs are not in WORK (finished on an earlier machine) keep their entries
         kept = json.loads(evidence.SUMMARY.read_text()) if evidence.SUMMARY.exists() else {}
         found = {**kept, **shipped}
@@ -363,23 +390,24 @@ def report() -> None:
         print("\n".join(overview))
 
 
-def _explore_report(name: str) -> None:
-    """docs/evidence/<setting>-explore.md: TED's term on KD's tuned configuration against the planned KD runs."""
-    explored = WORK / name / "explore"
-    runs = find_runs([str(p) for p in sorted((explored / "final").glob("*-seed*"))]) if explored.exists() else []
+def _extra_report(name: str, step: str) -> None:
+    """docs/evidence/<setting>-<step>.md: a check's final runs beside the planned runs it pairs with."""
+    work = WORK / name / step
+    runs = find_runs([str(p) for p in sorted((work / "final").glob("*-seed*"))]) if work.exists() else []
     if not runs:
         return
-    kd = find_runs([str(p) for p in sorted((WORK / name / "final").glob("kd-seed*"))])
-    summary = summarize(runs + kd)
-    tuning = json.loads((explored / "tune" / "ted" / "tune.json").read_text())["methods"]["ted"]
-    lines = [f"## {name} (exploratory): TED's term added to KD's tuned configuration, mse_alpha tuned", "",
-             format_table(summary), "", "| A − B | paired seeds | mean difference [95% interval over seeds] "
-             "| per-example paired bootstrap [95%] | verdict |", "|---|---|---|---|---|"]
+    planned = find_runs([str(p) for m in EXTRA_STEPS[step][1] for p in sorted((WORK / name / "final").glob(f"{m}-seed*"))])
+    summary = summarize(runs + planned)
+    lines = [f"## {name}, {EXTRA_STEPS[step][2]}", "", format_table(summary), "",
+             "| A − B | paired seeds | mean difference [95% interval over seeds] | per-example paired bootstrap [95%] "
+             "| verdict |", "|---|---|---|---|---|"]
     lines += [f"| {c['a']} − {c['b']} | {len(c['seeds'])} | {_interval(c['by_seed'])} | {_interval(c['by_example'])} "
               f"| {c['verdict']} |" for c in summary["comparisons"]]
-    lines += ["", f"Best mse_alpha on validation: {evidence.describe(tuning['best_params'])} "
-                  f"(mean validation accuracy over the tuning seeds {tuning['best_value']:.4f})."]
-    (RESULTS / f"{name}-explore.md").write_text("\n".join(lines) + "\n")
+    for path in sorted((work / "tune").glob("*/tune.json")):
+        for method, tuning in json.loads(path.read_text())["methods"].items():
+            lines += ["", f"{method}'s best on validation: {evidence.describe(tuning['best_params'])} (mean validation "
+                          f"accuracy over the tuning seeds {tuning['best_value']:.4f})."]
+    (RESULTS / f"{name}-{step}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines) + "\n")
 
 
@@ -429,7 +457,7 @@ def _interval(interval: dict | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["run", "explore", "save", "report"])
+    parser.add_argument("command", choices=["run", *EXTRA_STEPS, "save", "report"])
     parser.add_argument("settings", nargs="*", default=list(TITLES))
     args = parser.parse_args()
     if args.command == "report":
@@ -440,8 +468,8 @@ def main() -> None:
         return
     restore()
     for name in args.settings:
-        if args.command == "explore":
-            explore(SETTINGS[name])
+        if args.command in EXTRA_STEPS:
+            EXTRA_STEPS[args.command][0](SETTINGS[name])
         else:
             run_lm() if name == "LM" else run(SETTINGS[name])
 
