@@ -56,7 +56,7 @@ from tedcache.loop import PREDICTIONS_FILE
 from tedcache.models import init_student
 from tedcache.report import build_report
 from tedcache.results import find_runs, format_table, summarize
-from tedcache.tune import STUDY_FILE, tune
+from tedcache.tune import STUDY_FILE, apply, tune
 
 WORK = Path(os.environ.get("TEDCACHE_EVIDENCE_DIR", Path.home() / ".cache" / "tedcache" / "evidence"))
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "evidence"
@@ -275,13 +275,15 @@ def run(setting: Setting) -> None:
 
 def explore(setting: Setting) -> None:
     """Exploratory, decided after A's and C's test numbers (docs/evidence.md, "Exploratory"): TED's filtered-state
-    term added to KD's tuned configuration, only mse_alpha tuned (the planned budget), then its best on
-    FINAL_SEEDS, paired with the planned KD final runs."""
+    term added to KD's tuned configuration (the shipped summary's), only mse_alpha tuned (the planned budget),
+    then its best on FINAL_SEEDS, paired with the planned KD runs (run again where they are not in WORK: A's
+    predate the ledger)."""
     prepared = prepare(setting)
-    kd_best = WORK / setting.name / "tune" / "kd" / "best-kd.yaml"
-    kd = resolve(DistillConfig, read_config_file(str(kd_best)), where=str(kd_best))
-    base = replace(kd, cache=caches(setting, prepared)["ted"], method="ted", mse_alpha=demo.MSE_ALPHA)
-    _extra_step(setting, "explore", base, ["mse_alpha"])
+    base = method_base(setting, prepared, caches(setting, prepared)["ted"], "kd", WORK)
+    kd = apply(base, evidence.tuned_params(setting.name, "kd"))
+    planned_kd = list((WORK / setting.name / "final").glob("kd-seed*/metrics.json"))
+    _extra_step(setting, "explore", replace(kd, method="ted"), ["mse_alpha"],
+                also=[] if len(planned_kd) == len(FINAL_SEEDS) else ["kd"])
 
 
 def retune(setting: Setting) -> None:
@@ -296,9 +298,10 @@ def retune(setting: Setting) -> None:
 
 
 def _extra_step(setting: Setting, step: str, base: DistillConfig, search: list[str],
-                skip_final_if: dict | None = None) -> None:
+                skip_final_if: dict | None = None, also: list[str] = ()) -> None:
     """Tune `base`'s method over `search` with the planned budget in WORK/<setting>/<step>/tune, then run its best
-    on FINAL_SEEDS in WORK/<setting>/<step>/final (not when its best parameters are `skip_final_if`'s)."""
+    (and the `also` methods from the same configuration) on FINAL_SEEDS in WORK/<setting>/<step>/final (not when
+    its best parameters are `skip_final_if`'s)."""
     method, work = base.method, WORK / setting.name / step
     tuned = work / "tune" / method
     result = tune(TuneConfig(base=replace(base, seed=TUNE_SEEDS[0], out=str(tuned)),
@@ -306,7 +309,7 @@ def _extra_step(setting: Setting, step: str, base: DistillConfig, search: list[s
     if skip_final_if is not None and result["methods"][method]["best_params"] == skip_final_if["best_params"]:
         return
     best = resolve(DistillConfig, read_config_file(str(tuned / f"best-{method}.yaml")), where=str(tuned))
-    compare(CompareConfig(base=replace(best, out=str(work / "final")), methods=[method], seeds=FINAL_SEEDS))
+    compare(CompareConfig(base=replace(best, out=str(work / "final")), methods=[method, *also], seeds=FINAL_SEEDS))
 
 
 # each check after the plan: what runs it, the planned methods its final runs pair with, its title
@@ -396,7 +399,8 @@ def _extra_report(name: str, step: str) -> None:
     runs = find_runs([str(p) for p in sorted((work / "final").glob("*-seed*"))]) if work.exists() else []
     if not runs:
         return
-    planned = find_runs([str(p) for m in EXTRA_STEPS[step][1] for p in sorted((WORK / name / "final").glob(f"{m}-seed*"))])
+    missing = [m for m in EXTRA_STEPS[step][1] if m not in {r.method for r in runs}]  # explore A reran KD itself
+    planned = find_runs([str(p) for m in missing for p in sorted((WORK / name / "final").glob(f"{m}-seed*"))])
     summary = summarize(runs + planned)
     lines = [f"## {name}, {EXTRA_STEPS[step][2]}", "", format_table(summary), "",
              "| A − B | paired seeds | mean difference [95% interval over seeds] | per-example paired bootstrap [95%] "
