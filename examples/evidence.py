@@ -307,6 +307,7 @@ def _extra_step(setting: Setting, step: str, base: DistillConfig, search: list[s
     result = tune(TuneConfig(base=replace(base, seed=TUNE_SEEDS[0], out=str(tuned)),
                              methods=[method], trials=TUNE_TRIALS, pruner="none", seeds=TUNE_SEEDS, search=search))
     if skip_final_if is not None and result["methods"][method]["best_params"] == skip_final_if["best_params"]:
+        print(f"{setting.name} {step}: the best {method} configuration is the planned one; its final runs are the planned runs")
         return
     best = resolve(DistillConfig, read_config_file(str(tuned / f"best-{method}.yaml")), where=str(tuned))
     compare(CompareConfig(base=replace(best, out=str(work / "final")), methods=[method, *also], seeds=FINAL_SEEDS))
@@ -363,12 +364,7 @@ def report() -> None:
                 result = json.loads(path.read_text())["methods"][method]
                 tuned[method] = {"best_validation": result["best_value"], "params": result["best_params"]}
         lines = [f"## {name}: {title}", "", format_table(summary), "",
-                 "| A − B | paired seeds | mean difference [95% interval over seeds] | per-example paired bootstrap [95%] "
-                 "| verdict |", "|---|---|---|---|---|"]
-        for c in sorted(comparisons, key=lambda c: COMPARISONS.index((c["a"], c["b"]))):
-            by_seed, example = c["by_seed"], c["by_example"]
-            lines.append(f"| {c['a']} − {c['b']} | {len(c['seeds'])} | {_interval(by_seed)} | {_interval(example)} "
-                         f"| {c['verdict']} |")
+                 *_comparison_lines(sorted(comparisons, key=lambda c: COMPARISONS.index((c["a"], c["b"]))))]
         if tuned:
             lines += ["", "| method | best validation accuracy (mean of tuning seeds) | best settings |",
                       "|---|---|---|"]
@@ -381,6 +377,7 @@ def report() -> None:
         if (page.parent / "paired.png").exists():
             shutil.copy(page.parent / "paired.png", RESULTS / f"{name}-paired.png")
         print("\n".join(lines) + "\n")
+    for name in TITLES:
         for step in EXTRA_STEPS:
             _extra_report(name, step)
     if shipped:  # settings whose runs are not in WORK (finished on an earlier machine) keep their entries
@@ -402,17 +399,21 @@ def _extra_report(name: str, step: str) -> None:
     missing = [m for m in EXTRA_STEPS[step][1] if m not in {r.method for r in runs}]  # explore A reran KD itself
     planned = find_runs([str(p) for m in missing for p in sorted((WORK / name / "final").glob(f"{m}-seed*"))])
     summary = summarize(runs + planned)
-    lines = [f"## {name}, {EXTRA_STEPS[step][2]}", "", format_table(summary), "",
-             "| A − B | paired seeds | mean difference [95% interval over seeds] | per-example paired bootstrap [95%] "
-             "| verdict |", "|---|---|---|---|---|"]
-    lines += [f"| {c['a']} − {c['b']} | {len(c['seeds'])} | {_interval(c['by_seed'])} | {_interval(c['by_example'])} "
-              f"| {c['verdict']} |" for c in summary["comparisons"]]
+    lines = [f"## {name}, {EXTRA_STEPS[step][2]}", "", format_table(summary), "", *_comparison_lines(summary["comparisons"])]
     for path in sorted((work / "tune").glob("*/tune.json")):
         for method, tuning in json.loads(path.read_text())["methods"].items():
             lines += ["", f"{method}'s best on validation: {evidence.describe(tuning['best_params'])} (mean validation "
                           f"accuracy over the tuning seeds {tuning['best_value']:.4f})."]
     (RESULTS / f"{name}-{step}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines) + "\n")
+
+
+def _comparison_lines(comparisons: list[dict]) -> list[str]:
+    """A markdown table of paired comparisons: over seeds and over test examples, with the verdict."""
+    return ["| A − B | paired seeds | mean difference [95% interval over seeds] | per-example paired bootstrap [95%] "
+            "| verdict |", "|---|---|---|---|---|"] + \
+           [f"| {c['a']} − {c['b']} | {len(c['seeds'])} | {_interval(c['by_seed'])} | {_interval(c['by_example'])} "
+            f"| {c['verdict']} |" for c in comparisons]
 
 
 def _overview(summaries: dict) -> list[str]:
