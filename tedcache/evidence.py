@@ -54,8 +54,7 @@ def study_lines(setting: str, seeds_here: int) -> list[str]:
                    f"the same budget; docs/evidence.md), paired test differences in {found['metric']}:", "",
              "| A − B | paired seeds | mean [95% interval over seeds] | verdict |", "|---|---|---|---|"]
     for c in found["comparisons"]:
-        s = c["by_seed"]
-        interval = f"{s['mean']:+.4f} [{s['low']:+.4f}, {s['high']:+.4f}]" if s.get("low") is not None else "-"
+        interval = _interval(c["by_seed"]) if c["by_seed"].get("low") is not None else "-"
         lines.append(f"| {c['a']} − {c['b']} | {c['seeds']} | {interval} | {c['verdict']} |")
     return lines + across_settings(setting)
 
@@ -69,9 +68,12 @@ def across_settings(shown: str) -> list[str]:
         ted_kd = next((c for c in found["comparisons"] if (c["a"], c["b"]) == ("ted", "kd")), None)
         if name == shown or ted_kd is None or ted_kd["by_seed"].get("low") is None:
             continue
-        s = ted_kd["by_seed"]
-        others.append(f"- {name} ({found['title']}): ted − kd in {found['metric']} {s['mean']:+.4f} "
-                      f"[{s['low']:+.4f}, {s['high']:+.4f}] over {ted_kd['seeds']} seeds, {ted_kd['verdict']}")
+        others.append(f"- {name} ({found['title']}): ted − kd in {found['metric']} {_interval(ted_kd['by_seed'])} "
+                      f"over {ted_kd['seeds']} seeds, {ted_kd['verdict']}")
     if not others:
         return []
     return ["", "The study's other settings (docs/evidence.md):", *others]
+
+
+def _interval(by_seed: dict) -> str:
+    return f"{by_seed['mean']:+.4f} [{by_seed['low']:+.4f}, {by_seed['high']:+.4f}]"
