@@ -417,17 +417,18 @@ def _comparison_lines(comparisons: list[dict]) -> list[str]:
 
 
 def _overview(summaries: dict) -> list[str]:
-    """One row per finished setting: each paired difference over seeds [95% interval], in bold where the verdict
-    is resolved (both the interval over seeds and the per-example bootstrap exclude zero)."""
-    lines = ["| setting | seeds | " + " | ".join(f"{a} − {b}" for a, b in COMPARISONS) + " |",
-             "|---|---|" + "---|" * len(COMPARISONS)]
+    """One row per finished setting: each paired difference in its test metric (perplexity: lower is better)
+    over seeds [95% interval], in bold where the verdict is resolved (both the interval over seeds and the
+    per-example bootstrap exclude zero)."""
+    lines = ["| setting | test metric | seeds | " + " | ".join(f"{a} − {b}" for a, b in COMPARISONS) + " |",
+             "|---|---|---|" + "---|" * len(COMPARISONS)]
     for name, found in summaries.items():
         cells = []
         for c in found["comparisons"]:
             cell = _interval(c["by_seed"])
             cells.append(f"**{cell}**" if " beats " in c["verdict"] else cell)
         seeds = max(c["seeds"] for c in found["comparisons"])
-        lines.append(f"| {name}: {found['title']} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name}: {found['title']} | {found['metric']} | {seeds} | " + " | ".join(cells) + " |")
     return lines
 
 
