@@ -159,9 +159,11 @@ def config_command(group: click.Group, name: str, cls, exclude: tuple[str, ...] 
             fn(config_from_command_line(cls, flags, config_file, values))
 
         params = [click_option(flag) for flag in flags]
+        where = " or a run's own file (best-<method>.yaml, a run folder's config.yaml) as the base" \
+            if any(f.name == "base" for f in fields(cls)) else " (e.g. a run folder's config.yaml)"
         params.append(click.Option(["--config", "config_file"], default=None, metavar="FILE",
-                                   help="YAML file of settings, nested like the configuration (e.g. a run "
-                                        "folder's config.yaml); flags override it."))
+                                   help=f"YAML file of settings, nested like the configuration{where}; flags "
+                                        "override it."))
         group.add_command(click.Command(name, callback=callback, params=params, help=fn.__doc__))
         fn.flags = flags
         return fn
