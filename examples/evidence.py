@@ -369,7 +369,7 @@ def report() -> None:
             lines += ["", "| method | best validation accuracy (mean of tuning seeds) | best settings |",
                       "|---|---|---|"]
             lines += [f"| {m} | {t['best_validation']:.4f} | {evidence.describe(t['params'])} |" for m, t in tuned.items()]
-        lines += _stage1_lines(runs)
+        lines += _stage1_lines(runs) + _class_mix_lines(runs)
         (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
         (RESULTS / f"{name}.json").write_text(json.dumps({"summary": summary, "tuned": tuned}, indent=2, default=str))
         shipped[name] = evidence.compact(summary, title, tuned)
@@ -429,6 +429,35 @@ def _overview(summaries: dict) -> list[str]:
             cells.append(f"**{cell}**" if " beats " in c["verdict"] else cell)
         seeds = max(c["seeds"] for c in found["comparisons"])
         lines.append(f"| {name}: {found['title']} | {found['metric']} | {seeds} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _class_mix_lines(runs) -> list[str]:
+    """Exploratory and descriptive (not in the plan): per method the share of its test predictions in each class
+    beside the test split's own shares, and its balanced accuracy (mean recall over classes), mean ± std over
+    seeds. Where test's class mix differs from validation's, accuracy rewards a class bias validation punished."""
+    import numpy as np
+
+    scored = [r for r in runs if r.task == "classification" and (r.folder / PREDICTIONS_FILE).exists()]
+    if not scored:
+        return []
+    names = scored[0].metrics["label_names"]
+    found: dict[str, list] = {}
+    for r in scored:
+        kept = np.load(r.folder / PREDICTIONS_FILE)
+        predicted, labels = kept["values"].argmax(-1), kept["labels"]
+        found.setdefault(r.method, []).append(
+            [*(np.mean(predicted == c) for c in range(len(names))),
+             np.mean([np.mean(predicted[labels == c] == c) for c in range(len(names)) if np.any(labels == c)])])
+    shares = ", ".join(f"{n} {np.mean(labels == c):.1%}" for c, n in enumerate(names))
+    lines = ["", "Exploratory (descriptive, not planned): the share of test predictions per class (test split: "
+             f"{shares}) and balanced accuracy.", "",
+             "| method | " + " | ".join(f"predicted {n}" for n in names) + " | balanced accuracy (mean ± std) |",
+             "|---|" + "---|" * (len(names) + 1)]
+    for method, rows in found.items():
+        values = np.array(rows)
+        lines.append(f"| {method} | " + " | ".join(f"{v:.1%}" for v in values[:, :-1].mean(0)) +
+                     f" | {values[:, -1].mean():.4f} ± {values[:, -1].std(ddof=1):.4f} |")
     return lines
 
 
