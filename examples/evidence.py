@@ -36,6 +36,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import datasets
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score
 
 from tedcache import demo, demo_lm, evidence, extract
 from tedcache.cache import load_metadata
@@ -434,10 +436,9 @@ def _overview(summaries: dict) -> list[str]:
 
 def _class_mix_lines(runs) -> list[str]:
     """Exploratory and descriptive (not in the plan): per method the share of its test predictions in each class
-    beside the test split's own shares, and its balanced accuracy (mean recall over classes), mean ± std over
-    seeds. Where test's class mix differs from validation's, accuracy rewards a class bias validation punished."""
-    import numpy as np
-
+    beside the test split's own shares (the same split for every run), and its balanced accuracy (mean recall
+    over classes), mean ± std over seeds. Where test's class mix differs from validation's, accuracy rewards a
+    class bias that validation punished."""
     scored = [r for r in runs if r.task == "classification" and (r.folder / PREDICTIONS_FILE).exists()]
     if not scored:
         return []
@@ -446,12 +447,11 @@ def _class_mix_lines(runs) -> list[str]:
     for r in scored:
         kept = np.load(r.folder / PREDICTIONS_FILE)
         predicted, labels = kept["values"].argmax(-1), kept["labels"]
-        found.setdefault(r.method, []).append(
-            [*(np.mean(predicted == c) for c in range(len(names))),
-             np.mean([np.mean(predicted[labels == c] == c) for c in range(len(names)) if np.any(labels == c)])])
-    shares = ", ".join(f"{n} {np.mean(labels == c):.1%}" for c, n in enumerate(names))
-    lines = ["", "Exploratory (descriptive, not planned): the share of test predictions per class (test split: "
-             f"{shares}) and balanced accuracy.", "",
+        shares = np.bincount(predicted, minlength=len(names)) / len(predicted)
+        found.setdefault(r.method, []).append([*shares, balanced_accuracy_score(labels, predicted)])
+    truth = ", ".join(f"{n} {share:.1%}" for n, share in zip(names, np.bincount(labels, minlength=len(names)) / len(labels)))
+    lines = ["", f"Exploratory (descriptive, not planned): the share of test predictions per class (test split: {truth}) "
+             "and balanced accuracy.", "",
              "| method | " + " | ".join(f"predicted {n}" for n in names) + " | balanced accuracy (mean ± std) |",
              "|---|" + "---|" * (len(names) + 1)]
     for method, rows in found.items():
