@@ -414,8 +414,8 @@ def _comparison_lines(comparisons: list[dict]) -> list[str]:
     """A markdown table of paired comparisons: over seeds and over test examples, with the verdict."""
     return ["| A − B | paired seeds | mean difference [95% interval over seeds] | per-example paired bootstrap [95%] "
             "| verdict |", "|---|---|---|---|---|"] + \
-           [f"| {c['a']} − {c['b']} | {len(c['seeds'])} | {_interval(c['by_seed'])} | {_interval(c['by_example'])} "
-            f"| {c['verdict']} |" for c in comparisons]
+           [f"| {c['a']} − {c['b']} | {len(c['seeds'])} | {evidence.format_interval(c['by_seed'])} "
+            f"| {evidence.format_interval(c['by_example'])} | {c['verdict']} |" for c in comparisons]
 
 
 def _overview(summaries: dict) -> list[str]:
@@ -427,7 +427,7 @@ def _overview(summaries: dict) -> list[str]:
     for name, found in summaries.items():
         cells = []
         for c in found["comparisons"]:
-            cell = _interval(c["by_seed"])
+            cell = evidence.format_interval(c["by_seed"])
             cells.append(f"**{cell}**" if " beats " in c["verdict"] else cell)
         seeds = max(c["seeds"] for c in found["comparisons"])
         lines.append(f"| {name}: {found['title']} | {found['metric']} | {seeds} | " + " | ".join(cells) + " |")
@@ -482,12 +482,6 @@ def _stage1_lines(runs) -> list[str]:
         return []
     return ["", "| Stage I filters | steps | stopped early | per layer: validation loss (logit lens) |",
             "|---|---|---|---|"] + lines
-
-
-def _interval(interval: dict | None) -> str:
-    if not interval or interval.get("low") is None:
-        return "-"
-    return f"{interval['mean']:+.4f} [{interval['low']:+.4f}, {interval['high']:+.4f}]"
 
 
 def main() -> None:

@@ -54,8 +54,7 @@ def study_lines(setting: str, seeds_here: int) -> list[str]:
                    f"the same budget; docs/evidence.md), paired test differences in {found['metric']}:", "",
              "| A − B | paired seeds | mean [95% interval over seeds] | verdict |", "|---|---|---|---|"]
     for c in found["comparisons"]:
-        interval = _interval(c["by_seed"]) if c["by_seed"].get("low") is not None else "-"
-        lines.append(f"| {c['a']} − {c['b']} | {c['seeds']} | {interval} | {c['verdict']} |")
+        lines.append(f"| {c['a']} − {c['b']} | {c['seeds']} | {format_interval(c['by_seed'])} | {c['verdict']} |")
     return lines + across_settings(setting)
 
 
@@ -68,12 +67,15 @@ def across_settings(shown: str) -> list[str]:
         ted_kd = next((c for c in found["comparisons"] if (c["a"], c["b"]) == ("ted", "kd")), None)
         if name == shown or ted_kd is None or ted_kd["by_seed"].get("low") is None:
             continue
-        others.append(f"- {name} ({found['title']}): ted − kd in {found['metric']} {_interval(ted_kd['by_seed'])} "
+        others.append(f"- {name} ({found['title']}): ted − kd in {found['metric']} {format_interval(ted_kd['by_seed'])} "
                       f"over {ted_kd['seeds']} seeds, {ted_kd['verdict']}")
     if not others:
         return []
     return ["", "The study's other settings (docs/evidence.md):", *others]
 
 
-def _interval(by_seed: dict) -> str:
-    return f"{by_seed['mean']:+.4f} [{by_seed['low']:+.4f}, {by_seed['high']:+.4f}]"
+def format_interval(interval: dict | None) -> str:
+    """A paired difference as "+0.0123 [-0.0010, +0.0256]" (mean [95% interval]), or "-" where none was computed."""
+    if not interval or interval.get("low") is None:
+        return "-"
+    return f"{interval['mean']:+.4f} [{interval['low']:+.4f}, {interval['high']:+.4f}]"
