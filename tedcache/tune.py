@@ -27,6 +27,7 @@ from .evaluate import LOWER_IS_BETTER, PRIMARY_METRIC
 
 STUDY_FILE = "study.journal"
 FINISHED = ("COMPLETE", "PRUNED")
+TPE_STARTUP_TRIALS = 10  # Optuna's default: TPE samples at random until this many trials have finished
 
 
 def search_space(method: str, temperature_fixed: bool) -> dict[str, tuple]:
@@ -147,6 +148,9 @@ def tune(cfg: TuneConfig, log=None) -> dict:
 
     log = log or note
     _check(cfg)
+    if cfg.trials <= TPE_STARTUP_TRIALS:
+        log(f"{cfg.trials} trials a method: TPE draws its first {TPE_STARTUP_TRIALS} at random, so this is a seeded "
+            "random search around the base configuration; give each method more trials for TPE to model the results")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(cfg.base.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +169,8 @@ def tune(cfg: TuneConfig, log=None) -> dict:
         study = optuna.create_study(
             study_name=method, storage=storage, load_if_exists=True,
             direction="minimize" if metric in LOWER_IS_BETTER else "maximize",
-            sampler=optuna.samplers.TPESampler(seed=cfg.base.seed + number), pruner=_pruner(cfg.pruner, optuna))
+            sampler=optuna.samplers.TPESampler(n_startup_trials=TPE_STARTUP_TRIALS, seed=cfg.base.seed + number),
+            pruner=_pruner(cfg.pruner, optuna))
         made_for = study.user_attrs.get("identity")
         if made_for is None:
             study.set_user_attr("identity", identity)

@@ -54,6 +54,7 @@ def test_tune_runs_each_method_the_same_number_of_trials_on_validation_only(asse
         best = [json.loads(p.read_text())["best"]["accuracy"] for p in trials]
         assert result["best_value"] == max(best)
     assert any("3/3 finished" in m for m in messages)
+    assert any("3 trials a method: TPE draws its first 10 at random" in m for m in messages)
     # the best configuration is a distill config file that reproduces the best trial's validation result
     best_file = tmp_path / "t" / "best-kd.yaml"
     assert yaml.safe_load(best_file.read_text())["method"] == "kd"
