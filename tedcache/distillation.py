@@ -308,7 +308,7 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
         probe = bool(probe_every) and batch["step"] % probe_every == 0
         return stage2_loss(student, bank, live(batch) if live else batch, cfg, task, form, variance, probe, vocab, head)
 
-    torch.manual_seed(cfg.seed)  # Stage II's dropout does not depend on what ran before it
+    procs.seed(cfg.seed)  # Stage II's dropout does not depend on what ran before it
     result = fit(params, modules,
                  epoch_batches, num_batches(labels_only, cfg.optim.batch_size, procs.size, cfg.shard_reads, cfg.workers),
                  loss_fn, cfg.optim, f"stage II ({cfg.method}{', online' if live else ''})",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
 
@@ -27,6 +28,11 @@ class Processes:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def seed(self, seed: int) -> None:
+        """Seed torch's global generator, which draws the dropout masks: with `seed` itself in one process, with
+        a seed drawn from (seed, rank) in each of several, so that no two processes draw the same masks."""
+        torch.manual_seed(seed if self.size == 1 else int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0]))
 
     def device(self, name: str) -> torch.device:
         """The device this process trains on: with several processes and "auto", its own GPU (or the CPU)."""

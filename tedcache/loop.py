@@ -129,7 +129,8 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         loop, best_state = saved["loop"], saved["best_state"]
-        torch.set_rng_state(saved["rng"])
+        rng = saved["rng"]  # one state per process (checkpoints of earlier versions kept one tensor)
+        torch.set_rng_state(rng if isinstance(rng, torch.Tensor) else rng[processes.rank])
         started -= saved["seconds"]
     bar = tqdm(total=total, initial=loop["step"], desc=desc, leave=False, disable=None if processes.main else True)
 
@@ -153,11 +154,11 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
         return bool(cfg.patience) and evaluate is not None and loop.get("stale", 0) >= cfg.patience
 
     def save_checkpoint():
-        processes.barrier()
+        rng = processes.gather(torch.get_rng_state())  # a collective: every process takes part
         if processes.main:
             checkpoint.save({"modules": snapshot(), "optimizer": optimizer.state_dict(),
                              "schedule": schedule.state_dict(), "loop": loop, "best_state": best_state,
-                             "rng": torch.get_rng_state(), "seconds": time.perf_counter() - started})
+                             "rng": rng, "seconds": time.perf_counter() - started})
         processes.barrier()
 
     while loop["step"] < total:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -67,7 +66,7 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
     params = list(bank.parameters()) + list(heads.parameters())
     per_process, place = cfg.batch_size // processes.size, (processes.rank, processes.size)
     if processes.size > 1:  # the backbone's dropout: each process its own draws
-        torch.manual_seed(int(np.random.SeedSequence([seed, processes.rank]).generate_state(1)[0]))
+        processes.seed(seed)
     result = fit(params, [model, bank, heads],
                  lambda epoch: iterate_batches(source, per_process, pad_id, shuffle=True, seed=seed, epoch=epoch,
                                                process=place),

@@ -21,6 +21,7 @@ from conftest import make_model, sentiment_rows, write_rows
 
 from tedcache import reader
 from tedcache.cache import Cache
+from tedcache.distributed import Processes
 from tedcache.errors import TedcacheError
 from tedcache.reader import CacheSource, iterate_batches, num_batches
 
@@ -220,6 +221,18 @@ def test_two_process_distill_matches_one_process_at_the_same_global_batch(one_pr
         assert runs[name]["test"]["accuracy"] == runs["one"]["test"]["accuracy"]
     saved = sorted(p.name for p in tmp_path.iterdir())
     assert saved == ["accum", "one", "two"]  # the student saved once, no checkpoint folder left
+
+
+def test_each_process_draws_its_own_dropout_masks_and_one_process_uses_the_seed_itself():
+    draws = {}
+    for rank, size in ((0, 1), (0, 2), (1, 2)):
+        place = Processes(join=False)
+        place.rank, place.size = rank, size
+        place.seed(7)
+        draws[rank, size] = torch.rand(8)
+    torch.manual_seed(7)
+    assert torch.equal(draws[0, 1], torch.rand(8))  # one process: the run's seed, as before DDP existed
+    assert not torch.equal(draws[0, 2], draws[1, 2]) and not torch.equal(draws[0, 2], draws[0, 1])
 
 
 @pytest.mark.parametrize("workers", [1, 2])
