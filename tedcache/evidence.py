@@ -50,8 +50,10 @@ def study_lines(setting: str, seeds_here: int) -> list[str]:
     if found is None:
         return [here, f"The evidence study's setting {setting} (docs/evidence.md) has not finished yet, so there is "
                       "no paired interval to show; run `tedcache compare` over several seeds for one."]
-    lines = [here, f"The evidence study, setting {setting} ({found['title']}; each method tuned on validation with "
-                   f"the same budget; docs/evidence.md), paired test differences in {found['metric']}:", "",
+    how = "each method tuned on validation with the same budget" if found.get("tuned") else \
+        "every method with the same fixed settings, not tuned"
+    lines = [here, f"The evidence study, setting {setting} ({found['title']}; {how}; docs/evidence.md), paired "
+                   f"test differences in {found['metric']}:", "",
              "| A − B | paired seeds | mean [95% interval over seeds] | verdict |", "|---|---|---|---|"]
     for c in found["comparisons"]:
         lines.append(f"| {c['a']} − {c['b']} | {c['seeds']} | {format_interval(c['by_seed'])} | {c['verdict']} |")

@@ -99,24 +99,30 @@ def methods_plot(summary: dict) -> bytes | None:
 
 def paired_plot(summary: dict) -> bytes | None:
     """Each paired difference A − B with its 95% interval over seeds (and, where recorded, over test
-    examples), against a line at zero: an interval that crosses it is not resolved."""
+    examples), against a line at zero: an interval that crosses it is not resolved. Per-example intervals in
+    another unit than the metric (causal-lm: block loss in nats, not perplexity) get their own panel."""
     comparisons = summary.get("comparisons") or []
     if not comparisons:
         return None
-    fig, axes = _figure(7.5, 0.9 + 0.5 * len(comparisons))
-    ax = axes[0][0]
-    for y, c in enumerate(reversed(comparisons)):
-        for offset, key, colour, label in ((0.12, "by_seed", "#2a5caa", "over seeds"),
-                                           (-0.12, "by_example", "#d08020", "over test examples")):
-            interval = c.get(key)
-            if not interval or interval.get("low") is None:
-                continue
-            ax.errorbar(interval["mean"], y + offset, capsize=3, fmt="o", color=colour, label=label if y == 0 else None,
-                        xerr=[[interval["mean"] - interval["low"]], [interval["high"] - interval["mean"]]])
-    ax.axvline(0.0, color="k", linewidth=0.8)
-    ax.set_yticks(range(len(comparisons)), [f"{c['a']} − {c['b']}" for c in reversed(comparisons)], fontsize=8)
-    ax.set_xlabel(f"paired difference in test {summary['metric']} (95% interval)")
-    ax.legend(fontsize=7, loc="best")
+    seeds, examples = ("by_seed", "#2a5caa", "over seeds"), ("by_example", "#d08020", "over test examples")
+    unit = next((c["by_example"]["unit"] for c in comparisons if (c.get("by_example") or {}).get("unit")), None)
+    panels = [(summary["metric"], [seeds, examples])] if unit is None else [(summary["metric"], [seeds]),
+                                                                              (unit, [examples])]
+    fig, axes = _figure(7.5 * len(panels), 0.9 + 0.5 * len(comparisons), len(panels))
+    for ax, (measure, series) in zip(axes[0], panels):
+        offsets = [0.12, -0.12] if len(series) == 2 else [0.0]
+        for y, c in enumerate(reversed(comparisons)):
+            for (key, colour, label), offset in zip(series, offsets):
+                interval = c.get(key)
+                if not interval or interval.get("low") is None:
+                    continue
+                ax.errorbar(interval["mean"], y + offset, capsize=3, fmt="o", color=colour,
+                            label=label if y == 0 else None,
+                            xerr=[[interval["mean"] - interval["low"]], [interval["high"] - interval["mean"]]])
+        ax.axvline(0.0, color="k", linewidth=0.8)
+        ax.set_yticks(range(len(comparisons)), [f"{c['a']} − {c['b']}" for c in reversed(comparisons)], fontsize=8)
+        ax.set_xlabel(f"paired difference in test {measure} (95% interval)")
+        ax.legend(fontsize=7, loc="best")
     return _png(fig)
 
 

@@ -170,6 +170,10 @@ def test_demo_prints_the_studys_paired_intervals(compared, tmp_path, monkeypatch
     row = next(line for line in lines if line.startswith("| ted − kd |"))
     assert f"{ted_kd['by_seed']['mean']:+.4f} [{ted_kd['by_seed']['low']:+.4f}" in row and ted_kd["verdict"] in row
     assert lines[0].startswith("Seeds behind each row above: 1") and "paired seeds" in "\n".join(lines)
+    assert "not tuned" in lines[1]  # no tuning results shipped with the setting (the study's LM scenario)
+    tuned = {"kd": {"best_validation": 0.77, "params": {"optim.lr": 3.3e-4}}}
+    evidence.SUMMARY.write_text(json.dumps({"A": evidence.compact(summary, "the demo pair", tuned)}, default=str))
+    assert "each method tuned on validation with the same budget" in evidence.study_lines("A", seeds_here=1)[1]
     assert not any(line.startswith("- ") for line in lines)  # no other setting has finished
 
     evidence.SUMMARY.write_text(json.dumps({"A": evidence.compact(summary, "the demo pair", {}),
@@ -178,6 +182,22 @@ def test_demo_prints_the_studys_paired_intervals(compared, tmp_path, monkeypatch
     assert others == [f"- C (an independent student): ted − kd in {summary['metric']} {ted_kd['by_seed']['mean']:+.4f} "
                       f"[{ted_kd['by_seed']['low']:+.4f}, {ted_kd['by_seed']['high']:+.4f}] over "
                       f"{len(ted_kd['seeds'])} seeds, {ted_kd['verdict']}"]
+
+
+def test_per_example_intervals_in_another_unit_get_their_own_panel(compared):
+    """causal-lm: the bootstrap over test blocks is in nats of loss, the seeds' interval in perplexity; one
+    axis for both would draw the nats as dots at zero."""
+    from tedcache.report import paired_plot
+
+    _, summary, _ = compared
+    in_nats = {**summary, "comparisons": [{**c, "by_example": {**c["by_example"], "unit": "loss (nats)"}}
+                                          for c in summary["comparisons"]]}
+
+    def width(png: bytes) -> int:
+        return int.from_bytes(png[16:20], "big")  # the PNG header's IHDR width
+
+    assert all(c["by_example"]["unit"] is None for c in summary["comparisons"])
+    assert width(paired_plot(in_nats)) == 2 * width(paired_plot(summary))
 
 
 def test_demo_runs_each_method_with_the_studys_tuned_configuration(tmp_path, monkeypatch):
