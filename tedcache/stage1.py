@@ -65,7 +65,7 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
 
     params = list(bank.parameters()) + list(heads.parameters())
     per_process, place = cfg.batch_size // processes.size, (processes.rank, processes.size)
-    if processes.size > 1:  # the backbone's dropout: each process its own draws
+    if processes.size > 1:  # the backbone's dropout: each process its own draws (one keeps the seeding above)
         processes.seed(seed)
     result = fit(params, [model, bank, heads],
                  lambda epoch: iterate_batches(source, per_process, pad_id, shuffle=True, seed=seed, epoch=epoch,
