@@ -87,12 +87,13 @@ def report(runs, out):
 
 @app.command("init-student")
 @click.option("--from", "source", required=True, help="Model to copy layers from.")
-@click.option("--layers", required=True, help="0-based layers to keep, e.g. 0,5.")
+@click.option("--layers", required=True, multiple=True,
+              help="0-based layers to keep: comma-separated (0,5) or the flag repeated (--layers 0 --layers 5).")
 @click.option("--out", required=True)
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the model (custom architectures).")
 def init_student_command(source, layers, out, trust_remote_code):
     """A shallower copy of a model keeping the given layers (DistilBERT-style initialisation)."""
-    click.echo(init_student(source, parse_layers(layers, 10**6), out, trust_remote_code))
+    click.echo(init_student(source, parse_layers(",".join(layers), 10**6), out, trust_remote_code))
 
 
 @app.command("verify")
@@ -155,7 +156,8 @@ def gc(cache_dir):
 
 
 @app.command()
-@click.option("--pairs", default="minilm,bert", show_default=True, help="Which model pairs: minilm, bert.")
+@click.option("--pairs", default=["minilm,bert"], show_default=True, multiple=True,
+              help="Which model pairs: minilm, bert; comma-separated or the flag repeated.")
 @click.option("--steps", default=20, show_default=True, type=int, help="Timed steps per mode (first 3 are warm-up).")
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--examples", default=1024, show_default=True, type=int, help="Training examples in the cache.")
@@ -164,7 +166,7 @@ def gc(cache_dir):
 def bench(pairs, steps, batch_size, examples, workdir, as_json):
     """Distill step time and memory: student alone vs offline TED vs online TED, side by side."""
 
-    results = run_bench(workdir, tuple(p for p in pairs.split(",") if p), steps, batch_size, examples)
+    results = run_bench(workdir, tuple(p for joined in pairs for p in joined.split(",") if p), steps, batch_size, examples)
     click.echo(json.dumps(results, indent=2) if as_json else format_table(results))
 
 

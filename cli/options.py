@@ -76,6 +76,24 @@ def _base_type(hint):
     return unwrap_optional(hint)[1]
 
 
+class ListOfItems(click.ParamType):
+    """A list flag's value: one item or several joined by the separator; each item converted to the list's
+    element type. Repeating the flag adds more (click's `multiple`); `_value` joins the repetitions."""
+
+    def __init__(self, item_type: type, separator: str):
+        self.item_type, self.separator = item_type, separator
+        self.name = f"{item_type.__name__.upper()}[{separator}...]"
+
+    def convert(self, value, param, ctx):
+        items = [item.strip() for item in str(value).split(self.separator) if item.strip()]
+        try:
+            return [self.item_type(item) for item in items]
+        except ValueError:
+            self.fail(f"'{value}' is not a list of {self.item_type.__name__} joined by '{self.separator}' "
+                      f"(e.g. {self.separator.join(['1', '2', '3'] if self.item_type is int else ['a', 'b'])})",
+                      param, ctx)
+
+
 def click_option(flag: Flag) -> click.Option:
     """The click.Option for a flag, its type, default and help from the dataclass field."""
     base = _base_type(flag.hint)
@@ -88,25 +106,21 @@ def click_option(flag: Flag) -> click.Option:
         return click.Option([flag.name, flag.param], is_flag=True, default=bool(default), help=flag.help)
     if typing.get_origin(base) is list:
         shown = flag.items.join(map(str, default)) if default else None
-        return click.Option([flag.name, flag.param], multiple=True, default=None if default is None else list(default),
-                            show_default=shown or False, help=f"{flag.help} Several: comma-separated or repeated."
-                            + required)
+        item_type = {int: int, float: float}.get(typing.get_args(base)[0], str)
+        a, b = ("1", "2") if item_type is int else ("a", "b")
+        several = (f" Several: joined by '{flag.items}' ({flag.name} {a}{flag.items}{b}), or the flag repeated "
+                   f"({flag.name} {a} {flag.name} {b}), or both.")
+        return click.Option([flag.name, flag.param], type=ListOfItems(item_type, flag.items), multiple=True,
+                            default=None if default is None else list(default), show_default=shown or False,
+                            help=flag.help + several + required)
     return click.Option([flag.name, flag.param], type={int: int, float: float}.get(base, str), default=default,
                         show_default=default is not None, help=flag.help + required)
 
 
 def _value(flag: Flag, raw):
-    """A flag's parsed value as the config record wants it (lists split at commas)."""
-    base = _base_type(flag.hint)
-    if typing.get_origin(base) is list:
-        items = [item.strip() for value in raw for item in str(value).split(flag.items) if item.strip()]
-        if typing.get_args(base)[0] is int:
-            try:
-                return [int(item) for item in items]
-            except ValueError:
-                raise TedcacheError(f"{flag.name} '{','.join(items)}' is not a comma list of integers, "
-                                    "e.g. 1,2,3") from None
-        return items
+    """A flag's parsed value as the config record wants it (a list flag's repetitions joined into one list)."""
+    if typing.get_origin(_base_type(flag.hint)) is list:
+        return [item for items in raw for item in items]
     return raw
 
 

@@ -125,8 +125,9 @@ def measure_steps(pair: str, mode: str, workdir: str, steps: int, batch_size: in
     cfg = DistillConfig(cache=info["cache"], student=info["student"], out="", kl_alpha=1.0, mse_alpha=1.0,
                         temperature=2.0)
     live = LiveTargets(info["teacher"], cache, t_layers, device) if mode == "online" else None
-    layers = t_layers if mode == "offline" else []
-    loader = DataLoader(CacheBatches(info["cache"], "train", layers, batch_size, seed=0), batch_size=None,
+    # every mode the same batches in the same order (distill's reader); only offline reads the targets
+    loader = DataLoader(CacheBatches(info["cache"], "train", t_layers, batch_size, seed=0,
+                                     read_targets=mode == "offline"), batch_size=None,
                         generator=torch.Generator().manual_seed(0))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -36,7 +36,7 @@ from .qa import answer_questions, best_span, squad_metrics
 from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
 from .schema import check_choices
 from .stage1 import describe_filters, train_filters
-from .taps import forward_with_taps, hidden_size, num_layers, parse_layers
+from .taps import forward_with_taps, hidden_size, model_parts, num_layers, parse_layers
 from .teacher import LiveTargets
 
 LAYER_MAP_RULES = ("interval", "copy")
@@ -154,7 +154,7 @@ def _student_width(student, meta: CacheMetadata) -> int:
     """The ids KD compares over: the tokenizer's, as the cache's rows span them (a student's padded output
     rows beyond them are left out of its distribution); a student with fewer output rows is refused."""
     vocab = (meta.logits or {}).get("vocab") or meta.vocab_size
-    rows = student.get_output_embeddings().weight.shape[0]
+    rows = model_parts(student).head.weight.shape[0]
     if rows < vocab:
         raise TedcacheError(f"the student has {rows} output rows, fewer than the {vocab} token ids the teacher's rows "
                             "span: it cannot produce the last ones; resize its embeddings "
@@ -276,10 +276,11 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
         student.requires_grad_(True)
 
     live = LiveTargets(cfg.teacher, cache, teacher_layers, device, cfg.seed) if cfg.teacher else None
-    batches = CacheBatches(cfg.cache, "train", [] if live else teacher_layers, cfg.optim.batch_size, shuffle=True,
-                           seed=cfg.seed, with_logits=task == "causal-lm" and cfg.kl_alpha > 0 and not live,
+    # online mode: the same reader, windows and order, with the targets' reads replaced by `live`
+    batches = CacheBatches(cfg.cache, "train", teacher_layers, cfg.optim.batch_size, shuffle=True,
+                           seed=cfg.seed, with_logits=task == "causal-lm" and cfg.kl_alpha > 0,
                            process=(procs.rank, procs.size), shard_reads=cfg.shard_reads,
-                           read_ahead=_read_ahead(cfg))
+                           read_ahead=_read_ahead(cfg), read_targets=live is None)
     # its own generator: iterating a DataLoader draws a seed, which must not come from the global RNG
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers,
                         generator=torch.Generator().manual_seed(cfg.seed))

@@ -31,7 +31,7 @@ from .models import load_for_task, load_tokenizer, pad_id, tokenizer_hash, vocab
 from .reader import ExamplesSource, iterate_batches, to_device
 from .schema import check_choices, to_dict
 from .stage1 import describe_filters, train_filters
-from .taps import hidden_size, num_layers, parse_layers
+from .taps import hidden_size, model_parts, num_layers, parse_layers
 from .teacher import teacher_targets
 
 
@@ -269,7 +269,8 @@ def _create_cache(location: Location, metadata: CacheMetadata, splits: dict[str,
     if metadata.task in ("token-classification", "question-answering"):
         writer.create_token_logit_arrays(metadata.num_outputs)
     if logit_spec is not None and logit_spec.kind == "hidden":
-        writer.save_head(save({k: v.contiguous().cpu() for k, v in head_tensors(teacher, logit_spec.vocab).items()}))
+        head = head_tensors(model_parts(teacher).head, logit_spec.vocab)
+        writer.save_head(save({k: v.contiguous().cpu() for k, v in head.items()}))
     elif logit_spec is not None:
         dtypes = {"ids": id_dtype(metadata.vocab_size), "logprobs": np.float16}
         if logit_spec.kind == "sample":
@@ -282,7 +283,7 @@ def _create_cache(location: Location, metadata: CacheMetadata, splits: dict[str,
 def _tokenizer_width(teacher, tokenizer, name: str) -> int:
     """The ids the teacher's logit rows are kept for: the tokenizer's (a padded output layer's extra rows
     are never produced as tokens)."""
-    rows = teacher.get_output_embeddings().weight.shape[0]
+    rows = model_parts(teacher).head.weight.shape[0]
     if rows < len(tokenizer):
         raise TedcacheError(f"teacher {name} has {rows} output rows but its tokenizer has {len(tokenizer)} ids: "
                             "it cannot predict the last ones; resize its embeddings to the tokenizer "
@@ -316,7 +317,8 @@ def _run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: i
         else:
             outputs.append(lm_loss_per_block(logits, batch["input_ids"], batch["attention_mask"]))
         if final and len(outputs) == 1:  # the unit's first batch
-            check_rebuilt(_real(logits, real), _real(filtered[-1], real), head_tensors(teacher, logit_spec.vocab))
+            head = head_tensors(model_parts(teacher).head, logit_spec.vocab)
+            check_rebuilt(_real(logits, real), _real(filtered[-1], real), head)
         if generator is not None:
             for name, part in sparsify(_real(logits, real), logit_spec, generator).items():
                 rows.setdefault(name, []).append(part)

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from .errors import TedcacheError
-from .taps import is_causal_lm_class, num_layers, parse_layers
+from .taps import is_causal_lm_class, model_parts, num_layers, parse_layers
 
 
 def _check_source(name: str, what: str) -> None:
@@ -70,15 +70,17 @@ def load_causal_lm(name: str, what: str = "model", trust_remote_code: bool = Fal
 
 
 def _from_pretrained(auto_class, name: str, what: str, kind: str, **kwargs):
-    """auto_class.from_pretrained, its failures turned into one line."""
+    """auto_class.from_pretrained, its failures turned into one line; the model's parts found (model_parts)."""
     try:
-        return auto_class.from_pretrained(name, **kwargs)
+        model = auto_class.from_pretrained(name, **kwargs)
     except Exception as exc:
         if "trust_remote_code" in str(exc):
             raise TedcacheError(f"{what} {name} ships its own model code; pass --trust-remote-code to run it "
                                 "(only for code you have read or trust)") from exc
         raise TedcacheError(f"cannot load {what} {name} as {kind} "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
+    model_parts(model)  # its parts found now, so a model tedcache cannot read is refused at load time
+    return model
 
 
 def load_for_task(name: str, what: str, task: str, label_names: list[str] | None = None, resize: bool = True,
@@ -131,15 +133,6 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
-def layer_list(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of transformer layers (the ModuleList as long as num_hidden_layers)."""
-    total = num_layers(model)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == total:
-            return module
-    raise TedcacheError(f"cannot find the transformer layer stack of {type(model).__name__}")
-
-
 COPIED_FROM = "tedcache_copied_from"  # config.json key: the teacher layer each student layer copies
 
 
@@ -165,7 +158,7 @@ def init_student(source: str, layers: list[int], out: str, trust_remote_code: bo
         auto = AutoModelForCausalLM
     model = auto.from_pretrained(source, trust_remote_code=trust_remote_code)
     keep = parse_layers(",".join(map(str, layers)), num_layers(model))
-    stack = layer_list(model)
+    stack = model_parts(model).layers
     kept = [stack[i] for i in keep]
     for new_index, layer in enumerate(kept):
         for module in layer.modules():  # decoders index their KV cache by layer_idx

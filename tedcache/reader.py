@@ -62,10 +62,14 @@ class ExamplesSource:
 
 class CacheSource:
     """One split of a cache: tokens, labels, teacher logits and (optionally) the states of some layers and,
-    causal-lm, the sparse per-token teacher distributions."""
+    causal-lm, the sparse per-token teacher distributions. With read_targets=False (online mode) the
+    states and rows are not read, but the windows are planned as if they were (see `_visit`), so the
+    examples come in the same order as from a source that reads them."""
 
-    def __init__(self, split: Split, layers: list[int] | None = None, with_logits: bool = False):
+    def __init__(self, split: Split, layers: list[int] | None = None, with_logits: bool = False,
+                 read_targets: bool = True):
         self.split, self.precision, self.layers = split, split.precision, layers or []
+        self.read_targets = read_targets
         self.starts, self.lengths = split.starts, split.lengths
         self.labels, self.teacher_logits, self.question_index = split.labels, split.teacher_logits, split.question_index
         self.with_logits = with_logits and bool(split.logit_rows)
@@ -85,14 +89,15 @@ class CacheSource:
         reads = {"input_ids": lambda: self.split.tokens("input_ids", a, b)}
         if self.split.has_token_types:
             reads["token_type_ids"] = lambda: self.split.tokens("token_type_ids", a, b)
-        for layer in self.layers:
+        layers = self.layers if self.read_targets else []
+        for layer in layers:
             reads[layer] = lambda layer=layer: self.split.states(layer, a, b)
-        if self.with_logits:
+        if self.with_logits and self.read_targets:
             reads["logits"] = lambda: self.split.logits(a, b)
         for name in self.split.token_arrays:
             reads[name] = lambda name=name: self.split.tokens(name, a, b)
         done = dict(zip(reads, _pool().map(lambda read: read(), reads.values())))
-        states = [done[layer] for layer in self.layers] if self.layers else None
+        states = [done[layer] for layer in layers] if layers else None
         extra = {name: done[name] for name in self.split.token_arrays} or None
         return Window(first, a, done["input_ids"], done.get("token_type_ids"), states, done.get("logits"), extra)
 
@@ -121,9 +126,10 @@ class CacheBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, cache: str, split: str, layers: list[int] | None, batch_size: int, shuffle: bool = True,
                  seed: int = 0, with_logits: bool = False, process: tuple[int, int] = (0, 1),
-                 shard_reads: bool = False, read_ahead: int = 0):
+                 shard_reads: bool = False, read_ahead: int = 0, read_targets: bool = True):
         super().__init__()
         self.cache, self.split, self.layers, self.with_logits = cache, split, layers, with_logits
+        self.read_targets = read_targets
         self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
         self.process, self.shard_reads, self.read_ahead = process, shard_reads, read_ahead
 
@@ -134,7 +140,7 @@ class CacheBatches(torch.utils.data.IterableDataset):
         cache = Cache(self.cache)
         info = torch.utils.data.get_worker_info()
         worker = (info.id, info.num_workers) if info is not None else (0, 1)
-        source = CacheSource(cache.split(self.split), self.layers, self.with_logits)
+        source = CacheSource(cache.split(self.split), self.layers, self.with_logits, self.read_targets)
         yield from iterate_batches(source, self.batch_size, cache.metadata.pad_token_id, self.shuffle, self.seed,
                                    self.epoch, worker=worker, process=self.process,
                                    shard_reads=self.shard_reads, read_ahead=self.read_ahead)

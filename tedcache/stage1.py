@@ -12,7 +12,7 @@ from .filters import FilterBank, LMHead, SequenceHead, TokenHead
 from .loop import fit
 from .losses import labelled, labels_or_teacher, lm_loss, task_loss
 from .reader import iterate_batches, num_batches, to_device
-from .taps import forward_with_taps, is_decoder_only
+from .taps import forward_with_taps, is_decoder_only, model_parts
 
 
 def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, cfg: OptimConfig, pad_id: int,
@@ -39,7 +39,7 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
     dim = bank.spec.out_dim
     last_token = is_decoder_only(model)
     if task == "causal-lm":
-        heads = nn.ModuleList(LMHead(dim, model.get_output_embeddings(), lm_head) for _ in bank.spec.layers)
+        heads = nn.ModuleList(LMHead(dim, model_parts(model).head, lm_head) for _ in bank.spec.layers)
     elif task in ("token-classification", "question-answering"):  # QA: start and end logits per token
         heads = nn.ModuleList(TokenHead(dim, num_outputs, head_dropout(model.config)) for _ in bank.spec.layers)
     else:
@@ -120,7 +120,7 @@ def filter_metrics(model, bank: FilterBank, heads, source, task: str, pad_id: in
         for layer, head, state, filtered in zip(layers, heads, hidden, bank(hidden)):
             values = {"loss": head_loss(head, filtered, batch, task)}
             if task == "causal-lm":
-                values["logit_lens_loss"] = lm_loss(model.get_output_embeddings()(state), batch["input_ids"], mask)
+                values["logit_lens_loss"] = lm_loss(model_parts(model).head(state), batch["input_ids"], mask)
             elif task in ("classification", "token-classification"):
                 known = labelled(batch["labels"], task)
                 values["accuracy"] = (head(filtered, mask).argmax(-1) == batch["labels"])[known].float().mean()

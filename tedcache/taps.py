@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -81,22 +83,94 @@ def pooled(states: torch.Tensor, mask: torch.Tensor, last: bool) -> torch.Tensor
     return states[torch.arange(len(states), device=states.device), (mask * positions).argmax(1)]
 
 
-def final_norm(model) -> torch.nn.Module:
-    """A decoder's final normalisation (Llama `norm`, GPT-2 `ln_f`, ...), found by its place, not its
-    name: the last direct child of the base model that holds exactly one or two vectors of the hidden
-    size (an RMSNorm's weight, a LayerNorm's weight and bias)."""
+@dataclass(frozen=True)
+class ModelParts:
+    """The parts of a model tedcache reads, found by running it (see model_parts)."""
+
+    layers: torch.nn.ModuleList  # the transformer layer stack, in the order the layers run
+    final_norm: torch.nn.Module | None  # the first norm the base model runs after its last layer (None: none)
+    head: torch.nn.Module | None  # the module that produces the output logits (None: a bare base model)
+
+
+_PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_parts(model) -> ModelParts:
+    """The layer stack, final norm and output head of any HF model, found from the order in which its modules
+    run on one tiny dummy forward pass (declaration order differs: OPT declares its final norm before its
+    layers). Run once per model and remembered; the loaders call it, so a model whose parts cannot be found
+    is refused when it is loaded."""
+    if model not in _PARTS:
+        _PARTS[model] = _find_parts(model)
+    return _PARTS[model]
+
+
+def _find_parts(model) -> ModelParts:
+    name = type(model).__name__
+    finished: list[torch.nn.Module] = []  # modules in the order their forward returned
+    outputs: dict[torch.nn.Module, object] = {}
+
+    def record(module, args, output):
+        finished.append(module)
+        outputs.setdefault(module, output)
+
+    handles = [m.register_forward_hook(record) for m in model.modules()]
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0) or 8
+    ids = (torch.arange(4, device=model.device) % vocab + min(3, vocab - 1)) % vocab
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None])
+    except Exception as exc:
+        raise TedcacheError(f"cannot run {name} on a dummy input to find its layers ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from exc
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    order = {}
+    for index, module in enumerate(finished):
+        order.setdefault(module, index)  # first return of each module
+    total = num_layers(model)
+    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == total
+              and all(child in order for child in m)
+              and [order[c] for c in m] == sorted(order[c] for c in m)]
+    if not stacks:
+        raise TedcacheError(f"cannot find the transformer layer stack of {name}: no list of {total} layers "
+                            "(config.num_hidden_layers) ran one after another on a dummy input")
+    layers = max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()))
     width = hidden_size(model)
-    found = None
-    for module in model.base_model.children():  # a few modules: cheap enough for every forward
-        if next(module.children(), None) is not None:
-            continue  # not a leaf (the layer stack, embeddings with sub-modules)
-        shapes = [tuple(p.shape) for p in module.parameters(recurse=False)]
-        if shapes and len(shapes) <= 2 and all(shape == (width,) for shape in shapes):
-            found = module
-    if found is None:
-        raise TedcacheError(f"cannot find the final norm of {type(model).__name__}: tedcache looks for the last "
-                            f"module of its base model holding only {width}-wide vectors (a LayerNorm or RMSNorm)")
-    return found
+    inside_base = set(model.base_model.modules())
+    after_last = [m for m in finished[order[layers[-1]] + 1:] if m in inside_base]
+    norms = [m for m in after_last if _holds_only_vectors(m, width)]
+    head = None
+    if getattr(out, "logits", None) is not None or getattr(out, "start_logits", None) is not None:
+        classes = output_logits(out).shape[-1]
+        heads = [m for m in finished if next(m.children(), None) is None
+                 and isinstance(outputs[m], torch.Tensor) and outputs[m].shape[-1] == classes]
+        if not heads:
+            raise TedcacheError(f"cannot find the output head of {name}: no module's output is as wide as its logits")
+        head = heads[-1]
+    return ModelParts(layers=layers, final_norm=norms[0] if norms else None, head=head)
+
+
+def _holds_only_vectors(module, width: int) -> bool:
+    """A LayerNorm or RMSNorm by its parameters: a leaf holding one or two vectors of the hidden size."""
+    if next(module.children(), None) is not None:
+        return False
+    shapes = [tuple(p.shape) for p in module.parameters(recurse=False)]
+    return bool(shapes) and len(shapes) <= 2 and all(shape == (width,) for shape in shapes)
+
+
+def final_norm(model) -> torch.nn.Module:
+    """A decoder's final normalisation (Llama `norm`, GPT-2 `ln_f`, OPT `final_layer_norm`...): the first
+    module run after the last layer that holds only hidden-size vectors (see model_parts)."""
+    norm = model_parts(model).final_norm
+    if norm is None:
+        raise TedcacheError(f"cannot find the final norm of {type(model).__name__}: no module holding only "
+                            f"{hidden_size(model)}-wide vectors (a LayerNorm or RMSNorm) runs after its last layer")
+    return norm
 
 
 def output_logits(out) -> torch.Tensor:

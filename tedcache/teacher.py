@@ -30,10 +30,16 @@ def teacher_targets(teacher, bank: FilterBank | None, batch: dict, layers: list[
 
 class LiveTargets:
     """Online mode: the teacher (and the cache's teacher filters) in memory, filling each batch with the
-    targets the cache would hold. Offline and online losses agree to within the cache's precision (with
-    an fp32 cache, to float rounding). Only the mapped layers are kept."""
+    targets the cache would hold, computed as the extraction computed them (eval mode, full precision).
+    Offline and online losses agree to within the cache's precision (with an fp32 cache, to float
+    rounding). Only the mapped layers are kept. Loading the teacher draws from no generator the student's
+    training uses."""
 
     def __init__(self, teacher_dir: str, cache: Cache, teacher_layers: list[int], device: torch.device, seed: int = 0):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # built modules draw weights
+            self._load(teacher_dir, cache, teacher_layers, device, seed)
+
+    def _load(self, teacher_dir: str, cache: Cache, teacher_layers: list[int], device: torch.device, seed: int):
         meta = cache.metadata
         self.teacher = load_for_task(teacher_dir, "teacher", meta.task, resize=False,
                                      trust_remote_code=meta.trust_remote_code).to(device).eval()
@@ -48,7 +54,8 @@ class LiveTargets:
 
     def __call__(self, batch: dict) -> dict:
         final = self.logit_spec is not None and self.logit_spec.kind == "hidden"
-        logits, states = teacher_targets(self.teacher, self.bank, batch, self.layers, final)
+        with torch.autocast(batch["input_ids"].device.type, enabled=False):  # the extraction ran in full precision
+            logits, states = teacher_targets(self.teacher, self.bank, batch, self.layers, final)
         targets = {**batch, "teacher_states": [CompactStates(s) for s in states]}
         if self.logit_spec is None:
             return {**targets, "teacher_logits": logits}

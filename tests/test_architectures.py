@@ -10,6 +10,7 @@ import torch
 import transformers
 from conftest import make_tokenizer, run_cli
 from test_causal_lm import documents, make_lm_tokenizer, write_text
+from test_cli import assert_one_line_error
 from test_question_answering import write_questions
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
@@ -34,8 +35,12 @@ FAMILIES = {
     "qwen2": (transformers.Qwen2Config, DECODER),
     "mistral": (transformers.MistralConfig, DECODER),
     "phi3": (transformers.Phi3Config, DECODER),
+    # OPT declares its final norm before its layers (it runs after them): the parts are found by running
+    "opt": (transformers.OPTConfig, dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, ffn_dim=64,
+                                         word_embed_proj_dim=32, max_position_embeddings=64, pad_token_id=0,
+                                         bos_token_id=2, eos_token_id=2)),
 }
-DECODERS = ["gpt2", "llama", "qwen2", "mistral", "phi3"]
+DECODERS = ["gpt2", "llama", "qwen2", "mistral", "phi3", "opt"]
 QUICK = OptimConfig(epochs=1, batch_size=16)
 
 
@@ -122,15 +127,21 @@ from .configuration_tiny import TinyCustomConfig
 class TinyCustomClassifier(BertForSequenceClassification):
     config_class = TinyCustomConfig
 '''
+# a model that keeps its layers in a Sequential, not a list: tedcache cannot tap them
+SEQUENTIAL_LAYERS = CUSTOM_MODEL + '''
+
+    def __init__(self, config):
+        super().__init__(config)
+        import torch
+        self.bert.encoder.layer = torch.nn.Sequential(*self.bert.encoder.layer)
+'''
 
 
-def test_model_code_runs_only_with_trust_remote_code(assets, tmp_path):
-    """A model folder that ships its own architecture (auto_map) is refused with one line unless
-    --trust-remote-code is given; the cache records the choice."""
-    folder = tmp_path / "custom"
+def _custom_model(folder, model_code: str) -> None:
+    """A BERT classifier folder that ships its own model code (auto_map)."""
     tokenizer = make_tokenizer(folder)
     (folder / "configuration_tiny.py").write_text(CUSTOM_CONFIG)
-    (folder / "modeling_tiny.py").write_text(CUSTOM_MODEL)
+    (folder / "modeling_tiny.py").write_text(model_code)
     config = transformers.BertConfig(vocab_size=len(tokenizer), num_labels=2, **SIZE)
     transformers.BertForSequenceClassification(config).save_pretrained(folder)
     settings = json.loads((folder / "config.json").read_text())
@@ -138,6 +149,13 @@ def test_model_code_runs_only_with_trust_remote_code(assets, tmp_path):
         "AutoConfig": "configuration_tiny.TinyCustomConfig",
         "AutoModelForSequenceClassification": "modeling_tiny.TinyCustomClassifier"})
     (folder / "config.json").write_text(json.dumps(settings))
+
+
+def test_model_code_runs_only_with_trust_remote_code(assets, tmp_path):
+    """A model folder that ships its own architecture (auto_map) is refused with one line unless
+    --trust-remote-code is given; the cache records the choice."""
+    folder = tmp_path / "custom"
+    _custom_model(folder, CUSTOM_MODEL)
     data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], max_length=32)
     base = ExtractConfig(teacher=str(folder), data=data, stage1=QUICK, cache_dir=str(tmp_path / "caches"))
     result = run_cli("extract", "--teacher", folder, "--data", assets["train"], "--cache-dir", tmp_path / "caches")
@@ -145,6 +163,17 @@ def test_model_code_runs_only_with_trust_remote_code(assets, tmp_path):
     assert "ships its own model code; pass --trust-remote-code" in result.stderr
     cache = extract(replace(base, trust_remote_code=True))
     assert load_metadata(cache).trust_remote_code is True
+
+
+def test_a_model_whose_layers_cannot_be_found_is_one_line(assets, tmp_path):
+    """Its layers run, but from no list as long as config.num_hidden_layers: refused when the teacher is
+    loaded, with one line, and no cache folder is left behind."""
+    folder = tmp_path / "custom"
+    _custom_model(folder, SEQUENTIAL_LAYERS)
+    result = run_cli("extract", "--teacher", folder, "--data", assets["train"], "--cache-dir", tmp_path / "caches",
+                     "--trust-remote-code")
+    assert_one_line_error(result, "cannot find the transformer layer stack of TinyCustomClassifier")
+    assert not (tmp_path / "caches").exists() or not any((tmp_path / "caches").iterdir())
 
 
 @pytest.mark.parametrize("teacher_rows, student_rows", [(8, 0), (0, 8)])

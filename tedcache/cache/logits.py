@@ -111,10 +111,9 @@ def sparsify(logits: torch.Tensor, spec: LogitSpec, generator: torch.Generator |
 HEAD_TOLERANCE = 1e-3  # |rebuilt - teacher logits| allowed, relative to the logits' largest magnitude
 
 
-def head_tensors(teacher, vocab: int) -> dict[str, torch.Tensor]:
-    """The teacher's output layer over the first `vocab` ids: {"weight": (vocab, d)[, "bias": (vocab,)]},
+def head_tensors(layer: torch.nn.Module, vocab: int) -> dict[str, torch.Tensor]:
+    """A teacher's output layer over the first `vocab` ids: {"weight": (vocab, d)[, "bias": (vocab,)]},
     in the teacher's own dtype (what it computed its logits with), on its device."""
-    layer = teacher.get_output_embeddings()
     head = {"weight": layer.weight[:vocab]}
     if getattr(layer, "bias", None) is not None:
         head["bias"] = layer.bias[:vocab]
