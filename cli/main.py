@@ -10,10 +10,7 @@ import click
 import datasets
 import transformers
 
-from tedcache import demo_lm
-from tedcache.bench import format_table, run_bench
 from tedcache.cache import collect_garbage, inspect_cache, list_caches, remove_cache, repair, verify
-from tedcache.compare import compare
 from tedcache.config import (
     DEFAULT_CACHE_DIR,
     DEFAULT_CACHES,
@@ -23,15 +20,18 @@ from tedcache.config import (
     FinetuneConfig,
     TuneConfig,
 )
-from tedcache.demo import FULL, QUICK, run_demo
+from tedcache.demos import demo_lm
+from tedcache.demos.bench import format_table, run_bench
+from tedcache.demos.demo import FULL, QUICK, run_demo
 from tedcache.distillation import distill
 from tedcache.errors import TedcacheError
+from tedcache.experiments.compare import compare
+from tedcache.experiments.report import build_report
+from tedcache.experiments.tune import tune
 from tedcache.extraction import extract
 from tedcache.finetuning import finetune
 from tedcache.models import init_student
-from tedcache.report import build_report
 from tedcache.taps import parse_layers
-from tedcache.tune import tune
 
 from .options import config_command
 

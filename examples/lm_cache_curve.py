@@ -21,7 +21,7 @@ from pathlib import Path
 from tedcache import distill, extract
 from tedcache.cache import inspect_cache
 from tedcache.config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig
-from tedcache.demo_lm import (
+from tedcache.demos.demo_lm import (
     KL_ALPHA,
     MSE_ALPHA,
     QUICK,

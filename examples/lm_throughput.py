@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig, bench, distill, extract
 from tedcache.cache import Cache
-from tedcache.demo_lm import STUDENT_LAYERS
+from tedcache.demos.demo_lm import STUDENT_LAYERS
 from tedcache.models import init_student
 
 

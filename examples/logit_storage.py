@@ -15,7 +15,7 @@ from pathlib import Path
 from tedcache import extract
 from tedcache.cache import inspect_cache
 from tedcache.config import DataConfig, ExtractConfig, FilterConfig
-from tedcache.demo_lm import QUICK, smollm2, snippet_texts
+from tedcache.demos.demo_lm import QUICK, smollm2, snippet_texts
 
 OPTIONS = [("sample:50", 2.0), ("sample:50", 1.0), ("sample:20", 2.0), ("topk:25", 2.0), ("topk:50", 2.0)]
 

@@ -18,7 +18,7 @@ import torch
 from tedcache import distill, extract
 from tedcache.cache import Cache, CompactStates, decode_values, inspect_cache
 from tedcache.config import FilterConfig
-from tedcache.demo import QUICK, prepare
+from tedcache.demos.demo import QUICK, prepare
 
 
 def decoded_states(path: str) -> dict[int, torch.Tensor]:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from tedcache.bench import read_throughput
 from tedcache.cache import Cache
-from tedcache.demo import QUICK, prepare
+from tedcache.demos.bench import read_throughput
+from tedcache.demos.demo import QUICK, prepare
 from tedcache.distillation import map_layers, stage2_loss
 from tedcache.filters import FilterBank, FilterSpec
 from tedcache.models import load_classifier

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
 from tedcache.config import FilterConfig, FinetuneConfig
-from tedcache.demo import minilm_path
+from tedcache.demos.demo import minilm_path
 from tedcache.errors import TedcacheError
 from tedcache.finetuning import finetune
 from tedcache.models import init_student

@@ -6,7 +6,6 @@ configs from flags and config files."""
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .compare import compare
 from .config import (
     CompareConfig,
     DataConfig,
@@ -19,10 +18,11 @@ from .config import (
 )
 from .distillation import distill
 from .errors import TedcacheError
+from .experiments.compare import compare
+from .experiments.tune import tune
 from .extraction import extract
 from .finetuning import finetune
 from .models import init_student
-from .tune import tune
 
 try:
     __version__ = version("tedcache")

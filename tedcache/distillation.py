@@ -20,7 +20,7 @@ from .distributed import processes
 from .errors import TedcacheError, note
 from .evaluate import PRIMARY_METRIC, evaluate, metrics, perplexity_from_nll, predictions, score, token_metrics
 from .filters import FilterBank, FilterSpec
-from .loop import COUNT_KINDS, Checkpoint, fit, save_run
+from .loop import COUNT_KINDS, Checkpoint, fit
 from .losses import (
     filtered_mse,
     hidden_kd_loss,
@@ -34,6 +34,7 @@ from .losses import (
 from .models import copied_from, load_for_task, load_tokenizer, vocab_hash
 from .qa import answer_questions, best_span, squad_metrics
 from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
+from .run_folder import save_run
 from .schema import check_choices
 from .stage1 import describe_filters, train_filters
 from .taps import forward_with_taps, hidden_size, model_parts, num_layers, parse_layers

@@ -11,10 +11,11 @@ from .config import FinetuneConfig
 from .data import load_blocks, load_examples
 from .errors import note
 from .evaluate import PRIMARY_METRIC, evaluate
-from .loop import fit, save_run
+from .loop import fit
 from .losses import lm_loss, task_loss
 from .models import load_for_task, load_tokenizer, pad_id
 from .reader import ExamplesSource, iterate_batches, num_batches
+from .run_folder import save_run
 from .schema import check_choices
 from .taps import forward_with_taps
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -17,7 +15,6 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from .config import OptimConfig
-from .configfile import CONFIG_FILE, config_yaml
 from .distributed import ALONE, Processes
 from .errors import TedcacheError
 from .evaluate import better
@@ -216,31 +213,3 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
     return {"history": loop["history"], "evals": loop["evals"], "best": loop["best"], "steps": loop["step"],
             "stopped_early": loop["step"] < total, "seconds": time.perf_counter() - started,
             "median_step_s": float(np.median(step_seconds)) if step_seconds else None}
-
-
-PREDICTIONS_FILE = "test_predictions.npz"  # the test split's outputs in example order (see evaluate.predictions)
-
-
-def save_run(model, tokenizer, out: str, metrics: dict, config, test_outputs: dict | None = None) -> Path:
-    """Write the model (save_pretrained), its tokenizer, metrics.json, the run's configuration
-    (config.yaml: `--config` it to run it again) and its test predictions (for paired tests) to `out`,
-    atomically: everything goes to a temporary sibling folder that replaces `out` only once complete."""
-    out_path = Path(out)
-    if out_path.exists() and any(out_path.iterdir()) and not (out_path / "metrics.json").exists():
-        raise TedcacheError(f"--out {out} exists and is not a tedcache run folder; choose an empty or new folder")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    try:
-        if model is not None:  # (None: a tuning trial keeps only its metrics)
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (staging / CONFIG_FILE).write_text(config_yaml(config))
-        if test_outputs is not None:
-            np.savez(staging / PREDICTIONS_FILE, **test_outputs)
-        if out_path.exists():
-            shutil.rmtree(out_path)
-        staging.rename(out_path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_path

@@ -1,99 +1,18 @@
-"""Extractive question answering: reading SQuAD json, labelling windows (tedcache.data.load_questions
-makes them), picking each question's answer from the start/end logits of its windows, and scoring
-answers as the official SQuAD 2.0 script does.
-
-A long context is cut into windows of at most `max_length` tokens (the question, then a part of the
-context), consecutive windows sharing `doc_stride` tokens. Each window is one example: its label is the
-(start, end) token of the first gold answer when the answer lies wholly inside the window, else (0, 0),
-the no-answer position. Each context token keeps its character span in the context, so a predicted
-token span maps back to text."""
+"""Extractive question answering's scoring half: each question's answer picked from the start/end logits
+of its windows (tedcache.data.questions makes them), and answers scored as the official SQuAD 2.0 script
+does."""
 
 from __future__ import annotations
 
 import collections
-import json
 import re
 import string
-from pathlib import Path
 
-import datasets
 import numpy as np
 
-from .errors import TedcacheError
+from .data.questions import NO_ANSWER, NOT_CONTEXT
 
-NO_ANSWER = 0  # the token position that stands for "no answer in this window" ([CLS] for BERT-style models)
 MAX_ANSWER_TOKENS = 30  # longest span considered (as HF's run_qa)
-NOT_CONTEXT = -1  # character span of a token that is not part of the context (question, special tokens)
-
-
-def question_columns(cfg) -> tuple[str, str, str]:
-    """(question, context, answers) column names: --text-column / --text-pair-column / --label-column
-    when given, else question / context / answers (SQuAD's)."""
-    return (cfg.text_column if cfg.text_column != "text" else "question", cfg.text_pair_column or "context",
-            cfg.label_column if cfg.label_column != "label" else "answers")
-
-
-def doc_stride(cfg) -> int:
-    """Tokens consecutive windows share: --doc-stride, else a third of --max-length (HF's 128 of 384)."""
-    return cfg.doc_stride if cfg.doc_stride is not None else cfg.max_length // 3
-
-
-def read_squad_json(path: str) -> datasets.Dataset | None:
-    """A SQuAD 1.1/2.0 json file ({"data": [{"paragraphs": [{"context", "qas": [...]}]}]}) as one row per
-    question (id, question, context, answers {text, answer_start}); None for other json files."""
-    with open(path) as handle:
-        head = handle.read(64).lstrip()
-    if not head.startswith("{"):
-        return None
-    try:
-        loaded = json.loads(Path(path).read_text())
-    except json.JSONDecodeError:
-        return None  # json lines, read as a table
-    if not isinstance(loaded, dict) or not isinstance(loaded.get("data"), list):
-        return None
-    rows = collections.defaultdict(list)
-    for article in loaded["data"]:
-        for paragraph in article.get("paragraphs", []):
-            for qa in paragraph.get("qas", []):
-                answers = [] if qa.get("is_impossible") else qa.get("answers", [])
-                rows["id"].append(str(qa.get("id", len(rows["id"]))))
-                rows["question"].append(qa["question"])
-                rows["context"].append(paragraph["context"])
-                rows["answers"].append({"text": [a["text"] for a in answers],
-                                        "answer_start": [int(a["answer_start"]) for a in answers]})
-    if not rows:
-        raise TedcacheError(f"{path} is SQuAD json without questions; give a file with at least one question")
-    return datasets.Dataset.from_dict(dict(rows))
-
-
-def checked_answers(value, row: int, context: str, source: str) -> tuple[list[str], list[int]]:
-    """An answers cell ({"text": [...], "answer_start": [...]}, or a list of {"text", "answer_start"})
-    checked against its context."""
-    if isinstance(value, list):
-        value = {"text": [a["text"] for a in value], "answer_start": [a["answer_start"] for a in value]}
-    if not isinstance(value, dict) or "text" not in value or "answer_start" not in value:
-        raise TedcacheError(f"{source}: row {row}: answers must be {{'text': [...], 'answer_start': [...]}} "
-                            "(SQuAD's form); give an empty text list for an unanswerable question")
-    texts, starts = list(value["text"] or []), [int(s) for s in value["answer_start"] or []]
-    if len(texts) != len(starts):
-        raise TedcacheError(f"{source}: row {row} has {len(texts)} answer texts but {len(starts)} answer_start "
-                            "values; give one start per answer")
-    for text, start in zip(texts, starts):
-        if context[start:start + len(text)] != text:
-            raise TedcacheError(f"{source}: row {row}: answer '{text[:40]}' is not at character {start} of its "
-                                "context; fix answer_start (the answer must be a span of the context)")
-    return texts, starts
-
-
-def answer_tokens(spans: np.ndarray, start: int, end: int) -> tuple[int, int]:
-    """The window's (first, last) token covering characters start:end, or the no-answer position when
-    the answer is not wholly inside the window's part of the context."""
-    context = np.flatnonzero(spans[:, 0] != NOT_CONTEXT)
-    if not len(context) or start < spans[context[0], 0] or end > spans[context[-1], 1]:
-        return NO_ANSWER, NO_ANSWER
-    first = context[spans[context, 0] <= start][-1]
-    last = context[spans[context, 1] >= end][0]
-    return int(first), int(last)
 
 
 def best_span(logits: np.ndarray, spans: np.ndarray) -> tuple[float, float, int, int]:

@@ -6,10 +6,10 @@ import torch
 from torch.nn.modules.module import register_module_forward_hook
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
-from tedcache.bench import bare_forward_seconds
 from tedcache.cache import Cache
 from tedcache.config import DataConfig, ExtractConfig
-from tedcache.demo import minilm_path
+from tedcache.demos.bench import bare_forward_seconds
+from tedcache.demos.demo import minilm_path
 from tedcache.extraction import extract
 
 
@@ -44,7 +44,7 @@ def test_bench_runs_every_mode_side_by_side(tmp_path, monkeypatch):
     """`tedcache bench` end to end on the MiniLM pair, a few steps: every mode measured in its own process."""
     from transformers import AutoTokenizer, BertConfig
 
-    from tedcache.bench import run_bench
+    from tedcache.demos.bench import run_bench
 
     shapes = tmp_path / "minilm-shapes"  # MiniLM's tokenizer and a small config: timing only needs shapes
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(shapes)

@@ -88,3 +88,30 @@ def test_cache_package_depends_on_nothing_downstream():
     outside = {t for name, deps in graph.items() if name.startswith("tedcache.cache") for t in deps
                if not t.startswith("tedcache.cache")}
     assert outside <= {"tedcache.errors", "tedcache.schema"}, outside
+
+
+ON_TOP = ("tedcache.experiments", "tedcache.demos")  # stand on the pipeline; the pipeline never imports them
+FRONT_DOORS = {"tedcache", "tedcache.cli", "tedcache.cli.main", "tedcache.cli.options"}  # may import anything
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports against the layering: the pipeline importing experiments or demos, experiments importing demos."""
+    def level(name: str) -> int:
+        return 2 if name.startswith(ON_TOP[1]) else 1 if name.startswith(ON_TOP[0]) else 0
+    return [f"{name} -> {target}" for name, targets in sorted(graph.items()) if name not in FRONT_DOORS
+            for target in sorted(targets) if level(target) > level(name)]
+
+
+def test_the_pipeline_never_imports_what_stands_on_it():
+    """experiments/ and demos/ import the pipeline, never the reverse (the package's __init__, the Python
+    API's front door, and the CLI may import anything)."""
+    graph = package_graph()
+    assert any(name.startswith(ON_TOP[0]) for name in graph) and any(name.startswith(ON_TOP[1]) for name in graph)
+    assert not upward_imports(graph), "imports against the layering: " + ", ".join(upward_imports(graph))
+
+
+def test_the_layering_check_finds_upward_imports():
+    graph = {"tedcache.loop": {"tedcache.experiments.stats"}, "tedcache.experiments.tune": {"tedcache.demos.demo"},
+             "tedcache.demos.demo": {"tedcache.experiments.tune", "tedcache.loop"}, "tedcache": {"tedcache.demos.demo"}}
+    assert upward_imports(graph) == ["tedcache.experiments.tune -> tedcache.demos.demo",
+                                     "tedcache.loop -> tedcache.experiments.stats"]

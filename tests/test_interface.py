@@ -185,12 +185,18 @@ def test_every_quoted_flag_exists_somewhere():
 
 
 def test_readme_layout_lists_the_real_modules():
+    """The README's layout names every module of tedcache/ (sub-folders' ones on their folder's lines),
+    and nothing else."""
     text = (ROOT / "README.md").read_text()
     block = text.split("## Layout", 1)[1].split("```")[1]
-    package_part = block.split("\ntedcache/", 1)[1].split("\ncli/", 1)[0]  # the lines about tedcache/
-    listed = set(re.findall(r"\b(\w+\.py|cache/)", package_part))
-    real = {p.name for p in (ROOT / "tedcache").glob("*.py")} | {p.name for p in (ROOT / "tedcache" / "cache").glob("*.py")}
-    real = (real - {"__init__.py"}) | {"cache/"}
+    package_part = block.split("\ntedcache/", 1)[1].split("\ncli/", 1)[0]
+    listed, folder = set(), ""
+    for line in package_part.splitlines()[1:]:
+        label = re.match(r"  (\S[^ ]*(?: I)?)\s", line)  # a line's label: "data/", "settings", "stage I"
+        if label:
+            folder = label.group(1) if label.group(1).endswith("/") else ""
+        listed |= {folder + name for name in re.findall(r"\b(\w+\.py)\b", line)}
+    real = {str(p.relative_to(ROOT / "tedcache")) for p in (ROOT / "tedcache").rglob("*.py") if p.name != "__init__.py"}
     assert listed == real, f"README layout lists {sorted(listed - real)} that do not exist and misses {sorted(real - listed)}"
     assert "options.py" in block and (ROOT / "cli" / "options.py").is_file()
 

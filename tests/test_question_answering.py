@@ -15,11 +15,12 @@ from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, dist
 from tedcache.cache import Cache, layout, verify
 from tedcache.config import FilterConfig, FinetuneConfig
 from tedcache.data import load_examples, load_table
+from tedcache.data.questions import NO_ANSWER
+from tedcache.experiments.stats import example_interval
 from tedcache.finetuning import finetune
-from tedcache.loop import PREDICTIONS_FILE
 from tedcache.models import init_student, load_tokenizer
-from tedcache.qa import NO_ANSWER, answer_questions, best_span, squad_scores
-from tedcache.stats import example_interval
+from tedcache.qa import answer_questions, best_span, squad_scores
+from tedcache.run_folder import PREDICTIONS_FILE
 
 
 def question(rng: random.Random) -> dict:

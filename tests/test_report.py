@@ -15,9 +15,10 @@ from conftest import run_cli
 from scipy import stats as scipy_stats
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, extract
-from tedcache.compare import compare
 from tedcache.config import CompareConfig
-from tedcache.results import find_runs, summarize
+from tedcache.experiments.compare import compare
+from tedcache.experiments.results import summarize
+from tedcache.run_folder import find_runs
 
 CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
 
@@ -159,7 +160,7 @@ def test_report_renders_in_a_browser(compared, tmp_path):
 def test_demo_prints_the_studys_paired_intervals(compared, tmp_path, monkeypatch):
     """The demos' note under a one-seed table: the shipped summary's intervals when the study has the
     setting, and that it has not finished otherwise."""
-    from tedcache import evidence
+    from tedcache.demos import evidence
 
     _, summary, _ = compared
     monkeypatch.setattr(evidence, "SUMMARY", tmp_path / "evidence.json")
@@ -187,7 +188,7 @@ def test_demo_prints_the_studys_paired_intervals(compared, tmp_path, monkeypatch
 def test_per_example_intervals_in_another_unit_get_their_own_panel(compared):
     """causal-lm: the bootstrap over test blocks is in nats of loss, the seeds' interval in perplexity; one
     axis for both would draw the nats as dots at zero."""
-    from tedcache.report import paired_plot
+    from tedcache.experiments.report import paired_plot
 
     _, summary, _ = compared
     in_nats = {**summary, "comparisons": [{**c, "by_example": {**c["by_example"], "unit": "loss (nats)"}}
@@ -203,9 +204,9 @@ def test_per_example_intervals_in_another_unit_get_their_own_panel(compared):
 def test_demo_runs_each_method_with_the_studys_tuned_configuration(tmp_path, monkeypatch):
     """The demo's students take the study's best configuration per method (dotted names reach optim);
     a method or setting the study has not tuned keeps the demo's base settings."""
-    from tedcache import evidence
     from tedcache.config import DistillConfig, OptimConfig
-    from tedcache.tune import apply
+    from tedcache.demos import evidence
+    from tedcache.experiments.tune import apply
 
     monkeypatch.setattr(evidence, "SUMMARY", tmp_path / "evidence.json")
     assert evidence.tuned_params("A", "ted") == {}

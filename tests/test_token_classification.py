@@ -16,9 +16,9 @@ from tedcache.config import FilterConfig, FinetuneConfig
 from tedcache.data import IGNORED, UNTAGGED, load_examples
 from tedcache.errors import TedcacheError
 from tedcache.evaluate import token_metrics
+from tedcache.experiments.stats import entity_counts, example_interval
 from tedcache.finetuning import finetune
 from tedcache.models import init_student, load_tokenizer
-from tedcache.stats import entity_counts, example_interval
 
 TAGS = ["O", "B-POS", "I-POS", "B-NEG", "I-NEG"]
 

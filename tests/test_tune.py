@@ -18,7 +18,7 @@ from conftest import run_cli
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, TuneConfig, extract, tune
 from tedcache.errors import TedcacheError
-from tedcache.tune import STUDY_FILE
+from tedcache.experiments.tune import STUDY_FILE
 
 
 @pytest.fixture(scope="module")

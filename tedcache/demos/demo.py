@@ -14,8 +14,8 @@ from pathlib import Path
 
 import datasets
 
-from .cache import Cache
-from .config import (
+from ..cache import Cache
+from ..config import (
     DataConfig,
     DistillConfig,
     ExtractConfig,
@@ -23,13 +23,13 @@ from .config import (
     FinetuneConfig,
     OptimConfig,
 )
-from .distillation import distill
-from .errors import TedcacheError, note
+from ..distillation import distill
+from ..errors import TedcacheError, note
+from ..experiments.tune import apply
+from ..extraction import extract
+from ..finetuning import finetune
+from ..models import init_student
 from .evidence import describe, study_lines, tuned_params
-from .extraction import extract
-from .finetuning import finetune
-from .models import init_student
-from .tune import apply
 
 
 @dataclass

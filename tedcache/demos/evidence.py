@@ -1,7 +1,7 @@
-"""What the evidence study (examples/evidence.py, docs/evidence.md) measured, as the demos print it beside
+"""What the evidence study (examples/evidence/evidence.py, docs/evidence.md) measured, as the demos print it beside
 their own one-seed tables: a one-seed table ranks nothing, the study's paired seeds do.
 
-`examples/evidence.py report` writes the summary this module reads (tedcache/evidence.json, shipped with
+`examples/evidence/evidence.py report` writes the summary this module reads (tedcache/demos/evidence.json, shipped with
 the package): per setting the seeds, each method's test metric as mean and spread over them, and the
 paired differences with their 95% intervals and verdicts."""
 

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .evaluate import LOWER_IS_BETTER
+from ..evaluate import LOWER_IS_BETTER
 
 MAX_SEEDS = 10_000
 

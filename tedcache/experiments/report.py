@@ -9,8 +9,9 @@ import io
 import json
 from pathlib import Path
 
-from .errors import TedcacheError
-from .results import COMPARISON_HEADER, Run, comparison_rows, find_runs, summarize, varied_caches
+from ..errors import TedcacheError
+from ..run_folder import Run, find_runs
+from .results import COMPARISON_HEADER, comparison_rows, summarize, varied_caches
 
 CURVE_PANELS = (("task", "task loss"), ("kl", "KL (T² scaled)"), ("mse/", "filtered MSE per layer"))
 

@@ -8,11 +8,12 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .config import METHODS, CompareConfig, DistillConfig, what_it_computes
-from .configfile import CONFIG_FILE, config_yaml
-from .distillation import distill
-from .errors import TedcacheError, note
-from .results import COMPARE_FILE, find_runs, format_comparisons, format_table, summarize
+from ..config import METHODS, CompareConfig, DistillConfig, what_it_computes
+from ..configfile import CONFIG_FILE, config_yaml
+from ..distillation import distill
+from ..errors import TedcacheError, note
+from ..run_folder import METRICS_FILE, find_runs
+from .results import COMPARE_FILE, format_comparisons, format_table, summarize
 
 
 def run_config(cfg: CompareConfig, method: str, seed: int) -> DistillConfig:
@@ -24,7 +25,7 @@ def run_config(cfg: CompareConfig, method: str, seed: int) -> DistillConfig:
 
 def _finished(run: DistillConfig) -> bool:
     """A run folder counts as done when it holds the metrics of exactly this configuration."""
-    path = Path(run.out) / "metrics.json"
+    path = Path(run.out) / METRICS_FILE
     if not path.is_file():
         return False
     requested = json.loads(path.read_text()).get("requested") or {}

@@ -5,87 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from .errors import TedcacheError
-from .evaluate import PRIMARY_METRIC
-from .loop import PREDICTIONS_FILE
+from ..run_folder import Run
 
 COMPARE_FILE = "compare.json"
-
-
-@dataclass
-class Run:
-    """One training run as recorded in its folder."""
-
-    folder: Path
-    metrics: dict
-
-    @property
-    def name(self) -> str:
-        return self.folder.name
-
-    @property
-    def method(self) -> str:
-        return self.metrics["method"]
-
-    @property
-    def task(self) -> str:
-        return self.metrics["task"]
-
-    @property
-    def metric(self) -> str:
-        return PRIMARY_METRIC[self.task]
-
-    @property
-    def seed(self) -> int:
-        config = self.metrics["config"]
-        return config["seed"] if "seed" in config else config["train"]["seed"]  # run folders before 0.2 kept it there
-
-    @property
-    def cache(self) -> str | None:
-        return self.metrics.get("cache")
-
-    @property
-    def cache_mib(self) -> float | None:
-        size = self.metrics.get("cache_bytes")
-        return None if size is None else size / 2**20
-
-    def test(self) -> float | None:
-        return (self.metrics.get("test") or {}).get(self.metric)
-
-    def validation(self) -> float | None:
-        return (self.metrics.get("best") or {}).get(self.metric)
-
-    def test_outputs(self) -> dict | None:
-        """The test predictions distill saved (None for runs made before they were saved)."""
-        path = self.folder / PREDICTIONS_FILE
-        if not path.is_file():
-            return None
-        with np.load(path) as saved:
-            return {k: saved[k] for k in saved.files}
-
-    def teacher_test(self) -> float | None:
-        return ((self.metrics.get("teacher") or {}).get("test") or {}).get(self.metric)
-
-
-def find_runs(paths: list[str]) -> list[Run]:
-    """The runs named by `paths`: run folders, or folders holding run folders (such as a compare folder)."""
-    runs = []
-    for path in map(Path, paths):
-        if (path / "metrics.json").is_file():
-            runs.append(Run(path, json.loads((path / "metrics.json").read_text())))
-        elif path.is_dir() and (inner := sorted(p.parent for p in path.glob("*/metrics.json"))):
-            runs.extend(Run(p, json.loads((p / "metrics.json").read_text())) for p in inner)
-        else:
-            raise TedcacheError(f"{path} is not a run folder (no metrics.json in it or in its sub-folders); "
-                                "pass folders written by tedcache distill, finetune or compare")
-    if len({r.task for r in runs}) > 1:
-        raise TedcacheError(f"the runs mix tasks ({', '.join(sorted({r.task for r in runs}))}); report one task at a time")
-    return runs
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -24,19 +24,19 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from .cache import Cache
-from .config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig
+from ..cache import Cache
+from ..config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig
+from ..distillation import map_layers, stage2_loss
+from ..distributed import pick_device
+from ..errors import note
+from ..extraction import extract, load_splits, stored_units
+from ..filters import FilterBank, FilterSpec
+from ..losses import task_loss
+from ..models import init_student, load_classifier, load_for_task, load_tokenizer
+from ..reader import CacheBatches, ExamplesSource, iterate_batches, prefetch, to_device
+from ..taps import forward_with_taps, hidden_size, model_inputs, num_layers
+from ..teacher import LiveTargets
 from .demo import DemoSize, minilm_path, rotten_tomatoes
-from .distillation import map_layers, stage2_loss
-from .distributed import pick_device
-from .errors import note
-from .extraction import extract, load_splits, stored_units
-from .filters import FilterBank, FilterSpec
-from .losses import task_loss
-from .models import init_student, load_classifier, load_for_task, load_tokenizer
-from .reader import CacheBatches, ExamplesSource, iterate_batches, prefetch, to_device
-from .taps import forward_with_taps, hidden_size, model_inputs, num_layers
-from .teacher import LiveTargets
 
 PAIRS = ("minilm", "bert")
 MODES = ("student", "offline", "online")
@@ -217,7 +217,7 @@ def run_bench(workdir: str, pairs: tuple[str, ...] = PAIRS, steps: int = 20, bat
 
 
 def _measure_in_subprocess(pair: str, mode: str, work: Path, steps: int, batch_size: int, env: dict) -> dict:
-    out = subprocess.run([sys.executable, "-m", "tedcache.bench", pair, mode, str(work), str(steps), str(batch_size)],
+    out = subprocess.run([sys.executable, "-m", "tedcache.demos.bench", pair, mode, str(work), str(steps), str(batch_size)],
                          capture_output=True, text=True, check=True, env={**os.environ, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
 

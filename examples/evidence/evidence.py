@@ -14,15 +14,15 @@ Every step is reused when done and resumes when killed (tune and compare continu
 it again after an interruption. About 2.5 hours on 2 CPU cores per setting as measured (the plan said 6 for all
 four; docs/evidence.md, "Progress and compute"), about 1.5 hours for LM.
 The study's small outcome files (tuning journals, each finished run's metrics and test predictions) are
-copied to docs/evidence/ledger by `save` and committed as they come; `run` on a fresh machine puts them
+copied to examples/evidence/ledger by `save` and committed as they come; `run` on a fresh machine puts them
 back, rebuilds the teachers and caches (deterministic: a rebuilt teacher whose validation metrics differ
 from the ledger's stops the study) and goes on from there.
 
-    python examples/evidence.py run A C B D LM  # the study (any subset, in that order)
-    python examples/evidence.py explore A C     # exploratory: TED's term on KD's tuned configuration
-    python examples/evidence.py retune B        # check: B's KD tuned again without interruption
-    python examples/evidence.py save            # the outcome files so far -> docs/evidence/ledger
-    python examples/evidence.py report          # docs/evidence tables from what has finished
+    python examples/evidence/evidence.py run A C B D LM  # the study (any subset, in that order)
+    python examples/evidence/evidence.py explore A C     # exploratory: TED's term on KD's tuned configuration
+    python examples/evidence/evidence.py retune B        # check: B's KD tuned again without interruption
+    python examples/evidence/evidence.py save            # the outcome files so far -> examples/evidence/ledger
+    python examples/evidence/evidence.py report          # docs/evidence tables from what has finished
 """
 
 from __future__ import annotations
@@ -39,9 +39,7 @@ import datasets
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 
-from tedcache import demo, demo_lm, evidence, extract
 from tedcache.cache import load_metadata
-from tedcache.compare import compare
 from tedcache.config import (
     CompareConfig,
     DataConfig,
@@ -53,23 +51,25 @@ from tedcache.config import (
     TuneConfig,
 )
 from tedcache.configfile import CONFIG_FILE, read_config_file, resolve
+from tedcache.demos import demo, demo_lm, evidence, extract
+from tedcache.experiments.compare import compare
+from tedcache.experiments.report import build_report
+from tedcache.experiments.results import format_table, summarize
+from tedcache.experiments.tune import STUDY_FILE, apply, tune
 from tedcache.finetuning import finetune
-from tedcache.loop import PREDICTIONS_FILE
 from tedcache.models import init_student
-from tedcache.report import build_report
-from tedcache.results import find_runs, format_table, summarize
-from tedcache.tune import STUDY_FILE, apply, tune
+from tedcache.run_folder import METRICS_FILE, PREDICTIONS_FILE, find_runs
 
 WORK = Path(os.environ.get("TEDCACHE_EVIDENCE_DIR", Path.home() / ".cache" / "tedcache" / "evidence"))
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "evidence"
-LEDGER = RESULTS / "ledger"
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "evidence"  # what people read: tables and plots
+LEDGER = Path(__file__).resolve().parent / "ledger"  # what the study reads back: journals and run outcomes
 # what `save` keeps of WORK (paths relative to it): tuning journals and summaries, every final run's
 # metrics and test predictions, the teachers' metrics (checked against a rebuild, never put back)
 # (the planned study's, and those of the checks in EXTRA_STEPS)
 OUTCOMES = [f"{step}tune/*/{name}" for step in ("*/", "*/*/")
             for name in (STUDY_FILE, "tune.json", "best-*.yaml", "trials-*.csv")] + \
            [f"{step}final/*/{name}" for step in ("*/", "*/*/")
-            for name in ("metrics.json", PREDICTIONS_FILE, CONFIG_FILE)] + ["*/teacher/metrics.json"]
+            for name in (METRICS_FILE, PREDICTIONS_FILE, CONFIG_FILE)] + [f"*/teacher/{METRICS_FILE}"]
 
 # --- fixed before the study ran (docs/evidence.md, "Plan") ---
 METHODS = ("finetune", "kd", "lwd", "ted")
@@ -348,7 +348,7 @@ TITLES = {**{name: setting.title for name, setting in SETTINGS.items()}, "LM": "
 
 def report() -> None:
     """docs/evidence/<setting>.md and .json from the finished final runs, the report's plots, and the summary
-    the demos print (tedcache/evidence.json)."""
+    the demos print (tedcache/demos/evidence.json)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     shipped = {}
     for name, title in TITLES.items():

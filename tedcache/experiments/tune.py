@@ -17,13 +17,13 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .cache import load_metadata
-from .cache.location import process_alive
-from .config import METHODS, DistillConfig, TuneConfig
-from .configfile import CONFIG_FILE, config_yaml
-from .distillation import distill
-from .errors import TedcacheError, note
-from .evaluate import LOWER_IS_BETTER, PRIMARY_METRIC
+from ..cache import load_metadata
+from ..cache.location import process_alive
+from ..config import METHODS, DistillConfig, TuneConfig
+from ..configfile import CONFIG_FILE, config_yaml
+from ..distillation import distill
+from ..errors import TedcacheError, note
+from ..evaluate import LOWER_IS_BETTER, PRIMARY_METRIC
 
 STUDY_FILE = "study.journal"
 FINISHED = ("COMPLETE", "PRUNED")

@@ -15,16 +15,16 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .cache import Cache
-from .config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig
+from ..cache import Cache
+from ..config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig
+from ..distillation import distill
+from ..errors import TedcacheError
+from ..evaluate import evaluate
+from ..extraction import extract
+from ..models import init_student, load_causal_lm
+from ..reader import CacheSource, iterate_batches
 from .demo import rotten_tomatoes_table, timed
-from .distillation import distill
-from .errors import TedcacheError
-from .evaluate import evaluate
 from .evidence import study_lines
-from .extraction import extract
-from .models import init_student, load_causal_lm
-from .reader import CacheSource, iterate_batches
 
 
 @dataclass
