@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo demo-lm bench lint test test-fast clean
+.PHONY: install browser demo demo-lm bench lint test test-fast test-unit clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,9 +51,13 @@ lint: install
 test: install browser lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m ""
 
-# Tiny random-initialised models only (about ten minutes on 2 CPU cores).
+# Tiny random-initialised models only, the tests that start processes included.
 test-fast: install lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# After every edit: tiny models in this process only (no launches, kills, servers or real models).
+test-unit: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not process"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

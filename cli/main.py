@@ -21,8 +21,8 @@ from tedcache.config import (
     TuneConfig,
 )
 from tedcache.demos import demo_lm
-from tedcache.demos.bench import format_table, run_bench
-from tedcache.demos.demo import FULL, QUICK, run_demo
+from tedcache.demos.bench import bench_table, run_bench
+from tedcache.demos.demo import FULL_DEMO, QUICK_DEMO, run_demo
 from tedcache.distillation import distill
 from tedcache.errors import TedcacheError
 from tedcache.experiments.compare import compare
@@ -167,7 +167,7 @@ def bench(pairs, steps, batch_size, examples, workdir, as_json):
     """Distill step time and memory: student alone vs offline TED vs online TED, side by side."""
 
     results = run_bench(workdir, tuple(p for joined in pairs for p in joined.split(",") if p), steps, batch_size, examples)
-    click.echo(json.dumps(results, indent=2) if as_json else format_table(results))
+    click.echo(json.dumps(results, indent=2) if as_json else bench_table(results))
 
 
 @app.command()
@@ -183,10 +183,10 @@ def demo(task, full, workdir, seed):
     SmolLM2-135M -> 15-layer student on the snippets as text (perplexity; --task causal-lm)."""
     if task == "causal-lm":
 
-        demo_lm.run_lm_demo(workdir=workdir, size=demo_lm.FULL if full else demo_lm.QUICK, seed=seed)
+        demo_lm.run_lm_demo(workdir=workdir, size=demo_lm.FULL_LM_DEMO if full else demo_lm.QUICK_LM_DEMO, seed=seed)
         return
 
-    run_demo(workdir=workdir, size=FULL if full else QUICK, seed=seed)
+    run_demo(workdir=workdir, size=FULL_DEMO if full else QUICK_DEMO, seed=seed)
 
 
 config_command(app, "extract", ExtractConfig)(extract_command)
@@ -203,11 +203,12 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def main() -> None:
-    """Entry point: run the app; user errors print one line (no traceback) and exit 2."""
+def main(args: list[str] | None = None) -> None:
+    """Entry point: run the app on `args` (default: the command line); user errors print one line (no
+    traceback) and exit 2."""
     _quiet_libraries()
     try:
-        app.main(standalone_mode=False)
+        app.main(args=args, prog_name="tedcache", standalone_mode=False)
     except TedcacheError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

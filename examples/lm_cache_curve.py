@@ -24,7 +24,7 @@ from tedcache.config import DataConfig, DistillConfig, ExtractConfig, FilterConf
 from tedcache.demos.demo_lm import (
     KL_ALPHA,
     MSE_ALPHA,
-    QUICK,
+    QUICK_LM_DEMO,
     STUDENT_FILTER_LAYERS,
     STUDENT_LAYERS,
     STUDENT_LR,
@@ -54,15 +54,15 @@ def run_row(root: Path, teacher: str, student: str, data: DataConfig, row: tuple
     name = f"{method}-{precision}-L{layers.replace(':', '')}-d{width or 576}-{logits.replace(':', '')}"
     cache = extract(ExtractConfig(
         teacher=teacher, data=data, filters=FilterConfig(layers=layers, dim=width), precision=precision,
-        logits=logits, stage1=OptimConfig(epochs=QUICK.stage1_epochs, lr=1e-3, batch_size=8), batch_size=16,
+        logits=logits, stage1=OptimConfig(epochs=QUICK_LM_DEMO.stage1_epochs, lr=1e-3, batch_size=8), batch_size=16,
         cache_dir=str(root / "caches"), seed=SEED))
     out = root / "students" / name
     if not (out / "metrics.json").exists():
         distill(DistillConfig(
             cache=cache, student=student, out=str(out), method=method, kl_alpha=KL_ALPHA, mse_alpha=MSE_ALPHA,
             temperature=1.0, student_layers=student_layers, seed=SEED,
-            optim=OptimConfig(epochs=QUICK.student_epochs, lr=STUDENT_LR, batch_size=8, warmup_ratio=0.1),
-            stage1=OptimConfig(epochs=QUICK.stage1_epochs, lr=1e-3, batch_size=8)), keep_model=False)
+            optim=OptimConfig(epochs=QUICK_LM_DEMO.student_epochs, lr=STUDENT_LR, batch_size=8, warmup_ratio=0.1),
+            stage1=OptimConfig(epochs=QUICK_LM_DEMO.stage1_epochs, lr=1e-3, batch_size=8)), keep_model=False)
     metrics = json.loads((out / "metrics.json").read_text())
     sizes = inspect_cache(cache)
     tokens = sizes["tokens"]
@@ -81,12 +81,12 @@ def main() -> None:
     root = Path(args.workdir)
     teacher = smollm2(root / "smollm2-135m-instruct")
     work = root / "cache-curve"
-    files = snippet_texts(work / "data", QUICK)
+    files = snippet_texts(work / "data", QUICK_LM_DEMO)
     student = work / "student-init"
     if not (student / "config.json").exists():
         init_student(teacher, STUDENT_LAYERS, str(student))
     data = DataConfig(train=[files["train"]], eval=[files["validation"]], test=[files["test"]], task="causal-lm",
-                      block_size=QUICK.block_size, limit=QUICK.train_blocks)
+                      block_size=QUICK_LM_DEMO.block_size, limit=QUICK_LM_DEMO.train_blocks)
     results = []
     print("| method | states | teacher layers | filter width | --logits | state B/token | logit B/token | "
           "total B/token | test perplexity | Stage-II step (s, median) |")

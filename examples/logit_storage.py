@@ -15,7 +15,7 @@ from pathlib import Path
 from tedcache import extract
 from tedcache.cache import inspect_cache
 from tedcache.config import DataConfig, ExtractConfig, FilterConfig
-from tedcache.demos.demo_lm import QUICK, smollm2, snippet_texts
+from tedcache.demos.demo_lm import QUICK_LM_DEMO, smollm2, snippet_texts
 
 OPTIONS = [("sample:50", 2.0), ("sample:50", 1.0), ("sample:20", 2.0), ("topk:25", 2.0), ("topk:50", 2.0)]
 
@@ -27,8 +27,8 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.workdir)
     teacher = smollm2(root / "smollm2-135m-instruct")
-    files = snippet_texts(root / "logit-storage" / "data", QUICK)
-    data = DataConfig(train=[files["train"]], task="causal-lm", block_size=QUICK.block_size, limit=args.blocks)
+    files = snippet_texts(root / "logit-storage" / "data", QUICK_LM_DEMO)
+    data = DataConfig(train=[files["train"]], task="causal-lm", block_size=QUICK_LM_DEMO.block_size, limit=args.blocks)
     print("| --logits | sampling T | ids per token (mean) | logit bytes / token |")
     print("|---|---|---|---|")
     for option, temperature in OPTIONS:

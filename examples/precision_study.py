@@ -18,7 +18,7 @@ import torch
 from tedcache import distill, extract
 from tedcache.cache import Cache, CompactStates, decode_values, inspect_cache
 from tedcache.config import FilterConfig
-from tedcache.demos.demo import QUICK, prepare
+from tedcache.demos.demo import QUICK_DEMO, prepare
 
 
 def decoded_states(path: str) -> dict[int, torch.Tensor]:
@@ -42,7 +42,7 @@ def ted_runs(setup, cache: str, name: str, seeds: list[int]) -> list[float]:
         if (out / "metrics.json").exists():
             report = json.loads((out / "metrics.json").read_text())
         else:
-            report = distill(setup.distill_config(cache, "ted", str(out), QUICK, seed))
+            report = distill(setup.distill_config(cache, "ted", str(out), QUICK_DEMO, seed))
         accuracies.append(report["test"]["accuracy"])
     return accuracies
 
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--filter-dims", default="384,96,24")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    setup = prepare(args.workdir, QUICK, seed=42)
+    setup = prepare(args.workdir, QUICK_DEMO, seed=42)
     rows = []
     reference = None
     for precision in ("fp32", "fp16", "bf16", "int8"):

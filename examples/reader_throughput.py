@@ -26,9 +26,10 @@ import torch
 
 from tedcache.cache import Cache
 from tedcache.demos.bench import read_throughput
-from tedcache.demos.demo import QUICK, prepare
-from tedcache.distillation import map_layers, stage2_loss
+from tedcache.demos.demo import QUICK_DEMO, prepare
+from tedcache.distillation import map_layers, stage2_step
 from tedcache.filters import FilterBank, FilterSpec
+from tedcache.losses import Stage2Loss
 from tedcache.models import load_classifier
 from tedcache.reader import CacheBatches
 from tedcache.taps import hidden_size
@@ -42,7 +43,7 @@ def step_rate(setup, cache: str, layers: list[int], batch_size: int, steps: int 
     bank = FilterBank(FilterSpec(s_layers, hidden_size(student), meta.filter_dim))
     params = list(student.parameters()) + list(bank.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    cfg = setup.distill_config(cache, "ted", "", QUICK, 0)
+    loss_of = Stage2Loss(meta.task, "ted", filters=bank)
     batches = []
     for batch in CacheBatches(cache, "train", layers, batch_size, shuffle=True, seed=1):
         batches.append(batch)
@@ -52,7 +53,7 @@ def step_rate(setup, cache: str, layers: list[int], batch_size: int, steps: int 
     student.train()
     for batch in batches:
         started = time.perf_counter()
-        loss, _ = stage2_loss(student, bank, batch, cfg, meta.task)
+        loss, _ = stage2_step(student, loss_of, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -105,12 +106,12 @@ def main() -> None:
 
     lines = ["| reader | examples/s | MB/s (compact) |", "|---|---|---|"]
     if args.s3:
-        cache = args.cache or extract(prepare(args.workdir, QUICK, seed=42).extract_config(42))
+        cache = args.cache or extract(prepare(args.workdir, QUICK_DEMO, seed=42).extract_config(42))
         layers = Cache(cache).layers
         print(f"cache: {cache} ({Cache(cache).precision}, layers {layers})")
         print("\n".join(lines + from_s3(cache, layers, args.batch_size, args.repeats)))
         return
-    setup = prepare(args.workdir, QUICK, seed=42)
+    setup = prepare(args.workdir, QUICK_DEMO, seed=42)
     cache = extract(setup.extract_config(42))
     layers = Cache(cache).layers
     for workers in (0, 2):

@@ -7,10 +7,21 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
+from .errors import TedcacheError
 from .schema import setting
 
 TASKS = ("classification", "regression", "causal-lm", "token-classification", "question-answering")
 METHODS = ("ted", "kd", "lwd", "finetune")
+
+
+def check_methods(methods: list[str], raw_cache: str | None) -> None:
+    """compare's and tune's --methods: known names, at least one, and lwd only with a raw-state cache."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise TedcacheError(f"unknown --methods {', '.join(unknown) or '(none)'}; use some of {', '.join(METHODS)}")
+    if "lwd" in methods and not raw_cache:
+        raise TedcacheError("--methods lwd needs --raw-cache: a cache extracted with --states raw from the same "
+                            "teacher and data (or leave lwd out of --methods)")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 FILTER_KINDS = ("linear", "mlp")
 MSE_NORMS = ("none", "variance")
@@ -54,7 +65,7 @@ class OptimConfig:
     """Optimiser settings of one training phase (fine-tuning, Stage I, Stage II)."""
 
     epochs: float = setting(3.0, "Passes over the training split (fractions allowed).")
-    lr: float = setting(5e-5, "Peak learning rate (AdamW, linear warm-up and decay).")
+    lr: float = setting(2.5e-4, "Peak learning rate (AdamW, linear warm-up and decay).")
     batch_size: int = setting(32, "Examples per process and micro-batch (global batch: this x processes x grad-accum).")
     grad_accum: int = setting(1, "Micro-batches per optimiser step.")
     weight_decay: float = setting(0.0, "AdamW weight decay.")

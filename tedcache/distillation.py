@@ -6,8 +6,9 @@ LiveTargets, which computes them with the function the extraction used."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -15,24 +16,14 @@ from torch.utils.data import DataLoader
 
 from .cache import Cache, CacheMetadata, Location, layout, verify
 from .config import DistillConfig, what_it_computes
-from .data import IGNORED
-from .distributed import processes
+from .distributed import Processes, processes
 from .errors import TedcacheError, note
-from .evaluate import PRIMARY_METRIC, evaluate, metrics, perplexity_from_nll, predictions, score, token_metrics
+from .evaluate import PRIMARY_METRIC, evaluate, predictions, score
 from .filters import FilterBank, FilterSpec
-from .loop import COUNT_KINDS, Checkpoint, fit
-from .losses import (
-    filtered_mse,
-    hidden_kd_loss,
-    kd_loss,
-    kd_targets,
-    lm_loss,
-    span_kd_loss,
-    sparse_kd_loss,
-    task_loss,
-)
+from .loop import Checkpoint, Validation, fit
+from .losses import Stage2Loss, method_weights
 from .models import copied_from, load_for_task, load_tokenizer, vocab_hash
-from .qa import answer_questions, best_span, squad_metrics
+from .qa import answer_questions, best_span
 from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
 from .run_folder import save_run
 from .schema import check_choices
@@ -90,56 +81,15 @@ def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: st
 PROBE_EVERY = 5  # logged steps between gradient-ratio probes
 
 
-def stage2_loss(student, bank: FilterBank | None, batch: dict, cfg: DistillConfig, task: str, kd_form: str = "logits",
-                state_variance: torch.Tensor | None = None, probe: bool = False, vocab: int | None = None,
-                head: dict | None = None):
-    """L = task + kl_alpha * T^2 * KL(teacher || student) + mse_alpha * mean-over-layers filtered MSE.
-    batch carries the targets: teacher_logits (B, C) or, causal-lm, teacher_rows (sparse per-token
-    distributions, used in `kd_form`) or teacher_hidden (kd_form "hidden": the full distribution rebuilt
-    with the teacher's output layer `head`), and teacher_states, one CompactStates (B, L, d_f) per mapped
-    layer (cached or live). For LWD `bank` holds the student's projections and the states are raw.
-    causal-lm: the task term is the next-token loss and KL and MSE cover every real position.
-    With `state_variance` (one per mapped layer) each layer's MSE is divided by it. With `probe`, the
-    terms also carry grad_ratio: |grad of mse_alpha * MSE| / |grad of kl_alpha * KL| on the student's
-    backbone (its weights less the task head). causal-lm KD compares over the first `vocab` ids only
-    (the tokenizer's: padded output rows are left out)."""
-    layers = bank.spec.layers if bank is not None else []
-    logits, hidden = forward_with_taps(student, batch, layers)
-    mask = batch["attention_mask"]
-    lm = task == "causal-lm"
-    share = batch.get("share") or {}  # see loop.batch_shares: 1 for a single process without accumulation
-    per_example, per_token, per_pair = (share.get(k, 1.0) for k in COUNT_KINDS)
-    terms = {"task": lm_loss(logits, batch["input_ids"], mask) * per_pair if lm
-             else task_loss(logits, batch["labels"], task) * per_example}
-    loss = terms["task"]
-    if cfg.kl_alpha > 0:
-        if lm and kd_form == "hidden":
-            terms["kl"] = hidden_kd_loss(logits[..., :vocab], batch["teacher_hidden"].widen(), head, cfg.temperature,
-                                         mask) * per_token
-        elif lm:
-            rows = batch["teacher_rows"]
-            targets = kd_targets(rows, kd_form, cfg.temperature)
-            terms["kl"] = sparse_kd_loss(logits[..., :vocab], rows["ids"].long(), targets, cfg.temperature,
-                                         mask) * per_token
-        elif task == "token-classification":  # per word (its first sub-token), tagged or not
-            words = batch["labels"] != IGNORED
-            terms["kl"] = kd_loss(logits[words], batch["teacher_logits"][words], cfg.temperature) * per_example
-        elif task == "question-answering":  # over the window's tokens, start and end averaged
-            terms["kl"] = span_kd_loss(logits, batch["teacher_logits"], mask, cfg.temperature) * per_example
-        else:
-            terms["kl"] = kd_loss(logits, batch["teacher_logits"], cfg.temperature) * per_example
-        loss = loss + cfg.kl_alpha * terms["kl"]
-    if bank is not None and cfg.mse_alpha > 0:
-        targets = [s.widen() for s in batch["teacher_states"]]  # compact on the wire, fp32 only here
-        per_layer = filtered_mse(bank(hidden), targets, mask) * per_token
-        if state_variance is not None:
-            per_layer = per_layer / state_variance.to(per_layer.device)
-        terms["mse"] = per_layer.mean()
-        terms.update({f"mse/{layer}": value for layer, value in zip(layers, per_layer)})  # for the report's curves
-        loss = loss + cfg.mse_alpha * terms["mse"]
+def stage2_step(student, loss: Stage2Loss, batch: dict, probe: bool = False) -> tuple[torch.Tensor, dict]:
+    """One Stage-II loss: the student's forward (tapping the layers the loss maps) and `loss` on it
+    (see Stage2Loss). With `probe`, the terms also carry grad_ratio: |grad of mse_alpha * MSE| /
+    |grad of kl_alpha * KL| on the student's backbone (its weights less the task head)."""
+    logits, hidden = forward_with_taps(student, batch, loss.layers)
+    total, terms = loss(logits, hidden, batch)
     if probe and "mse" in terms and "kl" in terms:
-        terms["grad_ratio"] = _gradient_ratio(student, cfg.mse_alpha * terms["mse"], cfg.kl_alpha * terms["kl"])
-    return loss, {k: v.detach() for k, v in terms.items()}
+        terms["grad_ratio"] = _gradient_ratio(student, loss.mse_alpha * terms["mse"], loss.kl_alpha * terms["kl"])
+    return total, {k: v.detach() for k, v in terms.items()}
 
 
 def _gradient_ratio(student, state_term: torch.Tensor, kl_term: torch.Tensor) -> torch.Tensor:
@@ -192,12 +142,9 @@ def kd_temperature(cfg: DistillConfig, meta: CacheMetadata) -> float:
 
 
 def effective_weights(cfg: DistillConfig) -> DistillConfig:
-    """The baselines run the same loop with terms switched off (KD: no state term; fine-tuning: neither)."""
-    if cfg.method == "kd":
-        return replace(cfg, mse_alpha=0.0)
-    if cfg.method == "finetune":
-        return replace(cfg, mse_alpha=0.0, kl_alpha=0.0)
-    return cfg
+    """The configuration with the weights its method uses (see losses.method_weights): what a run records."""
+    kl_alpha, mse_alpha = method_weights(cfg.method, cfg.kl_alpha, cfg.mse_alpha)
+    return replace(cfg, kl_alpha=kl_alpha, mse_alpha=mse_alpha)
 
 
 def _read_ahead(cfg: DistillConfig) -> int:
@@ -206,16 +153,61 @@ def _read_ahead(cfg: DistillConfig) -> int:
     return 0 if Location(cfg.cache).local else REMOTE_READ_AHEAD
 
 
+@dataclass
+class DistillRun:
+    """What `distill` sets up before training: the resolved settings, the cache, the student and its loss."""
+
+    cfg: DistillConfig  # with the method's weights and the KD temperature resolved
+    as_given: DistillConfig  # saved as the run's config.yaml: what re-runs this command
+    requested: dict
+    procs: Processes
+    log: Callable
+    cache: Cache
+    tokenizer: object
+    student: torch.nn.Module
+    loss: Stage2Loss
+    teacher_layers: list[int]
+    device: torch.device
+    autocast: bool
+    checkpoint: Checkpoint
+    started: float
+
+    @property
+    def meta(self) -> CacheMetadata:
+        return self.cache.metadata
+
+    @property
+    def task(self) -> str:
+        return self.cache.metadata.task
+
+
 def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True, keep_model: bool = True) -> dict:
     """Train `cfg.student` against `cfg.cache` with `cfg.method`; save the best epoch to `cfg.out`.
     `on_eval(metrics)` is called after every validation (tune reports to Optuna there, and may raise to
     stop the run); with score_test=False the test split is not read at all, and with keep_model=False
     only metrics.json and config.yaml are saved."""
+    run = set_up(cfg, log)
+    phases = before_stage2(run)
+    result = train(run, on_eval)
+    report, test_outputs = _report(run, result, phases, score_test)
+    if run.procs.main:  # the student is saved once
+        save_run(run.student if keep_model else None, run.tokenizer, run.cfg.out, report, run.as_given, test_outputs)
+        run.checkpoint.remove()
+    run.procs.barrier()
+    metric, best = PRIMARY_METRIC[run.task], report["best"] or {}
+    run.log(f"{run.cfg.method}: best eval {metric} {best.get(metric, float('nan')):.4f}"
+            + (f", test {report['test'][metric]:.4f}" if "test" in report else "")
+            + f" ({report['seconds']:.0f}s); saved to {run.cfg.out}")
+    return report
+
+
+def set_up(cfg: DistillConfig, log=None) -> DistillRun:
+    """Check the cache and the student against each other, load the student, map its layers and build its
+    loss; nothing trains yet."""
     procs = processes()
     log = (log or note) if procs.main else (lambda *_: None)
     check_choices(cfg)
-    requested = asdict(cfg)
-    as_given = cfg  # saved as the run's config.yaml: what re-runs this command
+    requested, as_given = asdict(cfg), cfg
     cfg = effective_weights(cfg)
     checkpoint = _checkpoint(cfg, requested, procs.size)
     if checkpoint.exists():
@@ -228,7 +220,6 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
         if problems:
             raise TedcacheError(f"cache {cfg.cache} failed verification ({len(problems)} problems, first: "
                                 f"{problems[0]}); run tedcache verify {cfg.cache} --repair, then the extract command")
-    task = meta.task
     tokenizer = load_tokenizer(cfg.student, "student", cfg.trust_remote_code)
     if vocab_hash(tokenizer) != meta.tokenizer_vocab_sha256:
         raise TedcacheError(f"the student's tokenizer vocabulary differs from the cache's ({meta.tokenizer}); "
@@ -236,49 +227,74 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
     device = procs.device(cfg.device)
     autocast = device.type == "cuda" if cfg.autocast is None else cfg.autocast
     torch.manual_seed(cfg.seed)  # a fresh head and the student's filters start from this seed
-    student = load_for_task(cfg.student, "student", task, meta.label_names,
+    student = load_for_task(cfg.student, "student", meta.task, meta.label_names,
                             trust_remote_code=cfg.trust_remote_code).to(device)
-    form = kd_form(cfg, meta) if task == "causal-lm" else None
-    vocab = _student_width(student, meta) if task == "causal-lm" else None
-    head = {k: v.to(device, torch.float32) for k, v in cache.teacher_head().items()} if form == "hidden" else None
     cfg = replace(cfg, temperature=kd_temperature(cfg, meta))
-    bank, teacher_layers = None, []
-    if cfg.method in ("ted", "lwd"):
-        needed = "filtered" if cfg.method == "ted" else "raw"
-        if meta.states != needed:
-            raise TedcacheError(f"--method {cfg.method} needs a cache of {needed} teacher states, {cfg.cache} holds "
-                                f"{meta.states} ones; extract one with --states {needed}")
-        total = num_layers(student)
-        student_layers, teacher_layers = map_layers(parse_layers(cfg.student_layers, total), cache.layers,
-                                                    cfg.layer_map, total, copied_from(student),
-                                                    meta.teacher_num_layers)
-        bank = FilterBank(FilterSpec(student_layers, hidden_size(student), meta.filter_dim,
-                                     meta.filter_kind or "linear")).to(device)
-        log(f"layer map (student -> teacher): {dict(zip(student_layers, teacher_layers))}")
-    train_split, eval_split = cache.split("train"), cache.split("eval")
-    test_split = cache.split("test") if score_test else None
-    pad_id = meta.pad_token_id
-    phases = {}
+    bank, teacher_layers = _student_filters(cfg, cache, student, log)
+    loss = _stage2_loss(cfg, cache, student, bank, teacher_layers).to(device)
+    return DistillRun(cfg, as_given, requested, procs, log, cache, tokenizer, student, loss, teacher_layers, device,
+                      autocast, checkpoint, started)
 
-    labels_only = CacheSource(train_split)
+
+def _student_filters(cfg: DistillConfig, cache: Cache, student, log) -> tuple[FilterBank | None, list[int]]:
+    """ted, lwd: the student's filters on the mapped student layers, and the teacher layers they pair with."""
+    meta = cache.metadata
+    if cfg.method not in ("ted", "lwd"):
+        return None, []
+    needed = "filtered" if cfg.method == "ted" else "raw"
+    if meta.states != needed:
+        raise TedcacheError(f"--method {cfg.method} needs a cache of {needed} teacher states, {cfg.cache} holds "
+                            f"{meta.states} ones; extract one with --states {needed}")
+    total = num_layers(student)
+    student_layers, teacher_layers = map_layers(parse_layers(cfg.student_layers, total), cache.layers, cfg.layer_map,
+                                                total, copied_from(student), meta.teacher_num_layers)
+    bank = FilterBank(FilterSpec(student_layers, hidden_size(student), meta.filter_dim, meta.filter_kind or "linear"))
+    log(f"layer map (student -> teacher): {dict(zip(student_layers, teacher_layers))}")
+    return bank.to(next(student.parameters()).device), teacher_layers
+
+
+def _stage2_loss(cfg: DistillConfig, cache: Cache, student, bank: FilterBank | None,
+                 teacher_layers: list[int]) -> Stage2Loss:
+    meta = cache.metadata
+    form = kd_form(cfg, meta) if meta.task == "causal-lm" else "logits"
+    return Stage2Loss(meta.task, cfg.method, cfg.kl_alpha, cfg.mse_alpha, cfg.temperature, bank,
+                      _state_variance(cfg, meta, teacher_layers) if bank is not None else None, form,
+                      _student_width(student, meta) if meta.task == "causal-lm" else None,
+                      cache.teacher_head() if form == "hidden" else None)
+
+
+def before_stage2(run: DistillRun) -> dict:
+    """What trains before Stage II: --finetune-first's plain fine-tuning, and TED's Stage I of the
+    student's filters (the student frozen). Returns each phase's fit result."""
+    cfg, student, phases = run.cfg, run.student, {}
+    labels_only = CacheSource(run.cache.split("train"))
+    pad_id = run.meta.pad_token_id
     if cfg.method == "ted" and cfg.finetune_first > 0:
         ft_cfg = replace(cfg.optim, epochs=cfg.finetune_first)
+        task_only = Stage2Loss(run.task, "finetune").to(run.device)
         phases["finetune_first"] = fit(
             list(student.parameters()), [student],
             lambda e: iterate_batches(labels_only, ft_cfg.batch_size, pad_id, True, cfg.seed, e),
-            num_batches(labels_only, ft_cfg.batch_size),
-            lambda b: stage2_loss(student, None, b, replace(cfg, kl_alpha=0.0), task),
-            ft_cfg, "fine-tune student first", device=device, autocast=autocast)
+            num_batches(labels_only, ft_cfg.batch_size), lambda b: stage2_step(student, task_only, b),
+            ft_cfg, "fine-tune student first", device=run.device, autocast=run.autocast)
     if cfg.method == "ted":
-        phases["stage1"] = train_filters(student, bank, labels_only, task, meta.num_outputs, cfg.stage1, pad_id,
-                                         cfg.seed, desc="stage I (student filters)", lm_head=meta.lm_head or "tied",
+        eval_split = run.cache.split("eval")
+        phases["stage1"] = train_filters(student, run.loss.filters, labels_only, run.task, run.meta.num_outputs,
+                                         cfg.stage1, pad_id, cfg.seed, desc="stage I (student filters)",
+                                         lm_head=run.meta.lm_head or "tied",
                                          eval_source=CacheSource(eval_split) if eval_split is not None else None)
-        log(describe_filters(phases["stage1"]["filters"]))
+        run.log(describe_filters(phases["stage1"]["filters"]))
         student.requires_grad_(True)
+    return phases
 
-    live = LiveTargets(cfg.teacher, cache, teacher_layers, device, cfg.seed) if cfg.teacher else None
+
+def train(run: DistillRun, on_eval=None) -> dict:
+    """Stage II: the student (and its filters) against the cache's targets, or online mode's live ones,
+    validated on the cache's eval split; returns fit's result."""
+    cfg, procs, student, task = run.cfg, run.procs, run.student, run.task
+    live = LiveTargets(cfg.teacher, run.cache, run.teacher_layers, run.device, cfg.seed) if cfg.teacher else None
     # online mode: the same reader, windows and order, with the targets' reads replaced by `live`
-    batches = CacheBatches(cfg.cache, "train", teacher_layers, cfg.optim.batch_size, shuffle=True,
+    batches = CacheBatches(cfg.cache, "train", run.teacher_layers, cfg.optim.batch_size, shuffle=True,
                            seed=cfg.seed, with_logits=task == "causal-lm" and cfg.kl_alpha > 0,
                            process=(procs.rank, procs.size), shard_reads=cfg.shard_reads,
                            read_ahead=_read_ahead(cfg), read_targets=live is None)
@@ -290,61 +306,60 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
         batches.set_epoch(epoch)
         return loader
 
-    def evaluate_split(split) -> dict:
-        return evaluate(student, iterate_batches(CacheSource(split), 64, pad_id), task, procs, meta.label_names,
-                        split.questions)
+    eval_split = run.cache.split("eval")
 
     def validate() -> dict:
-        result = evaluate_split(eval_split)
+        result = evaluate(student, iterate_batches(CacheSource(eval_split), 64, run.meta.pad_token_id), task, procs,
+                          run.meta.label_names, eval_split.questions)
         if on_eval is not None:
             on_eval(result)
         return result
 
-    modules = [student] + ([bank] if bank is not None else [])
-    params = [p for m in modules for p in m.parameters()]
-    variance = _state_variance(cfg, meta, teacher_layers) if bank is not None else None
+    modules = [student] + ([run.loss.filters] if run.loss.filters is not None else [])
     # the ratio of one step's gradients: not of a micro-batch's (accumulation), nor inside DDP (untried)
     probe_every = cfg.log_every * PROBE_EVERY if procs.size == 1 and cfg.optim.grad_accum == 1 else 0
 
     def loss_fn(batch):
         probe = bool(probe_every) and batch["step"] % probe_every == 0
-        return stage2_loss(student, bank, live(batch) if live else batch, cfg, task, form, variance, probe, vocab, head)
+        return stage2_step(student, run.loss, live(batch) if live else batch, probe)
 
     procs.seed(cfg.seed)  # Stage II's dropout does not depend on what ran before it
-    result = fit(params, modules,
-                 epoch_batches, num_batches(labels_only, cfg.optim.batch_size, procs.size, cfg.shard_reads, cfg.workers),
-                 loss_fn, cfg.optim, f"stage II ({cfg.method}{', online' if live else ''})",
-                 evaluate=validate if eval_split is not None else None,
-                 select=PRIMARY_METRIC[task], eval_every=cfg.eval_every, max_steps=cfg.max_steps,
-                 log_every=cfg.log_every, device=device, autocast=autocast, processes=procs, checkpoint=checkpoint)
+    per_epoch = num_batches(CacheSource(run.cache.split("train")), cfg.optim.batch_size, procs.size, cfg.shard_reads,
+                            cfg.workers)
+    return fit([p for m in modules for p in m.parameters()], modules, epoch_batches, per_epoch, loss_fn, cfg.optim,
+               f"stage II ({cfg.method}{', online' if live else ''})",
+               validation=Validation(validate, PRIMARY_METRIC[task], cfg.eval_every) if eval_split is not None else None,
+               max_steps=cfg.max_steps, log_every=cfg.log_every, device=run.device, autocast=run.autocast,
+               processes=procs, checkpoint=run.checkpoint)
+
+
+def _report(run: DistillRun, result: dict, phases: dict, score_test: bool) -> tuple[dict, dict | None]:
+    """metrics.json's content (the settings, the training history, validation, and the test split scored
+    once) and the test outputs (saved beside it; None without a test split)."""
+    cfg, task, meta, bank = run.cfg, run.task, run.meta, run.loss.filters
+    eval_split = run.cache.split("eval")
+    test_split = run.cache.split("test") if score_test else None
     report = {
-        "method": cfg.method, "config": asdict(cfg), "requested": requested, "cache": str(cache.path),
-        "cache_bytes": cache.bytes_on_disk(), "task": task, "label_names": meta.label_names, "kd_targets": form,
-        "layer_map": dict(zip(bank.spec.layers, teacher_layers)) if bank is not None else None,
+        "method": cfg.method, "config": asdict(cfg), "requested": run.requested, "cache": str(run.cache.path),
+        "cache_bytes": run.cache.bytes_on_disk(), "task": task, "label_names": meta.label_names,
+        "kd_targets": run.loss.kd_form if task == "causal-lm" else None,
+        "layer_map": dict(zip(bank.spec.layers, run.teacher_layers)) if bank is not None else None,
         "layer_map_rule": (cfg.layer_map if cfg.layer_map in LAYER_MAP_RULES else "explicit") if bank is not None else None,
         "history": result["history"], "eval": result["evals"], "best": result["best"],
         "phases": {k: {"history": v["history"], "seconds": v["seconds"],
                        **({"filters": v["filters"]} if "filters" in v else {})} for k, v in phases.items()},
-        "teacher": {name: teacher_metrics(split, task, meta.label_names)
+        "teacher": {name: score(teacher_outputs(split, task), task, meta.label_names)
                     for name, split in (("eval", eval_split), ("test", test_split)) if split is not None},
         "stage2_seconds": result["seconds"], "stage2_median_step_s": result["median_step_s"],
     }
     test_outputs = None
     if test_split is not None:
-        test_outputs = predictions(student, iterate_batches(CacheSource(test_split), 64, pad_id), task, procs,
-                                   test_split.questions)
+        test_outputs = predictions(run.student, iterate_batches(CacheSource(test_split), 64, meta.pad_token_id), task,
+                                   run.procs, test_split.questions)
         report["test"] = score(test_outputs, task, meta.label_names)
-    report["seconds"] = time.perf_counter() - started
-    report["processes"] = procs.size
-    if procs.main:  # the student is saved once
-        save_run(student if keep_model else None, tokenizer, cfg.out, report, as_given, test_outputs)
-        checkpoint.remove()
-    procs.barrier()
-    best = report["best"] or {}
-    log(f"{cfg.method}: best eval {PRIMARY_METRIC[task]} {best.get(PRIMARY_METRIC[task], float('nan')):.4f}"
-        + (f", test {report['test'][PRIMARY_METRIC[task]]:.4f}" if "test" in report else "")
-        + f" ({report['seconds']:.0f}s); saved to {cfg.out}")
-    return report
+    report["seconds"] = time.perf_counter() - run.started
+    report["processes"] = run.procs.size
+    return report, test_outputs
 
 
 def _state_variance(cfg: DistillConfig, meta: CacheMetadata, teacher_layers: list[int]) -> torch.Tensor | None:
@@ -370,10 +385,11 @@ def _checkpoint(cfg: DistillConfig, requested: dict, num_processes: int) -> Chec
     return checkpoint
 
 
-def teacher_metrics(split, task: str, label_names: list[str] | None = None) -> dict:
-    """The teacher's metrics on a cached split, from what the extraction stored (no teacher needed)."""
+def teacher_outputs(split, task: str) -> dict[str, np.ndarray]:
+    """The teacher's outputs on a cached split, from what the extraction stored (no teacher needed), in the
+    form `evaluate.predictions` gives a student's: `evaluate.score` scores both."""
     if task == "causal-lm":
-        return perplexity_from_nll(split.teacher_nll)
+        return {"values": split.teacher_nll}
     if task in ("token-classification", "question-answering"):
         tokens = np.concatenate([np.arange(a, a + n) for a, n in zip(split.starts, split.lengths)])
         logits = split.tokens(layout.TOKEN_LOGITS, 0, int(tokens[-1]) + 1)[tokens]
@@ -381,9 +397,9 @@ def teacher_metrics(split, task: str, label_names: list[str] | None = None) -> d
             cuts = np.cumsum(split.lengths)[:-1]
             spans = split.tokens(layout.CONTEXT_SPANS, 0, int(tokens[-1]) + 1)[tokens]
             windows = [best_span(x, y) for x, y in zip(np.split(logits, cuts), np.split(spans, cuts))]
-            return squad_metrics(answer_questions(np.asarray(windows), split.question_index, split.questions))
+            return answer_questions(np.asarray(windows), split.question_index, split.questions)
         example = np.repeat(np.arange(len(split)), split.lengths)
         tags = split.tokens(layout.TOKEN_LABELS, 0, int(tokens[-1]) + 1)[tokens]
         tagged = tags >= 0
-        return token_metrics(logits.argmax(-1)[tagged], tags[tagged].astype(np.int64), example[tagged], label_names)
-    return metrics(split.teacher_logits, split.labels, task)
+        return {"values": logits.argmax(-1)[tagged], "labels": tags[tagged].astype(np.int64), "example": example[tagged]}
+    return {"values": split.teacher_logits, "labels": split.labels}

@@ -11,7 +11,7 @@ from .config import FinetuneConfig
 from .data import load_blocks, load_examples
 from .errors import note
 from .evaluate import PRIMARY_METRIC, evaluate
-from .loop import fit
+from .loop import Validation, fit
 from .losses import lm_loss, task_loss
 from .models import load_for_task, load_tokenizer, pad_id
 from .reader import ExamplesSource, iterate_batches, num_batches
@@ -58,7 +58,7 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
     result = fit(list(model.parameters()), [model],
                  lambda e: iterate_batches(source, cfg.optim.batch_size, pad, True, cfg.seed, e),
                  num_batches(source, cfg.optim.batch_size), loss_fn, cfg.optim, "fine-tune",
-                 evaluate=evaluate_model if evaluation is not None else None, select=PRIMARY_METRIC[task])
+                 validation=Validation(evaluate_model, PRIMARY_METRIC[task]) if evaluation is not None else None)
     report = {"method": "finetune", "config": asdict(cfg), "task": task, "label_names": label_names,
               "history": result["history"], "eval": result["evals"], "best": result["best"],
               "seconds": result["seconds"]}

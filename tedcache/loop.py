@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -18,9 +19,8 @@ from .config import OptimConfig
 from .distributed import ALONE, Processes
 from .errors import TedcacheError
 from .evaluate import better
+from .losses import COUNT_KINDS
 from .reader import prefetch
-
-COUNT_KINDS = ("examples", "tokens", "pairs")  # what a loss term averages over: sequences, real tokens, next-token pairs
 
 
 class LossModule(torch.nn.Module):
@@ -90,23 +90,54 @@ class Checkpoint:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+@dataclass
+class Validation:
+    """How a run is validated: `score()` gives the metrics, `select` names the one that picks the best state,
+    every `every` optimiser steps (0: after each epoch). With the optimiser's `patience`, training stops
+    after that many validations without a better one."""
+
+    score: Callable[[], dict]
+    select: str
+    every: int = 0
+
+
+@dataclass
+class LoopState:
+    """What fit carries from step to step, and what a checkpoint saves and a resumed run restores."""
+
+    step: int = 0
+    epoch: int = 0
+    consumed: int = 0  # micro-batches of the current epoch already trained on
+    history: list = field(default_factory=list)  # logged loss terms, averaged over processes
+    evals: list = field(default_factory=list)
+    best: dict | None = None  # the best validation so far
+    stale: int = 0  # validations since the best one
+    best_state: list | None = None  # the modules' state at the best validation
+    seconds: float = 0.0  # time spent before this process started (a resumed run's)
+    step_seconds: list = field(default_factory=list)  # this process's step times (not saved)
+
+    def progress(self) -> dict:
+        """What a checkpoint keeps of the loop (its format since checkpoints began)."""
+        return {"step": self.step, "epoch": self.epoch, "consumed": self.consumed, "history": self.history,
+                "evals": self.evals, "best": self.best, "stale": self.stale}
+
+
 def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_batches: Callable[[int], Iterable],
         batches_per_epoch: int, loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], cfg: OptimConfig, desc: str,
-        evaluate: Callable[[], dict] | None = None, select: str | None = None, eval_every: int = 0,
-        max_steps: int | None = None, log_every: int = 10, device: torch.device = torch.device("cpu"),
-        autocast: bool = False, processes: Processes = ALONE, checkpoint: Checkpoint | None = None) -> dict:
+        validation: Validation | None = None, max_steps: int | None = None, log_every: int = 10,
+        device: torch.device = torch.device("cpu"), autocast: bool = False, processes: Processes = ALONE,
+        checkpoint: Checkpoint | None = None) -> dict:
     """AdamW + linear warm-up/decay over `cfg.epochs` (fractions allowed) of `epoch_batches(epoch)`; an
     optimiser step takes `cfg.grad_accum` micro-batches (and, with several processes, one from each: the
     modules are wrapped in DDP). `loss_fn` gets each batch with its "share" (see batch_shares) and the
     number of the optimiser step it is part of ("step", from 1).
 
-    `modules` are put in train mode; with `evaluate`, it runs every `eval_every` steps (0: each epoch)
-    and the state of `modules` at the best `select` metric is restored at the end; with `cfg.patience`,
-    training stops after that many evaluations without a better one. With `checkpoint`,
-    the loop's state is saved every `checkpoint.every` steps (0: each epoch) and a saved one is resumed.
-    Batches are read ahead in a background thread and moved to `device`; `autocast` runs the forward
-    passes in bf16. Returns {"history": [...loss terms, averaged over processes...], "evals": [...],
-    "best": {...}, "seconds": s, "median_step_s": median wall time of an optimiser step in this process
+    `modules` are put in train mode; with `validation` (see Validation), the state of `modules` at the
+    best validation is restored at the end. With `checkpoint`, the loop's state is saved every
+    `checkpoint.every` steps (0: each epoch) and a saved one is resumed. Batches are read ahead in a
+    background thread and moved to `device`; `autocast` runs the forward passes in bf16. Returns
+    {"history": [...loss terms, averaged over processes...], "evals": [...], "best": {...}, "steps",
+    "stopped_early", "seconds": s, "median_step_s": median wall time of an optimiser step in this process
     since it started, waiting for batches included}."""
     accum = max(1, cfg.grad_accum)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / accum))
@@ -116,100 +147,118 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
     model = processes.wrap(LossModule(modules, loss_fn))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    loop = {"step": 0, "epoch": 0, "consumed": 0, "history": [], "evals": [], "best": None, "stale": 0}
-    best_state, step_seconds = None, []
-    started = time.perf_counter()
-    if checkpoint is not None and checkpoint.exists():
-        saved = checkpoint.load()
-        for m, state in zip(modules, saved["modules"]):
-            m.load_state_dict(state)
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        loop, best_state = saved["loop"], saved["best_state"]
-        rng = saved["rng"]  # one state per process (checkpoints of earlier versions kept one tensor)
-        torch.set_rng_state(rng if isinstance(rng, torch.Tensor) else rng[processes.rank])
-        started -= saved["seconds"]
-    bar = tqdm(total=total, initial=loop["step"], desc=desc, leave=False, disable=None if processes.main else True)
+    state = _resume(checkpoint, modules, optimizer, schedule, processes)
+    started = time.perf_counter() - state.seconds
+    bar = tqdm(total=total, initial=state.step, desc=desc, leave=False, disable=None if processes.main else True)
 
-    def snapshot():
-        return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
-
-    def run_eval():
-        nonlocal best_state
-        result = {"step": loop["step"], "epoch": round(loop["step"] / steps_per_epoch, 3), **evaluate()}
-        loop["evals"].append(result)
-        for m in modules:
-            m.train()
-        if better(result, loop["best"], select):
-            loop["best"] = result
-            best_state = snapshot()
-            loop["stale"] = 0
-        else:
-            loop["stale"] += 1
-
-    def patience_spent() -> bool:
-        return bool(cfg.patience) and evaluate is not None and loop.get("stale", 0) >= cfg.patience
+    def validate():
+        _validate(validation, state, modules, steps_per_epoch)
 
     def save_checkpoint():
         rng = processes.gather(torch.get_rng_state())  # a collective: every process takes part
         if processes.main:
-            checkpoint.save({"modules": snapshot(), "optimizer": optimizer.state_dict(),
-                             "schedule": schedule.state_dict(), "loop": loop, "best_state": best_state,
-                             "rng": rng, "seconds": time.perf_counter() - started})
+            checkpoint.save({"modules": _snapshot(modules), "optimizer": optimizer.state_dict(),
+                             "schedule": schedule.state_dict(), "loop": state.progress(),
+                             "best_state": state.best_state, "rng": rng, "seconds": time.perf_counter() - started})
         processes.barrier()
 
-    while loop["step"] < total:
+    def patience_spent() -> bool:
+        return validation is not None and bool(cfg.patience) and state.stale >= cfg.patience
+
+    while state.step < total:
         for m in modules:
             m.train()
-        batches = prefetch(epoch_batches(loop["epoch"]), device)
-        for _ in range(loop["consumed"]):  # resumed mid-epoch: these micro-batches were trained on
+        batches = prefetch(epoch_batches(state.epoch), device)
+        for _ in range(state.consumed):  # resumed mid-epoch: these micro-batches were trained on
             next(batches)
         tick = time.perf_counter()
         for micro in _groups(batches, accum):
-            optimizer.zero_grad(set_to_none=True)
-            step_loss, step_terms = 0.0, {}
-            for i, (batch, share) in enumerate(zip(micro, batch_shares(micro, processes))):
-                with processes.no_sync(model, skip=i < len(micro) - 1):
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        loss, terms = model({**batch, "share": share, "step": loop["step"] + 1})
-                    (loss / len(micro)).backward()
-                step_loss = step_loss + loss.detach() / len(micro)
-                for k, v in terms.items():
-                    step_terms[k] = step_terms.get(k, 0.0) + v.detach() / len(micro)
-            optimizer.step()
-            schedule.step()
-            step_seconds.append(time.perf_counter() - tick)  # waiting for data included
-            loop["step"] += 1
-            loop["consumed"] += len(micro)
-            step = loop["step"]
+            loss, terms = _step(model, micro, optimizer, schedule, state.step + 1, device, autocast, processes)
+            state.step_seconds.append(time.perf_counter() - tick)  # waiting for data included
+            state.step += 1
+            state.consumed += len(micro)
             bar.update(1)
-            if step % log_every == 0 or step == total:
-                values = processes.sum(torch.stack([torch.as_tensor(step_loss).float().cpu()]
-                                                   + [torch.as_tensor(v).float().cpu() for v in step_terms.values()]))
-                values = (values / processes.size).tolist()
-                loop["history"].append({"step": step, "loss": values[0], **dict(zip(step_terms, values[1:]))})
-                bar.set_postfix(loss=f"{values[0]:.4f}")
-            if evaluate is not None and eval_every and step % eval_every == 0:
-                run_eval()
-            if checkpoint is not None and checkpoint.every and step % checkpoint.every == 0 and step < total:
+            if state.step % log_every == 0 or state.step == total:
+                state.history.append(_logged(state.step, loss, terms, processes))
+                bar.set_postfix(loss=f"{state.history[-1]['loss']:.4f}")
+            if validation is not None and validation.every and state.step % validation.every == 0:
+                validate()
+            if checkpoint is not None and checkpoint.every and state.step % checkpoint.every == 0 and state.step < total:
                 save_checkpoint()
-            if step >= total or patience_spent():
+            if state.step >= total or patience_spent():
                 break
-            tick = time.perf_counter()  # (evaluations and checkpoints are not part of a step)
-        loop["epoch"] += 1
-        loop["consumed"] = 0
-        if evaluate is not None and not eval_every and (loop["step"] % steps_per_epoch == 0 or loop["step"] >= total):
-            run_eval()
+            tick = time.perf_counter()  # (validations and checkpoints are not part of a step)
+        state.epoch += 1
+        state.consumed = 0
+        if validation is not None and not validation.every and (state.step % steps_per_epoch == 0 or state.step >= total):
+            validate()
         if patience_spent():
             break
-        if checkpoint is not None and not checkpoint.every and loop["step"] < total:
+        if checkpoint is not None and not checkpoint.every and state.step < total:
             save_checkpoint()
     bar.close()
-    if evaluate is not None and not patience_spent() and (not loop["evals"] or loop["evals"][-1]["step"] != loop["step"]):
-        run_eval()
-    if best_state is not None:
-        for m, state in zip(modules, best_state):
-            m.load_state_dict(state)
-    return {"history": loop["history"], "evals": loop["evals"], "best": loop["best"], "steps": loop["step"],
-            "stopped_early": loop["step"] < total, "seconds": time.perf_counter() - started,
-            "median_step_s": float(np.median(step_seconds)) if step_seconds else None}
+    if validation is not None and not patience_spent() and (not state.evals or state.evals[-1]["step"] != state.step):
+        validate()
+    if state.best_state is not None:
+        for m, saved in zip(modules, state.best_state):
+            m.load_state_dict(saved)
+    return {"history": state.history, "evals": state.evals, "best": state.best, "steps": state.step,
+            "stopped_early": state.step < total, "seconds": time.perf_counter() - started,
+            "median_step_s": float(np.median(state.step_seconds)) if state.step_seconds else None}
+
+
+def _resume(checkpoint: Checkpoint | None, modules: list[torch.nn.Module], optimizer, schedule,
+            processes: Processes) -> LoopState:
+    """A fresh LoopState, or the one a saved checkpoint holds (the modules, optimiser, schedule and this
+    process's generator restored with it)."""
+    if checkpoint is None or not checkpoint.exists():
+        return LoopState()
+    saved = checkpoint.load()
+    for m, module_state in zip(modules, saved["modules"]):
+        m.load_state_dict(module_state)
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    torch.set_rng_state(saved["rng"][processes.rank])  # one state per process
+    return LoopState(**saved["loop"], best_state=saved["best_state"], seconds=saved["seconds"])
+
+
+def _step(model, micro: list[dict], optimizer, schedule, step: int, device: torch.device, autocast: bool,
+          processes: Processes) -> tuple[torch.Tensor, dict]:
+    """One optimiser step over the micro-batches of `micro`; returns its loss and terms (detached)."""
+    optimizer.zero_grad(set_to_none=True)
+    step_loss, step_terms = 0.0, {}
+    for i, (batch, share) in enumerate(zip(micro, batch_shares(micro, processes))):
+        with processes.no_sync(model, skip=i < len(micro) - 1):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss, terms = model({**batch, "share": share, "step": step})
+            (loss / len(micro)).backward()
+        step_loss = step_loss + loss.detach() / len(micro)
+        for k, v in terms.items():
+            step_terms[k] = step_terms.get(k, 0.0) + v.detach() / len(micro)
+    optimizer.step()
+    schedule.step()
+    return step_loss, step_terms
+
+
+def _logged(step: int, loss: torch.Tensor, terms: dict, processes: Processes) -> dict:
+    """A history record: the step's loss and terms, averaged over processes (a collective)."""
+    values = processes.sum(torch.stack([torch.as_tensor(loss).float().cpu()]
+                                       + [torch.as_tensor(v).float().cpu() for v in terms.values()]))
+    values = (values / processes.size).tolist()
+    return {"step": step, "loss": values[0], **dict(zip(terms, values[1:]))}
+
+
+def _validate(validation: Validation, state: LoopState, modules: list[torch.nn.Module], steps_per_epoch: int) -> None:
+    """Score the modules, record it, and keep their state when it is the best so far."""
+    result = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 3), **validation.score()}
+    state.evals.append(result)
+    for m in modules:
+        m.train()
+    if better(result, state.best, validation.select):
+        state.best, state.best_state, state.stale = result, _snapshot(modules), 0
+    else:
+        state.stale += 1
+
+
+def _snapshot(modules: list[torch.nn.Module]) -> list[dict]:
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]

@@ -153,3 +153,92 @@ def hidden_kd_loss(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, h
             log_p = F.log_softmax(student[start:start + HEAD_CHUNK].float() / temperature, dim=-1)
             total = total + F.kl_div(log_p, log_q, reduction="sum", log_target=True)
     return temperature ** 2 * total / max(1, len(hidden))
+
+
+COUNT_KINDS = ("examples", "tokens", "pairs")  # what a loss term averages over: sequences, real tokens, next-token pairs
+METHOD_TERMS = {"ted": ("kl", "mse"), "lwd": ("kl", "mse"), "kd": ("kl",), "finetune": ()}  # terms beside the task's
+
+
+def method_weights(method: str, kl_alpha: float, mse_alpha: float) -> tuple[float, float]:
+    """(kl_alpha, mse_alpha) as `method` uses them: the baselines switch terms off (KD: no state term;
+    fine-tuning: neither)."""
+    terms = METHOD_TERMS[method]
+    return (kl_alpha if "kl" in terms else 0.0), (mse_alpha if "mse" in terms else 0.0)
+
+
+class Stage2Loss(torch.nn.Module):
+    """Stage II's objective, the piece a training loop of one's own imports:
+
+        L = task + kl_alpha * KD + mse_alpha * mean over mapped layers l of MSE(filter_l(h_l), t_l) [/ var_l]
+
+    KD is kd_loss (classification, regression), the per-word or per-span forms (token classification,
+    question answering), or for causal LMs sparse_kd_loss over stored rows or hidden_kd_loss over the
+    exact distribution rebuilt from cached final states. The MSE is filtered_mse against the teacher's
+    filtered states (ted) or raw states (lwd, the filters then project the student's width to the
+    teacher's); `filters` are the student's own (trainable: give their parameters to the optimiser).
+
+    Built from what it uses: `method` (ted, lwd, kd, finetune: see method_weights), the two weights, the
+    KD temperature, the student's `filters` (their spec's layers are the student layers the map pairs
+    with the batch's teacher_states, in order), `state_variance` (one per mapped layer: --mse-norm
+    variance) and, for causal LMs, the form of the KD targets (see kd_targets; "hidden" with the
+    teacher's output layer `head`) and the `vocab` the teacher's rows span.
+
+    forward(student_logits, student_states, batch) -> (loss, terms): the student's logits (B, C), (B, L, C)
+    or causal-lm (B, L, V), its hidden states at `layers` (B, L, d) each, and a batch holding the
+    targets as tedcache's reader (or online mode) fills them: labels, teacher_logits, teacher_rows,
+    teacher_hidden, teacher_states (CompactStates), attention_mask, and optionally "share" (see
+    loop.batch_shares). `terms` keeps each term with its graph (task, kl, mse, mse/<layer>)."""
+
+    def __init__(self, task: str, method: str = "ted", kl_alpha: float = 1.0, mse_alpha: float = 1.0,
+                 temperature: float = 2.0, filters: torch.nn.Module | None = None,
+                 state_variance: torch.Tensor | None = None, kd_form: str = "logits", vocab: int | None = None,
+                 head: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.task, self.method, self.temperature, self.kd_form, self.vocab = task, method, temperature, kd_form, vocab
+        self.kl_alpha, self.mse_alpha = method_weights(method, kl_alpha, mse_alpha)
+        self.filters = filters
+        self.register_buffer("state_variance", state_variance, persistent=False)
+        for name in ("weight", "bias"):
+            self.register_buffer(f"head_{name}", (head or {}).get(name), persistent=False)
+
+    @property
+    def layers(self) -> list[int]:
+        """The student layers whose hidden states forward takes."""
+        return self.filters.spec.layers if self.filters is not None else []
+
+    def forward(self, student_logits: torch.Tensor, student_states: list[torch.Tensor], batch: dict):
+        mask = batch["attention_mask"]
+        lm = self.task == "causal-lm"
+        share = batch.get("share") or {}  # 1 for a single process without accumulation
+        per_example, per_token, per_pair = (share.get(k, 1.0) for k in COUNT_KINDS)
+        terms = {"task": lm_loss(student_logits, batch["input_ids"], mask) * per_pair if lm
+                 else task_loss(student_logits, batch["labels"], self.task) * per_example}
+        loss = terms["task"]
+        if self.kl_alpha > 0:
+            terms["kl"] = self._kd(student_logits, batch, mask) * (per_token if lm else per_example)
+            loss = loss + self.kl_alpha * terms["kl"]
+        if self.filters is not None and self.mse_alpha > 0:
+            targets = [s.widen() for s in batch["teacher_states"]]  # compact on the wire, fp32 only here
+            per_layer = filtered_mse(self.filters(student_states), targets, mask) * per_token
+            if self.state_variance is not None:
+                per_layer = per_layer / self.state_variance
+            terms["mse"] = per_layer.mean()
+            terms.update({f"mse/{layer}": value for layer, value in zip(self.layers, per_layer)})
+            loss = loss + self.mse_alpha * terms["mse"]
+        return loss, terms
+
+    def _kd(self, logits: torch.Tensor, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        if self.task == "causal-lm" and self.kd_form == "hidden":
+            head = {"weight": self.head_weight, **({"bias": self.head_bias} if self.head_bias is not None else {})}
+            return hidden_kd_loss(logits[..., :self.vocab], batch["teacher_hidden"].widen(), head, t, mask)
+        if self.task == "causal-lm":
+            rows = batch["teacher_rows"]
+            return sparse_kd_loss(logits[..., :self.vocab], rows["ids"].long(), kd_targets(rows, self.kd_form, t), t,
+                                  mask)
+        if self.task == "token-classification":  # per word (its first sub-token), tagged or not
+            words = batch["labels"] != IGNORED
+            return kd_loss(logits[words], batch["teacher_logits"][words], t)
+        if self.task == "question-answering":  # over the window's tokens, start and end averaged
+            return span_kd_loss(logits, batch["teacher_logits"], mask, t)
+        return kd_loss(logits, batch["teacher_logits"], t)

@@ -70,8 +70,7 @@ class Run:
 
     @property
     def seed(self) -> int:
-        config = self.metrics["config"]
-        return config["seed"] if "seed" in config else config["train"]["seed"]  # run folders before 0.2 kept it there
+        return self.metrics["config"]["seed"]
 
     @property
     def cache(self) -> str | None:

@@ -9,7 +9,7 @@ from .config import OptimConfig
 from .distributed import ALONE, Processes
 from .errors import TedcacheError
 from .filters import FilterBank, LMHead, SequenceHead, TokenHead
-from .loop import fit
+from .loop import Validation, fit
 from .losses import labelled, labels_or_teacher, lm_loss, task_loss
 from .reader import iterate_batches, num_batches, to_device
 from .taps import forward_with_taps, is_decoder_only, model_parts
@@ -71,7 +71,7 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
                  lambda epoch: iterate_batches(source, per_process, pad_id, shuffle=True, seed=seed, epoch=epoch,
                                                process=place),
                  num_batches(source, per_process, processes.size), loss_fn, cfg, desc, device=device,
-                 evaluate=measure if eval_source is not None else None, select="loss", processes=processes)
+                 validation=Validation(measure, "loss") if eval_source is not None else None, processes=processes)
     final = result["best"] if eval_source is not None else measure()
     model.train()
     result["filters"] = {"split": "eval" if eval_source is not None else "train", "steps": result["steps"],

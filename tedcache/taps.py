@@ -93,6 +93,7 @@ class ModelParts:
 
 
 _PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+PROBE_TOKENS = 4  # the dummy input model_parts runs: one sequence of this many tokens
 
 
 def model_parts(model) -> ModelParts:
@@ -116,7 +117,7 @@ def _find_parts(model) -> ModelParts:
 
     handles = [m.register_forward_hook(record) for m in model.modules()]
     vocab = int(getattr(model.config, "vocab_size", 0) or 0) or 8
-    ids = (torch.arange(4, device=model.device) % vocab + min(3, vocab - 1)) % vocab
+    ids = (torch.arange(PROBE_TOKENS, device=model.device) % vocab + min(3, vocab - 1)) % vocab
     try:
         was_training = model.training
         model.eval()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import os
 import random
 import subprocess
 import sys
@@ -11,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from tedcache.cli.main import main
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
 NEGATIVE = ["bad", "awful", "dull", "boring", "poor", "weak"]
@@ -68,7 +73,21 @@ def assets(tmp_path_factory) -> dict:
     }
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The real `tedcache` console entry point in a subprocess."""
+def run_cli(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The `tedcache` command run in this process: the console entry point's own function (cli.main.main,
+    flags parsed, errors turned into one line and an exit status), its output captured. Returns what a
+    subprocess would (returncode, stdout, stderr) without the seconds a new interpreter spends importing
+    torch and transformers."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(cwd or os.getcwd()):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    return subprocess.CompletedProcess(["tedcache", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def run_cli_process(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real `tedcache` console entry point in a subprocess (for what needs a process of its own)."""
     return subprocess.run([sys.executable, "-m", "tedcache.cli.main", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                          text=True, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -137,17 +137,18 @@ SEQUENTIAL_LAYERS = CUSTOM_MODEL + '''
 '''
 
 
-def _custom_model(folder, model_code: str) -> None:
-    """A BERT classifier folder that ships its own model code (auto_map)."""
+def _custom_model(folder, model_code: str, module: str) -> None:
+    """A BERT classifier folder that ships its own model code (auto_map) in modeling_<module>.py (one name per
+    code: Python keeps a module it has imported)."""
     tokenizer = make_tokenizer(folder)
     (folder / "configuration_tiny.py").write_text(CUSTOM_CONFIG)
-    (folder / "modeling_tiny.py").write_text(model_code)
+    (folder / f"modeling_{module}.py").write_text(model_code)
     config = transformers.BertConfig(vocab_size=len(tokenizer), num_labels=2, **SIZE)
     transformers.BertForSequenceClassification(config).save_pretrained(folder)
     settings = json.loads((folder / "config.json").read_text())
     settings.update(model_type="tiny-custom", auto_map={
         "AutoConfig": "configuration_tiny.TinyCustomConfig",
-        "AutoModelForSequenceClassification": "modeling_tiny.TinyCustomClassifier"})
+        "AutoModelForSequenceClassification": f"modeling_{module}.TinyCustomClassifier"})
     (folder / "config.json").write_text(json.dumps(settings))
 
 
@@ -155,7 +156,7 @@ def test_model_code_runs_only_with_trust_remote_code(assets, tmp_path):
     """A model folder that ships its own architecture (auto_map) is refused with one line unless
     --trust-remote-code is given; the cache records the choice."""
     folder = tmp_path / "custom"
-    _custom_model(folder, CUSTOM_MODEL)
+    _custom_model(folder, CUSTOM_MODEL, "tiny")
     data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], max_length=32)
     base = ExtractConfig(teacher=str(folder), data=data, stage1=QUICK, cache_dir=str(tmp_path / "caches"))
     result = run_cli("extract", "--teacher", folder, "--data", assets["train"], "--cache-dir", tmp_path / "caches")
@@ -168,8 +169,8 @@ def test_model_code_runs_only_with_trust_remote_code(assets, tmp_path):
 def test_a_model_whose_layers_cannot_be_found_is_one_line(assets, tmp_path):
     """Its layers run, but from no list as long as config.num_hidden_layers: refused when the teacher is
     loaded, with one line, and no cache folder is left behind."""
-    folder = tmp_path / "custom"
-    _custom_model(folder, SEQUENTIAL_LAYERS)
+    folder = tmp_path / "sequential"  # (HF keeps loaded model code by folder name: not the other test's "custom")
+    _custom_model(folder, SEQUENTIAL_LAYERS, "tiny_sequential")
     result = run_cli("extract", "--teacher", folder, "--data", assets["train"], "--cache-dir", tmp_path / "caches",
                      "--trust-remote-code")
     assert_one_line_error(result, "cannot find the transformer layer stack of TinyCustomClassifier")

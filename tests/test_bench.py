@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn.modules.module import register_module_forward_hook
 from transformers.models.bert.modeling_bert import BertEmbeddings
@@ -11,6 +12,7 @@ from tedcache.config import DataConfig, ExtractConfig
 from tedcache.demos.bench import bare_forward_seconds
 from tedcache.demos.demo import minilm_path
 from tedcache.extraction import extract
+from tedcache.taps import PROBE_TOKENS
 
 
 def test_bare_forward_batches_exactly_as_extraction(assets, tmp_path):
@@ -35,11 +37,15 @@ def test_bare_forward_batches_exactly_as_extraction(assets, tmp_path):
 
     meta = Cache(cache).metadata
     assert meta.units["train"] > 2  # several units, so the calibration unit is one of many
+    probe = ((1, PROBE_TOKENS), False)  # each load runs the model once on a dummy input to find its parts
+    assert extraction[0] == probe and shapes[0] == probe
+    extraction, shapes = extraction[1:], shapes[1:]
     assert shapes == extraction and not any(grad for _, grad in shapes)
     assert sum(size for (size, _), _ in shapes) == sum(meta.splits.values())
     assert 0 < seconds and 0 < meta.timings["teacher_pass_s"] < meta.timings["total_s"]
 
 
+@pytest.mark.process  # each mode is measured in a process of its own
 def test_bench_runs_every_mode_side_by_side(tmp_path, monkeypatch):
     """`tedcache bench` end to end on the MiniLM pair, a few steps: every mode measured in its own process."""
     from transformers import AutoTokenizer, BertConfig

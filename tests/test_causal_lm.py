@@ -20,12 +20,12 @@ from tedcache.cache.layout import FINAL, HEAD_FILE
 from tedcache.cache.logits import check_rebuilt, head_logits, parse_logit_spec, sparsify
 from tedcache.config import FilterConfig
 from tedcache.data import load_blocks
-from tedcache.distillation import kd_form, stage2_loss
+from tedcache.distillation import kd_form, stage2_step
 from tedcache.distributed import pick_device
 from tedcache.errors import TedcacheError
 from tedcache.extraction import _unit_generator
 from tedcache.filters import FilterBank, FilterSpec
-from tedcache.losses import hidden_kd_loss, kd_loss
+from tedcache.losses import Stage2Loss, hidden_kd_loss, kd_loss
 from tedcache.models import init_student, load_causal_lm, load_tokenizer
 from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
 from tedcache.stage1 import train_filters
@@ -188,12 +188,13 @@ def test_offline_and_live_losses_match(lm_assets, tmp_path):
     torch.manual_seed(0)
     bank = FilterBank(FilterSpec([0, 1], 32, 24))
     cfg = DistillConfig(cache=path, student="", out="", kl_alpha=1.0, mse_alpha=1.0, temperature=2.0)
+    loss = Stage2Loss("causal-lm", "ted", 1.0, 1.0, 2.0, bank, kd_form=kd_form(cfg, cache.metadata))
     live = LiveTargets(str(lm_assets["llama"]), cache, [1, 3], torch.device("cpu"), seed=0)
     source = CacheSource(cache.split("train"), [1, 3], with_logits=True)
     student.eval()
     for batch in list(iterate_batches(source, 8, 0))[:3]:
-        offline, offline_terms = stage2_loss(student, bank, batch, cfg, "causal-lm", kd_form(cfg, cache.metadata))
-        online, online_terms = stage2_loss(student, bank, live(batch), cfg, "causal-lm", "logits")
+        offline, offline_terms = stage2_step(student, loss, batch)
+        online, online_terms = stage2_step(student, loss, live(batch))
         assert set(offline_terms) == {"task", "kl", "mse", "mse/0", "mse/1"}
         for key in offline_terms:
             assert torch.allclose(offline_terms[key], online_terms[key], rtol=2e-3, atol=1e-4), key
@@ -307,13 +308,13 @@ def test_a_padded_student_is_compared_over_the_tokenizers_ids(lm_assets, tmp_pat
     cache = Cache(path)
     padded = load_causal_lm(str(_padded(lm_assets["llama_student"], tmp_path / "padded-student", 5))).eval()
     plain = load_causal_lm(str(lm_assets["llama_student"])).eval()
-    cfg = DistillConfig(cache=path, student="", out="", method="kd", kl_alpha=1.0, temperature=2.0)
     batch = next(iterate_batches(CacheSource(cache.split("train"), [], with_logits=True), 8, 0))
     vocab = cache.metadata.logits["vocab"]
-    _, wide = stage2_loss(padded, None, batch, cfg, "causal-lm", "logits", vocab=vocab)
-    _, narrow = stage2_loss(plain, None, batch, cfg, "causal-lm", "logits", vocab=vocab)
+    kd = Stage2Loss("causal-lm", "kd", kl_alpha=1.0, temperature=2.0, vocab=vocab)
+    _, wide = stage2_step(padded, kd, batch)
+    _, narrow = stage2_step(plain, kd, batch)
     assert torch.allclose(wide["kl"], narrow["kl"], rtol=1e-5)
-    _, unsliced = stage2_loss(padded, None, batch, cfg, "causal-lm", "logits")
+    _, unsliced = stage2_step(padded, Stage2Loss("causal-lm", "kd", kl_alpha=1.0, temperature=2.0), batch)
     assert not torch.allclose(unsliced["kl"], narrow["kl"], rtol=1e-3)  # the loud rows would have counted
     short = load_causal_lm(str(lm_assets["llama_student"]))
     short.resize_token_embeddings(vocab - 3)
@@ -363,13 +364,14 @@ def test_hidden_kd_loss_is_chunk_independent_and_offline_matches_live(lm_assets,
     head, vocab = cache.teacher_head(), cache.metadata.logits["vocab"]
     live = LiveTargets(str(lm_assets["llama"]), cache, [1, 3], torch.device("cpu"))
     source = CacheSource(cache.split("train"), [1, 3], with_logits=True)
+    loss = Stage2Loss("causal-lm", "ted", 1.0, 1.0, 1.0, bank, kd_form=form, vocab=vocab, head=head)
     for batch in list(iterate_batches(source, 8, 0))[:2]:
-        offline, terms = stage2_loss(student, bank, batch, cfg, "causal-lm", form, vocab=vocab, head=head)
-        online, live_terms = stage2_loss(student, bank, live(batch), cfg, "causal-lm", form, vocab=vocab, head=head)
+        offline, terms = stage2_step(student, loss, batch)
+        online, live_terms = stage2_step(student, loss, live(batch))
         assert set(terms) == {"task", "kl", "mse", "mse/0", "mse/1"}
         assert torch.allclose(terms["kl"], live_terms["kl"], rtol=2e-2)  # int8 final states against fp32 live ones
         monkeypatch.setattr(losses, "HEAD_CHUNK", 5)  # many chunks, the last one short
-        _, chunked = stage2_loss(student, bank, batch, cfg, "causal-lm", form, vocab=vocab, head=head)
+        _, chunked = stage2_step(student, loss, batch)
         monkeypatch.undo()
         assert torch.allclose(chunked["kl"], terms["kl"], rtol=1e-5)
 

@@ -1,4 +1,5 @@
-"""The `tedcache` command itself: the happy path and every bad input, through a real subprocess."""
+"""The `tedcache` command itself: the happy path and every bad input, through the console entry point's own
+function in this process (run_cli); one test runs the installed entry point in a real subprocess."""
 
 import json
 import shutil
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import zarr
-from conftest import make_model, run_cli, write_rows
+from conftest import make_model, run_cli, run_cli_process, write_rows
 
 
 def assert_one_line_error(result, *needles):
@@ -17,6 +18,21 @@ def assert_one_line_error(result, *needles):
     assert len([line for line in lines if line.startswith("error")]) == 1
     for needle in needles:
         assert needle in lines[-1], lines[-1]
+
+
+@pytest.mark.process
+def test_the_console_entry_point_in_a_process_of_its_own(assets, tmp_path):
+    """`python -m tedcache.cli.main` as a user's shell starts it: its version, a result on stdout, and a bad
+    input as one line on stderr with exit status 2."""
+    version = run_cli_process("--version")
+    assert version.returncode == 0 and "version" in version.stdout
+    made = run_cli_process("init-student", "--from", assets["teacher"], "--layers", "0", "--layers", "3", "--out",
+                           tmp_path / "student")
+    assert made.returncode == 0 and made.stdout.strip() == str(tmp_path / "student"), made.stderr
+    bad = run_cli_process("distill", "--cache", tmp_path / "nothing", "--student", tmp_path / "student", "--out",
+                          tmp_path / "o")
+    assert bad.returncode == 2
+    assert_one_line_error(bad, str(tmp_path / "nothing"))
 
 
 @pytest.fixture(scope="module")

@@ -92,6 +92,7 @@ def one_process_raw_cache(assets, one_process_cache, tmp_path_factory):
     return data, result.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.process
 def test_two_process_extraction_equals_one_process(assets, one_process_raw_cache, tmp_path):
     data, reference = one_process_raw_cache
     result = subprocess.run(torchrun(*_extract_args(assets, data, tmp_path / "caches", "--states", "raw")),
@@ -117,6 +118,7 @@ def _rank_of(pid: int) -> int | None:
     return int(ranks[0]) if ranks else None
 
 
+@pytest.mark.process
 def test_killing_one_process_then_rerunning_resumes(assets, one_process_raw_cache, tmp_path):
     data, reference = one_process_raw_cache
     cache_dir = tmp_path / "caches"
@@ -155,6 +157,7 @@ def no_dropout_student(tmp_path_factory):
     return _without_dropout(make_model(tmp_path_factory.mktemp("student") / "s", layers=2, hidden=32, seed=1))
 
 
+@pytest.mark.process
 def test_stage1_under_ddp_trains_the_one_process_filters(assets, one_process_cache, tmp_path):
     """Two processes train the filters at the same global batch, each on its half: without dropout (the
     teacher's, and so its heads', see stage1.head_dropout) the filters, and so every state, equal one
@@ -193,6 +196,7 @@ def _distill_args(cache, student, out, batch_size, *extra):
             "--epochs", "2", "--lr", "1e-3", "--stage1-epochs", "0.5", "--seed", "3", *extra]
 
 
+@pytest.mark.process
 def test_two_process_distill_matches_one_process_at_the_same_global_batch(one_process_cache, no_dropout_student,
                                                                            tmp_path):
     _, cache = one_process_cache
@@ -236,6 +240,7 @@ def test_each_process_draws_its_own_dropout_masks_and_one_process_uses_the_seed_
     assert not torch.equal(draws[0, 2], draws[1, 2]) and not torch.equal(draws[0, 2], draws[0, 1])
 
 
+@pytest.mark.process  # (its fixture runs the one-process reference in a process of its own)
 @pytest.mark.parametrize("workers", [1, 2])
 def test_shard_reads_give_each_process_its_own_half_of_the_reads(one_process_cache, workers, monkeypatch):
     """Each reader (process, DataLoader worker) reads its own contiguous part: every example once per
@@ -269,6 +274,7 @@ def test_shard_reads_give_each_process_its_own_half_of_the_reads(one_process_cac
         next(iterate_batches(CacheSource(split), size, pad, process=(0, len(split) + 1), shard_reads=True))
 
 
+@pytest.mark.process
 def test_two_process_distill_with_shard_reads(one_process_cache, no_dropout_student, tmp_path):
     _, cache = one_process_cache
     two = subprocess.run(accelerate_launch(*_distill_args(cache, no_dropout_student, tmp_path / "two", 8,
@@ -302,6 +308,7 @@ def _long_run_args(cache, student, out):
     return args
 
 
+@pytest.mark.process
 def test_distill_killed_then_resumed_equals_an_uninterrupted_run(one_process_cache, assets, tmp_path):
     _, cache = one_process_cache
     args = _long_run_args(cache, assets["student"], tmp_path / "run")
@@ -319,6 +326,7 @@ def test_distill_killed_then_resumed_equals_an_uninterrupted_run(one_process_cac
     assert not (tmp_path / "run.checkpoint").exists()
 
 
+@pytest.mark.process
 def test_compare_killed_mid_run_continues_that_run_from_its_checkpoint(one_process_cache, assets, tmp_path):
     _, cache = one_process_cache
     straight = run_one(*_long_run_args(cache, assets["student"], tmp_path / "straight"))

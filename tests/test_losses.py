@@ -6,7 +6,10 @@ import math
 import pytest
 import torch
 
+from tedcache.cache import CompactStates
+from tedcache.filters import FilterBank, FilterSpec
 from tedcache.losses import (
+    Stage2Loss,
     filtered_mse,
     kd_loss,
     kd_targets,
@@ -336,3 +339,41 @@ def test_gradient_ratio_is_logged_every_few_logged_steps(assets, tmp_path):
     probed = [h["step"] for h in history if "grad_ratio" in h]
     assert probed == [s for s in range(1, len(history) + 1) if s % PROBE_EVERY == 0] and probed
     assert all(h["grad_ratio"] > 0 for h in history if "grad_ratio" in h)
+
+
+# ---------------------------------------------------------------- Stage2Loss: the terms together
+
+
+def test_stage2_loss_is_the_weighted_sum_of_the_references():
+    """Stage2Loss alone, on hand-made tensors: task + kl_alpha * KD + mse_alpha * mean over layers of the
+    filtered MSE divided by each layer's variance; each method keeps only its terms."""
+    torch.manual_seed(0)
+    hidden = [torch.randn(3, 2, 4) for _ in range(2)]  # the student's states at layers 0 and 1: (B=3, L=2, d=4)
+    teacher = [torch.randn(3, 2, 5) for _ in range(2)]  # the cached teacher states, d_f = 5
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
+    labels = [3, 0, 1]
+    batch = {"attention_mask": mask, "labels": torch.tensor(labels), "teacher_logits": torch.tensor(KD_TEACHER),
+             "teacher_states": [CompactStates(t) for t in teacher]}
+    filters = FilterBank(FilterSpec([0, 1], 4, 5))
+    variance = torch.tensor([2.0, 0.5])
+    loss = Stage2Loss("classification", "ted", kl_alpha=3.0, mse_alpha=5.0, temperature=2.0, filters=filters,
+                      state_variance=variance)
+    total, terms = loss(torch.tensor(KD_STUDENT), hidden, batch)
+    task = sum(-log_softmax(row)[y] for row, y in zip(KD_STUDENT, labels)) / 3
+    kd = kd_reference(KD_STUDENT, KD_TEACHER, 2.0)
+    with torch.no_grad():
+        filtered = filters(hidden)
+    mse = [mse_reference(f.tolist(), t.tolist(), mask.tolist()) / v for f, t, v in zip(filtered, teacher, variance.tolist())]
+    expected = {"task": task, "kl": kd, "mse/0": mse[0], "mse/1": mse[1], "mse": sum(mse) / 2}
+    assert set(terms) == set(expected)
+    for key, value in expected.items():
+        assert terms[key].item() == pytest.approx(value, rel=REL, abs=ABS), key
+    assert total.item() == pytest.approx(task + 3.0 * kd + 5.0 * sum(mse) / 2, rel=REL, abs=ABS)
+    total.backward()
+    assert all(p.grad is not None for p in filters.parameters())  # the filters train with the student
+    for method, kept in (("kd", {"task", "kl"}), ("finetune", {"task"}), ("lwd", set(expected))):
+        total, terms = Stage2Loss("classification", method, 3.0, 5.0, 2.0, filters, variance)(
+            torch.tensor(KD_STUDENT), hidden, batch)
+        assert set(terms) == kept, method
+        assert total.item() == pytest.approx(task + 3.0 * kd * ("kl" in kept) + 5.0 * sum(mse) / 2 * ("mse" in kept),
+                                             rel=REL, abs=ABS), method

@@ -8,6 +8,7 @@ import sys
 
 import datasets
 import numpy as np
+import pytest
 from conftest import make_model, sentiment_rows, write_rows
 
 from tedcache.models import load_tokenizer
@@ -25,6 +26,7 @@ print(json.dumps({"peak_mb": peak / 1024}))
 """
 
 
+@pytest.mark.process
 def test_extraction_peak_memory_does_not_grow_with_the_data(tmp_path):
     teacher = make_model(tmp_path / "teacher", layers=4, hidden=256)
     peaks, tokens = {}, {}
@@ -60,6 +62,7 @@ print(json.dumps({"peak_mb": status("VmHWM:"), "anon_mb": anon[0]}))
 """
 
 
+@pytest.mark.process
 def test_lm_extraction_memory_stays_flat_as_the_corpus_grows_tenfold(tmp_path):
     """Tokens are spooled to a memory-mapped temporary file and gathered one shard (unit) at a time: peak
     RSS stays within 10% while the corpus grows 10x (0.4M -> 3.4M tokens), and anonymous memory, which

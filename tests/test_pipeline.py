@@ -12,9 +12,10 @@ from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, dist
 from tedcache.cache import Cache, CompactStates
 from tedcache.config import FilterConfig
 from tedcache.data import load_examples
-from tedcache.distillation import map_layers, stage2_loss
+from tedcache.distillation import map_layers, stage2_step
 from tedcache.errors import TedcacheError
 from tedcache.filters import FilterBank, FilterSpec
+from tedcache.losses import Stage2Loss
 from tedcache.models import load_classifier, load_tokenizer
 from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
 from tedcache.stage1 import train_filters
@@ -106,13 +107,13 @@ def test_stage2_loss_on_cached_targets_equals_live_teacher(assets, tmp_path):
     s_layers, t_layers = map_layers([0, 1], cache.layers, "interval", 2)
     assert t_layers == [1, 3]
     bank_s = FilterBank(FilterSpec(s_layers, 32, cache.metadata.filter_dim))
-    dcfg = DistillConfig(cache=str(path), student="", out="", kl_alpha=3.0, mse_alpha=5.0, temperature=2.0)
+    loss = Stage2Loss("classification", "ted", kl_alpha=3.0, mse_alpha=5.0, temperature=2.0, filters=bank_s)
     batch = next(iterate_batches(CacheSource(cache.split("train"), t_layers), 16, 0))
-    offline, _ = stage2_loss(student, bank_s, batch, dcfg, "classification")
+    offline, _ = stage2_step(student, loss, batch)
     logits, states = teacher_targets(teacher, bank_t, batch)
     live = {**batch, "teacher_logits": logits,
             "teacher_states": [CompactStates(states[cache.layers.index(t)]) for t in t_layers]}
-    online, terms = stage2_loss(student, bank_s, live, dcfg, "classification")
+    online, terms = stage2_step(student, loss, live)
     assert set(terms) == {"task", "kl", "mse", "mse/0", "mse/1"}
     assert terms["mse"] == pytest.approx((terms["mse/0"] + terms["mse/1"]).item() / 2)
     torch.testing.assert_close(offline, online, atol=1e-6, rtol=1e-6)

@@ -140,6 +140,7 @@ def test_report_numbers_all_come_from_the_run_folders(compared, tmp_path):
     assert not [n for n in shown if n not in allowed]
 
 
+@pytest.mark.process
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium-headless-shell (make test installs it as root)")
 def test_report_renders_in_a_browser(compared, tmp_path):
     _, _, root = compared

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import run_cli, sentiment_rows, write_rows
 
 from tedcache.cache import Cache
@@ -35,6 +36,7 @@ def _arrays(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.mark.process
 def test_sigkill_then_same_command_resumes_to_identical_values(assets, tmp_path):
     data = write_rows(tmp_path / "big.csv", sentiment_rows(2500, seed=7))
     killed_dir = tmp_path / "killed"

@@ -9,7 +9,7 @@ import time
 import fsspec.config
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli_process as run_cli
 
 from tedcache.cache import Cache
 
@@ -56,6 +56,7 @@ def s3_env():
         server.wait()
 
 
+@pytest.mark.process
 def test_extract_verify_ls_distill_on_s3(assets, tmp_path, s3_env):
     args = ["extract", "--teacher", assets["teacher"], "--data", assets["train"], "--eval-data", assets["eval"],
             "--max-length", "24", "--stage1-epochs", "0.5", "--shard-tokens", "256"]

@@ -123,6 +123,7 @@ def test_missing_shard_is_named(assets, tmp_path):
     assert [str(p) for p in verify(path)] == ["missing: train/states/0/c/1/0 (unit train/1)"]
 
 
+@pytest.mark.process
 def test_lock_names_its_live_holder_and_stale_locks_are_taken_over(assets, tmp_path):
     cfg = _cfg(assets, tmp_path / "caches")
     path = Path(extract(cfg))

@@ -106,6 +106,7 @@ def test_a_finished_study_is_kept_and_a_foreign_one_refused(assets, cache, tmp_p
     assert result.returncode != 0 and "Traceback" not in result.stderr and "another cache" in result.stderr
 
 
+@pytest.mark.process
 def test_a_killed_tune_resumes_and_retries_the_trial_it_was_running(assets, cache, tmp_path):
     out = tmp_path / "t"
     args = ["tune", "--cache", cache, "--student", assets["student"], "--out", out, "--methods", "kd",
@@ -131,6 +132,7 @@ def test_a_killed_tune_resumes_and_retries_the_trial_it_was_running(assets, cach
     assert any(t.params == killed[0].params for t in finished)  # the killed trial's parameters ran again
 
 
+@pytest.mark.process
 def test_two_processes_share_one_study(assets, cache, tmp_path):
     out = tmp_path / "t"
     args = ["tune", "--cache", cache, "--student", assets["student"], "--out", out, "--methods", "kd",

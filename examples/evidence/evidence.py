@@ -54,7 +54,7 @@ from tedcache.configfile import CONFIG_FILE, read_config_file, resolve
 from tedcache.demos import demo, demo_lm, evidence, extract
 from tedcache.experiments.compare import compare
 from tedcache.experiments.report import build_report
-from tedcache.experiments.results import format_table, summarize
+from tedcache.experiments.results import methods_table, summarize
 from tedcache.experiments.tune import STUDY_FILE, apply, tune
 from tedcache.finetuning import finetune
 from tedcache.models import init_student
@@ -323,7 +323,7 @@ EXTRA_STEPS = {"explore": (explore, ["kd"], "exploratory: TED's term added to KD
 def run_lm() -> None:
     """The causal-LM scenario: one filtered and one raw-state cache of teacher layers 9, 19 and 29, then
     LM-only, KD, LWD and TED (student layers 4, 9, 14 on TED's interval map) on LM_SEEDS."""
-    size = demo_lm.QUICK
+    size = demo_lm.QUICK_LM_DEMO
     root = WORK / "LM"
     teacher = demo_lm.smollm2(WORK / "smollm2-135m-instruct")
     files = demo_lm.snippet_texts(root / "data", size)
@@ -365,7 +365,7 @@ def report() -> None:
             if path.exists():
                 result = json.loads(path.read_text())["methods"][method]
                 tuned[method] = {"best_validation": result["best_value"], "params": result["best_params"]}
-        lines = [f"## {name}: {title}", "", format_table(summary), "",
+        lines = [f"## {name}: {title}", "", methods_table(summary), "",
                  *_comparison_lines(sorted(comparisons, key=lambda c: COMPARISONS.index((c["a"], c["b"]))))]
         if tuned:
             lines += ["", "| method | best validation accuracy (mean of tuning seeds) | best settings |",
@@ -401,7 +401,7 @@ def _extra_report(name: str, step: str) -> None:
     missing = [m for m in EXTRA_STEPS[step][1] if m not in {r.method for r in runs}]  # explore A reran KD itself
     planned = find_runs([str(p) for m in missing for p in sorted((WORK / name / "final").glob(f"{m}-seed*"))])
     summary = summarize(runs + planned)
-    lines = [f"## {name}, {EXTRA_STEPS[step][2]}", "", format_table(summary), "", *_comparison_lines(summary["comparisons"])]
+    lines = [f"## {name}, {EXTRA_STEPS[step][2]}", "", methods_table(summary), "", *_comparison_lines(summary["comparisons"])]
     for path in sorted((work / "tune").glob("*/tune.json")):
         for method, tuning in json.loads(path.read_text())["methods"].items():
             lines += ["", f"{method}'s best on validation: {evidence.describe(tuning['best_params'])} (mean validation "

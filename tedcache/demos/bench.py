@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from ..cache import Cache
-from ..config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig
-from ..distillation import map_layers, stage2_loss
+from ..config import DataConfig, ExtractConfig, FilterConfig, OptimConfig
+from ..distillation import map_layers, stage2_step
 from ..distributed import pick_device
 from ..errors import note
 from ..extraction import extract, load_splits, stored_units
 from ..filters import FilterBank, FilterSpec
-from ..losses import task_loss
+from ..losses import Stage2Loss, task_loss
 from ..models import init_student, load_classifier, load_for_task, load_tokenizer
 from ..reader import CacheBatches, ExamplesSource, iterate_batches, prefetch, to_device
 from ..taps import forward_with_taps, hidden_size, model_inputs, num_layers
@@ -122,8 +122,7 @@ def measure_steps(pair: str, mode: str, workdir: str, steps: int, batch_size: in
     bank = FilterBank(FilterSpec(s_layers, hidden_size(student), meta.filter_dim)).to(device)
     params = list(student.parameters()) + (list(bank.parameters()) if mode != "student" else [])
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    cfg = DistillConfig(cache=info["cache"], student=info["student"], out="", kl_alpha=1.0, mse_alpha=1.0,
-                        temperature=2.0)
+    loss_of = Stage2Loss("classification", "ted", kl_alpha=1.0, mse_alpha=1.0, temperature=2.0, filters=bank).to(device)
     live = LiveTargets(info["teacher"], cache, t_layers, device) if mode == "online" else None
     # every mode the same batches in the same order (distill's reader); only offline reads the targets
     loader = DataLoader(CacheBatches(info["cache"], "train", t_layers, batch_size, seed=0,
@@ -140,7 +139,7 @@ def measure_steps(pair: str, mode: str, workdir: str, steps: int, batch_size: in
                     logits, _ = forward_with_taps(student, batch, [])
                     loss = task_loss(logits, batch["labels"], "classification")
                 else:
-                    loss, _ = stage2_loss(student, bank, live(batch) if live else batch, cfg, "classification")
+                    loss, _ = stage2_step(student, loss_of, live(batch) if live else batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -222,7 +221,7 @@ def _measure_in_subprocess(pair: str, mode: str, work: Path, steps: int, batch_s
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def format_table(results: list[dict]) -> str:
+def bench_table(results: list[dict]) -> str:
     lines = ["| pair | device | student-only step s | offline TED step s | online TED step s | offline / student | "
              "online / offline | peak MB student / offline / online | extract / forward | read ex/s (MB/s) | "
              "TED consumes ex/s |", "|" + "---|" * 11]

@@ -41,8 +41,8 @@ class DemoSize:
     student_epochs: float
 
 
-QUICK = DemoSize(train=2000, validation=500, max_length=64, teacher_epochs=1, student_epochs=3)
-FULL = DemoSize(train=10**9, validation=1000, max_length=64, teacher_epochs=3, student_epochs=6)
+QUICK_DEMO = DemoSize(train=2000, validation=500, max_length=64, teacher_epochs=1, student_epochs=3)
+FULL_DEMO = DemoSize(train=10**9, validation=1000, max_length=64, teacher_epochs=3, student_epochs=6)
 
 # The study's base settings (docs/evidence.md); run_demo overrides them per method with what the study's
 # tuner found best on this pair (setting A, validation only).
@@ -143,7 +143,7 @@ def prepare(workdir: str, size: DemoSize, seed: int, times: dict | None = None) 
     return DemoSetup(work, data, str(teacher_dir), str(student_dir))
 
 
-def run_demo(workdir: str, size: DemoSize = QUICK, seed: int = 42) -> dict:
+def run_demo(workdir: str, size: DemoSize = QUICK_DEMO, seed: int = 42) -> dict:
     """Run the whole pipeline; print and return the results table."""
     times: dict[str, float] = {}
     setup = prepare(workdir, size, seed, times)

@@ -37,9 +37,9 @@ class LMDemoSize:
     stage1_epochs: float  # teacher and student filters (each step runs a vocabulary-wide head per filter)
 
 
-QUICK = LMDemoSize(train_blocks=384, validation_snippets=150, test_snippets=300, block_size=64,
+QUICK_LM_DEMO = LMDemoSize(train_blocks=384, validation_snippets=150, test_snippets=300, block_size=64,
                    student_epochs=1, stage1_epochs=0.25)
-FULL = LMDemoSize(train_blocks=4096, validation_snippets=500, test_snippets=1000, block_size=128,
+FULL_LM_DEMO = LMDemoSize(train_blocks=4096, validation_snippets=500, test_snippets=1000, block_size=128,
                   student_epochs=2, stage1_epochs=0.5)
 
 # Student: teacher layers 0-5 and 21-29 (see docs/causal-lm.md for the measurements behind the choice).
@@ -87,7 +87,7 @@ def snippet_texts(folder: Path, size: LMDemoSize) -> dict[str, str]:
     return {s: str(f) for s, f in files.items()}
 
 
-def run_lm_demo(workdir: str, size: LMDemoSize = QUICK, seed: int = 42) -> dict:
+def run_lm_demo(workdir: str, size: LMDemoSize = QUICK_LM_DEMO, seed: int = 42) -> dict:
     """Convert the teacher, build the cache, train three students; print and return the perplexity table."""
     times: dict[str, float] = {}
     root = Path(workdir)

@@ -8,12 +8,12 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..config import METHODS, CompareConfig, DistillConfig, what_it_computes
+from ..config import CompareConfig, DistillConfig, check_methods, what_it_computes
 from ..configfile import CONFIG_FILE, config_yaml
 from ..distillation import distill
 from ..errors import TedcacheError, note
 from ..run_folder import METRICS_FILE, find_runs
-from .results import COMPARE_FILE, format_comparisons, format_table, summarize
+from .results import COMPARE_FILE, format_comparisons, methods_table, summarize
 
 
 def run_config(cfg: CompareConfig, method: str, seed: int) -> DistillConfig:
@@ -23,7 +23,7 @@ def run_config(cfg: CompareConfig, method: str, seed: int) -> DistillConfig:
                    cache=cfg.raw_cache if method == "lwd" else base.cache, resume=True, seed=seed)
 
 
-def _finished(run: DistillConfig) -> bool:
+def _run_done(run: DistillConfig) -> bool:
     """A run folder counts as done when it holds the metrics of exactly this configuration."""
     path = Path(run.out) / METRICS_FILE
     if not path.is_file():
@@ -35,24 +35,19 @@ def _finished(run: DistillConfig) -> bool:
 def compare(cfg: CompareConfig, log=None) -> dict:
     """Run every (method, seed) not already done; write and return the summary (see results.summarize)."""
     log = log or note
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown or not cfg.methods:
-        raise TedcacheError(f"unknown --methods {', '.join(unknown) or '(none)'}; use some of {', '.join(METHODS)}")
+    check_methods(cfg.methods, cfg.raw_cache)
     if not cfg.seeds:
         raise TedcacheError("--seeds is empty; give at least one seed, e.g. --seeds 1,2,3")
-    if "lwd" in cfg.methods and not cfg.raw_cache:
-        raise TedcacheError("--methods lwd needs --raw-cache: a cache extracted with --states raw from the same "
-                            "teacher and data (or leave lwd out of --methods)")
     runs = [run_config(cfg, method, seed) for method in cfg.methods for seed in cfg.seeds]
     Path(cfg.base.out).mkdir(parents=True, exist_ok=True)
     (Path(cfg.base.out) / CONFIG_FILE).write_text(config_yaml(cfg))
     for number, run in enumerate(runs, 1):
-        if _finished(run):
+        if _run_done(run):
             log(f"[{number}/{len(runs)}] {run.method} seed {run.seed}: done earlier, kept ({run.out})")
             continue
         log(f"[{number}/{len(runs)}] {run.method} seed {run.seed}")
         distill(run, log)
     summary = {**summarize(find_runs([r.out for r in runs])), "config": asdict(cfg)}
     (Path(cfg.base.out) / COMPARE_FILE).write_text(json.dumps(summary, indent=2))
-    print(format_table(summary) + "\n\n" + format_comparisons(summary))
+    print(methods_table(summary) + "\n\n" + format_comparisons(summary))
     return summary

@@ -130,7 +130,7 @@ def summarize(runs: list[Run]) -> dict:
     return {"metric": metric, "teacher": teacher, "rows": rows, "comparisons": comparisons}
 
 
-def format_table(summary: dict) -> str:
+def methods_table(summary: dict) -> str:
     """The summary as a markdown table."""
     metric = summary["metric"]
     lines = [f"| model | seeds | test {metric} (mean ± std) | validation {metric} | share of teacher |",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..cache import load_metadata
 from ..cache.location import process_alive
-from ..config import METHODS, DistillConfig, TuneConfig
+from ..config import METHODS, DistillConfig, TuneConfig, check_methods
 from ..configfile import CONFIG_FILE, config_yaml
 from ..distillation import distill
 from ..errors import TedcacheError, note
@@ -122,18 +122,13 @@ def _pruner(name: str, optuna):
 
 
 def _check(cfg: TuneConfig) -> None:
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown or not cfg.methods:
-        raise TedcacheError(f"unknown --methods {', '.join(unknown) or '(none)'}; use some of {', '.join(METHODS)}")
+    check_methods(cfg.methods, cfg.raw_cache)
     if cfg.trials < 1:
         raise TedcacheError(f"--trials must be at least 1, got {cfg.trials}")
     known = {name for method in METHODS for name in search_space(method, False)}
     if set(cfg.search) - known:
         raise TedcacheError(f"unknown --search {', '.join(sorted(set(cfg.search) - known))}; use some of "
                             f"{', '.join(sorted(known))}")
-    if "lwd" in cfg.methods and not cfg.raw_cache:
-        raise TedcacheError("--methods lwd needs --raw-cache: a cache extracted with --states raw from the same "
-                            "teacher and data (or leave lwd out of --methods)")
     for cache in {cfg.base.cache} | ({cfg.raw_cache} if cfg.raw_cache else set()):
         if not load_metadata(cache).splits.get("eval"):
             raise TedcacheError(f"cache {cache} has no eval split: tune scores trials on validation only; "
@@ -192,7 +187,7 @@ def tune(cfg: TuneConfig, log=None) -> dict:
     return summary
 
 
-def _finished(study, optuna, trials: int | None = None) -> list:
+def _finished_trials(study, optuna, trials: int | None = None) -> list:
     """The finished (complete or pruned) trials in the order they were created; with `trials`, only the
     first that many: when processes sharing a study start their last trials at the same moment, one
     extra may finish, and it does not count, so every method is judged on the same budget."""
@@ -237,14 +232,14 @@ def _optimize(study, base: DistillConfig, space: dict, seeds: list[int], trials:
         return sum(best) / len(best)
 
     def progress(study, trial):
-        done = _finished(study, optuna, trials)
+        done = _finished_trials(study, optuna, trials)
         complete = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
         best = _best(complete, study).value if complete else float("nan")
         log(f"[{base.method}] trial {trial.number} {trial.state.name.lower()}: {len(done)}/{trials} finished, "
             f"{len(done) - len(complete)} pruned, best validation {metric} {best:.4f}")
 
-    while len(_finished(study, optuna)) < trials:
-        if len(_finished(study, optuna)) + _running(study, optuna) >= trials:
+    while len(_finished_trials(study, optuna)) < trials:
+        if len(_finished_trials(study, optuna)) + _running(study, optuna) >= trials:
             time.sleep(5)  # the last trials are running in other processes
             _reclaim(study, optuna)
             continue
@@ -264,7 +259,7 @@ def _best(complete: list, study):
 
 def _report(study, base: DistillConfig, budget: int, out: Path, optuna) -> dict:
     """Write best-<method>.yaml and trials-<method>.csv; return the method's summary."""
-    trials = _finished(study, optuna, budget)
+    trials = _finished_trials(study, optuna, budget)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise TedcacheError(f"no {base.method} trial completed (all were pruned); run more --trials or --pruner none")
