@@ -25,7 +25,7 @@ def check_methods(methods: list[str], raw_cache: str | None) -> None:
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 FILTER_KINDS = ("linear", "mlp")
 MSE_NORMS = ("none", "variance")
-STATE_KINDS = ("filtered", "raw")  # raw: unfiltered hidden states, for the LWD baseline
+STATE_KINDS = ("filtered", "raw", "none")  # raw: unfiltered hidden states (LWD); none: logits only (KD)
 LM_HEADS = ("tied", "new")  # causal-lm Stage-I heads: the frozen output embedding, or a fresh one
 KD_TARGETS = ("auto", "sampled", "logits")
 
@@ -97,7 +97,8 @@ class ExtractConfig:
                                   factory=lambda: OptimConfig(epochs=10.0, lr=1e-3, patience=2), prefix="stage1-")
     cache_dir: str = setting(DEFAULT_CACHES, "Where caches go: a folder or an fsspec URL (s3://bucket/prefix).")
     precision: str = setting("int8", "Stored states: fp32, fp16, bf16 or int8 (see docs/design.md).", choices=PRECISIONS)
-    states: str = setting("filtered", "filtered (TED) or raw (unfiltered hidden states, for --method lwd).",
+    states: str = setting("filtered", "filtered (TED), raw (unfiltered hidden states, for --method lwd) or none "
+                                      "(the teacher's outputs only, for --method kd: no Stage I, no states).",
                           choices=STATE_KINDS)
     logits: str = setting("sample:50", "causal-lm teacher distribution per token: sample:N, topk:K, full "
                                        "(small vocabularies) or hidden (the final hidden state and, once, the "

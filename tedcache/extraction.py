@@ -74,20 +74,21 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     with procs.main_first():  # the first process fills the datasets cache, the others then read it
         splits, label_names = load_splits(cfg, tokenizer, teacher.config)
     train = splits["train"]
-    layers = parse_layers(cfg.filters.layers, num_layers(teacher))
-    raw = cfg.states == "raw"
-    dim = hidden_size(teacher) if raw else (cfg.filters.dim or hidden_size(teacher))
+    filtered = cfg.states == "filtered"
+    layers = parse_layers(cfg.filters.layers, num_layers(teacher)) if cfg.states != "none" else []
+    dim = (cfg.filters.dim or hidden_size(teacher)) if filtered else hidden_size(teacher)
     spec = FilterSpec(layers, hidden_size(teacher), dim, cfg.filters.kind)
 
     identity = {
         "teacher_weights": weights_hash(teacher), "tokenizer": tokenizer_hash(tokenizer),
         **{f"{s}_data" if s != "train" else "data": ex.fingerprint for s, ex in splits.items()},
         "task": task, "max_length": cfg.data.block_size if lm else cfg.data.max_length, "states": cfg.states,
-        "layers": layers, "filters": None if raw else asdict(spec), "stage1": None if raw else asdict(cfg.stage1),
+        "layers": layers, "filters": asdict(spec) if filtered else None,
+        "stage1": asdict(cfg.stage1) if filtered else None,
         "precision": cfg.precision, "shard_tokens": cfg.shard_tokens, "seed": cfg.seed,
     }
     if lm:
-        identity.update(logits=asdict(logit_spec), lm_head=None if raw else cfg.filters.lm_head)
+        identity.update(logits=asdict(logit_spec), lm_head=cfg.filters.lm_head if filtered else None)
     location = Location(cfg.cache_dir).child(cache_name(cfg.teacher, identity))
     teacher.eval()
     with CacheLock(location) if procs.main else nullcontext():
@@ -95,14 +96,16 @@ def extract(cfg: ExtractConfig, log=None) -> str:
         found = _first_then_all(procs, lambda: _found(location, cfg, metadata, log))
         if found == "complete":
             return location.url
-        bank = None
-        if found == "new" and not raw:
+        bank, stage1_seconds = None, 0.0
+        if found == "new" and filtered:
+            stage1_started = time.perf_counter()
             bank, measured = _train_teacher_filters(teacher, spec, splits, metadata, cfg, log, procs)
             metadata = replace(metadata, stage1_filters=measured)
+            stage1_seconds = time.perf_counter() - stage1_started
         plan = _first_then_all(procs, lambda: _prepare(location, cfg, metadata, found, bank, splits, teacher,
                                                       logit_spec, device, log, procs.size))
         writer = CacheWriter(location)
-        bank = None if raw else FilterBank.from_bytes(read_filter_files(location)).to(device).eval()
+        bank = FilterBank.from_bytes(read_filter_files(location)).to(device).eval() if filtered else None
         units = [(split, unit) for split, todo in plan["todo"].items() for unit in todo]
         mine = units[procs.rank::procs.size]  # disjoint whole units: no shard has two writers
         pass_started = time.perf_counter()
@@ -114,14 +117,23 @@ def extract(cfg: ExtractConfig, log=None) -> str:
             if any(missing.values()):
                 raise TedcacheError(f"units {missing} have no record after the teacher pass; run the same "
                                     "command again to compute them")
-            writer.complete(timings={"total_s": time.perf_counter() - started,
+            writer.complete(timings={"total_s": time.perf_counter() - started, "stage1_s": stage1_seconds,
                                      "teacher_pass_s": pass_seconds, "processes": procs.size})
         procs.barrier()
     if procs.main:  # (the size is read once the lock is gone, which the other processes must not race)
-        log(f"cache complete in {time.perf_counter() - started:.0f}s: {len(train)} examples, {train.num_tokens} "
-            f"tokens, layers {layers}, {cfg.precision}, {location.size() / 2**20:.1f} MiB"
+        log(f"cache complete in {time.perf_counter() - started:.0f}s (Stage I {stage1_seconds:.0f}s, teacher pass "
+            f"{pass_seconds:.0f}s): {len(train)} examples, {train.num_tokens} tokens; targets: "
+            f"{_targets(cfg, layers)}, {location.size() / 2**20:.1f} MiB"
             + (f", {procs.size} processes" if procs.size > 1 else ""))
     return location.url
+
+
+def _targets(cfg: ExtractConfig, layers: list[int]) -> str:
+    """What a cache holds, in words, for extract's log."""
+    outputs = "the teacher's outputs" if cfg.data.task != "causal-lm" else f"the teacher's --logits {cfg.logits} rows"
+    if cfg.states == "none":
+        return f"{outputs} only (--states none: no Stage I, no states)"
+    return f"{cfg.states} states of layers {layers} ({cfg.precision}) and {outputs}"
 
 
 def _first_then_all(procs, work):
@@ -163,7 +175,7 @@ def _prepare(location, cfg, metadata: CacheMetadata, found: str, bank: FilterBan
     first). Returns {"todo": units left, "calibration_s": seconds of that first unit's teacher pass}."""
     if found == "resume":
         writer = CacheWriter(location)
-        if cfg.states != "raw":
+        if cfg.states == "filtered":
             bank = FilterBank.from_bytes(read_filter_files(location)).to(device)
     else:
         writer = _create_cache(location, metadata, splits, bank, logit_spec, teacher)
@@ -221,7 +233,7 @@ def _train_teacher_filters(teacher, spec: FilterSpec, splits: dict[str, Examples
 def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], label_names, spec: FilterSpec,
               tokenizer, teacher, logit_spec: LogitSpec | None) -> CacheMetadata:
     """What the new cache says about itself (the writer adds the layout's counts as it writes)."""
-    task, raw = cfg.data.task, cfg.states == "raw"
+    task, filtered = cfg.data.task, cfg.states == "filtered"
     lm = task == "causal-lm"
     return CacheMetadata(
         format_version=0, identity=identity,  # format_version, chunk_tokens: set by CacheWriter.create
@@ -232,14 +244,14 @@ def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], l
         chunk_tokens=0, tokenizer=cfg.teacher, tokenizer_sha256=identity["tokenizer"], label_names=label_names,
         num_outputs=1 if task == "regression" else 2 if task == "question-answering" else
         None if lm else len(label_names),
-        filter_kind=None if raw else spec.kind, teacher_hidden_size=spec.in_dim,
+        filter_kind=spec.kind if filtered else None, teacher_hidden_size=spec.in_dim,
         teacher_num_layers=num_layers(teacher),
         data={"train": cfg.data.train, "transfer": cfg.data.transfer, "eval": cfg.data.eval, "test": cfg.data.test,
               "text_column": cfg.data.text_column, "text_pair_column": cfg.data.text_pair_column,
               "label_column": cfg.data.label_column, "limit": cfg.data.limit},
         data_fingerprint=identity["data"], max_length=identity["max_length"],
         logits=None if logit_spec is None else asdict(logit_spec), vocab_size=teacher.config.vocab_size,
-        lm_head=identity.get("lm_head"), stage1=None if raw else asdict(cfg.stage1),
+        lm_head=identity.get("lm_head"), stage1=asdict(cfg.stage1) if filtered else None,
         splits={s: len(ex) for s, ex in splits.items()}, tokens={s: ex.num_tokens for s, ex in splits.items()},
         labelled_train=None if lm else _labelled_examples(splits["train"], task),
         trust_remote_code=cfg.trust_remote_code,

@@ -398,3 +398,16 @@ def test_hidden_logits_distill_verify_and_refusal(lm_assets, tmp_path):
     sizes = inspect_cache(path)  # per token: final states 32 int8 values + an fp16 scale; two layers of 24 + 2
     assert sizes["logit_bytes"] / sizes["state_bytes"] == pytest.approx(34 / 52, rel=0.05)
     assert sizes["head_bytes"] > Cache(path).metadata.logits["vocab"] * 32 * 4  # the output layer, fp32, apart
+
+
+@pytest.mark.parametrize("logits", ["topk:8", "hidden"])
+def test_a_logits_only_lm_cache_trains_kd(lm_assets, tmp_path, logits):
+    """--states none for a causal LM: no Stage I and no layer states, only the per-token targets (for
+    --logits hidden, the final states they are rebuilt from); KD trains from it."""
+    _, path = _extract(lm_assets, tmp_path, logits=logits, states="none")
+    meta = Cache(path).metadata
+    assert meta.layers == [] and meta.stage1 is None and meta.lm_head is None
+    assert Cache(path).split("train").has_final == (logits == "hidden")
+    report = distill(DistillConfig(cache=path, student=str(lm_assets["llama_student"]), out=str(tmp_path / "kd"),
+                                   method="kd", optim=OptimConfig(epochs=1, batch_size=8), max_steps=2))
+    assert report["kd_targets"] == ("hidden" if logits == "hidden" else "logits") and "kl" in report["history"][-1]

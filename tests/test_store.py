@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from conftest import run_cli
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
@@ -181,6 +182,28 @@ def test_raw_states_feed_lwd_and_ted_refuses_them(assets, tmp_path):
     assert "mse" in report["history"][-1] and report["layer_map"] == {0: 1, 1: 3}
     with pytest.raises(TedcacheError, match="--states filtered"):
         distill(DistillConfig(cache=path, student=str(assets["student"]), out=str(tmp_path / "ted")))
+
+
+def test_a_logits_only_cache_skips_stage1_and_trains_the_kd_student_a_filtered_cache_trains(assets, tmp_path):
+    """--states none: no Stage I, no filters, no states; KD from it is the run KD makes from a filtered cache
+    of the same teacher and data (the same outputs, batches and order); ted and lwd are refused."""
+    messages = []
+    path = extract(_cfg(assets, tmp_path / "caches", states="none"), log=messages.append)
+    meta = Cache(path).metadata
+    assert meta.states == "none" and meta.layers == [] and meta.stage1 is None and meta.stage1_filters is None
+    assert meta.timings["stage1_s"] == 0.0
+    assert not any(m.startswith("stage I") or "filter" in m for m in messages)
+    assert "no Stage I, no states" in messages[-1] and "targets: the teacher's outputs only" in messages[-1]
+    assert not any(name.startswith("states") for name in zarr.open_group(path, mode="r")["train"].array_keys())
+    filtered = extract(_cfg(assets, tmp_path / "caches"))
+    assert Cache(filtered).metadata.timings["stage1_s"] > 0
+    kd = {name: distill(DistillConfig(cache=cache, student=str(assets["student"]), out=str(tmp_path / name),
+                                      method="kd", log_every=1, optim=OptimConfig(epochs=1, batch_size=16)))
+          for name, cache in (("none", path), ("filtered", filtered))}
+    assert kd["none"]["history"] == kd["filtered"]["history"] and kd["none"]["best"] == kd["filtered"]["best"]
+    for method, needed in (("ted", "--states filtered"), ("lwd", "--states raw")):
+        with pytest.raises(TedcacheError, match=needed):
+            distill(DistillConfig(cache=path, student=str(assets["student"]), out=str(tmp_path / method), method=method))
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -25,7 +25,8 @@ class CacheMetadata:
                                             "with their hash.")
     created_by: str = setting(help="tedcache version that wrote the cache.")
     task: str = setting(help="classification, regression, causal-lm, token-classification or question-answering.")
-    states: str = setting(help="filtered (TED filters' outputs) or raw (hidden states, for LWD).")
+    states: str = setting(help="filtered (TED filters' outputs), raw (hidden states, for LWD) or none (the teacher's "
+                               "outputs only, for KD).")
     layers: list[int] = setting(help="0-based teacher layers whose states are stored.")
     filter_dim: int = setting(help="Width d of each stored state.")
     teacher: str = setting(help="The teacher as given to extract (folder or hub name).")
@@ -76,7 +77,7 @@ class CacheMetadata:
     complete: bool = setting(False, "Every unit is written and checked; written last. Only complete caches are read.")
     checksums: dict[str, str] = setting(help="sha256 of every object written outside the units (units carry their "
                                              "own in their records).", factory=dict)
-    timings: dict[str, Any] | None = setting(None, "Seconds spent: total, teacher pass; processes used.")
+    timings: dict[str, Any] | None = setting(None, "Seconds spent: total, Stage I, teacher pass; processes used.")
     config: dict[str, Any] | None = setting(None, "The resolved extract configuration (reuse it with "
                                                   "tedcache extract --config).")
 
