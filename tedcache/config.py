@@ -95,6 +95,9 @@ class ExtractConfig:
     stage1: OptimConfig = setting(help="Stage I (teacher filters) optimiser; with --eval-data it stops once the "
                                        "filters' validation loss stops improving (epochs: the cap).",
                                   factory=lambda: OptimConfig(epochs=10.0, lr=1e-3, patience=2), prefix="stage1-")
+    stage1_examples: int | None = setting(None, "Stage I trains the filters on this many training examples, drawn "
+                                                "at random with --seed (large corpora); the cache pass still covers "
+                                                "them all. Default: all.")
     cache_dir: str = setting(DEFAULT_CACHES, "Where caches go: a folder or an fsspec URL (s3://bucket/prefix).")
     precision: str = setting("int8", "Stored states: fp32, fp16, bf16 or int8 (see docs/design.md).", choices=PRECISIONS)
     states: str = setting("filtered", "filtered (TED), raw (unfiltered hidden states, for --method lwd) or none "

@@ -46,6 +46,8 @@ def _validate(cfg: ExtractConfig) -> None:
     if cfg.shard_tokens < length:
         raise TedcacheError(f"--shard-tokens ({cfg.shard_tokens}) must be at least {flag} "
                             f"({length}): an example never straddles a shard")
+    if cfg.stage1_examples is not None and cfg.stage1_examples < 1:
+        raise TedcacheError(f"--stage1-examples must be at least 1, got {cfg.stage1_examples}")
 
 
 def extract(cfg: ExtractConfig, log=None) -> str:
@@ -89,6 +91,8 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     }
     if lm:
         identity.update(logits=asdict(logit_spec), lm_head=cfg.filters.lm_head if filtered else None)
+    if filtered and cfg.stage1_examples is not None and cfg.stage1_examples < len(train):
+        identity["stage1_examples"] = cfg.stage1_examples  # (only when set: other caches keep their names)
     location = Location(cfg.cache_dir).child(cache_name(cfg.teacher, identity))
     teacher.eval()
     with CacheLock(location) if procs.main else nullcontext():
@@ -222,7 +226,12 @@ def _train_teacher_filters(teacher, spec: FilterSpec, splits: dict[str, Examples
     torch.manual_seed(cfg.seed)
     bank = FilterBank(spec).to(next(teacher.parameters()).device)
     evaluation = ExamplesSource(splits["eval"]) if "eval" in splits else None
-    result = train_filters(teacher, bank, ExamplesSource(splits["train"]), metadata.task, metadata.num_outputs or 1,
+    train = splits["train"]
+    if "stage1_examples" in metadata.identity:
+        sample = np.random.default_rng(cfg.seed).choice(len(train), metadata.identity["stage1_examples"], replace=False)
+        train = train.reorder(np.sort(sample))
+        log(f"stage I on {len(train)} of the {len(splits['train'])} training examples (--stage1-examples)")
+    result = train_filters(teacher, bank, ExamplesSource(train), metadata.task, metadata.num_outputs or 1,
                            cfg.stage1, metadata.pad_token_id, cfg.seed, desc="stage I (teacher filters)",
                            lm_head=cfg.filters.lm_head, eval_source=evaluation, processes=procs)
     teacher.eval()

@@ -4,12 +4,15 @@ filters for the ablation, and decoder-only classifiers read at their last real t
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
+import pytest
 import torch
 from conftest import FILLER, NEGATIVE, POSITIVE, make_tokenizer, write_rows
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from tedcache import DataConfig, FinetuneConfig, OptimConfig, finetune
+from tedcache import DataConfig, ExtractConfig, FinetuneConfig, OptimConfig, TedcacheError, extract, finetune
+from tedcache.cache import Cache
 from tedcache.data import load_examples
 from tedcache.filters import FilterBank, FilterSpec
 from tedcache.models import load_classifier, load_tokenizer
@@ -88,3 +91,22 @@ def test_decoder_classifier_filters_read_the_last_token(tmp_path):
                            OptimConfig(epochs=20, lr=3e-3, batch_size=16, patience=3), pad, 42, eval_source=evaluation)
     metrics = result["filters"]["metrics"]
     assert metrics["1/accuracy"] > 0.85, metrics
+
+
+def test_stage1_on_a_sample_of_the_training_split(assets, tmp_path):
+    """--stage1-examples N: the filters train on N training examples drawn with the seed (fewer steps), the
+    cache pass still covers every example, and the sample is part of the cache's identity."""
+    data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], max_length=24)
+    base = ExtractConfig(teacher=str(assets["teacher"]), data=data, cache_dir=str(tmp_path / "caches"),
+                         stage1=OptimConfig(epochs=1, batch_size=8), batch_size=16, shard_tokens=256)
+    messages = []
+    sampled = extract(replace(base, stage1_examples=32), log=messages.append)
+    whole = extract(base)
+    assert sampled != whole and extract(replace(base, stage1_examples=10_000)) == whole  # N >= all: the whole split
+    meta, whole_meta = Cache(sampled).metadata, Cache(whole).metadata
+    assert meta.identity["stage1_examples"] == 32 and "stage1_examples" not in whole_meta.identity
+    assert meta.stage1_filters["steps"] == 4 and whole_meta.stage1_filters["steps"] == 12  # 32 / 8, 96 / 8
+    assert meta.splits["train"] == whole_meta.splits["train"] == 96
+    assert any("stage I on 32 of the 96 training examples" in m for m in messages)
+    with pytest.raises(TedcacheError, match="--stage1-examples must be at least 1"):
+        extract(replace(base, stage1_examples=0))
