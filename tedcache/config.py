@@ -28,6 +28,13 @@ MSE_NORMS = ("none", "variance")
 STATE_KINDS = ("filtered", "raw", "none")  # raw: unfiltered hidden states (LWD); none: logits only (KD)
 LM_HEADS = ("tied", "new")  # causal-lm Stage-I heads: the frozen output embedding, or a fresh one
 KD_TARGETS = ("auto", "sampled", "logits")
+STAGE1_STATES = ("stored", "live")  # see stage1.stage1_sources
+
+
+def stage1_states_setting(default: str):
+    return setting(default, "Stage I's frozen states: stored (computed once, dropout off, then read at every "
+                            "step: about one forward pass in all) or live (the model run at every step with "
+                            "dropout on, as in the reference). See docs/performance.md.", choices=STAGE1_STATES)
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "tedcache"
 DEFAULT_CACHES = str(DEFAULT_CACHE_DIR / "caches")
@@ -98,6 +105,7 @@ class ExtractConfig:
     stage1_examples: int | None = setting(None, "Stage I trains the filters on this many training examples, drawn "
                                                 "at random with --seed (large corpora); the cache pass still covers "
                                                 "them all. Default: all.")
+    stage1_states: str = stage1_states_setting("stored")
     cache_dir: str = setting(DEFAULT_CACHES, "Where caches go: a folder or an fsspec URL (s3://bucket/prefix).")
     precision: str = setting("int8", "Stored states: fp32, fp16, bf16 or int8 (see docs/design.md).", choices=PRECISIONS)
     states: str = setting("filtered", "filtered (TED), raw (unfiltered hidden states, for --method lwd) or none "
@@ -150,6 +158,7 @@ class DistillConfig:
     stage1: OptimConfig = setting(help="Stage I (student filters) optimiser; every process runs it whole, stopping "
                                        "once the validation loss stops improving (epochs: the cap; 0: untrained).",
                                   factory=lambda: OptimConfig(epochs=10.0, lr=1e-3, patience=2), prefix="stage1-")
+    stage1_states: str = stage1_states_setting("stored")
     eval_every: int = setting(0, "Optimiser steps between evaluations (0: once per epoch).")
     max_steps: int | None = setting(None, "Stop after this many optimiser steps.")
     log_every: int = setting(10, "Optimiser steps between loss records in metrics.json.")

@@ -28,6 +28,7 @@ from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
 from .run_folder import save_run
 from .schema import check_choices
 from .stage1 import describe_filters, train_filters
+from .state_store import in_order, stored_source
 from .taps import forward_with_taps, hidden_size, model_parts, num_layers, parse_layers
 from .teacher import LiveTargets
 
@@ -279,10 +280,14 @@ def before_stage2(run: DistillRun) -> dict:
             ft_cfg, "fine-tune student first", device=run.device, autocast=run.autocast)
     if cfg.method == "ted":
         eval_split = run.cache.split("eval")
-        phases["stage1"] = train_filters(student, run.loss.filters, labels_only, run.task, run.meta.num_outputs,
+        source, evaluation = labels_only, CacheSource(eval_split) if eval_split is not None else None
+        if cfg.stage1_states == "stored":
+            source, evaluation = (s if s is None else stored_source(student, s, run.loss.filters.spec.layers, run.task,
+                                                                   in_order(s, cfg.stage1.batch_size, pad_id))
+                                  for s in (source, evaluation))
+        phases["stage1"] = train_filters(student, run.loss.filters, source, run.task, run.meta.num_outputs,
                                          cfg.stage1, pad_id, cfg.seed, desc="stage I (student filters)",
-                                         lm_head=run.meta.lm_head or "tied",
-                                         eval_source=CacheSource(eval_split) if eval_split is not None else None)
+                                         lm_head=run.meta.lm_head or "tied", eval_source=evaluation)
         run.log(describe_filters(phases["stage1"]["filters"]))
         student.requires_grad_(True)
     return phases

@@ -18,7 +18,7 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from .cache import CacheLock, CacheMetadata, CacheWriter, Location, UnitStates, cache_name, load_metadata
-from .cache.layout import FINAL, storage_order
+from .cache.layout import FINAL, pack, storage_order
 from .cache.logits import LogitSpec, check_rebuilt, head_tensors, id_dtype, parse_logit_spec, sparsify
 from .cache.read import read_filter_files
 from .config import ExtractConfig
@@ -31,6 +31,7 @@ from .models import load_for_task, load_tokenizer, pad_id, tokenizer_hash, vocab
 from .reader import ExamplesSource, iterate_batches, to_device
 from .schema import check_choices, to_dict
 from .stage1 import describe_filters, train_filters
+from .state_store import StateStore, StoredSource, in_order, stored_source
 from .taps import hidden_size, model_parts, num_layers, parse_layers
 from .teacher import teacher_targets
 
@@ -86,7 +87,7 @@ def extract(cfg: ExtractConfig, log=None) -> str:
         **{f"{s}_data" if s != "train" else "data": ex.fingerprint for s, ex in splits.items()},
         "task": task, "max_length": cfg.data.block_size if lm else cfg.data.max_length, "states": cfg.states,
         "layers": layers, "filters": asdict(spec) if filtered else None,
-        "stage1": asdict(cfg.stage1) if filtered else None,
+        "stage1": {**asdict(cfg.stage1), "states": cfg.stage1_states} if filtered else None,
         "precision": cfg.precision, "shard_tokens": cfg.shard_tokens, "seed": cfg.seed,
     }
     if lm:
@@ -100,20 +101,20 @@ def extract(cfg: ExtractConfig, log=None) -> str:
         found = _first_then_all(procs, lambda: _found(location, cfg, metadata, log))
         if found == "complete":
             return location.url
-        bank, stage1_seconds = None, 0.0
+        bank, stage1_seconds, stored = None, 0.0, {}
         if found == "new" and filtered:
             stage1_started = time.perf_counter()
-            bank, measured = _train_teacher_filters(teacher, spec, splits, metadata, cfg, log, procs)
+            bank, measured, stored = _train_teacher_filters(teacher, spec, splits, metadata, cfg, log, procs)
             metadata = replace(metadata, stage1_filters=measured)
             stage1_seconds = time.perf_counter() - stage1_started
         plan = _first_then_all(procs, lambda: _prepare(location, cfg, metadata, found, bank, splits, teacher,
-                                                      logit_spec, device, log, procs.size))
+                                                      logit_spec, device, log, procs.size, stored))
         writer = CacheWriter(location)
         bank = FilterBank.from_bytes(read_filter_files(location)).to(device).eval() if filtered else None
         units = [(split, unit) for split, todo in plan["todo"].items() for unit in todo]
         mine = units[procs.rank::procs.size]  # disjoint whole units: no shard has two writers
         pass_started = time.perf_counter()
-        _teacher_pass(writer, teacher, bank, layers, splits, logit_spec, cfg.batch_size, mine)
+        _teacher_pass(writer, teacher, bank, layers, splits, logit_spec, cfg.batch_size, mine, stored)
         pass_seconds = plan["calibration_s"] + time.perf_counter() - pass_started
         procs.barrier()
         if procs.main:
@@ -172,7 +173,7 @@ def _found(location: Location, cfg: ExtractConfig, metadata: CacheMetadata, log)
 
 
 def _prepare(location, cfg, metadata: CacheMetadata, found: str, bank: FilterBank | None, splits, teacher,
-             logit_spec, device, log, processes: int) -> dict:
+             logit_spec, device, log, processes: int, stored: dict) -> dict:
     """The first process's part: open the cache to resume, or create it (with the Stage-I `bank`). With
     several processes, it also computes train unit 0, whose states set the int8 scales, so that every
     process encodes with the same scales (one process sets them in its teacher pass, where unit 0 comes
@@ -187,7 +188,8 @@ def _prepare(location, cfg, metadata: CacheMetadata, found: str, bank: FilterBan
         bank.eval()
     calibration_started = time.perf_counter()
     if processes > 1 and writer.needs_channel_scales() and 0 not in writer.done_units("train"):
-        _teacher_pass(writer, teacher, bank, metadata.layers, splits, logit_spec, cfg.batch_size, [("train", 0)])
+        _teacher_pass(writer, teacher, bank, metadata.layers, splits, logit_spec, cfg.batch_size, [("train", 0)],
+                      stored)
     calibration_s = time.perf_counter() - calibration_started
     todo = writer.missing_units()
     total, remaining = sum(writer.metadata.units.values()), sum(len(v) for v in todo.values())
@@ -220,23 +222,46 @@ def load_splits(cfg: ExtractConfig, tokenizer, model_config) -> tuple[dict[str, 
 
 
 def _train_teacher_filters(teacher, spec: FilterSpec, splits: dict[str, Examples], metadata: CacheMetadata,
-                           cfg: ExtractConfig, log, procs) -> tuple[FilterBank, dict]:
-    """The trained filters and how well each learned (on the eval split when there is one); with many
+                           cfg: ExtractConfig, log, procs) -> tuple[FilterBank, dict, dict[str, StoredSource]]:
+    """The trained filters, how well each learned (on the eval split when there is one), and the splits
+    whose stored states and outputs the cache pass can use instead of the teacher (--stage1-states stored:
+    the splits Stage I read whole; none for causal LMs, whose logits are not stored). With many
     processes, trained under DDP by all of them."""
     torch.manual_seed(cfg.seed)
     bank = FilterBank(spec).to(next(teacher.parameters()).device)
-    evaluation = ExamplesSource(splits["eval"]) if "eval" in splits else None
     train = splits["train"]
     if "stage1_examples" in metadata.identity:
         sample = np.random.default_rng(cfg.seed).choice(len(train), metadata.identity["stage1_examples"], replace=False)
         train = train.reorder(np.sort(sample))
         log(f"stage I on {len(train)} of the {len(splits['train'])} training examples (--stage1-examples)")
-    result = train_filters(teacher, bank, ExamplesSource(train), metadata.task, metadata.num_outputs or 1,
+    source = ExamplesSource(train)
+    evaluation = ExamplesSource(splits["eval"]) if "eval" in splits else None
+    stored = {}
+    if cfg.stage1_states == "stored":  # filled with the cache pass's own batches where Stage I reads a whole split
+        whole = {"train": len(train) == len(splits["train"]), "eval": True}
+        stored = {split: stored_source(teacher, s, spec.layers, metadata.task,
+                                       _pass_batches(splits[split], split, cfg, metadata.pad_token_id) if whole[split]
+                                       else in_order(s, cfg.batch_size, metadata.pad_token_id))
+                  for split, s in (("train", source), ("eval", evaluation)) if s is not None}
+        source, evaluation = stored["train"], stored.get("eval")
+    result = train_filters(teacher, bank, source, metadata.task, metadata.num_outputs or 1,
                            cfg.stage1, metadata.pad_token_id, cfg.seed, desc="stage I (teacher filters)",
                            lm_head=cfg.filters.lm_head, eval_source=evaluation, processes=procs)
     teacher.eval()
     log(describe_filters(result["filters"]))
-    return bank, result["filters"]
+    reusable = metadata.task != "causal-lm"
+    return bank, result["filters"], {split: s for split, s in stored.items() if reusable and len(s) == len(splits[split])}
+
+
+def _pass_batches(examples: Examples, split: str, cfg: ExtractConfig, pad: int):
+    """(example indices, batch) of one split as the cache pass forms them: unit by unit in storage order,
+    batches of --batch-size (see stored_units and _run_unit)."""
+    order = storage_order(split, len(examples), cfg.seed)
+    bounds = {split: pack(np.diff(examples.offsets)[order], cfg.shard_tokens)[1]}
+    for _, _, indices, part in stored_units({split: examples}, bounds, cfg.seed,
+                                            [(split, unit) for unit in range(len(bounds[split]) - 1)]):
+        for batch in iterate_batches(ExamplesSource(part), cfg.batch_size, pad):
+            yield indices[batch["example_index"].numpy()], batch
 
 
 def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], label_names, spec: FilterSpec,
@@ -260,7 +285,7 @@ def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], l
               "label_column": cfg.data.label_column, "limit": cfg.data.limit},
         data_fingerprint=identity["data"], max_length=identity["max_length"],
         logits=None if logit_spec is None else asdict(logit_spec), vocab_size=teacher.config.vocab_size,
-        lm_head=identity.get("lm_head"), stage1=asdict(cfg.stage1) if filtered else None,
+        lm_head=identity.get("lm_head"), stage1=identity["stage1"],
         splits={s: len(ex) for s, ex in splits.items()}, tokens={s: ex.num_tokens for s, ex in splits.items()},
         labelled_train=None if lm else _labelled_examples(splits["train"], task),
         trust_remote_code=cfg.trust_remote_code,
@@ -313,9 +338,12 @@ def _tokenizer_width(teacher, tokenizer, name: str) -> int:
 
 
 def _run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: int, logit_spec: LogitSpec | None,
-              states: dict | None, generator: torch.Generator | None, per_token: bool = False):
-    """One unit through the teacher. Training units pass `states` ({layer, or layout.FINAL for --logits
-    hidden: codecs.UnitStates}), which receive each batch's per-token states in storage order. Returns
+              states: dict | None, generator: torch.Generator | None, per_token: bool = False,
+              stored: StateStore | None = None):
+    """One unit through the teacher (or, with `stored`, read from the teacher's stored states and outputs
+    for these examples: the values its forward gives, to float rounding). Training units pass `states`
+    ({layer, or layout.FINAL for --logits hidden: codecs.UnitStates}), which receive each batch's
+    per-token states in storage order. Returns
     (outputs, logit rows), on the host: outputs are the per-example (N, C) logit rows or, causal-lm,
     each block's mean next-token loss (N,), or with `per_token` (token classification, question
     answering) (tokens, C); with a `generator` (causal-lm training units), the sparse rows
@@ -323,7 +351,8 @@ def _run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: i
     device = next(teacher.parameters()).device
     final = states is not None and FINAL in states
     outputs, rows = [], {}
-    for batch in iterate_batches(ExamplesSource(examples), batch_size, pad):
+    source = ExamplesSource(examples) if stored is None else StoredSource(ExamplesSource(examples), stored)
+    for batch in iterate_batches(source, batch_size, pad):
         # real tokens, row-major (storage order), indexed from the host mask: no device sync per batch
         real = batch["attention_mask"].flatten().nonzero().squeeze(1).to(device)
         batch = to_device(batch, device)
@@ -353,12 +382,13 @@ def _real(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 def stored_units(splits: dict[str, Examples], bounds: dict[str, np.ndarray], seed: int,
                  units: list[tuple[str, int]]):
-    """(split, unit, examples) for each of `units`: the unit's examples in the order the cache stores
-    them, `bounds[split]` being the cache's `<split>/unit_bounds`. Only one unit's tokens are gathered
-    at a time."""
+    """(split, unit, order, examples) for each of `units`: the unit's examples in the order the cache
+    stores them (`order`: their indices in the split), `bounds[split]` being the cache's
+    `<split>/unit_bounds`. Only one unit's tokens are gathered at a time."""
     orders = {split: storage_order(split, len(splits[split]), seed) for split in dict.fromkeys(s for s, _ in units)}
     for split, unit in units:
-        yield split, unit, splits[split].reorder(orders[split][bounds[split][unit]:bounds[split][unit + 1]])
+        order = orders[split][bounds[split][unit]:bounds[split][unit + 1]]
+        yield split, unit, order, splits[split].reorder(order)
 
 
 def _unit_generator(seed: int, unit: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -368,10 +398,12 @@ def _unit_generator(seed: int, unit: int, device: torch.device | str = "cpu") ->
 
 
 def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec: LogitSpec | None, batch_size: int,
-                  units: list[tuple[str, int]]) -> None:
+                  units: list[tuple[str, int]], stored: dict[str, StoredSource] | None = None) -> None:
     """Compute `units` ((split, unit) pairs) and hand each to the writer; states and logit rows are
     stored for the training split only, per-token logits (token classification, question answering) for
-    every split. Without int8 channel scales yet, the first training unit sets them (see _prepare)."""
+    every split. The splits in `stored` are read from Stage I's stored states and outputs, the others run
+    through the teacher. Without int8 channel scales yet, the first training unit sets them (see _prepare)."""
+    stored = stored or {}
     meta = writer.metadata
     device = next(teacher.parameters()).device
     output_key = "logits" if logit_spec is None else "nll"
@@ -382,13 +414,14 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec
     bar = tqdm(total=len(units), desc="teacher pass (units)", leave=False, disable=None)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tedcache-write") as background:
         pending = None
-        for split, unit, part in stored_units(splits, bounds, meta.seed, units):
+        for split, unit, order, part in stored_units(splits, bounds, meta.seed, units):
             train = split == "train"
             states = {key: UnitStates(meta.precision, writer.channel_scales.get(key), device)
                       for key in writer.state_keys} if train else None
             generator = _unit_generator(meta.seed, unit, device) if train and sampled else None
+            store = stored[split].store.take(stored[split], order) if split in stored else None
             outputs, rows = _run_unit(teacher, bank, layers, part, meta.pad_token_id, batch_size, logit_spec,
-                                      states, generator, per_token)
+                                      states, generator, per_token, store)
             if pending is not None:
                 pending.result()  # at most one unit in flight: memory stays bounded
             if states and writer.needs_channel_scales():

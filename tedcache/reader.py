@@ -41,6 +41,8 @@ class Window:
 class ExamplesSource:
     """Tokenized examples held in memory (no teacher targets)."""
 
+    states_key = "teacher_states"  # the batch key of a window's states (see collate)
+
     def __init__(self, examples: Examples):
         self.examples = examples
         self.starts, self.lengths = examples.offsets[:-1], np.diff(examples.offsets)
@@ -65,6 +67,8 @@ class CacheSource:
     causal-lm, the sparse per-token teacher distributions. With read_targets=False (online mode) the
     states and rows are not read, but the windows are planned as if they were (see `_visit`), so the
     examples come in the same order as from a source that reads them."""
+
+    states_key = "teacher_states"
 
     def __init__(self, split: Split, layers: list[int] | None = None, with_logits: bool = False,
                  read_targets: bool = True):
@@ -243,7 +247,8 @@ def _part(items: list, rank: int, size: int) -> list:
 
 def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
     """Pad examples to the batch's longest. Keys: input_ids, attention_mask, [token_type_ids], [labels],
-    example_index, [teacher_logits], [teacher_states: one CompactStates (B, L, d) per layer],
+    example_index, [teacher_logits], [teacher_states (or the source's states_key): one CompactStates
+    (B, L, d) per layer],
     [teacher_rows: causal-lm sparse rows {ids, logprobs[, counts]} (B, L, S), padding has id -1];
     [teacher_hidden: --logits hidden, one CompactStates (B, L, d) of final hidden states];
     token classification: labels and teacher_logits per token; question answering: teacher_logits per
@@ -295,7 +300,7 @@ def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
         if source.final:
             batch["teacher_hidden"] = states.pop()
         if states:
-            batch["teacher_states"] = states
+            batch[source.states_key] = states
     if rows is not None:
         batch["teacher_rows"] = {name: torch.from_numpy(v) for name, v in rows.items()}
     if items[0][0].token_arrays:  # token classification and question answering

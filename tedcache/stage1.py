@@ -12,16 +12,18 @@ from .filters import FilterBank, LMHead, SequenceHead, TokenHead
 from .loop import Validation, fit
 from .losses import labelled, labels_or_teacher, lm_loss, task_loss
 from .reader import iterate_batches, num_batches, to_device
-from .taps import forward_with_taps, is_decoder_only, model_parts
+from .state_store import frozen_forward
+from .taps import is_decoder_only, model_parts
 
 
 def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, cfg: OptimConfig, pad_id: int,
                   seed: int, desc: str = "stage I", lm_head: str = "tied", eval_source=None,
                   processes: Processes = ALONE) -> dict:
     """Train `bank` in place; only filter and head weights change. The loss is the mean over filters of
-    each head's task loss (causal-lm: next-token loss through an `lm_head` head, see LMHead). The frozen
-    backbone stays in train mode (dropout on), as in the reference, and runs without autograd since
-    nothing in it is trained. With `eval_source`, the filters are scored after every epoch, training
+    each head's task loss (causal-lm: next-token loss through an `lm_head` head, see LMHead). Sources
+    made by `state_store.stored_source` bring the frozen backbone's states with every batch; otherwise
+    the backbone runs at every step in train mode (dropout on), as in the reference, without autograd
+    since nothing in it is trained. With `eval_source`, the filters are scored after every epoch, training
     stops once their mean validation loss has not improved for `cfg.patience` epochs, and the best
     filters are kept. `cfg.epochs` 0 leaves them untrained (the ablation).
 
@@ -48,8 +50,7 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
     model.requires_grad_(False)
 
     def loss_fn(batch):
-        with torch.no_grad():
-            logits, hidden = forward_with_taps(model, batch, bank.spec.layers)
+        logits, hidden = frozen_forward(model, batch, bank.spec.layers)
         if task != "causal-lm":  # unlabelled examples: the teacher's prediction (the cache's, or this model's own)
             batch = {**batch, "labels": labels_or_teacher(batch["labels"], batch.get("teacher_logits", logits), task)}
         share = (batch.get("share") or {}).get("pairs" if task == "causal-lm" else "examples", 1.0)  # loop.batch_shares
@@ -111,7 +112,7 @@ def filter_metrics(model, bank: FilterBank, heads, source, task: str, pad_id: in
     total = 0.0
     for batch in iterate_batches(source, batch_size, pad_id):
         batch = to_device(batch, device)
-        _, hidden = forward_with_taps(model, batch, layers)
+        _, hidden = frozen_forward(model, batch, layers)
         mask = batch["attention_mask"]
         weight = float(mask[:, 1:].sum()) if task == "causal-lm" else float(labelled(batch["labels"], task).sum())
         if weight == 0:

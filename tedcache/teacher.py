@@ -11,7 +11,8 @@ from .cache.logits import LogitSpec, sparsify
 from .errors import TedcacheError
 from .filters import FilterBank
 from .models import load_for_task, weights_hash
-from .taps import forward_with_taps, num_layers
+from .state_store import frozen_forward
+from .taps import num_layers
 
 
 @torch.no_grad()
@@ -20,9 +21,10 @@ def teacher_targets(teacher, bank: FilterBank | None, batch: dict, layers: list[
     """What the cache stores for a batch: teacher logits (B, C; causal-lm (B, L, V)) and per tapped layer
     the filtered state (B, L, d_f), or the raw hidden state (B, L, d) when `bank` is None (then `layers`
     says which); with `final` (--logits hidden), one more state last: the final normed hidden state the
-    output layer reads (B, L, d). Teacher and filters must be in eval mode."""
+    output layer reads (B, L, d). Teacher and filters must be in eval mode. A batch that carries the
+    teacher's stored states and outputs (state_store.StoredSource) is not run again."""
     tapped = bank.spec.layers if bank is not None else list(layers or [])
-    logits, hidden = forward_with_taps(teacher, batch, tapped + ([num_layers(teacher) - 1] if final else []))
+    logits, hidden = frozen_forward(teacher, batch, tapped + ([num_layers(teacher) - 1] if final else []))
     last = [hidden.pop()] if final else []
     states = bank(hidden) if bank is not None else hidden
     return logits.float(), [s.float() for s in [*states, *last]]

@@ -95,7 +95,7 @@ def bare_forward_seconds(cfg: ExtractConfig, cache: str) -> float:
     units = [(split, unit) for split in splits for unit in range(len(bounds[split]) - 1)]
     _sync(device)
     started = time.perf_counter()
-    for _, _, part in stored_units(splits, bounds, meta.seed, units):
+    for _, _, _, part in stored_units(splits, bounds, meta.seed, units):
         for batch in iterate_batches(ExamplesSource(part), cfg.batch_size, meta.pad_token_id):
             model(**model_inputs(to_device(batch, device)))
     _sync(device)
