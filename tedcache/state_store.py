@@ -16,7 +16,6 @@ from .cache.layout import TOKEN_LOGITS
 from .reader import iterate_batches, to_device
 from .taps import forward_with_taps, hidden_size
 
-IN_MEMORY_BYTES = 2 * 2**30  # a larger store is spooled to a file in the temporary folder (TMPDIR)
 STORED_KEY = "frozen_states"  # the batch key StoredSource's states arrive under
 
 
@@ -61,9 +60,9 @@ def store_states(model, source, layers: list[int], task: str, batches) -> StateS
     """Run `model` once over `batches` (see stored_source) in eval mode (dropout off) and keep what
     `layers` output for every real token. An example's values are those of the batch it came in, bit for
     bit, so a store filled with the batches of extraction's cache pass gives that pass exactly what the
-    teacher would. The states go to memory, or, past IN_MEMORY_BYTES, to a file in the temporary folder
-    that is unlinked at once (its pages stay readable while the store lives; nothing is left behind,
-    even by a killed process)."""
+    teacher would. The states are spooled to a file in the temporary folder (TMPDIR), unlinked at once:
+    its pages stay mapped while the store lives, the kernel keeps them in memory while it can and drops
+    them under pressure, and nothing is left behind, even by a killed process."""
     model.eval()
     device = next(model.parameters()).device
     tokens = int(max(source.starts + source.lengths)) if len(source) else 0
@@ -91,9 +90,7 @@ def store_states(model, source, layers: list[int], task: str, batches) -> StateS
 
 
 def _array(shape: tuple[int, int]) -> np.ndarray:
-    """A float32 array in memory, or spooled to an unlinked file when it would pass IN_MEMORY_BYTES."""
-    if shape[0] * shape[1] * 4 <= IN_MEMORY_BYTES:
-        return np.zeros(shape, np.float32)
+    """A float32 array memory-mapped from an unlinked temporary file."""
     handle, path = tempfile.mkstemp(prefix="tedcache-stage1-", suffix=".npy")
     os.close(handle)
     try:

@@ -58,6 +58,7 @@ def test_bench_runs_every_mode_side_by_side(tmp_path, monkeypatch):
                intermediate_size=128).save_pretrained(shapes)
     monkeypatch.setenv("TEDCACHE_BENCH_MINILM", str(shapes))
     [row] = run_bench(str(tmp_path / "bench"), ("minilm",), steps=5, batch_size=8, examples=64)
-    assert row["device"] == "cpu" and row["extract_over_forward"] > 0
+    assert row["device"] == "cpu" and row["extract_over_forward"] > 0 and row["stage1_s"] > 0
+    assert row["whole_extract_in_forwards"] > 1 / row["extract_over_forward"]  # Stage I and loading cost too
     for mode in ("student_only", "offline", "online"):
         assert row[f"{mode}_step_s"] > 0 and row[f"peak_mem_{'student' if mode == 'student_only' else mode}_mb"] > 0
