@@ -225,7 +225,7 @@ def _train_teacher_filters(teacher, spec: FilterSpec, splits: dict[str, Examples
                            cfg: ExtractConfig, log, procs) -> tuple[FilterBank, dict, dict[str, StoredSource]]:
     """The trained filters, how well each learned (on the eval split when there is one), and the splits
     whose stored states and outputs the cache pass can use instead of the teacher (--stage1-states stored:
-    the splits Stage I read whole; none for causal LMs, whose logits are not stored). With many
+    the splits Stage I read whole; for a causal LM, only when its last layer is tapped). With many
     processes, trained under DDP by all of them."""
     torch.manual_seed(cfg.seed)
     bank = FilterBank(spec).to(next(teacher.parameters()).device)
@@ -249,7 +249,8 @@ def _train_teacher_filters(teacher, spec: FilterSpec, splits: dict[str, Examples
                            lm_head=cfg.filters.lm_head, eval_source=evaluation, processes=procs)
     teacher.eval()
     log(describe_filters(result["filters"]))
-    reusable = metadata.task != "causal-lm"
+    # a causal LM's logits are its output layer on the last layer's state: stored when that layer is tapped
+    reusable = metadata.task != "causal-lm" or spec.layers[-1] == num_layers(teacher) - 1
     return bank, result["filters"], {split: s for split, s in stored.items() if reusable and len(s) == len(splits[split])}
 
 

@@ -11,8 +11,8 @@ from .cache.logits import LogitSpec, sparsify
 from .errors import TedcacheError
 from .filters import FilterBank
 from .models import load_for_task, weights_hash
-from .state_store import frozen_forward
-from .taps import num_layers
+from .state_store import STORED_KEY, frozen_forward
+from .taps import model_parts, num_layers
 
 
 @torch.no_grad()
@@ -21,11 +21,21 @@ def teacher_targets(teacher, bank: FilterBank | None, batch: dict, layers: list[
     """What the cache stores for a batch: teacher logits (B, C; causal-lm (B, L, V)) and per tapped layer
     the filtered state (B, L, d_f), or the raw hidden state (B, L, d) when `bank` is None (then `layers`
     says which); with `final` (--logits hidden), one more state last: the final normed hidden state the
-    output layer reads (B, L, d). Teacher and filters must be in eval mode. A batch that carries the
-    teacher's stored states and outputs (state_store.StoredSource) is not run again."""
+    output layer reads (B, L, d). Teacher and filters must be in eval mode.
+
+    A batch that carries the teacher's stored states (state_store.StoredSource, from Stage I) is not run
+    again: its states are those of the filters' layers, and for a causal LM, whose logits are not
+    stored, they end at the last layer, whose state is the one the output layer reads (see
+    extraction._train_teacher_filters); `layers` is then those layers, or none."""
     tapped = bank.spec.layers if bank is not None else list(layers or [])
-    logits, hidden = frozen_forward(teacher, batch, tapped + ([num_layers(teacher) - 1] if final else []))
-    last = [hidden.pop()] if final else []
+    if STORED_KEY in batch:
+        logits, stored = frozen_forward(teacher, batch, tapped)
+        if logits is None:
+            logits = model_parts(teacher).head(stored[-1])
+        hidden, last = stored[:len(tapped)], [stored[-1]] if final else []
+    else:
+        logits, hidden = frozen_forward(teacher, batch, tapped + ([num_layers(teacher) - 1] if final else []))
+        last = [hidden.pop()] if final else []
     states = bank(hidden) if bank is not None else hidden
     return logits.float(), [s.float() for s in [*states, *last]]
 

@@ -127,3 +127,34 @@ def test_the_spool_is_memory_mapped_and_leaves_no_file(assets, tmp_path, monkeyp
         out = model(input_ids=first, output_hidden_states=True)
     np.testing.assert_allclose(store.states[0][:examples.offsets[1]], out.hidden_states[2][0].numpy(), atol=1e-5)
     np.testing.assert_allclose(store.example_outputs[0], out.logits[0].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["classification", "causal-lm"])
+def test_the_cache_pass_reads_from_the_store_what_the_teacher_computes(assets, tmp_path, task):
+    """Every unit of a stored-state extraction forgotten and recomputed by the teacher (as a resume after a
+    kill does) gives the cache back bit for bit: the store was filled with the teacher pass's own batches.
+    For a causal LM the logits are its output layer on the stored last layer (tapped here)."""
+    from test_causal_lm import documents, make_lm, write_text
+    from test_distributed import assert_same_cache
+
+    from tedcache.cache import Problem, repair
+    from tedcache.config import FilterConfig
+
+    if task == "causal-lm":
+        teacher = make_lm(tmp_path / "lm", "llama", layers=2)
+        data = DataConfig(train=[str(write_text(tmp_path / "train.txt", documents(200, 0)))],
+                          eval=[str(write_text(tmp_path / "eval.txt", documents(30, 1)))], task=task, block_size=16)
+        extra = dict(filters=FilterConfig(layers="0,1"), logits="sample:8")
+    else:
+        teacher, extra = assets["teacher"], {}
+        data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], max_length=24)
+    cfg = ExtractConfig(teacher=str(teacher), data=data, cache_dir=str(tmp_path / "caches"), batch_size=8,
+                        stage1=OptimConfig(epochs=1, batch_size=16), shard_tokens=128, **extra)
+    messages = []
+    path = extract(cfg)
+    built_once = shutil.copytree(path, tmp_path / "built-once")
+    units = Cache(path).metadata.units
+    assert repair(path, [Problem("forgotten", (split, u)) for split, count in units.items() for u in range(count)]) > 4
+    assert extract(cfg, log=messages.append) == path
+    assert messages and not any("stage I" in m for m in messages)  # no Stage I, no store: the teacher ran
+    assert_same_cache(str(built_once), path)
