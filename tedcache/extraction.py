@@ -6,6 +6,7 @@ filters, the token arrays and every finished unit are kept, and only the missing
 
 from __future__ import annotations
 
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -244,6 +245,8 @@ def _train_teacher_filters(teacher, spec: FilterSpec, splits: dict[str, Examples
                                        else in_order(s, cfg.batch_size, metadata.pad_token_id))
                   for split, s in (("train", source), ("eval", evaluation)) if s is not None}
         source, evaluation = stored["train"], stored.get("eval")
+        log(f"stage I reads the teacher's states stored once ({sum(s.store.nbytes for s in stored.values()) / 2**20:.0f}"
+            f" MiB in {tempfile.gettempdir()}, --stage1-states stored)")
     result = train_filters(teacher, bank, source, metadata.task, metadata.num_outputs or 1,
                            cfg.stage1, metadata.pad_token_id, cfg.seed, desc="stage I (teacher filters)",
                            lm_head=cfg.filters.lm_head, eval_source=evaluation, processes=procs)

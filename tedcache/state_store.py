@@ -37,7 +37,7 @@ class StateStore:
 
     def take(self, source, order: np.ndarray) -> "StateStore":
         """The store of the examples `order` of `source` (this store's source), in that order."""
-        tokens = np.concatenate([np.arange(source.starts[i], source.starts[i] + source.lengths[i]) for i in order])
+        tokens = _token_positions(source, order)
         return StateStore(self.layers, [s[tokens] for s in self.states],
                           None if self.example_outputs is None else self.example_outputs[order],
                           None if self.token_outputs is None else self.token_outputs[tokens])
@@ -70,7 +70,7 @@ def store_states(model, source, layers: list[int], task: str, batches) -> StateS
     example_outputs = token_outputs = None
     per_token = task in ("token-classification", "question-answering")
     for index, batch in batches:
-        positions = np.concatenate([np.arange(source.starts[i], source.starts[i] + source.lengths[i]) for i in index])
+        positions = _token_positions(source, index)
         real = batch["attention_mask"].flatten().nonzero().squeeze(1)
         logits, hidden = forward_with_taps(model, to_device(batch, device), layers)
         for array, state in zip(states, hidden):
@@ -87,6 +87,11 @@ def store_states(model, source, layers: list[int], task: str, batches) -> StateS
                 example_outputs = np.zeros((len(source), logits.shape[-1]), np.float32)
             example_outputs[index] = logits.numpy()
     return StateStore(list(layers), states, example_outputs, token_outputs)
+
+
+def _token_positions(source, examples: np.ndarray) -> np.ndarray:
+    """The token positions of `examples` in `source`, example after example."""
+    return np.concatenate([np.arange(source.starts[i], source.starts[i] + source.lengths[i]) for i in examples])
 
 
 def _array(shape: tuple[int, int]) -> np.ndarray:
