@@ -18,6 +18,7 @@ from tedcache.config import (
     DistillConfig,
     ExtractConfig,
     FinetuneConfig,
+    StudentConfig,
     TuneConfig,
 )
 from tedcache.demos import demo_lm
@@ -30,8 +31,7 @@ from tedcache.experiments.report import build_report
 from tedcache.experiments.tune import tune
 from tedcache.extraction import extract
 from tedcache.finetuning import finetune
-from tedcache.models import init_student
-from tedcache.taps import parse_layers
+from tedcache.students import init_student
 
 from .options import config_command
 
@@ -71,6 +71,13 @@ def tune_command(cfg: TuneConfig) -> None:
     tune(cfg)
 
 
+def init_student_command(cfg: StudentConfig) -> None:
+    """Make a student from a model and save it; prints its folder. --init copy keeps some of its layers,
+    random builds a new model of its kind at another shape, prune keeps its most active heads, neurons and
+    channels (see docs/choosing-methods.md for which to use)."""
+    click.echo(init_student(cfg))
+
+
 def finetune_command(cfg: FinetuneConfig) -> None:
     """Ordinary fine-tuning (to make a teacher, or a baseline)."""
     finetune(cfg)
@@ -83,17 +90,6 @@ def finetune_command(cfg: FinetuneConfig) -> None:
 def report(runs, out):
     """An HTML report with plots from run folders (distill, finetune or compare outputs). Prints the page's path."""
     click.echo(build_report(list(runs), out))
-
-
-@app.command("init-student")
-@click.option("--from", "source", required=True, help="Model to copy layers from.")
-@click.option("--layers", required=True, multiple=True,
-              help="0-based layers to keep: comma-separated (0,5) or the flag repeated (--layers 0 --layers 5).")
-@click.option("--out", required=True)
-@click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the model (custom architectures).")
-def init_student_command(source, layers, out, trust_remote_code):
-    """A shallower copy of a model keeping the given layers (DistilBERT-style initialisation)."""
-    click.echo(init_student(source, parse_layers(",".join(layers), 10**6), out, trust_remote_code))
 
 
 @app.command("verify")
@@ -194,6 +190,8 @@ config_command(app, "distill", DistillConfig)(distill_command)
 config_command(app, "compare", CompareConfig, exclude=("base.method", "base.seed", "base.resume"))(compare_command)
 config_command(app, "tune", TuneConfig, exclude=("base.method", "base.resume"))(tune_command)
 config_command(app, "finetune", FinetuneConfig)(finetune_command)
+config_command(app, "init-student", StudentConfig,
+               exclude=("data.transfer", "data.eval", "data.test", "data.limit"))(init_student_command)
 
 
 def _quiet_libraries() -> None:

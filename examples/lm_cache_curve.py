@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tedcache import distill, extract
 from tedcache.cache import inspect_cache
-from tedcache.config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig
+from tedcache.config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig, StudentConfig
 from tedcache.demos.demo_lm import (
     KL_ALPHA,
     MSE_ALPHA,
@@ -32,7 +32,7 @@ from tedcache.demos.demo_lm import (
     smollm2,
     snippet_texts,
 )
-from tedcache.models import init_student
+from tedcache.students import init_student
 
 SEED = 42
 # (method, precision, teacher layers, filter width (None: 576), --logits, student layers)
@@ -84,7 +84,7 @@ def main() -> None:
     files = snippet_texts(work / "data", QUICK_LM_DEMO)
     student = work / "student-init"
     if not (student / "config.json").exists():
-        init_student(teacher, STUDENT_LAYERS, str(student))
+        init_student(StudentConfig(source=teacher, layers=STUDENT_LAYERS, out=str(student)))
     data = DataConfig(train=[files["train"]], eval=[files["validation"]], test=[files["test"]], task="causal-lm",
                       block_size=QUICK_LM_DEMO.block_size, limit=QUICK_LM_DEMO.train_blocks)
     results = []

@@ -16,8 +16,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig, bench, distill, extract
 from tedcache.cache import Cache
+from tedcache.config import StudentConfig
 from tedcache.demos.demo_lm import STUDENT_LAYERS
-from tedcache.models import init_student
+from tedcache.students import init_student
 
 
 def record(out: Path, row: dict) -> None:
@@ -33,7 +34,7 @@ def main(work: Path, source: str, train: str, evaluation: str, blocks: int, step
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).save_pretrained(teacher)
         AutoTokenizer.from_pretrained(source).save_pretrained(teacher)
     if not (student / "config.json").exists():
-        init_student(str(teacher), STUDENT_LAYERS, str(student))
+        init_student(StudentConfig(source=str(teacher), layers=STUDENT_LAYERS, out=str(student)))
     data = DataConfig(train=[train], eval=[evaluation], task="causal-lm", block_size=128, limit=blocks or None)
     cfg = ExtractConfig(teacher=str(teacher), data=data, filters=FilterConfig(layers="every:10"),
                         stage1=OptimConfig(epochs=0.25, lr=1e-3, batch_size=8), batch_size=64,

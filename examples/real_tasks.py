@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
-from tedcache.config import FilterConfig, FinetuneConfig
+from tedcache.config import FilterConfig, FinetuneConfig, StudentConfig
 from tedcache.demos.demo import minilm_path
 from tedcache.errors import TedcacheError
 from tedcache.finetuning import finetune
-from tedcache.models import init_student
+from tedcache.students import init_student
 
 
 def package_file(package: str, version: str, relative: str) -> Path:
@@ -125,7 +125,7 @@ def run(task: str, workdir: Path, seed: int = 1, limit: int | None = None, teach
                                                   warmup_ratio=0.1)))
     student = workdir / "student-init"
     if not (student / "config.json").exists():
-        init_student(str(teacher), [0, 5], str(student))
+        init_student(StudentConfig(source=str(teacher), layers=[0, 5], out=str(student)))
     stage1 = OptimConfig(epochs=2, lr=1e-3, batch_size=16, patience=1)
     cache = extract(ExtractConfig(teacher=str(teacher), data=data, filters=FilterConfig(layers="2,5"), stage1=stage1,
                                   seed=seed, cache_dir=str(workdir / "caches")))

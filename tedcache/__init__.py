@@ -1,7 +1,7 @@
 """tedcache: task-aware layer-wise distillation (TED) through an offline teacher feature cache.
 
 Python API: `extract(ExtractConfig)`, `distill(DistillConfig)`, `finetune(FinetuneConfig)`,
-`compare(CompareConfig)`, `tune(TuneConfig)`, `init_student(source, layers, out)`; the `tedcache` CLI only builds these
+`compare(CompareConfig)`, `tune(TuneConfig)`, `init_student(StudentConfig)`; the `tedcache` CLI only builds these
 configs from flags and config files."""
 
 from importlib.metadata import PackageNotFoundError, version
@@ -14,6 +14,7 @@ from .config import (
     FilterConfig,
     FinetuneConfig,
     OptimConfig,
+    StudentConfig,
     TuneConfig,
 )
 from .distillation import distill
@@ -22,7 +23,7 @@ from .experiments.compare import compare
 from .experiments.tune import tune
 from .extraction import extract
 from .finetuning import finetune
-from .models import init_student
+from .students import init_student
 
 try:
     __version__ = version("tedcache")
@@ -30,5 +31,5 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = ["CompareConfig", "DataConfig", "DistillConfig", "ExtractConfig", "FilterConfig", "FinetuneConfig",
-           "OptimConfig", "TedcacheError", "TuneConfig", "compare", "distill", "extract", "finetune", "init_student",
-           "tune", "__version__"]
+           "OptimConfig", "StudentConfig", "TedcacheError", "TuneConfig", "compare", "distill", "extract", "finetune",
+           "init_student", "tune", "__version__"]

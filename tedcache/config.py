@@ -151,8 +151,10 @@ class DistillConfig:
                                  factory=lambda: OptimConfig(epochs=3.0, lr=2.5e-4, warmup_ratio=0.1), prefix="")
     student_layers: str = setting("all", "Student layers that get filters (ted, lwd): all, every:K or 0,1.")
     layer_map: str = setting("interval", "Which teacher layer each student layer matches (ted, lwd): interval (TED's "
-                                         "rule over the cached layers), copy (for init-student copies: the layer "
-                                         "the next copied layer reads; the last with the teacher's last) or pairs "
+                                         "rule over the cached layers); for init-student's copied or pruned "
+                                         "students provenance (the layer each student layer carries) or copy (the "
+                                         "layer the next carried layer reads; the last with the teacher's last); "
+                                         "last:K (the student's last K layers with the teacher's last K); or pairs "
                                          "like 0:2,1:5. See docs/choosing-methods.md.")
     finetune_first: float = setting(0.0, "ted: epochs of plain fine-tuning before Stage I (the reference's practice).")
     stage1: OptimConfig = setting(help="Stage I (student filters) optimiser; every process runs it whole, stopping "
@@ -198,6 +200,39 @@ class FinetuneConfig:
     seed: int = setting(42, "Seed of the new head, the order and dropout.")
     optim: OptimConfig = setting(help="Optimiser.", factory=lambda: OptimConfig(lr=1e-4, warmup_ratio=0.1),
                                  prefix="")
+    trust_remote_code: bool = setting(False, "Run code shipped with the model folder or hub repository (custom "
+                                             "architectures). Off by default: such code runs with your rights.")
+
+
+STUDENT_INITS = ("copy", "random", "prune")
+STUDENT_EMBEDDINGS = ("teacher", "random")
+
+
+@dataclass
+class StudentConfig:
+    """`tedcache init-student`: a student made from a model (usually the teacher), saved as a model folder
+    whose config records how it was made."""
+
+    source: str = setting(help="The model the student is made from: an HF model folder or hub name.", flag="--from")
+    out: str = setting(help="Folder the student is saved to.")
+    init: str = setting("copy", "copy: the source's --layers, weights and all (DistilBERT-style); random: a "
+                                "randomly initialised model of the source's kind and vocabulary, shaped by --depth, "
+                                "--width, --heads and --ffn; prune: the source's --layers narrowed to --width, "
+                                "--heads and --ffn, keeping the attention heads, FFN neurons and hidden channels "
+                                "most active on a sample of --data (Minitron). See docs/choosing-methods.md.",
+                         choices=STUDENT_INITS)
+    layers: list[int] | None = setting(None, "copy, prune: the source's 0-based layers to keep (prune default: all).")
+    depth: int | None = setting(None, "random: the number of layers (default: the source's).")
+    width: int | None = setting(None, "random, prune: the hidden size (default: the source's).")
+    heads: int | None = setting(None, "random, prune: attention heads (default: --width / the source's head size).")
+    ffn: int | None = setting(None, "random, prune: the FFN width (default: --width x the source's FFN/hidden ratio).")
+    embeddings: str = setting("teacher", "random: teacher (the source's token and position embeddings, projected "
+                                         "onto their top principal directions when --width is smaller) or random.",
+                              choices=STUDENT_EMBEDDINGS)
+    data: DataConfig = setting(help="prune: the training data whose activations rank what to keep.",
+                               factory=lambda: DataConfig(train=[]), prefix="")
+    calibration_examples: int = setting(256, "prune: examples drawn from --data (with --seed) to rank on.")
+    seed: int = setting(0, "random: the initialisation's seed; prune: the calibration sample's.")
     trust_remote_code: bool = setting(False, "Run code shipped with the model folder or hub repository (custom "
                                              "architectures). Off by default: such code runs with your rights.")
 

@@ -1,4 +1,4 @@
-"""Loading HF models and tokenizers, their identity hashes, and making shallower students."""
+"""Loading HF models and tokenizers, and their identity hashes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
-    AutoModel,
     AutoModelForCausalLM,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
@@ -19,10 +17,10 @@ from transformers import (
 )
 
 from .errors import TedcacheError
-from .taps import is_causal_lm_class, model_parts, num_layers, parse_layers
+from .taps import model_parts
 
 
-def _check_source(name: str, what: str) -> None:
+def check_source(name: str, what: str) -> None:
     path = Path(name)
     looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
     if looks_local and not path.is_dir():
@@ -30,7 +28,7 @@ def _check_source(name: str, what: str) -> None:
 
 
 def load_tokenizer(name: str, what: str = "model", trust_remote_code: bool = False):
-    _check_source(name, what)
+    check_source(name, what)
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as exc:
@@ -47,7 +45,7 @@ def load_classifier(name: str, what: str = "model", task: str | None = None,
     """An AutoModelForSequenceClassification (token-classification: AutoModelForTokenClassification,
     question-answering: AutoModelForQuestionAnswering); with label_names/task given, its head is sized
     to them."""
-    _check_source(name, what)
+    check_source(name, what)
     kwargs = {}
     if task == "regression":
         kwargs = {"num_labels": 1, "problem_type": "regression"}
@@ -64,7 +62,7 @@ def load_classifier(name: str, what: str = "model", task: str | None = None,
 
 def load_causal_lm(name: str, what: str = "model", trust_remote_code: bool = False):
     """An AutoModelForCausalLM (GPT-2, Llama, SmolLM, ...)."""
-    _check_source(name, what)
+    check_source(name, what)
     return _from_pretrained(AutoModelForCausalLM, name, what, "a causal language model",
                             trust_remote_code=trust_remote_code)
 
@@ -131,50 +129,3 @@ def tokenizer_hash(tokenizer) -> str:
                "special": sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items()),
                "truncation_side": getattr(tokenizer, "truncation_side", None)}
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
-
-
-COPIED_FROM = "tedcache_copied_from"  # config.json key: the teacher layer each student layer copies
-
-
-def copied_from(model) -> list[int] | None:
-    """Which source layer each layer of a student made by init_student copies (None for other models)."""
-    return getattr(model.config, COPIED_FROM, None)
-
-
-def init_student(source: str, layers: list[int], out: str, trust_remote_code: bool = False) -> Path:
-    """A shallower copy of `source` keeping the given 0-based layers (DistilBERT-style), saved to `out`;
-    its config records the kept layers (see copied_from: distill's copy layer map reads them)."""
-    _check_source(source, "source model")
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    architectures = config.architectures or []
-    auto = AutoModel
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
-        auto = AutoModelForSequenceClassification
-    elif any(a.endswith("ForTokenClassification") for a in architectures):
-        auto = AutoModelForTokenClassification
-    elif any(a.endswith("ForQuestionAnswering") for a in architectures):
-        auto = AutoModelForQuestionAnswering
-    elif any(is_causal_lm_class(a) for a in architectures):
-        auto = AutoModelForCausalLM
-    model = auto.from_pretrained(source, trust_remote_code=trust_remote_code)
-    keep = parse_layers(",".join(map(str, layers)), num_layers(model))
-    stack = model_parts(model).layers
-    kept = [stack[i] for i in keep]
-    for new_index, layer in enumerate(kept):
-        for module in layer.modules():  # decoders index their KV cache by layer_idx
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_index
-    stack._modules.clear()
-    for i, layer in enumerate(kept):
-        stack.add_module(str(i), layer)
-    total = model.config.num_hidden_layers
-    for name, value in vars(model.config).items():  # per-layer lists (layer_types, ...) keep the kept entries
-        if isinstance(value, list) and len(value) == total > 1 and name != "architectures":
-            setattr(model.config, name, [value[i] for i in keep])
-    model.config.num_hidden_layers = len(kept)
-    setattr(model.config, COPIED_FROM, keep)
-    out_path = Path(out)
-    out_path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_path)
-    load_tokenizer(source, "source model", trust_remote_code).save_pretrained(out_path)
-    return out_path

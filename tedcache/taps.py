@@ -144,7 +144,7 @@ def _find_parts(model) -> ModelParts:
     width = hidden_size(model)
     inside_base = set(model.base_model.modules())
     after_last = [m for m in finished[order[layers[-1]] + 1:] if m in inside_base]
-    norms = [m for m in after_last if _holds_only_vectors(m, width)]
+    norms = [m for m in after_last if holds_only_vectors(m, width)]
     head = None
     if getattr(out, "logits", None) is not None or getattr(out, "start_logits", None) is not None:
         classes = output_logits(out).shape[-1]
@@ -156,7 +156,7 @@ def _find_parts(model) -> ModelParts:
     return ModelParts(layers=layers, final_norm=norms[0] if norms else None, head=head)
 
 
-def _holds_only_vectors(module, width: int) -> bool:
+def holds_only_vectors(module, width: int) -> bool:
     """A LayerNorm or RMSNorm by its parameters: a leaf holding one or two vectors of the hidden size."""
     if next(module.children(), None) is not None:
         return False

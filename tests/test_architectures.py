@@ -15,8 +15,8 @@ from test_question_answering import write_questions
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
 from tedcache.cache import load_metadata
-from tedcache.config import FilterConfig
-from tedcache.models import init_student
+from tedcache.config import FilterConfig, StudentConfig
+from tedcache.students import init_student
 from tedcache.taps import final_norm, is_decoder_only
 
 SIZE = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
@@ -55,7 +55,7 @@ def _teacher(family: str, folder, auto, tokenizer, **extra):
 def _pipeline(teacher: str, data: DataConfig, tmp_path) -> dict:
     cache = extract(ExtractConfig(teacher=teacher, data=data, filters=FilterConfig(layers="all"), stage1=QUICK,
                                   cache_dir=str(tmp_path / "caches"), logits="full"))
-    student = init_student(teacher, [0, 3], str(tmp_path / "student"))
+    student = init_student(StudentConfig(source=teacher, layers=[0, 3], out=str(tmp_path / "student")))
     assert json.loads((student / "config.json").read_text())["tedcache_copied_from"] == [0, 3]
     return distill(DistillConfig(cache=cache, student=str(student), out=str(tmp_path / "ted"), method="ted",
                                  optim=QUICK, stage1=QUICK, layer_map="copy", max_steps=3))

@@ -18,7 +18,7 @@ from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, dist
 from tedcache.cache import Cache, inspect_cache, verify
 from tedcache.cache.layout import FINAL, HEAD_FILE
 from tedcache.cache.logits import check_rebuilt, head_logits, parse_logit_spec, sparsify
-from tedcache.config import FilterConfig
+from tedcache.config import FilterConfig, StudentConfig
 from tedcache.data import load_blocks
 from tedcache.distillation import kd_form, stage2_step
 from tedcache.distributed import pick_device
@@ -26,9 +26,10 @@ from tedcache.errors import TedcacheError
 from tedcache.extraction import _unit_generator
 from tedcache.filters import FilterBank, FilterSpec
 from tedcache.losses import Stage2Loss, hidden_kd_loss, kd_loss
-from tedcache.models import init_student, load_causal_lm, load_tokenizer
+from tedcache.models import load_causal_lm, load_tokenizer
 from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
 from tedcache.stage1 import train_filters
+from tedcache.students import init_student
 from tedcache.taps import final_norm, forward_with_taps
 from tedcache.teacher import LiveTargets
 
@@ -85,7 +86,8 @@ def lm_assets(tmp_path_factory) -> dict:
               "test": write_text(root / "test.txt", documents(30, 2))}
     for family in ("gpt2", "llama"):
         assets[family] = make_lm(root / family, family)
-        assets[f"{family}_student"] = init_student(str(assets[family]), [0, 3], str(root / f"{family}-student"))
+        made = StudentConfig(source=str(assets[family]), layers=[0, 3], out=str(root / f"{family}-student"))
+        assets[f"{family}_student"] = init_student(made)
     return assets
 
 

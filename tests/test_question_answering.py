@@ -13,14 +13,15 @@ from transformers import BertConfig, BertForQuestionAnswering
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
 from tedcache.cache import Cache, layout, verify
-from tedcache.config import FilterConfig, FinetuneConfig
+from tedcache.config import FilterConfig, FinetuneConfig, StudentConfig
 from tedcache.data import load_examples, load_table
 from tedcache.data.questions import NO_ANSWER
 from tedcache.experiments.stats import example_interval
 from tedcache.finetuning import finetune
-from tedcache.models import init_student, load_tokenizer
+from tedcache.models import load_tokenizer
 from tedcache.qa import answer_questions, best_span, squad_scores
 from tedcache.run_folder import PREDICTIONS_FILE
+from tedcache.students import init_student
 
 
 def question(rng: random.Random) -> dict:
@@ -61,7 +62,7 @@ def answered(tmp_path_factory) -> dict:
     finetune(FinetuneConfig(model=str(root / "base"), data=data, out=str(teacher), seed=0,
                             optim=OptimConfig(epochs=20, lr=3e-3, batch_size=16)))
     return {"root": root, "data": data, "teacher": str(teacher), "files": files,
-            "student": str(init_student(str(teacher), [0, 3], str(root / "student")))}
+            "student": str(init_student(StudentConfig(source=str(teacher), layers=[0, 3], out=str(root / "student"))))}
 
 
 def test_windows_cover_long_contexts_and_keep_answer_spans(answered):

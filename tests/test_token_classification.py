@@ -12,13 +12,14 @@ from transformers import BertConfig, BertForTokenClassification
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
 from tedcache.cache import Cache, layout
-from tedcache.config import FilterConfig, FinetuneConfig
+from tedcache.config import FilterConfig, FinetuneConfig, StudentConfig
 from tedcache.data import IGNORED, UNTAGGED, load_examples
 from tedcache.errors import TedcacheError
 from tedcache.evaluate import token_metrics
 from tedcache.experiments.stats import entity_counts, example_interval
 from tedcache.finetuning import finetune
-from tedcache.models import init_student, load_tokenizer
+from tedcache.models import load_tokenizer
+from tedcache.students import init_student
 
 TAGS = ["O", "B-POS", "I-POS", "B-NEG", "I-NEG"]
 
@@ -64,7 +65,7 @@ def tagged(tmp_path_factory) -> dict:
     finetune(FinetuneConfig(model=str(root / "base"), data=data, out=str(teacher), seed=0,
                             optim=OptimConfig(epochs=30, lr=3e-3, batch_size=16)))
     return {"root": root, "data": data, "teacher": str(teacher), "files": files,
-            "student": str(init_student(str(teacher), [0, 3], str(root / "student")))}
+            "student": str(init_student(StudentConfig(source=str(teacher), layers=[0, 3], out=str(root / "student"))))}
 
 
 def test_each_word_is_tagged_on_its_first_sub_token(tagged, tmp_path):

@@ -48,6 +48,7 @@ from tedcache.config import (
     FilterConfig,
     FinetuneConfig,
     OptimConfig,
+    StudentConfig,
     TuneConfig,
 )
 from tedcache.configfile import CONFIG_FILE, read_config_file, resolve
@@ -57,8 +58,8 @@ from tedcache.experiments.report import build_report
 from tedcache.experiments.results import methods_table, summarize
 from tedcache.experiments.tune import STUDY_FILE, apply, tune
 from tedcache.finetuning import finetune
-from tedcache.models import init_student
 from tedcache.run_folder import METRICS_FILE, PREDICTIONS_FILE, find_runs
+from tedcache.students import init_student
 
 WORK = Path(os.environ.get("TEDCACHE_EVIDENCE_DIR", Path.home() / ".cache" / "tedcache" / "evidence"))
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "evidence"  # what people read: tables and plots
@@ -204,7 +205,7 @@ def prepare(setting: Setting) -> Prepared:
     source = str(teacher) if setting.student_from == "teacher" else demo.minilm_path()
     student = WORK / setting.name / "student-init"
     if not (student / "config.json").exists():
-        init_student(source, STUDENT_LAYERS, str(student))
+        init_student(StudentConfig(source=source, layers=STUDENT_LAYERS, out=str(student)))
     return Prepared(data, labelled, str(teacher), str(student))
 
 
@@ -329,7 +330,7 @@ def run_lm() -> None:
     files = demo_lm.snippet_texts(root / "data", size)
     student = root / "student-init"
     if not (student / "config.json").exists():
-        init_student(teacher, demo_lm.STUDENT_LAYERS, str(student))
+        init_student(StudentConfig(source=teacher, layers=demo_lm.STUDENT_LAYERS, out=str(student)))
     data = DataConfig(train=[files["train"]], eval=[files["validation"]], test=[files["test"]], task="causal-lm",
                       block_size=size.block_size, limit=size.train_blocks)
     base = ExtractConfig(teacher=teacher, data=data, filters=FilterConfig(layers=demo_lm.TEACHER_FILTER_LAYERS),

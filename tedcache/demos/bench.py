@@ -25,15 +25,16 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from ..cache import Cache
-from ..config import DataConfig, ExtractConfig, FilterConfig
+from ..config import DataConfig, ExtractConfig, FilterConfig, StudentConfig
 from ..distillation import map_layers, stage2_step
 from ..distributed import pick_device
 from ..errors import note
 from ..extraction import extract, load_splits, stored_units
 from ..filters import FilterBank, FilterSpec
 from ..losses import Stage2Loss, task_loss
-from ..models import init_student, load_classifier, load_for_task, load_tokenizer
+from ..models import load_classifier, load_for_task, load_tokenizer
 from ..reader import CacheBatches, ExamplesSource, iterate_batches, prefetch, to_device
+from ..students import init_student
 from ..taps import forward_with_taps, hidden_size, model_inputs, num_layers
 from ..teacher import LiveTargets
 from .demo import DemoSize, minilm_path, rotten_tomatoes
@@ -58,7 +59,7 @@ def _pair_dirs(workdir: Path, pair: str) -> tuple[str, str]:
         else:
             BertForSequenceClassification(AutoConfig.from_pretrained(source, num_labels=2)).save_pretrained(teacher)
         tokenizer.save_pretrained(teacher)
-        init_student(str(teacher), [0, 5], str(student))
+        init_student(StudentConfig(source=str(teacher), layers=[0, 5], out=str(student)))
         return str(teacher), str(student)
     for folder, (layers, hidden, heads) in ((teacher, (12, 768, 12)), (student, (4, 384, 12))):
         config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,

@@ -22,13 +22,14 @@ from ..config import (
     FilterConfig,
     FinetuneConfig,
     OptimConfig,
+    StudentConfig,
 )
 from ..distillation import distill
 from ..errors import TedcacheError, note
 from ..experiments.tune import apply
 from ..extraction import extract
 from ..finetuning import finetune
-from ..models import init_student
+from ..students import init_student
 from .evidence import describe, study_lines, tuned_params
 
 
@@ -139,7 +140,7 @@ def prepare(workdir: str, size: DemoSize, seed: int, times: dict | None = None) 
             seed=seed, optim=OptimConfig(epochs=size.teacher_epochs, lr=1e-4, batch_size=32, warmup_ratio=0.1)))
     student_dir = work / "student-init"
     if not (student_dir / "config.json").exists():
-        timed("init student", times, init_student, str(teacher_dir), [0, 5], str(student_dir))
+        timed("init student", times, init_student, StudentConfig(source=str(teacher_dir), layers=[0, 5], out=str(student_dir)))
     return DemoSetup(work, data, str(teacher_dir), str(student_dir))
 
 

@@ -16,13 +16,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..cache import Cache
-from ..config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig
+from ..config import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig, StudentConfig
 from ..distillation import distill
 from ..errors import TedcacheError
 from ..evaluate import evaluate
 from ..extraction import extract
-from ..models import init_student, load_causal_lm
+from ..models import load_causal_lm
 from ..reader import CacheSource, iterate_batches
+from ..students import init_student
 from .demo import rotten_tomatoes_table, timed
 from .evidence import study_lines
 
@@ -96,7 +97,7 @@ def run_lm_demo(workdir: str, size: LMDemoSize = QUICK_LM_DEMO, seed: int = 42) 
     files = timed("data", times, snippet_texts, work / "data", size)
     student = work / "student-init"
     if not (student / "config.json").exists():
-        timed("init student", times, init_student, teacher, STUDENT_LAYERS, str(student))
+        timed("init student", times, init_student, StudentConfig(source=teacher, layers=STUDENT_LAYERS, out=str(student)))
     data = DataConfig(train=[files["train"]], eval=[files["validation"]], test=[files["test"]], task="causal-lm",
                       block_size=size.block_size, limit=size.train_blocks)
     cache = timed("extract", times, extract, ExtractConfig(
