@@ -19,6 +19,7 @@ back, rebuilds the teachers and caches (deterministic: a rebuilt teacher whose v
 from the ledger's stops the study) and goes on from there.
 
     python examples/evidence/evidence.py run A C B D LM  # the study (any subset, in that order)
+    python examples/evidence/evidence.py run E F G LM2   # issue 35: students not cut from the teacher, maps
     python examples/evidence/evidence.py explore A C     # exploratory: TED's term on KD's tuned configuration
     python examples/evidence/evidence.py retune B        # check: B's KD tuned again without interruption
     python examples/evidence/evidence.py save            # the outcome files so far -> examples/evidence/ledger
@@ -99,6 +100,9 @@ class Setting:
     student_from: str = "teacher"  # or "pretrained"
     shares_teacher_with: str | None = None
     notes: list[str] = field(default_factory=list)
+    student_init: dict = field(default_factory=lambda: {"layers": STUDENT_LAYERS})  # StudentConfig's construction
+    student_layers: str = "all"  # the student layers TED and LWD match (interval map over the cache's 2 layers)
+    tune_epochs: bool = False  # Stage II's epochs searched too (2-8), for students that start from nothing
 
 
 SETTINGS = {
@@ -108,6 +112,14 @@ SETTINGS = {
     "B": Setting("B", "scarce labels, plentiful text", teacher_epochs=8, student_epochs=2, finetune_epochs=10),
     "D": Setting("D", "party of a convention-speech paragraph", teacher_epochs=3, student_epochs=4,
                  finetune_epochs=4),
+    # issue 35: students not cut from the teacher (planned before any of their test numbers, docs/evidence.md)
+    "E": Setting("E", "a random 2-layer student, 384 wide", teacher_epochs=2, student_epochs=3, finetune_epochs=3,
+                 shares_teacher_with="A", student_init={"init": "random", "depth": 2}, tune_epochs=True),
+    "F": Setting("F", "a random 2-layer student, 192 wide", teacher_epochs=2, student_epochs=3, finetune_epochs=3,
+                 shares_teacher_with="A", student_init={"init": "random", "depth": 2, "width": 192}, tune_epochs=True),
+    "G": Setting("G", "a width-pruned 6-layer student, 192 wide", teacher_epochs=2, student_epochs=3,
+                 finetune_epochs=3, shares_teacher_with="A", student_init={"init": "prune", "width": 192},
+                 student_layers="every:3", tune_epochs=True),
 }
 
 
@@ -204,8 +216,8 @@ def prepare(setting: Setting) -> Prepared:
     _check_rebuild(teacher)
     source = str(teacher) if setting.student_from == "teacher" else demo.minilm_path()
     student = WORK / setting.name / "student-init"
-    if not (student / "config.json").exists():
-        init_student(StudentConfig(source=source, layers=STUDENT_LAYERS, out=str(student)))
+    if not (student / "config.json").exists():  # prune: ranked on 256 training rows (seed 0)
+        init_student(StudentConfig(source=source, out=str(student), data=labelled, **setting.student_init))
     return Prepared(data, labelled, str(teacher), str(student))
 
 
@@ -254,7 +266,7 @@ def method_base(setting: Setting, prepared: Prepared, cache: str, method: str, o
     """The settings a method's tuning starts from (trial 0), the demo's where it has them."""
     epochs = setting.finetune_epochs if method == "finetune" else setting.student_epochs
     return DistillConfig(cache=cache, student=prepared.student, out=str(out), method=method, seed=TUNE_SEEDS[0],
-                         kl_alpha=demo.KL_ALPHA, mse_alpha=demo.MSE_ALPHA,
+                         kl_alpha=demo.KL_ALPHA, mse_alpha=demo.MSE_ALPHA, student_layers=setting.student_layers,
                          optim=OptimConfig(epochs=epochs, lr=demo.STUDENT_LR, batch_size=32, warmup_ratio=0.1),
                          stage1=demo.STUDENT_STAGE1)
 
@@ -268,7 +280,7 @@ def run(setting: Setting) -> None:
         base = method_base(setting, prepared, by_method[method], method, tuned)
         raw = by_method["lwd"] if method == "lwd" else None
         tune(TuneConfig(base=base, methods=[method], trials=TUNE_TRIALS, pruner="none", raw_cache=raw,
-                        seeds=TUNE_SEEDS, search=SEARCH))
+                        seeds=TUNE_SEEDS, search=SEARCH + ["optim.epochs"] * setting.tune_epochs))
     for method in METHODS:
         path = work / "tune" / method / f"best-{method}.yaml"
         best = resolve(DistillConfig, read_config_file(str(path)), where=str(path))
@@ -344,6 +356,43 @@ def run_lm() -> None:
     compare(CompareConfig(base=runs, methods=list(METHODS), seeds=LM_SEEDS, raw_cache=raw))
 
 
+# LM2 (issue 35, planned before any of its test numbers): maps that follow the copy, Stage I until it stops
+LM2_SEEDS = list(range(1, 7))
+LM2_MAPS = {"provenance": "every:5", "last:2": "all"}  # layer map -> the student layers it reads (last:K: its own)
+LM2_TEACHER_LAYERS = "4,24,28,29"  # provenance: student 4, 9, 14 carry teacher 4, 24, 29; last:2: 28, 29
+LM2_TEACHER_STAGE1 = OptimConfig(epochs=20, lr=1e-3, batch_size=8, patience=1)  # a cap; patience stops it
+LM2_STUDENT_STAGE1 = OptimConfig(epochs=10, lr=1e-3, batch_size=8, patience=1)
+
+
+def run_lm2() -> None:
+    """SmolLM2-135M -> its 15-layer copy: LM loss only and KD, and LWD and TED on the provenance map and on
+    last:2, the LM demo's settings (untuned, as LM), on LM2_SEEDS; Stage I on stored states until its
+    validation loss stops improving."""
+    size = demo_lm.QUICK_LM_DEMO
+    root = WORK / "LM2"
+    teacher = demo_lm.smollm2(WORK / "smollm2-135m-instruct")
+    files = demo_lm.snippet_texts(WORK / "LM" / "data", size)
+    student = WORK / "LM" / "student-init"
+    if not (student / "config.json").exists():
+        init_student(StudentConfig(source=teacher, layers=demo_lm.STUDENT_LAYERS, out=str(student)))
+    data = DataConfig(train=[files["train"]], eval=[files["validation"]], test=[files["test"]], task="causal-lm",
+                      block_size=size.block_size, limit=size.train_blocks)
+    base = ExtractConfig(teacher=teacher, data=data, filters=FilterConfig(layers=LM2_TEACHER_LAYERS),
+                         stage1=LM2_TEACHER_STAGE1, batch_size=16, cache_dir=str(WORK / "caches"), seed=42)
+    filtered = extract(base)
+    raw = extract(replace(base, states="raw"))
+    runs = DistillConfig(cache=filtered, student=str(student), out=str(root / "final"), kl_alpha=demo_lm.KL_ALPHA,
+                         mse_alpha=demo_lm.MSE_ALPHA,
+                         optim=OptimConfig(epochs=size.student_epochs, lr=demo_lm.STUDENT_LR, batch_size=8,
+                                           warmup_ratio=0.1), stage1=LM2_STUDENT_STAGE1)
+    compare(CompareConfig(base=runs, methods=["finetune", "kd"], seeds=LM2_SEEDS))
+    for layer_map, student_layers in LM2_MAPS.items():
+        mapped = replace(runs, out=str(root / f"final-{layer_map.replace(':', '')}"), layer_map=layer_map,
+                         student_layers=student_layers)
+        compare(CompareConfig(base=mapped, methods=["lwd", "ted"], seeds=LM2_SEEDS, raw_cache=raw))
+
+
+SCENARIOS = {"LM": run_lm, "LM2": run_lm2}  # the causal-LM ones
 TITLES = {**{name: setting.title for name, setting in SETTINGS.items()}, "LM": "the causal-LM scenario"}
 
 
@@ -488,7 +537,7 @@ def _stage1_lines(runs) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["run", *EXTRA_STEPS, "save", "report"])
-    parser.add_argument("settings", nargs="*", default=list(TITLES))
+    parser.add_argument("settings", nargs="*", default=list(TITLES))  # LM2 is run by name
     args = parser.parse_args()
     if args.command == "report":
         report()
@@ -501,7 +550,10 @@ def main() -> None:
         if args.command in EXTRA_STEPS:
             EXTRA_STEPS[args.command][0](SETTINGS[name])
         else:
-            run_lm() if name == "LM" else run(SETTINGS[name])
+            if name in SCENARIOS:
+                SCENARIOS[name]()
+            else:
+                run(SETTINGS[name])
 
 
 if __name__ == "__main__":
