@@ -62,7 +62,7 @@ def demo_pair(workdir: Path, seeds: list[int]) -> dict:
                                            stage1_states=mode)
                 distill(apply(cfg, tuned_params(STUDY_SETTING, "ted")))
             runs[mode].extend(find_runs([str(folder)]))
-    accuracy = {mode: [r.test for r in runs[mode]] for mode in MODES}
+    accuracy = {mode: [r.test() for r in runs[mode]] for mode in MODES}
     by_seed = seed_interval([a - b for a, b in zip(accuracy["stored"], accuracy["live"])])
     by_example = example_interval([r.test_outputs() for r in runs["stored"]], [r.test_outputs() for r in runs["live"]],
                                   "classification")
