@@ -11,8 +11,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from tedcache import extract
 from tedcache.cache import Cache
-from tedcache.demos import bench, extract
+from tedcache.demos import bench
 
 
 def main(work: Path, out: Path, pairs: list[str], sizes: list[tuple[int, int]]) -> None:

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from tedcache import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig, bench, distill, extract
+from tedcache import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig, distill, extract
 from tedcache.cache import Cache
 from tedcache.config import StudentConfig
+from tedcache.demos import bench
 from tedcache.demos.demo_lm import STUDENT_LAYERS
 from tedcache.students import init_student
 

@@ -40,6 +40,7 @@ import datasets
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 
+from tedcache import extract
 from tedcache.cache import load_metadata
 from tedcache.config import (
     CompareConfig,
@@ -53,7 +54,7 @@ from tedcache.config import (
     TuneConfig,
 )
 from tedcache.configfile import CONFIG_FILE, read_config_file, resolve
-from tedcache.demos import demo, demo_lm, evidence, extract
+from tedcache.demos import demo, demo_lm, evidence
 from tedcache.experiments.compare import compare
 from tedcache.experiments.report import build_report
 from tedcache.experiments.results import methods_table, summarize
@@ -394,6 +395,11 @@ def run_lm2() -> None:
 
 SCENARIOS = {"LM": run_lm, "LM2": run_lm2}  # the causal-LM ones
 TITLES = {**{name: setting.title for name, setting in SETTINGS.items()}, "LM": "the causal-LM scenario"}
+# what `report` writes: per reported name its title and the final folders (under WORK) its runs are in; LM2's LM-only
+# and KD runs pair with each map's LWD and TED runs
+REPORTS = {**{name: (title, [f"{name}/final"]) for name, title in TITLES.items()},
+           **{f"LM2-{m.replace(':', '')}": (f"SmolLM2's 15-layer copy, TED and LWD on the {m} map",
+                                            ["LM2/final", f"LM2/final-{m.replace(':', '')}"]) for m in LM2_MAPS}}
 
 
 def report() -> None:
@@ -401,9 +407,8 @@ def report() -> None:
     the demos print (tedcache/demos/evidence.json)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     shipped = {}
-    for name, title in TITLES.items():
-        final = WORK / name / "final"
-        runs = find_runs([str(p) for p in sorted(final.glob("*-seed*"))]) if final.exists() else []
+    for name, (title, finals) in REPORTS.items():
+        runs = find_runs([str(p) for final in finals for p in sorted((WORK / final).glob("*-seed*"))])
         if not runs:
             continue
         summary = summarize(runs)
@@ -425,7 +430,7 @@ def report() -> None:
         (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
         (RESULTS / f"{name}.json").write_text(json.dumps({"summary": summary, "tuned": tuned}, indent=2, default=str))
         shipped[name] = evidence.compact(summary, title, tuned)
-        page = build_report([str(final)], str(WORK / name / "report"))
+        page = build_report([str(WORK / final) for final in finals], str(WORK / name / "report"))
         if (page.parent / "paired.png").exists():
             shutil.copy(page.parent / "paired.png", RESULTS / f"{name}-paired.png")
         print("\n".join(lines) + "\n")
@@ -435,7 +440,7 @@ def report() -> None:
     if shipped:  # settings whose runs are not in WORK (finished on an earlier machine) keep their entries
         kept = json.loads(evidence.SUMMARY.read_text()) if evidence.SUMMARY.exists() else {}
         found = {**kept, **shipped}
-        merged = {name: found[name] for name in TITLES if name in found}
+        merged = {name: found[name] for name in REPORTS if name in found}
         evidence.SUMMARY.write_text(json.dumps(merged, indent=1, default=str) + "\n")
         overview = _overview(merged)
         (RESULTS / "overview.md").write_text("\n".join(overview) + "\n")
