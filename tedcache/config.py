@@ -23,6 +23,7 @@ def check_methods(methods: list[str], raw_cache: str | None) -> None:
         raise TedcacheError("--methods lwd needs --raw-cache: a cache extracted with --states raw from the same "
                             "teacher and data (or leave lwd out of --methods)")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+TEACHER_DTYPES = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 on a GPU that has it, else fp32
 FILTER_KINDS = ("linear", "mlp")
 MSE_NORMS = ("none", "variance")
 STATE_KINDS = ("filtered", "raw", "none")  # raw: unfiltered hidden states (LWD); none: logits only (KD)
@@ -120,6 +121,9 @@ class ExtractConfig:
     shard_tokens: int = setting(16384, "Tokens per shard: the unit of writing, resuming and checksumming.")
     seed: int = setting(42, "Seed of Stage I and of the training split's storage order.")
     device: str = setting("auto", "auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
+    dtype: str = setting("auto", "Precision the teacher's weights are loaded and run in: bf16, fp16, fp32, or auto (bf16 "
+                                 "on a GPU that has it, fp32 on a CPU). Stage I's filters and the targets stay fp32.",
+                         choices=TEACHER_DTYPES)
     force: bool = setting(False, "Rebuild even if a cache of the same inputs exists.")
     trust_remote_code: bool = setting(False, "Run code shipped with the model folder or hub repository (custom "
                                              "architectures). Off by default: such code runs with your rights.")

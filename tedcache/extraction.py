@@ -28,7 +28,7 @@ from .distributed import processes
 from .errors import TedcacheError, note
 from .filters import FilterBank, FilterSpec
 from .losses import labelled, lm_loss_per_block
-from .models import load_for_task, load_tokenizer, pad_id, tokenizer_hash, vocab_hash, weights_hash
+from .models import load_for_task, load_tokenizer, pad_id, teacher_dtype, tokenizer_hash, vocab_hash, weights_hash
 from .reader import ExamplesSource, iterate_batches, to_device
 from .schema import check_choices, to_dict
 from .stage1 import describe_filters, train_filters
@@ -69,7 +69,9 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     task = cfg.data.task
     lm = task == "causal-lm"
     device = procs.device(cfg.device)
-    teacher = load_for_task(cfg.teacher, "teacher", task, resize=False, trust_remote_code=cfg.trust_remote_code).to(device)
+    dtype = teacher_dtype(cfg.dtype, device)
+    teacher = load_for_task(cfg.teacher, "teacher", task, resize=False, trust_remote_code=cfg.trust_remote_code,
+                            dtype=dtype).to(device)
     logit_spec = parse_logit_spec(cfg.logits, _tokenizer_width(teacher, tokenizer, cfg.teacher),
                                   cfg.logits_temperature) if lm else None
     if task == "regression" and teacher.config.num_labels != 1:
@@ -95,6 +97,8 @@ def extract(cfg: ExtractConfig, log=None) -> str:
         identity.update(logits=asdict(logit_spec), lm_head=cfg.filters.lm_head if filtered else None)
     if filtered and cfg.stage1_examples is not None and cfg.stage1_examples < len(train):
         identity["stage1_examples"] = cfg.stage1_examples  # (only when set: other caches keep their names)
+    if dtype != "fp32":
+        identity["teacher_dtype"] = dtype  # (likewise)
     location = Location(cfg.cache_dir).child(cache_name(cfg.teacher, identity))
     teacher.eval()
     with CacheLock(location) if procs.main else nullcontext():
@@ -277,7 +281,8 @@ def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], l
         format_version=0, identity=identity,  # format_version, chunk_tokens: set by CacheWriter.create
         created_by=f"tedcache {version('tedcache')}", task=task,
         states=cfg.states, layers=spec.layers, filter_dim=spec.out_dim, teacher=cfg.teacher,
-        teacher_weights_sha256=identity["teacher_weights"], tokenizer_vocab_sha256=vocab_hash(tokenizer),
+        teacher_weights_sha256=identity["teacher_weights"], teacher_dtype=identity.get("teacher_dtype", "fp32"),
+        tokenizer_vocab_sha256=vocab_hash(tokenizer),
         pad_token_id=pad_id(tokenizer), precision=cfg.precision, seed=cfg.seed, shard_tokens=cfg.shard_tokens,
         chunk_tokens=0, tokenizer=cfg.teacher, tokenizer_sha256=identity["tokenizer"], label_names=label_names,
         num_outputs=1 if task == "regression" else 2 if task == "question-answering" else

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load, save
 from torch import nn
 
-from .taps import pooled
+from .taps import in_own_dtype, pooled
 
 
 @dataclass
@@ -97,4 +97,4 @@ class LMHead(nn.Module):
 
     def forward(self, filtered: torch.Tensor) -> torch.Tensor:
         hidden = self.project(filtered)
-        return self.frozen[0](hidden) if self.kind == "tied" else hidden
+        return in_own_dtype(self.frozen[0], hidden) if self.kind == "tied" else hidden

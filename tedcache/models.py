@@ -41,7 +41,8 @@ HEAD_CLASSES = {"token-classification": (AutoModelForTokenClassification, "a tok
 
 
 def load_classifier(name: str, what: str = "model", task: str | None = None,
-                    label_names: list[str] | None = None, trust_remote_code: bool = False):
+                    label_names: list[str] | None = None, trust_remote_code: bool = False,
+                    dtype: torch.dtype | None = None):
     """An AutoModelForSequenceClassification (token-classification: AutoModelForTokenClassification,
     question-answering: AutoModelForQuestionAnswering); with label_names/task given, its head is sized
     to them."""
@@ -56,21 +57,33 @@ def load_classifier(name: str, what: str = "model", task: str | None = None,
                   "id2label": dict(enumerate(label_names)),
                   "label2id": {n: i for i, n in enumerate(label_names)}}
     auto, kind = HEAD_CLASSES.get(task, (AutoModelForSequenceClassification, "a sequence classifier"))
-    return _from_pretrained(auto, name, what, kind, ignore_mismatched_sizes=bool(kwargs),
+    return _from_pretrained(auto, name, what, kind, dtype, ignore_mismatched_sizes=bool(kwargs),
                             trust_remote_code=trust_remote_code, **kwargs)
 
 
-def load_causal_lm(name: str, what: str = "model", trust_remote_code: bool = False):
-    """An AutoModelForCausalLM (GPT-2, Llama, SmolLM, ...)."""
+def load_causal_lm(name: str, what: str = "model", trust_remote_code: bool = False, dtype: torch.dtype | None = None):
+    """An AutoModelForCausalLM (GPT-2, Llama, SmolLM, ...); in `dtype` when given (else as HF loads it: fp32)."""
     check_source(name, what)
-    return _from_pretrained(AutoModelForCausalLM, name, what, "a causal language model",
+    return _from_pretrained(AutoModelForCausalLM, name, what, "a causal language model", dtype,
                             trust_remote_code=trust_remote_code)
 
 
-def _from_pretrained(auto_class, name: str, what: str, kind: str, **kwargs):
-    """auto_class.from_pretrained, its failures turned into one line; the model's parts found (model_parts)."""
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def teacher_dtype(name: str, device: torch.device) -> str:
+    """--dtype resolved: auto is bf16 on a GPU that supports it and fp32 elsewhere (CPU bf16 matmuls are
+    slower than fp32 ones on most CPUs)."""
+    if name != "auto":
+        return name
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def _from_pretrained(auto_class, name: str, what: str, kind: str, dtype: torch.dtype | None, **kwargs):
+    """auto_class.from_pretrained (in `dtype` when given, else HF's default, fp32), its failures turned into
+    one line; the model's parts found (model_parts)."""
     try:
-        model = auto_class.from_pretrained(name, **kwargs)
+        model = auto_class.from_pretrained(name, **kwargs, **({"dtype": dtype} if dtype is not None else {}))
     except Exception as exc:
         if "trust_remote_code" in str(exc):
             raise TedcacheError(f"{what} {name} ships its own model code; pass --trust-remote-code to run it "
@@ -82,14 +95,16 @@ def _from_pretrained(auto_class, name: str, what: str, kind: str, **kwargs):
 
 
 def load_for_task(name: str, what: str, task: str, label_names: list[str] | None = None, resize: bool = True,
-                  trust_remote_code: bool = False):
+                  trust_remote_code: bool = False, dtype: str = "fp32"):
     """The model class a task trains: a causal LM, or a sequence classifier (its head resized to the
-    task's labels when `resize`). Code shipped with a model runs only with `trust_remote_code`."""
+    task's labels when `resize`), its weights in `dtype` (bf16, fp16 or fp32). Code shipped with a model
+    runs only with `trust_remote_code`."""
     if task == "causal-lm":
-        return load_causal_lm(name, what, trust_remote_code)
+        return load_causal_lm(name, what, trust_remote_code, DTYPES[dtype])
     if not resize:
-        return load_classifier(name, what, task if task in HEAD_CLASSES else None, trust_remote_code=trust_remote_code)
-    return load_classifier(name, what, task, label_names, trust_remote_code)
+        return load_classifier(name, what, task if task in HEAD_CLASSES else None,
+                               trust_remote_code=trust_remote_code, dtype=DTYPES[dtype])
+    return load_classifier(name, what, task, label_names, trust_remote_code, DTYPES[dtype])
 
 
 def weights_hash(model: nn.Module) -> str:

@@ -13,7 +13,7 @@ from .loop import Validation, fit
 from .losses import labelled, labels_or_teacher, lm_loss, task_loss
 from .reader import iterate_batches, num_batches, to_device
 from .state_store import frozen_forward
-from .taps import is_decoder_only, model_parts
+from .taps import in_own_dtype, is_decoder_only, model_parts
 
 
 def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, cfg: OptimConfig, pad_id: int,
@@ -121,7 +121,7 @@ def filter_metrics(model, bank: FilterBank, heads, source, task: str, pad_id: in
         for layer, head, state, filtered in zip(layers, heads, hidden, bank(hidden)):
             values = {"loss": head_loss(head, filtered, batch, task)}
             if task == "causal-lm":
-                values["logit_lens_loss"] = lm_loss(model_parts(model).head(state), batch["input_ids"], mask)
+                values["logit_lens_loss"] = lm_loss(in_own_dtype(model_parts(model).head, state), batch["input_ids"], mask)
             elif task in ("classification", "token-classification"):
                 known = labelled(batch["labels"], task)
                 values["accuracy"] = (head(filtered, mask).argmax(-1) == batch["labels"])[known].float().mean()

@@ -141,4 +141,5 @@ def frozen_forward(model, batch: dict, layers: list[int]) -> tuple[torch.Tensor 
     if STORED_KEY in batch:
         return batch.get("teacher_logits"), [s.widen() for s in batch[STORED_KEY]]
     with torch.no_grad():
-        return forward_with_taps(model, batch, layers)
+        logits, states = forward_with_taps(model, batch, layers)
+    return logits.float(), [s.float() for s in states]  # a bf16 or fp16 teacher's (fp32 filters read them)

@@ -7,6 +7,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .errors import TedcacheError
 
@@ -172,6 +173,12 @@ def final_norm(model) -> torch.nn.Module:
         raise TedcacheError(f"cannot find the final norm of {type(model).__name__}: no module holding only "
                             f"{hidden_size(model)}-wide vectors (a LayerNorm or RMSNorm) runs after its last layer")
     return norm
+
+
+def in_own_dtype(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer` (a frozen output layer) on float32 `x`, computed in the layer's own precision (a bf16 or fp16
+    teacher's), the result in float32."""
+    return layer(x.to(layer.weight.dtype)).float()
 
 
 def output_logits(out) -> torch.Tensor:

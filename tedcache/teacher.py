@@ -12,7 +12,7 @@ from .errors import TedcacheError
 from .filters import FilterBank
 from .models import load_for_task, weights_hash
 from .state_store import STORED_KEY, frozen_forward
-from .taps import model_parts, num_layers
+from .taps import in_own_dtype, model_parts, num_layers
 
 
 @torch.no_grad()
@@ -31,7 +31,7 @@ def teacher_targets(teacher, bank: FilterBank | None, batch: dict, layers: list[
     if STORED_KEY in batch:
         logits, stored = frozen_forward(teacher, batch, tapped)
         if logits is None:
-            logits = model_parts(teacher).head(stored[-1])
+            logits = in_own_dtype(model_parts(teacher).head, stored[-1])
         hidden, last = stored[:len(tapped)], [stored[-1]] if final else []
     else:
         logits, hidden = frozen_forward(teacher, batch, tapped + ([num_layers(teacher) - 1] if final else []))
@@ -54,7 +54,7 @@ class LiveTargets:
     def _load(self, teacher_dir: str, cache: Cache, teacher_layers: list[int], device: torch.device, seed: int):
         meta = cache.metadata
         self.teacher = load_for_task(teacher_dir, "teacher", meta.task, resize=False,
-                                     trust_remote_code=meta.trust_remote_code).to(device).eval()
+                                     trust_remote_code=meta.trust_remote_code, dtype=meta.teacher_dtype).to(device).eval()
         if weights_hash(self.teacher) != meta.teacher_weights_sha256:
             raise TedcacheError(f"--teacher {teacher_dir} is not the teacher this cache was extracted from; "
                                 "pass that teacher, or extract a cache from this one")
@@ -66,7 +66,7 @@ class LiveTargets:
 
     def __call__(self, batch: dict) -> dict:
         final = self.logit_spec is not None and self.logit_spec.kind == "hidden"
-        with torch.autocast(batch["input_ids"].device.type, enabled=False):  # the extraction ran in full precision
+        with torch.autocast(batch["input_ids"].device.type, enabled=False):  # the extraction ran without autocast
             logits, states = teacher_targets(self.teacher, self.bank, batch, self.layers, final)
         targets = {**batch, "teacher_states": [CompactStates(s) for s in states]}
         if self.logit_spec is None:

@@ -48,6 +48,8 @@ class CacheMetadata:
     filter_kind: str | None = setting(None, "linear or mlp (null for raw states).")
     teacher_hidden_size: int | None = setting(None, "The teacher's hidden size.")
     teacher_num_layers: int | None = setting(None, "The teacher's number of transformer layers.")
+    teacher_dtype: str = setting("fp32", "Precision the teacher's weights were loaded and run in (extract --dtype): bf16, "
+                                         "fp16 or fp32; online mode loads it the same way.")
     data: dict[str, Any] = setting(help="The data sources and columns as given.", factory=dict)
     data_fingerprint: str | None = setting(None, "Hash of the training texts and labels.")
     max_length: int | None = setting(None, "Tokens per example (causal-lm: per block).")

@@ -90,7 +90,7 @@ def bare_forward_seconds(cfg: ExtractConfig, cache: str) -> float:
     meta = Cache(cache).metadata
     device = pick_device()
     tokenizer = load_tokenizer(cfg.teacher)
-    model = load_for_task(cfg.teacher, "teacher", meta.task, resize=False).to(device).eval()
+    model = load_for_task(cfg.teacher, "teacher", meta.task, resize=False, dtype=meta.teacher_dtype).to(device).eval()
     splits, _ = load_splits(cfg, tokenizer, model.config)
     bounds = {split: Cache(cache).split(split).unit_bounds for split in splits}
     units = [(split, unit) for split in splits for unit in range(len(bounds[split]) - 1)]
