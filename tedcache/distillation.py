@@ -380,6 +380,7 @@ def _report(run: DistillRun, result: dict, phases: dict, score_test: bool) -> tu
         "teacher": {name: score(teacher_outputs(split, task), task, meta.label_names)
                     for name, split in (("eval", eval_split), ("test", test_split)) if split is not None},
         "stage2_seconds": result["seconds"], "stage2_median_step_s": result["median_step_s"],
+        "stage2_data_wait_share": result["data_wait_share"],
     }
     test_outputs = None
     if test_split is not None:

@@ -63,6 +63,18 @@ def _groups(batches: Iterable, size: int):
         yield group
 
 
+def _timed(batches: Iterable, waited: list[float]):
+    """`batches`, adding to waited[0] the seconds the caller waited for each one."""
+    batches = iter(batches)
+    while True:
+        started = time.perf_counter()
+        batch = next(batches, None)
+        waited[0] += time.perf_counter() - started
+        if batch is None:
+            return
+        yield batch
+
+
 class Checkpoint:
     """A training loop's whole state in one file, replaced atomically every time it is saved."""
 
@@ -115,6 +127,7 @@ class LoopState:
     best_state: list | None = None  # the modules' state at the best validation
     seconds: float = 0.0  # time spent before this process started (a resumed run's)
     step_seconds: list = field(default_factory=list)  # this process's step times (not saved)
+    wait_seconds: list = field(default_factory=list)  # of which waiting for batches (not saved)
 
     def progress(self) -> dict:
         """What a checkpoint keeps of the loop (its format since checkpoints began)."""
@@ -138,7 +151,8 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
     background thread and moved to `device`; `autocast` runs the forward passes in bf16. Returns
     {"history": [...loss terms, averaged over processes...], "evals": [...], "best": {...}, "steps",
     "stopped_early", "seconds": s, "median_step_s": median wall time of an optimiser step in this process
-    since it started, waiting for batches included}."""
+    since it started, waiting for batches included, "data_wait_share": the share of those steps' time spent
+    waiting for batches (the reader's, and on a GPU the copies', part that the prefetch did not hide)}."""
     accum = max(1, cfg.grad_accum)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / accum))
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch)) if cfg.epochs > 0 else 0
@@ -171,10 +185,12 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
         batches = prefetch(epoch_batches(state.epoch), device)
         for _ in range(state.consumed):  # resumed mid-epoch: these micro-batches were trained on
             next(batches)
-        tick = time.perf_counter()
-        for micro in _groups(batches, accum):
+        tick, waited = time.perf_counter(), [0.0]
+        for micro in _groups(_timed(batches, waited), accum):
             loss, terms = _step(model, micro, optimizer, schedule, state.step + 1, device, autocast, processes)
             state.step_seconds.append(time.perf_counter() - tick)  # waiting for data included
+            state.wait_seconds.append(waited[0])
+            waited[0] = 0.0
             state.step += 1
             state.consumed += len(micro)
             bar.update(1)
@@ -204,7 +220,8 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
             m.load_state_dict(saved)
     return {"history": state.history, "evals": state.evals, "best": state.best, "steps": state.step,
             "stopped_early": state.step < total, "seconds": time.perf_counter() - started,
-            "median_step_s": float(np.median(state.step_seconds)) if state.step_seconds else None}
+            "median_step_s": float(np.median(state.step_seconds)) if state.step_seconds else None,
+            "data_wait_share": sum(state.wait_seconds) / sum(state.step_seconds) if state.step_seconds else None}
 
 
 def _resume(checkpoint: Checkpoint | None, modules: list[torch.nn.Module], optimizer, schedule,

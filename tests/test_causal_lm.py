@@ -387,6 +387,7 @@ def test_hidden_logits_distill_verify_and_refusal(lm_assets, tmp_path):
     assert report["kd_targets"] == "hidden" and report["config"]["temperature"] == 1.0  # the cache's temperature
     assert all("kl" in row for row in report["history"])
     assert 0 < report["stage2_median_step_s"] <= report["stage2_seconds"]
+    assert 0 < report["stage2_data_wait_share"] < 1  # the first batch is always waited for
     assert verify(path) == []
     head_file = Path(path) / HEAD_FILE
     head_file.write_bytes(head_file.read_bytes()[:-8] + b"\0" * 8)
