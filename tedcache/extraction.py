@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from importlib.metadata import version
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from .cache import CacheLock, CacheMetadata, CacheWriter, Location, UnitStates, cache_name, load_metadata
+from .cache import BackgroundWriter, CacheLock, CacheMetadata, CacheWriter, Location, UnitStates, cache_name, load_metadata
 from .cache.layout import FINAL, pack, storage_order
 from .cache.logits import LogitSpec, check_rebuilt, head_tensors, id_dtype, parse_logit_spec, sparsify
 from .cache.read import read_filter_files
@@ -119,7 +118,7 @@ def extract(cfg: ExtractConfig, log=None) -> str:
         units = [(split, unit) for split, todo in plan["todo"].items() for unit in todo]
         mine = units[procs.rank::procs.size]  # disjoint whole units: no shard has two writers
         pass_started = time.perf_counter()
-        _teacher_pass(writer, teacher, bank, layers, splits, logit_spec, cfg.batch_size, mine, stored)
+        _teacher_pass(writer, teacher, bank, layers, splits, logit_spec, cfg.batch_size, mine, stored, cfg.writer)
         pass_seconds = plan["calibration_s"] + time.perf_counter() - pass_started
         procs.barrier()
         if procs.main:
@@ -194,7 +193,7 @@ def _prepare(location, cfg, metadata: CacheMetadata, found: str, bank: FilterBan
     calibration_started = time.perf_counter()
     if processes > 1 and writer.needs_channel_scales() and 0 not in writer.done_units("train"):
         _teacher_pass(writer, teacher, bank, metadata.layers, splits, logit_spec, cfg.batch_size, [("train", 0)],
-                      stored)
+                      stored, cfg.writer)
     calibration_s = time.perf_counter() - calibration_started
     todo = writer.missing_units()
     total, remaining = sum(writer.metadata.units.values()), sum(len(v) for v in todo.values())
@@ -407,7 +406,8 @@ def _unit_generator(seed: int, unit: int, device: torch.device | str = "cpu") ->
 
 
 def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec: LogitSpec | None, batch_size: int,
-                  units: list[tuple[str, int]], stored: dict[str, StoredSource] | None = None) -> None:
+                  units: list[tuple[str, int]], stored: dict[str, StoredSource] | None = None,
+                  writer_kind: str = "process") -> None:
     """Compute `units` ((split, unit) pairs) and hand each to the writer; states and logit rows are
     stored for the training split only, per-token logits (token classification, question answering) for
     every split. The splits in `stored` are read from Stage I's stored states and outputs, the others run
@@ -419,10 +419,9 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec
     per_token = meta.task in ("token-classification", "question-answering")
     sampled = logit_spec is not None and logit_spec.kind != "hidden"
     bounds = {split: writer.unit_bounds(split) for split in splits}
-    # The teacher computes unit u+1 while a background thread pads, compresses, writes and checksums unit u.
+    # The teacher computes unit u+1 while the background writer pads, compresses, writes and checksums unit u.
     bar = tqdm(total=len(units), desc="teacher pass (units)", leave=False, disable=None)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tedcache-write") as background:
-        pending = None
+    with BackgroundWriter(writer.location, writer_kind) as background:
         for split, unit, order, part in stored_units(splits, bounds, meta.seed, units):
             train = split == "train"
             states = {key: UnitStates(meta.precision, writer.channel_scales.get(key), device)
@@ -431,14 +430,11 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec
             store = stored[split].store.take(stored[split], order) if split in stored else None
             outputs, rows = _run_unit(teacher, bank, layers, part, meta.pad_token_id, batch_size, logit_spec,
                                       states, generator, per_token, store)
-            if pending is not None:
-                pending.result()  # at most one unit in flight: memory stays bounded
             if states and writer.needs_channel_scales():
                 writer.calibrate({key: s.float_states() for key, s in states.items()})
             encoded = {key: s.finish(writer.channel_scales.get(key)) for key, s in states.items()} if train else None
-            pending = background.submit(writer.write_unit, split, unit, {} if per_token else {output_key: outputs.tolist()},
-                                        encoded, rows, outputs if per_token else None)
+            background.write(split, unit, {} if per_token else {output_key: outputs.tolist()}, encoded, rows,
+                             outputs if per_token else None)
             bar.update(1)
-        if pending is not None:
-            pending.result()
+        background.close()
     bar.close()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import run_cli, sentiment_rows, write_rows
 
+from tedcache import DataConfig, ExtractConfig, OptimConfig, extract
 from tedcache.cache import Cache
 
 
@@ -36,6 +37,47 @@ def _arrays(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _state_and_parent(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) from /proc/PID/stat (after the command's parentheses), None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is `pid`."""
+    return [int(p.name) for p in Path("/proc").glob("[0-9]*")
+            if (found := _state_and_parent(int(p.name))) and found[1] == pid and found[0] != "Z"]
+
+
+def _gone(pids: list[int], seconds: float = 10) -> bool:
+    """Whether every process in `pids` has ended (a zombie counts as ended) within `seconds`."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if all((found := _state_and_parent(pid)) is None or found[0] == "Z" for pid in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.process
+def test_an_idle_writer_process_dies_with_its_parent_killed_by_sigkill(assets, tmp_path):
+    path = extract(ExtractConfig(teacher=str(assets["teacher"]), data=DataConfig(train=[str(assets["train"])]),
+                                 stage1=OptimConfig(epochs=0.2), cache_dir=str(tmp_path)))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from tedcache.cache import BackgroundWriter, Location\n"
+                               "writer = BackgroundWriter(Location(sys.argv[1]))\n"
+                               "print(writer.process.pid, flush=True)\n"
+                               "time.sleep(120)", path], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    assert _children(holder.pid) == [child]
+    holder.kill()
+    holder.wait()
+    assert _gone([child]), "the writer waits on its queue after its parent died"
+
+
 @pytest.mark.process
 def test_sigkill_then_same_command_resumes_to_identical_values(assets, tmp_path):
     data = write_rows(tmp_path / "big.csv", sentiment_rows(2500, seed=7))
@@ -50,8 +92,11 @@ def test_sigkill_then_same_command_resumes_to_identical_values(assets, tmp_path)
             break
         time.sleep(0.05)
     assert proc.poll() is None, "extraction finished before it could be killed"
+    writers = _children(proc.pid)
+    assert len(writers) == 1  # the cache writer process
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert _gone(writers), "the writer outlived its extraction"
     cache_path = records[0].parents[2]
     done_before = {p.name: p.stat().st_mtime_ns for p in (cache_path / "units" / "train").glob("*.json")}
     assert run_cli("distill", "--cache", cache_path, "--student", assets["student"], "--out",

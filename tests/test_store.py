@@ -14,8 +14,10 @@ from conftest import run_cli
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
 from tedcache.cache import (
+    BackgroundWriter,
     Cache,
     CompactStates,
+    Location,
     Problem,
     UnitStates,
     calibrate_channel_scales,
@@ -116,6 +118,30 @@ def test_verify_names_a_corrupt_shard_distill_refuses_and_repair_recomputes(asse
     assert verify(path) == []
     after = Cache(path).split("train").states(3, 0, 1 << 20)
     assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
+
+
+def _stored_files(path: str) -> dict[str, bytes]:
+    """Every object of a cache but its metadata (which records the config, writer included, and timings)."""
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(Path(path).rglob("*"))
+            if f.is_file() and f.name != "zarr.json"}
+
+
+def test_a_writer_process_writes_the_cache_a_writer_thread_writes_byte_for_byte(assets, tmp_path):
+    by_process = extract(_cfg(assets, tmp_path / "process", writer="process"))
+    by_thread = extract(_cfg(assets, tmp_path / "thread", writer="thread"))
+    got, want = _stored_files(by_process), _stored_files(by_thread)
+    assert len(want) > 20 and got.keys() == want.keys()
+    assert [name for name in want if got[name] != want[name]] == []
+    assert verify(by_process) == []
+
+
+def test_a_writer_process_that_dies_is_named_in_one_line_with_the_way_on(assets, tmp_path):
+    path = extract(_cfg(assets, tmp_path / "caches"))
+    background = BackgroundWriter(Location(path))
+    background.process.kill()
+    background.process.join()
+    with pytest.raises(TedcacheError, match=r"cache writer process failed \(exit code -9\).*run the same command"):
+        background.write("train", 1, {})
 
 
 def test_missing_shard_is_named(assets, tmp_path):
