@@ -24,7 +24,7 @@ def check_methods(methods: list[str], raw_cache: str | None) -> None:
                             "teacher and data (or leave lwd out of --methods)")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 TEACHER_DTYPES = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 on a GPU that has it, else fp32
-WRITERS = ("process", "thread")  # where extraction's units are written: a forked process, or a thread
+WRITERS = ("auto", "process", "thread")  # where extraction writes units; auto: process on a GPU, thread on a CPU
 FILTER_KINDS = ("linear", "mlp")
 MSE_NORMS = ("none", "variance")
 STATE_KINDS = ("filtered", "raw", "none")  # raw: unfiltered hidden states (LWD); none: logits only (KD)
@@ -125,9 +125,10 @@ class ExtractConfig:
     dtype: str = setting("auto", "Precision the teacher's weights are loaded and run in: bf16, fp16, fp32, or auto (bf16 "
                                  "on a GPU that has it, fp32 on a CPU). Stage I's filters and the targets stay fp32.",
                          choices=TEACHER_DTYPES)
-    writer: str = setting("process", "Where units are compressed and written while the teacher computes the next: "
-                                     "process (a forked process fed through shared memory: the teacher's "
-                                     "interpreter never waits on zarr) or thread. The cache is the same.",
+    writer: str = setting("auto", "Where units are compressed and written while the teacher computes the next: "
+                                  "process (a forked process fed through shared memory: the teacher's interpreter "
+                                  "never waits on zarr), thread, or auto (process on a GPU, thread on a CPU, where "
+                                  "a process competes for the cores; docs/performance.md). The cache is the same.",
                           choices=WRITERS)
     force: bool = setting(False, "Rebuild even if a cache of the same inputs exists.")
     trust_remote_code: bool = setting(False, "Run code shipped with the model folder or hub repository (custom "

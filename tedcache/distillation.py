@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from .cache import Cache, CacheMetadata, Location, layout, verify
 from .config import DistillConfig, what_it_computes
-from .distributed import Processes, processes
+from .distributed import Processes, peak_memory_mb, processes, reset_peak_memory
 from .errors import TedcacheError, note
 from .evaluate import PRIMARY_METRIC, evaluate, predictions, score
 from .filters import FilterBank, FilterSpec
@@ -352,6 +352,7 @@ def train(run: DistillRun, on_eval=None) -> dict:
         return stage2_step(student, run.loss, live(batch) if live else batch, probe)
 
     procs.seed(cfg.seed)  # Stage II's dropout does not depend on what ran before it
+    reset_peak_memory(run.device)
     per_epoch = num_batches(CacheSource(run.cache.split("train")), cfg.optim.batch_size, procs.size, cfg.shard_reads,
                             cfg.workers)
     return fit([p for m in modules for p in m.parameters()], modules, epoch_batches, per_epoch, loss_fn, cfg.optim,
@@ -381,6 +382,8 @@ def _report(run: DistillRun, result: dict, phases: dict, score_test: bool) -> tu
                     for name, split in (("eval", eval_split), ("test", test_split)) if split is not None},
         "stage2_seconds": result["seconds"], "stage2_median_step_s": result["median_step_s"],
         "stage2_data_wait_share": result["data_wait_share"],
+        # a GPU's peak allocation in Stage II; on a CPU the process's peak resident memory
+        "stage2_peak_memory_mb": peak_memory_mb(run.device),
     }
     test_outputs = None
     if test_split is not None:

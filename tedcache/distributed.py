@@ -6,7 +6,9 @@ and none of this is touched."""
 from __future__ import annotations
 
 import os
+import resource
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -107,3 +109,22 @@ def processes() -> Processes:
     if _PROCESSES is None:
         _PROCESSES = Processes()
     return _PROCESSES
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start `peak_memory_mb`'s count afresh (a GPU's; a process's peak resident memory cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: on a GPU, what torch allocated there since `reset_peak_memory`; on a CPU, this
+    process's peak resident memory (VmHWM: not getrusage's ru_maxrss, which Linux carries across fork and
+    exec, so a child of a big parent would report the parent's size)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -407,7 +407,7 @@ def _unit_generator(seed: int, unit: int, device: torch.device | str = "cpu") ->
 
 def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec: LogitSpec | None, batch_size: int,
                   units: list[tuple[str, int]], stored: dict[str, StoredSource] | None = None,
-                  writer_kind: str = "process") -> None:
+                  writer_kind: str = "auto") -> None:
     """Compute `units` ((split, unit) pairs) and hand each to the writer; states and logit rows are
     stored for the training split only, per-token logits (token classification, question answering) for
     every split. The splits in `stored` are read from Stage I's stored states and outputs, the others run
@@ -421,6 +421,8 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec
     bounds = {split: writer.unit_bounds(split) for split in splits}
     # The teacher computes unit u+1 while the background writer pads, compresses, writes and checksums unit u.
     bar = tqdm(total=len(units), desc="teacher pass (units)", leave=False, disable=None)
+    if writer_kind == "auto":
+        writer_kind = "process" if device.type == "cuda" else "thread"
     with BackgroundWriter(writer.location, writer_kind) as background:
         for split, unit, order, part in stored_units(splits, bounds, meta.seed, units):
             train = split == "train"

@@ -388,6 +388,9 @@ def test_hidden_logits_distill_verify_and_refusal(lm_assets, tmp_path):
     assert all("kl" in row for row in report["history"])
     assert 0 < report["stage2_median_step_s"] <= report["stage2_seconds"]
     assert 0 < report["stage2_data_wait_share"] < 1  # the first batch is always waited for
+    # the CPU peak is the whole process's resident memory: at least the student's fp32 weights
+    weights_mb = sum(p.numel() * 4 for p in load_causal_lm(str(out)).parameters()) / 2**20
+    assert report["stage2_peak_memory_mb"] > weights_mb
     assert verify(path) == []
     head_file = Path(path) / HEAD_FILE
     head_file.write_bytes(head_file.read_bytes()[:-8] + b"\0" * 8)

@@ -82,7 +82,10 @@ def test_an_idle_writer_process_dies_with_its_parent_killed_by_sigkill(assets, t
 def test_sigkill_then_same_command_resumes_to_identical_values(assets, tmp_path):
     data = write_rows(tmp_path / "big.csv", sentiment_rows(2500, seed=7))
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "tedcache.cli.main", *map(str, _args(assets, data, killed_dir))],
+    # the killed and the resumed run write from a process (the kind a kill could orphan), the clean run
+    # from a thread (the CPU's default): the same cache either way
+    proc = subprocess.Popen([sys.executable, "-m", "tedcache.cli.main", *map(str, _args(assets, data, killed_dir)),
+                             "--writer", "process"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.time() + 240
     records = []
@@ -102,7 +105,7 @@ def test_sigkill_then_same_command_resumes_to_identical_values(assets, tmp_path)
     assert run_cli("distill", "--cache", cache_path, "--student", assets["student"], "--out",
                    tmp_path / "o").returncode == 2  # refused: incomplete
 
-    resumed = run_cli(*_args(assets, data, killed_dir))
+    resumed = run_cli(*_args(assets, data, killed_dir), "--writer", "process")
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.strip().splitlines()[-1] == str(cache_path)
     assert f"resuming: {len(done_before)} of" in resumed.stderr

@@ -1,4 +1,4 @@
-"""Writing units beside the computation. `process` (the default): a forked process owns its own
+"""Writing units beside the computation. `process`: a forked process owns its own
 CacheWriter and is fed through a bounded queue whose tensors travel in shared memory
 (torch.multiprocessing), so padding, compression, writing and checksums never hold the computing
 interpreter's lock; it dies with its parent. `thread`: a thread of the computing process, one unit in

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForSequenceC
 from ..cache import Cache
 from ..config import DataConfig, ExtractConfig, FilterConfig, StudentConfig
 from ..distillation import map_layers, stage2_step
-from ..distributed import pick_device
+from ..distributed import peak_memory_mb, pick_device
 from ..errors import note
 from ..extraction import extract, load_splits, stored_units
 from ..filters import FilterBank, FilterSpec
@@ -150,17 +149,8 @@ def measure_steps(pair: str, mode: str, workdir: str, steps: int, batch_size: in
             started = now
             if len(times) == steps:
                 break
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _peak_rss_mb()
+    peak = peak_memory_mb(device)
     return {"step_s": statistics.median(times[3:]), "peak_mb": peak, "device": str(device)}
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that across fork and exec,
-    so a child started by a big parent would report the parent's size."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def read_throughput(cache: str, layers: list[int], batch_size: int, workers: int = 0,
