@@ -423,7 +423,7 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec
     bar = tqdm(total=len(units), desc="teacher pass (units)", leave=False, disable=None)
     if writer_kind == "auto":
         writer_kind = "process" if device.type == "cuda" else "thread"
-    with BackgroundWriter(writer.location, writer_kind) as background:
+    with BackgroundWriter(writer, writer_kind) as background:
         for split, unit, order, part in stored_units(splits, bounds, meta.seed, units):
             train = split == "train"
             states = {key: UnitStates(meta.precision, writer.channel_scales.get(key), device)

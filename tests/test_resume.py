@@ -67,8 +67,8 @@ def test_an_idle_writer_process_dies_with_its_parent_killed_by_sigkill(assets, t
     path = extract(ExtractConfig(teacher=str(assets["teacher"]), data=DataConfig(train=[str(assets["train"])]),
                                  stage1=OptimConfig(epochs=0.2), cache_dir=str(tmp_path)))
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
-                               "from tedcache.cache import BackgroundWriter, Location\n"
-                               "writer = BackgroundWriter(Location(sys.argv[1]))\n"
+                               "from tedcache.cache import BackgroundWriter, CacheWriter, Location\n"
+                               "writer = BackgroundWriter(CacheWriter(Location(sys.argv[1])))\n"
                                "print(writer.process.pid, flush=True)\n"
                                "time.sleep(120)", path], stdout=subprocess.PIPE, text=True)
     child = int(holder.stdout.readline())

@@ -16,6 +16,7 @@ from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, dist
 from tedcache.cache import (
     BackgroundWriter,
     Cache,
+    CacheWriter,
     CompactStates,
     Location,
     Problem,
@@ -137,7 +138,7 @@ def test_a_writer_process_writes_the_cache_a_writer_thread_writes_byte_for_byte(
 
 def test_a_writer_process_that_dies_is_named_in_one_line_with_the_way_on(assets, tmp_path):
     path = extract(_cfg(assets, tmp_path / "caches"))
-    background = BackgroundWriter(Location(path))
+    background = BackgroundWriter(CacheWriter(Location(path)))
     background.process.kill()
     background.process.join()
     with pytest.raises(TedcacheError, match=r"cache writer process failed \(exit code -9\).*run the same command"):

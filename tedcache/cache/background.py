@@ -23,20 +23,21 @@ from .writer import CacheWriter
 
 
 class BackgroundWriter:
-    """`write(...)` takes CacheWriter.write_unit's arguments and returns once the unit is queued
-    (blocking while `depth` units wait: backpressure); `close()` waits for every unit and raises if
-    the writer failed. Use as a context manager: leaving it on an error stops the writer at once."""
+    """Runs `writer.write_unit` in the background: `write(...)` takes its arguments and returns once the
+    unit is queued (blocking while `depth` units wait: backpressure); `close()` waits for every unit and
+    raises if the writer failed. Use as a context manager: leaving it on an error stops the writer (a
+    process at once; a thread once its unit is written). The process opens its own CacheWriter on
+    `writer.location`; the thread uses `writer` itself."""
 
-    def __init__(self, location: Location, kind: str = "process", depth: int = 2):
+    def __init__(self, writer: CacheWriter, kind: str = "process", depth: int = 2):
         self.kind = kind if sys.platform == "linux" else "thread"  # fork and the parent-death signal are Linux's
         if self.kind == "thread":
-            self.executor, self.pending = ThreadPoolExecutor(1, thread_name_prefix="tedcache-write"), None
-            self.writer = CacheWriter(location)
+            self.executor, self.pending, self.writer = ThreadPoolExecutor(1, thread_name_prefix="tedcache-write"), None, writer
             return
         context = mp.get_context("fork")  # a spawned child would import torch again: seconds per extraction
         self.units, self.errors = context.Queue(maxsize=depth), context.SimpleQueue()
-        self.process = context.Process(target=_write_units, args=(location, self.units, self.errors, os.getpid()),
-                                       name="tedcache-writer", daemon=True)
+        self.process = context.Process(target=_write_units, args=(writer.location, self.units, self.errors,
+                                                                  os.getpid()), name="tedcache-writer", daemon=True)
         self.process.start()
 
     def write(self, split: str, unit: int, outputs: dict, states=None, logit_rows=None, token_logits=None) -> None:
