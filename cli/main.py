@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 import datasets
@@ -23,6 +24,7 @@ from tedcache.config import (
 )
 from tedcache.demos import demo_lm
 from tedcache.demos.bench import bench_table, run_bench
+from tedcache.demos.bench_big import big_table, run_big
 from tedcache.demos.demo import FULL_DEMO, QUICK_DEMO, run_demo
 from tedcache.distillation import distill
 from tedcache.errors import TedcacheError
@@ -152,6 +154,9 @@ def gc(cache_dir):
 
 
 @app.command()
+@click.option("--profile", default="pairs", show_default=True, type=click.Choice(["pairs", "big"]),
+              help="pairs: the --pairs below; big: a causal-LM teacher of about 1.2B parameters on a GPU "
+                   "(SmolLM2-135M on a CPU) with tune trials per hour from the cache and live (its own sizes).")
 @click.option("--pairs", default=["minilm,bert"], show_default=True, multiple=True,
               help="Which model pairs: minilm, bert; comma-separated or the flag repeated.")
 @click.option("--steps", default=20, show_default=True, type=int, help="Timed steps per mode (first 3 are warm-up).")
@@ -159,9 +164,12 @@ def gc(cache_dir):
 @click.option("--examples", default=1024, show_default=True, type=int, help="Training examples in the cache.")
 @click.option("--workdir", default=str(DEFAULT_CACHE_DIR / "bench"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per pair.")
-def bench(pairs, steps, batch_size, examples, workdir, as_json):
+def bench(profile, pairs, steps, batch_size, examples, workdir, as_json):
     """Distill step time and memory: student alone vs offline TED vs online TED, side by side."""
-
+    if profile == "big":
+        row = run_big(str(Path(workdir) / "big"))
+        click.echo(json.dumps(row, indent=2) if as_json else big_table(row))
+        return
     results = run_bench(workdir, tuple(p for joined in pairs for p in joined.split(",") if p), steps, batch_size, examples)
     click.echo(json.dumps(results, indent=2) if as_json else bench_table(results))
 

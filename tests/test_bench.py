@@ -62,3 +62,39 @@ def test_bench_runs_every_mode_side_by_side(tmp_path, monkeypatch):
     assert row["whole_extract_in_forwards"] > 1 / row["extract_over_forward"]  # Stage I and loading cost too
     for mode in ("student_only", "offline", "online"):
         assert row[f"{mode}_step_s"] > 0 and row[f"peak_mem_{'student' if mode == 'student_only' else mode}_mb"] > 0
+
+
+@pytest.mark.process  # Stage II modes and tune studies each run in a process of their own
+def test_big_profile_times_every_part_on_a_tiny_llama(tmp_path, monkeypatch):
+    """`bench --profile big` end to end with tiny shapes: a random Llama teacher (the tokenizer from
+    TEDCACHE_BENCH_SMOLLM2), a random student of the profile's shape, every figure measured, the live
+    trials really run with the teacher."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tedcache.demos.bench_big import BigProfile, LlamaShape, big_table, run_big
+    from test_causal_lm import make_lm_tokenizer
+
+    make_lm_tokenizer(tmp_path / "tokenizer", [f"w{i}" for i in range(300)])
+    monkeypatch.setenv("TEDCACHE_BENCH_SMOLLM2", str(tmp_path / "tokenizer"))
+    profile = BigProfile(teacher=LlamaShape(4, 32, 4, 2, 64), student=LlamaShape(2, 16, 2, 1, 32),
+                         teacher_layers="every:2", student_layers="all", block_size=32, batch_size=4, blocks=24,
+                         text_repeats=2, steps=5, trials=1, trial_steps=3)
+    work = tmp_path / "big"
+    row = run_big(str(work), profile)
+
+    teacher = AutoModelForCausalLM.from_pretrained(work / "teacher")
+    assert row["teacher_params"] == sum(p.numel() for p in teacher.parameters())
+    student = AutoConfig.from_pretrained(work / "student")
+    assert (student.num_hidden_layers, student.hidden_size, student.num_attention_heads,
+            student.num_key_value_heads, student.intermediate_size) == (2, 16, 2, 1, 32)
+    assert row["device"] == "cpu" and row["train_blocks"] == 24 and row["extract_over_forward"] > 0
+    for mode in ("student", "offline", "online"):
+        assert row[f"{mode}_step_s"] > 0 and row[f"{mode}_peak_mb"] > 0
+    assert row["trials_per_hour_ratio"] == pytest.approx(row["trials_per_hour_cache"] / row["trials_per_hour_live"])
+    for source, live in (("cache", None), ("live", str(work / "teacher"))):
+        [trial] = (work / "tune" / source / "trials" / "ted").glob("*/metrics.json")
+        metrics = json.loads(trial.read_text())
+        assert metrics["config"]["teacher"] == live and metrics["config"]["max_steps"] == 3
+    assert "trials per hour" in big_table(row)

@@ -61,8 +61,8 @@ def parse_logit_spec(text: str, vocab_size: int, temperature: float) -> LogitSpe
             if kind == "sample" and temperature <= 0:
                 raise TedcacheError(f"--logits-temperature must be positive, got {temperature}")
             return LogitSpec(kind, size, temperature, vocab_size)
-    raise TedcacheError(f"--logits '{text}' is not sample:N (1..255), topk:K (1..vocabulary), full or hidden; "
-                        "e.g. sample:50")
+    raise TedcacheError(f"--logits '{text}' is not sample:N (1..{min(vocab_size, 255)}), topk:K (1..{vocab_size}, "
+                        f"the vocabulary), full or hidden; e.g. sample:{min(vocab_size, 50)}")
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
