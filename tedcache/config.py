@@ -130,6 +130,9 @@ class ExtractConfig:
                                   "never waits on zarr), thread, or auto (process on a GPU, thread on a CPU, where "
                                   "a process competes for the cores; docs/performance.md). The cache is the same.",
                           choices=WRITERS)
+    compile: bool = setting(False, "Run the teacher through torch.compile (dynamic shapes; fused kernels for a "
+                                   "launch-bound teacher). Values may differ from eager at float rounding, so "
+                                   "the cache's identity records it; measured in docs/performance.md.")
     force: bool = setting(False, "Rebuild even if a cache of the same inputs exists.")
     trust_remote_code: bool = setting(False, "Run code shipped with the model folder or hub repository (custom "
                                              "architectures). Off by default: such code runs with your rights.")

@@ -18,6 +18,7 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from .cache import BackgroundWriter, CacheLock, CacheMetadata, CacheWriter, Location, UnitStates, cache_name, load_metadata
+from .cache.host_copies import HostCopies
 from .cache.layout import FINAL, pack, storage_order
 from .cache.logits import LogitSpec, check_rebuilt, head_tensors, id_dtype, parse_logit_spec, sparsify
 from .cache.read import read_filter_files
@@ -71,6 +72,8 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     dtype = teacher_dtype(cfg.dtype, device)
     teacher = load_for_task(cfg.teacher, "teacher", task, resize=False, trust_remote_code=cfg.trust_remote_code,
                             dtype=dtype).to(device)
+    if cfg.compile:
+        teacher.forward = torch.compile(teacher.forward, dynamic=True)  # batches vary in length: one graph
     logit_spec = parse_logit_spec(cfg.logits, _tokenizer_width(teacher, tokenizer, cfg.teacher),
                                   cfg.logits_temperature) if lm else None
     if task == "regression" and teacher.config.num_labels != 1:
@@ -98,6 +101,8 @@ def extract(cfg: ExtractConfig, log=None) -> str:
         identity["stage1_examples"] = cfg.stage1_examples  # (only when set: other caches keep their names)
     if dtype != "fp32":
         identity["teacher_dtype"] = dtype  # (likewise)
+    if cfg.compile:
+        identity["compiled"] = True  # (likewise)
     location = Location(cfg.cache_dir).child(cache_name(cfg.teacher, identity))
     teacher.eval()
     with CacheLock(location) if procs.main else nullcontext():
@@ -352,7 +357,7 @@ def _run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: i
     for these examples: the values its forward gives, to float rounding). Training units pass `states`
     ({layer, or layout.FINAL for --logits hidden: codecs.UnitStates}), which receive each batch's
     per-token states in storage order. Returns
-    (outputs, logit rows), on the host: outputs are the per-example (N, C) logit rows or, causal-lm,
+    (outputs, logit rows), where they were computed: outputs are the per-example (N, C) logit rows or, causal-lm,
     each block's mean next-token loss (N,), or with `per_token` (token classification, question
     answering) (tokens, C); with a `generator` (causal-lm training units), the sparse rows
     {"ids", "logprobs"[, "counts"]: (tokens, S)}. Nothing waits for the device inside the unit."""
@@ -380,7 +385,7 @@ def _run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: i
         if generator is not None:
             for name, part in sparsify(_real(logits, real), logit_spec, generator).items():
                 rows.setdefault(name, []).append(part)
-    return torch.cat(outputs).cpu(), {name: torch.cat(parts).cpu() for name, parts in rows.items()}
+    return torch.cat(outputs), {name: torch.cat(parts) for name, parts in rows.items()}
 
 
 def _real(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -423,7 +428,13 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec
     bar = tqdm(total=len(units), desc="teacher pass (units)", leave=False, disable=None)
     if writer_kind == "auto":
         writer_kind = "process" if device.type == "cuda" else "thread"
+    copies = HostCopies(device)
     with BackgroundWriter(writer, writer_kind) as background:
+        def hand_over(split, unit, outputs, rows, encoded):
+            background.write(split, unit, {} if per_token else {output_key: outputs.tolist()}, encoded, rows,
+                             outputs if per_token else None)
+            bar.update(1)
+
         for split, unit, order, part in stored_units(splits, bounds, meta.seed, units):
             train = split == "train"
             states = {key: UnitStates(meta.precision, writer.channel_scales.get(key), device)
@@ -435,8 +446,9 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec
             if states and writer.needs_channel_scales():
                 writer.calibrate({key: s.float_states() for key, s in states.items()})
             encoded = {key: s.finish(writer.channel_scales.get(key)) for key, s in states.items()} if train else None
-            background.write(split, unit, {} if per_token else {output_key: outputs.tolist()}, encoded, rows,
-                             outputs if per_token else None)
-            bar.update(1)
+            for landed in copies.push((split, unit, outputs, rows, encoded)):
+                hand_over(*landed)
+        for landed in copies.drain():
+            hand_over(*landed)
         background.close()
     bar.close()

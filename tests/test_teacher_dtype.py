@@ -63,3 +63,15 @@ def test_a_bf16_causal_lm_teacher_with_its_tied_head_and_hidden_logits(tmp_path)
     report = distill(DistillConfig(cache=caches["bf16"].location.url, student=str(student), out=str(tmp_path / "kd"),
                                    method="kd", max_steps=2, optim=OptimConfig(batch_size=8)))
     assert np.isfinite(report["history"][-1]["loss"])
+
+
+def test_a_compiled_teacher_writes_what_the_eager_one_does_to_float_rounding_and_the_cache_says_so(assets, tmp_path):
+    data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], max_length=24)
+    base = ExtractConfig(teacher=str(assets["teacher"]), data=data, cache_dir=str(tmp_path / "caches"), states="raw",
+                         precision="fp32", batch_size=16, shard_tokens=256)
+    eager, compiled = (Cache(extract(replace(base, compile=on))) for on in (False, True))
+    assert compiled.metadata.identity["compiled"] is True and "compiled" not in eager.metadata.identity
+    for layer in eager.metadata.layers:
+        a, b = (c.split("train").states(layer, 0, 1 << 20)[0] for c in (compiled, eager))
+        assert a.shape == b.shape and _relative_error(a, b) < 1e-5
+    assert _relative_error(compiled.split("eval").teacher_logits, eager.split("eval").teacher_logits) < 1e-5

@@ -4,6 +4,7 @@ scales; and their decoding (`CompactStates.widen`, after the move to the trainin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,10 +38,9 @@ def as_stored(values: torch.Tensor) -> np.ndarray:
     return values.view(torch.uint16).numpy() if values.dtype == torch.bfloat16 else values.numpy()
 
 
-@dataclass
-class EncodedStates:
-    """One unit's states of one layer as stored, on the host, with the float64 moments of their float
-    values ([tokens, per-channel sums, sum of squares]) that the cache's state variance comes from."""
+class EncodedStates(NamedTuple):  # a tuple, so that HostCopies moves its tensors
+    """One unit's states of one layer as stored, with the float64 moments of their float values
+    ([tokens, per-channel sums (d,), sum of squares ()]) that the cache's state variance comes from."""
 
     values: torch.Tensor  # (tokens, d)
     token_scale: torch.Tensor | None  # (tokens,) fp16, int8 only
@@ -75,13 +75,13 @@ class UnitStates:
         return torch.cat(self.floats)
 
     def finish(self, channel_scale: torch.Tensor | None = None) -> EncodedStates:
-        """The unit encoded, on the host; a calibrating unit is encoded with `channel_scale`."""
+        """The unit encoded, where it was computed (nothing waits for the device); a calibrating unit is
+        encoded with `channel_scale`."""
         if self.calibrating:
             self.parts = [encode_states(part, self.precision, channel_scale) for part in self.floats]
-        values = torch.cat([v for v, _ in self.parts]).cpu()
-        token_scale = torch.cat([s for _, s in self.parts]).cpu() if self.precision == "int8" else None
-        moments = [self.count, torch.as_tensor(self.sums).cpu().tolist(), float(self.squares)]
-        return EncodedStates(values, token_scale, moments)
+        values = torch.cat([v for v, _ in self.parts])
+        token_scale = torch.cat([s for _, s in self.parts]) if self.precision == "int8" else None
+        return EncodedStates(values, token_scale, [self.count, torch.as_tensor(self.sums), torch.as_tensor(self.squares)])
 
 
 def decode_values(values: np.ndarray, precision: str) -> torch.Tensor:

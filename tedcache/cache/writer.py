@@ -223,7 +223,8 @@ class CacheWriter:
             stop = min((unit + 1) * shard, arr.shape[0])  # the last shard may be short
             arr[unit * shard:stop] = data[:stop - unit * shard]
             checksums.update(self._object_checksums(arr, [(unit,) + (0,) * (data.ndim - 1)]))
-        moments = {str(layer): encoded.moments for layer, encoded in (states or {}).items()} or None
+        moments = {str(layer): [int(count), sums.tolist(), float(squares)]
+                   for layer, (_, _, (count, sums, squares)) in (states or {}).items()} or None
         record = UnitRecord(split, unit, outputs, checksums, moments)
         self.location.write_bytes(layout.unit_record(split, unit), record.to_bytes())
 

@@ -63,7 +63,7 @@ class BigProfile:
 
 GPU_PROFILE = BigProfile(teacher=LlamaShape(24, 2048, 32, 8, 5632), student=LlamaShape(30, 576, 12, 3, 1536),
                          teacher_layers="every:4", student_layers="every:5", block_size=512, batch_size=32,
-                         blocks=2048, text_repeats=4, steps=30, trials=3, trial_steps=100)
+                         blocks=1024, text_repeats=2, steps=30, trials=2, trial_steps=60)
 CPU_PROFILE = BigProfile(teacher=None, student=LlamaShape(6, 192, 3, 1, 512),
                          teacher_layers="every:5", student_layers="all", block_size=128, batch_size=8,
                          blocks=256, text_repeats=1, steps=12, trials=2, trial_steps=32)
