@@ -71,10 +71,10 @@ def test_big_profile_times_every_part_on_a_tiny_llama(tmp_path, monkeypatch):
     trials really run with the teacher."""
     import json
 
+    from test_causal_lm import make_lm_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tedcache.demos.bench_big import BigProfile, LlamaShape, big_table, run_big
-    from test_causal_lm import make_lm_tokenizer
 
     make_lm_tokenizer(tmp_path / "tokenizer", [f"w{i}" for i in range(300)])
     monkeypatch.setenv("TEDCACHE_BENCH_SMOLLM2", str(tmp_path / "tokenizer"))
