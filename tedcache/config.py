@@ -130,6 +130,10 @@ class ExtractConfig:
                                   "never waits on zarr), thread, or auto (process on a GPU, thread on a CPU, where "
                                   "a process competes for the cores; docs/performance.md). The cache is the same.",
                           choices=WRITERS)
+    device_map: str | None = setting(None, "Spread a teacher too big for one device: auto or balanced (accelerate's "
+                                           "placement: the GPUs, then the CPU, then disk) or a JSON file mapping "
+                                           "module names to devices (0, cuda:1, cpu, disk). One process; the "
+                                           "cache is the one device's. docs/distributed.md, \"Big models\".")
     compile: bool = setting(False, "Run the teacher through torch.compile (dynamic shapes; fused kernels for a "
                                    "launch-bound teacher). Values may differ from eager at float rounding, so "
                                    "the cache's identity records it; measured in docs/performance.md.")

@@ -22,13 +22,23 @@ from .cache.host_copies import HostCopies
 from .cache.layout import FINAL, pack, storage_order
 from .cache.logits import LogitSpec, check_rebuilt, head_tensors, id_dtype, parse_logit_spec, sparsify
 from .cache.read import read_filter_files
-from .config import ExtractConfig
+from .config import DEFAULT_CACHE_DIR, ExtractConfig
 from .data import Examples, concatenate, load_blocks, load_examples
 from .distributed import processes
 from .errors import TedcacheError, note
 from .filters import FilterBank, FilterSpec
 from .losses import labelled, lm_loss_per_block
-from .models import load_for_task, load_tokenizer, pad_id, teacher_dtype, tokenizer_hash, vocab_hash, weights_hash
+from .models import (
+    input_device,
+    load_for_task,
+    load_tokenizer,
+    pad_id,
+    placement,
+    teacher_dtype,
+    tokenizer_hash,
+    vocab_hash,
+    weights_hash,
+)
 from .reader import ExamplesSource, iterate_batches, to_device
 from .schema import check_choices, to_dict
 from .stage1 import describe_filters, train_filters
@@ -70,8 +80,14 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     lm = task == "causal-lm"
     device = procs.device(cfg.device)
     dtype = teacher_dtype(cfg.dtype, device)
+    if cfg.device_map is not None and procs.size > 1:
+        raise TedcacheError("--device-map places the teacher for one process; several processes each owning a "
+                            "group of devices are not supported yet: run extract as one process")
+    placed = placement(cfg.device_map, DEFAULT_CACHE_DIR / "offload")
     teacher = load_for_task(cfg.teacher, "teacher", task, resize=False, trust_remote_code=cfg.trust_remote_code,
-                            dtype=dtype).to(device)
+                            dtype=dtype, placement=placed)
+    teacher = teacher.to(device) if placed is None else teacher
+    device = input_device(teacher)
     if cfg.compile:
         teacher.forward = torch.compile(teacher.forward, dynamic=True)  # batches vary in length: one graph
     logit_spec = parse_logit_spec(cfg.logits, _tokenizer_width(teacher, tokenizer, cfg.teacher),
@@ -237,7 +253,7 @@ def _train_teacher_filters(teacher, spec: FilterSpec, splits: dict[str, Examples
     the splits Stage I read whole; for a causal LM, only when its last layer is tapped). With many
     processes, trained under DDP by all of them."""
     torch.manual_seed(cfg.seed)
-    bank = FilterBank(spec).to(next(teacher.parameters()).device)
+    bank = FilterBank(spec).to(input_device(teacher))
     train = splits["train"]
     if "stage1_examples" in metadata.identity:
         sample = np.random.default_rng(cfg.seed).choice(len(train), metadata.identity["stage1_examples"], replace=False)
@@ -361,7 +377,7 @@ def _run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: i
     each block's mean next-token loss (N,), or with `per_token` (token classification, question
     answering) (tokens, C); with a `generator` (causal-lm training units), the sparse rows
     {"ids", "logprobs"[, "counts"]: (tokens, S)}. Nothing waits for the device inside the unit."""
-    device = next(teacher.parameters()).device
+    device = input_device(teacher)
     final = states is not None and FINAL in states
     outputs, rows = [], {}
     source = ExamplesSource(examples) if stored is None else StoredSource(ExamplesSource(examples), stored)
@@ -419,7 +435,7 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec
     through the teacher. Without int8 channel scales yet, the first training unit sets them (see _prepare)."""
     stored = stored or {}
     meta = writer.metadata
-    device = next(teacher.parameters()).device
+    device = input_device(teacher)
     output_key = "logits" if logit_spec is None else "nll"
     per_token = meta.task in ("token-classification", "question-answering")
     sampled = logit_spec is not None and logit_spec.kind != "hidden"

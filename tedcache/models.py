@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -42,10 +45,10 @@ HEAD_CLASSES = {"token-classification": (AutoModelForTokenClassification, "a tok
 
 def load_classifier(name: str, what: str = "model", task: str | None = None,
                     label_names: list[str] | None = None, trust_remote_code: bool = False,
-                    dtype: torch.dtype | None = None):
+                    dtype: torch.dtype | None = None, placement: dict | None = None):
     """An AutoModelForSequenceClassification (token-classification: AutoModelForTokenClassification,
     question-answering: AutoModelForQuestionAnswering); with label_names/task given, its head is sized
-    to them."""
+    to them. `placement`: from_pretrained's device_map and offload_folder (see load_for_task)."""
     check_source(name, what)
     kwargs = {}
     if task == "regression":
@@ -58,14 +61,15 @@ def load_classifier(name: str, what: str = "model", task: str | None = None,
                   "label2id": {n: i for i, n in enumerate(label_names)}}
     auto, kind = HEAD_CLASSES.get(task, (AutoModelForSequenceClassification, "a sequence classifier"))
     return _from_pretrained(auto, name, what, kind, dtype, ignore_mismatched_sizes=bool(kwargs),
-                            trust_remote_code=trust_remote_code, **kwargs)
+                            trust_remote_code=trust_remote_code, **kwargs, **(placement or {}))
 
 
-def load_causal_lm(name: str, what: str = "model", trust_remote_code: bool = False, dtype: torch.dtype | None = None):
+def load_causal_lm(name: str, what: str = "model", trust_remote_code: bool = False, dtype: torch.dtype | None = None,
+                   placement: dict | None = None):
     """An AutoModelForCausalLM (GPT-2, Llama, SmolLM, ...); in `dtype` when given (else as HF loads it: fp32)."""
     check_source(name, what)
     return _from_pretrained(AutoModelForCausalLM, name, what, "a causal language model", dtype,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, **(placement or {}))
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -95,22 +99,64 @@ def _from_pretrained(auto_class, name: str, what: str, kind: str, dtype: torch.d
 
 
 def load_for_task(name: str, what: str, task: str, label_names: list[str] | None = None, resize: bool = True,
-                  trust_remote_code: bool = False, dtype: str = "fp32"):
+                  trust_remote_code: bool = False, dtype: str = "fp32", placement: dict | None = None):
     """The model class a task trains: a causal LM, or a sequence classifier (its head resized to the
     task's labels when `resize`), its weights in `dtype` (bf16, fp16 or fp32). Code shipped with a model
-    runs only with `trust_remote_code`."""
+    runs only with `trust_remote_code`. `placement` ({"device_map": ..., "offload_folder": ...}) spreads
+    the model over devices with accelerate's big-model placement (see input_device)."""
     if task == "causal-lm":
-        return load_causal_lm(name, what, trust_remote_code, DTYPES[dtype])
+        return load_causal_lm(name, what, trust_remote_code, DTYPES[dtype], placement)
     if not resize:
         return load_classifier(name, what, task if task in HEAD_CLASSES else None,
-                               trust_remote_code=trust_remote_code, dtype=DTYPES[dtype])
-    return load_classifier(name, what, task, label_names, trust_remote_code, DTYPES[dtype])
+                               trust_remote_code=trust_remote_code, dtype=DTYPES[dtype], placement=placement)
+    return load_classifier(name, what, task, label_names, trust_remote_code, DTYPES[dtype], placement)
+
+
+DEVICE_MAP_RULES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def placement(device_map: str | None, offload_root: Path) -> dict | None:
+    """--device-map resolved into from_pretrained's arguments: a rule of accelerate's (GPUs first, then the
+    CPU, then disk) or a JSON file mapping module names to devices (0, "cuda:1", "cpu", "disk"); offloaded
+    weights go to a folder under `offload_root` that is removed when the process ends. None: no map."""
+    if device_map is None:
+        return None
+    if device_map in DEVICE_MAP_RULES:
+        chosen = device_map
+    else:
+        try:
+            chosen = json.loads(Path(device_map).read_text())
+        except (OSError, ValueError) as exc:
+            raise TedcacheError(f"--device-map {device_map}: not one of {', '.join(DEVICE_MAP_RULES)} nor a readable "
+                                f"JSON file mapping module names to devices ({type(exc).__name__})") from exc
+    offload_root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="offload-", dir=offload_root))
+    atexit.register(shutil.rmtree, folder, True)
+    return {"device_map": chosen, "offload_folder": str(folder)}
+
+
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: its device, or for a model placed by a device map (accelerate) the first
+    GPU of the map (parts offloaded to the CPU or disk run there too), else the CPU."""
+    placed = getattr(model, "hf_device_map", None)
+    if not placed:
+        return next(model.parameters()).device
+    gpus = [d for d in placed.values() if d not in ("cpu", "disk")]
+    return torch.device(f"cuda:{gpus[0]}" if isinstance(gpus[0], int) else gpus[0]) if gpus else torch.device("cpu")
 
 
 def weights_hash(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer, in name order: the model's identity in a cache."""
+    """sha256 over every parameter and buffer, in name order: the model's identity in a cache. Weights a
+    device map offloaded (left on the meta device) are read one module at a time from their offload."""
+    from accelerate.utils import align_module_device
+
     digest = hashlib.sha256()
     for key, tensor in sorted(model.state_dict().items()):
+        if tensor.is_meta:
+            owner, _, leaf = key.rpartition(".")
+            module = model.get_submodule(owner)
+            with align_module_device(module, "cpu"):
+                tensor = getattr(module, leaf)
         digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -11,6 +11,7 @@ from .errors import TedcacheError
 from .filters import FilterBank, LMHead, SequenceHead, TokenHead
 from .loop import Validation, fit
 from .losses import labelled, labels_or_teacher, lm_loss, task_loss
+from .models import input_device
 from .reader import iterate_batches, num_batches, to_device
 from .state_store import frozen_forward
 from .taps import in_own_dtype, is_decoder_only, model_parts
@@ -57,7 +58,7 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
         losses = torch.stack([head_loss(head, f, batch, task) for head, f in zip(heads, bank(hidden))]) * share
         return losses.mean(), {f"layer_{layer}": value for layer, value in zip(bank.spec.layers, losses.detach())}
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     heads.to(device)
     scored = eval_source if eval_source is not None else source
 
@@ -106,7 +107,7 @@ def filter_metrics(model, bank: FilterBank, heads, source, task: str, pad_id: in
     causal-lm."""
     for module in (model, bank, heads):
         module.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)
     layers = bank.spec.layers
     sums: dict[str, float] = {}
     total = 0.0

@@ -142,4 +142,7 @@ def frozen_forward(model, batch: dict, layers: list[int]) -> tuple[torch.Tensor 
         return batch.get("teacher_logits"), [s.widen() for s in batch[STORED_KEY]]
     with torch.no_grad():
         logits, states = forward_with_taps(model, batch, layers)
-    return logits.float(), [s.float() for s in states]  # a bf16 or fp16 teacher's (fp32 filters read them)
+    # a bf16 or fp16 teacher's states as fp32 (what the filters read); a teacher spread over devices by a
+    # device map: its states gathered where the batch is, beside the filters
+    device = batch["input_ids"].device
+    return logits.float().to(device), [s.float().to(device) for s in states]

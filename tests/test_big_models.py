@@ -1,0 +1,48 @@
+"""Big models, tested on the CPU with tiny ones: a teacher spread by --device-map (here over the CPU and
+disk offload) writes the cache a teacher on one device writes, Stage I included; bad maps are refused in
+one line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from test_causal_lm import _extract, lm_assets  # noqa: F401 (a fixture)
+
+from tedcache import extract
+from tedcache.cache import Cache
+from tedcache.errors import TedcacheError
+
+
+def _stored_files(path: str) -> dict[str, bytes]:
+    """Every object of a cache but its metadata (which records the config and timings)."""
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(Path(path).rglob("*"))
+            if f.is_file() and f.name != "zarr.json"}
+
+
+def test_a_teacher_spread_over_cpu_and_disk_writes_the_one_device_cache(lm_assets, tmp_path):  # noqa: F811
+    device_map = tmp_path / "map.json"  # layers 1 and 2 offloaded to disk, loaded for each of their forwards
+    device_map.write_text(json.dumps({"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                                      "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "cpu",
+                                      "model.rotary_emb": "cpu", "lm_head": "cpu"}))
+    cfg, whole = _extract(lm_assets, tmp_path / "whole")
+    spread = extract(replace(cfg, cache_dir=str(tmp_path / "spread" / "caches"), device_map=str(device_map)))
+    got, want = _stored_files(spread), _stored_files(whole)
+    assert len(want) > 10 and got.keys() == want.keys()
+    assert [name for name in want if got[name] != want[name]] == []  # Stage I's filters and every target
+    a, b = Cache(spread).metadata, Cache(whole).metadata
+    assert a.teacher_weights_sha256 == b.teacher_weights_sha256 and a.stage1_filters == b.stage1_filters
+
+
+@pytest.mark.parametrize("device_map,named", [("missing.json", "not one of auto"),
+                                              ('{"": "cuda:3"}', "cannot load teacher")])
+def test_a_bad_device_map_is_refused_in_one_line(lm_assets, tmp_path, device_map, named):  # noqa: F811
+    if device_map.startswith("{"):  # a device this machine lacks
+        (tmp_path / "partial.json").write_text(device_map)
+        device_map = str(tmp_path / "partial.json")
+    cfg, _ = _extract(lm_assets, tmp_path / "first", states="none")
+    with pytest.raises(TedcacheError, match=named) as refused:
+        extract(replace(cfg, cache_dir=str(tmp_path / "caches"), device_map=device_map))
+    assert "\n" not in str(refused.value)
