@@ -24,6 +24,7 @@ def check_methods(methods: list[str], raw_cache: str | None) -> None:
                             "teacher and data (or leave lwd out of --methods)")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 TEACHER_DTYPES = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 on a GPU that has it, else fp32
+TRAIN_PRECISIONS = ("auto", "bf16-mixed", "fp32")  # distill; auto: bf16-mixed on a GPU, fp32 elsewhere
 WRITERS = ("auto", "process", "thread")  # where extraction writes units; auto: process on a GPU, thread on a CPU
 FILTER_KINDS = ("linear", "mlp")
 MSE_NORMS = ("none", "variance")
@@ -192,7 +193,9 @@ class DistillConfig:
     teacher: str | None = setting(None, "Online mode: compute the targets live with this teacher (the one the cache "
                                         "was extracted from) and the cache's filters.")
     device: str = setting("auto", "auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
-    autocast: bool | None = setting(None, "bf16 autocast (default: on when the device is a GPU).")
+    train_precision: str = setting("auto", "bf16-mixed: forward passes under bf16 autocast, the weights, optimiser state and "
+                                     "every loss term in fp32; fp32: everything fp32; auto: bf16-mixed on a GPU, fp32 "
+                                     "elsewhere. docs/distributed.md, \"Mixed precision\".", choices=TRAIN_PRECISIONS)
     resume: bool = setting(False, "Continue from the checkpoint an interrupted run left in OUT.checkpoint.")
     checkpoint_every: int = setting(0, "Optimiser steps between checkpoints (0: after every epoch).")
     trust_remote_code: bool = setting(False, "Run code shipped with the model folder or hub repository (custom "

@@ -12,6 +12,8 @@ from .errors import TedcacheError
 from .schema import check_choices, from_dict, merge, to_dict
 
 CONFIG_FILE = "config.yaml"
+# settings renamed since earlier run folders were written: old key -> (new key, {old value: new value})
+RENAMED = {"autocast": ("train_precision", {None: "auto", True: "bf16-mixed", False: "fp32"})}
 
 
 def config_yaml(config) -> str:
@@ -34,6 +36,10 @@ def read_config_file(path: str) -> dict:
         return {}
     if not isinstance(values, dict):
         raise TedcacheError(f"config file {path} must hold a mapping of settings, not a {type(values).__name__}")
+    for old, (new, translate) in RENAMED.items():
+        if old in values and new not in values:
+            value = values.pop(old)
+            values[new] = translate.get(value, value)
     return _expand_home(values)
 
 

@@ -249,7 +249,7 @@ def set_up(cfg: DistillConfig, log=None) -> DistillRun:
         raise TedcacheError(f"the student's tokenizer vocabulary differs from the cache's ({meta.tokenizer}); "
                             "use a student with the teacher's tokenizer, or extract a cache with a matching teacher")
     device = procs.device(cfg.device)
-    autocast = device.type == "cuda" if cfg.autocast is None else cfg.autocast
+    autocast = cfg.train_precision == "bf16-mixed" or (cfg.train_precision == "auto" and device.type == "cuda")
     torch.manual_seed(cfg.seed)  # a fresh head and the student's filters start from this seed
     student = load_for_task(cfg.student, "student", meta.task, meta.label_names,
                             trust_remote_code=cfg.trust_remote_code).to(device)

@@ -72,7 +72,7 @@ def test_flag_names_follow_fields():
     """Nested records are flattened under their prefix: stage1.lr is --stage1-lr, optim.lr is --lr."""
     names = {f.key: f.name for f in flags_of(DistillConfig)}
     assert names["optim.lr"] == "--lr" and names["stage1.lr"] == "--stage1-lr"
-    assert names["teacher"] == "--teacher" and names["device"] == "--device" and names["autocast"] == "--autocast"
+    assert names["teacher"] == "--teacher" and names["device"] == "--device" and names["train_precision"] == "--train-precision"
     names = {f.key: f.name for f in flags_of(ExtractConfig)}
     assert names["data.train"] == "--data" and names["filters.kind"] == "--filter" and names["seed"] == "--seed"
 
@@ -267,16 +267,18 @@ def test_run_config_reproduces_the_run_and_flags_override_it(assets, small_cache
     first = tmp_path / "first"
     result = run_cli("distill", "--cache", small_cache, "--student", assets["student"], "--out", first,
                      "--epochs", "1", "--batch-size", "16", "--lr", "1e-3", "--method", "kd", "--device", "cpu",
-                     "--log-every", "1", "--no-autocast")
+                     "--log-every", "1", "--train-precision", "fp32")
     assert result.returncode == 0, result.stderr
     saved = yaml.safe_load((first / "config.yaml").read_text())
-    assert saved["optim"]["lr"] == 1e-3 and saved["device"] == "cpu" and saved["autocast"] is False
+    assert saved["optim"]["lr"] == 1e-3 and saved["device"] == "cpu" and saved["train_precision"] == "fp32"
     saved["out"] = str(tmp_path / "again")
+    saved["autocast"] = saved.pop("train_precision") == "bf16-mixed"  # a run folder written before --train-precision
     (tmp_path / "again.yaml").write_text(yaml.safe_dump(saved))
     again = run_cli("distill", "--config", tmp_path / "again.yaml")
     assert again.returncode == 0, again.stderr
     a, b = (json.loads((p / "metrics.json").read_text()) for p in (first, tmp_path / "again"))
     assert a["history"] == b["history"] and a["best"] == b["best"]  # the same run, value for value
+    assert b["config"]["train_precision"] == "fp32"
     assert len(a["history"]) == a["eval"][-1]["step"]  # --log-every 1: a record per step
     override = run_cli("distill", "--config", tmp_path / "again.yaml", "--out", tmp_path / "other", "--seed", "7")
     assert override.returncode == 0, override.stderr
