@@ -6,21 +6,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from test_causal_lm import _extract, lm_assets  # noqa: F401 (a fixture)
+from test_store import _stored_files
 
 from tedcache import extract
 from tedcache.cache import Cache
 from tedcache.errors import TedcacheError
-
-
-def _stored_files(path: str) -> dict[str, bytes]:
-    """Every object of a cache but its metadata (which records the config and timings)."""
-    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(Path(path).rglob("*"))
-            if f.is_file() and f.name != "zarr.json"}
 
 
 def test_a_teacher_spread_over_cpu_and_disk_writes_the_one_device_cache(lm_assets, tmp_path):  # noqa: F811
