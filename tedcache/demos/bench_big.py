@@ -58,12 +58,12 @@ class BigProfile:
     text_repeats: int  # the training text, this many times over
     steps: int  # Stage II steps per mode (the first three are warm-up)
     trials: int  # tune trials from the cache, and as many with the teacher live
-    trial_steps: int  # Stage II steps of each trial
+    trial_steps: int  # Stage II steps of each trial (at most an epoch: base settings train one)
 
 
 GPU_PROFILE = BigProfile(teacher=LlamaShape(24, 2048, 32, 8, 5632), student=LlamaShape(30, 576, 12, 3, 1536),
                          teacher_layers="every:4", student_layers="every:5", block_size=512, batch_size=32,
-                         blocks=1024, text_repeats=2, steps=30, trials=2, trial_steps=60)
+                         blocks=1024, text_repeats=2, steps=30, trials=2, trial_steps=32)
 CPU_PROFILE = BigProfile(teacher=None, student=LlamaShape(6, 192, 3, 1, 512),
                          teacher_layers="every:5", student_layers="all", block_size=128, batch_size=8,
                          blocks=256, text_repeats=1, steps=12, trials=2, trial_steps=32)
