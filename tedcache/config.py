@@ -193,6 +193,9 @@ class DistillConfig:
     teacher: str | None = setting(None, "Online mode: compute the targets live with this teacher (the one the cache "
                                         "was extracted from) and the cache's filters.")
     device: str = setting("auto", "auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
+    fsdp: bool = setting(False, "Many processes: shard the student, its filters, gradients and optimiser state "
+                                "over them (FSDP2) instead of replicating them (DDP), for a student whose training "
+                                "state does not fit one device. See docs/distributed.md, \"Big models\".")
     train_precision: str = setting("auto", "bf16-mixed: forward passes under bf16 autocast, the weights, optimiser state and "
                                      "every loss term in fp32; fp32: everything fp32; auto: bf16-mixed on a GPU, fp32 "
                                      "elsewhere. docs/distributed.md, \"Mixed precision\".", choices=TRAIN_PRECISIONS)

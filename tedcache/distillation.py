@@ -214,8 +214,11 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
     phases = before_stage2(run)
     result = train(run, on_eval)
     report, test_outputs = _report(run, result, phases, score_test)
+    # under FSDP the student's whole state is gathered to the main process (a collective), which saves it
+    weights = run.procs.state_of(run.student) if keep_model and run.procs.sharding else None
     if run.procs.main:  # the student is saved once
-        save_run(run.student if keep_model else None, run.tokenizer, run.cfg.out, report, run.as_given, test_outputs)
+        save_run(run.student if keep_model else None, run.tokenizer, run.cfg.out, report, run.as_given, test_outputs,
+                 weights)
         run.checkpoint.remove()
     run.procs.barrier()
     metric, best = PRIMARY_METRIC[run.task], report["best"] or {}
@@ -228,8 +231,10 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
 def set_up(cfg: DistillConfig, log=None) -> DistillRun:
     """Check the cache and the student against each other, load the student, map its layers and build its
     loss; nothing trains yet."""
-    procs = processes()
+    procs = processes().with_fsdp() if cfg.fsdp else processes()
     log = (log or note) if procs.main else (lambda *_: None)
+    if cfg.fsdp and procs.size == 1:
+        log("--fsdp in one process: nothing to shard over, the student trains as usual")
     check_choices(cfg)
     requested, as_given = asdict(cfg), cfg
     cfg = effective_weights(cfg)
@@ -297,7 +302,7 @@ def before_stage2(run: DistillRun) -> dict:
         ft_cfg = replace(cfg.optim, epochs=cfg.finetune_first)
         task_only = Stage2Loss(run.task, "finetune").to(run.device)
         phases["finetune_first"] = fit(
-            list(student.parameters()), [student],
+            [student],
             lambda e: iterate_batches(labels_only, ft_cfg.batch_size, pad_id, True, cfg.seed, e),
             num_batches(labels_only, ft_cfg.batch_size), lambda b: stage2_step(student, task_only, b),
             ft_cfg, "fine-tune student first", device=run.device, autocast=run.autocast)
@@ -355,7 +360,7 @@ def train(run: DistillRun, on_eval=None) -> dict:
     reset_peak_memory(run.device)
     per_epoch = num_batches(CacheSource(run.cache.split("train")), cfg.optim.batch_size, procs.size, cfg.shard_reads,
                             cfg.workers)
-    return fit([p for m in modules for p in m.parameters()], modules, epoch_batches, per_epoch, loss_fn, cfg.optim,
+    return fit(modules, epoch_batches, per_epoch, loss_fn, cfg.optim,
                f"stage II ({cfg.method}{', online' if live else ''})",
                validation=Validation(validate, PRIMARY_METRIC[task], cfg.eval_every) if eval_split is not None else None,
                max_steps=cfg.max_steps, log_every=cfg.log_every, device=run.device, autocast=run.autocast,
@@ -384,6 +389,7 @@ def _report(run: DistillRun, result: dict, phases: dict, score_test: bool) -> tu
         "stage2_data_wait_share": result["data_wait_share"],
         # a GPU's peak allocation in Stage II; on a CPU the process's peak resident memory
         "stage2_peak_memory_mb": peak_memory_mb(run.device),
+        "stage2_peak_memory_mb_per_process": run.procs.gather(peak_memory_mb(run.device)),
     }
     test_outputs = None
     if test_split is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import warnings
 
 import numpy as np
@@ -88,6 +87,8 @@ def model_outputs(model, batches, task: str) -> dict[str, np.ndarray]:
     for batch in batches:
         inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         logits = output_logits(model(**inputs))
+        if batch.get("padding"):  # a pass that only keeps the processes in step (see Processes.share)
+            continue
         if task == "question-answering":
             values.extend(window_answers(logits.float().cpu().numpy(), batch["context_spans"].numpy(),
                                          batch["attention_mask"].numpy()))
@@ -121,8 +122,7 @@ def predictions(model, batches, task: str, processes=None, questions: list[dict]
     split's `questions`): per question its F1 and more (see qa.answer_questions). With several
     `processes`, each scores every N-th batch and the outputs are gathered."""
     processes = processes or ALONE
-    mine = itertools.islice(batches, processes.rank, None, processes.size)
-    parts = processes.gather(model_outputs(model, mine, task))
+    parts = processes.gather(model_outputs(model, processes.share(batches), task))
     full = [p for p in parts if len(p["index"])]
     merged = {key: np.concatenate([p[key] for p in full]) for key in full[0]}
     order = merged["index"].argsort(kind="stable")  # token classification: words keep their order

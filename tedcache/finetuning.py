@@ -55,7 +55,7 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
         return evaluate(model, iterate_batches(ExamplesSource(evaluation), 64, pad), task, label_names=label_names,
                         questions=evaluation.questions)
 
-    result = fit(list(model.parameters()), [model],
+    result = fit([model],
                  lambda e: iterate_batches(source, cfg.optim.batch_size, pad, True, cfg.seed, e),
                  num_batches(source, cfg.optim.batch_size), loss_fn, cfg.optim, "fine-tune",
                  validation=Validation(evaluate_model, PRIMARY_METRIC[task]) if evaluation is not None else None)

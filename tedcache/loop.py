@@ -135,15 +135,16 @@ class LoopState:
                 "evals": self.evals, "best": self.best, "stale": self.stale}
 
 
-def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_batches: Callable[[int], Iterable],
+def fit(modules: list[torch.nn.Module], epoch_batches: Callable[[int], Iterable],
         batches_per_epoch: int, loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], cfg: OptimConfig, desc: str,
         validation: Validation | None = None, max_steps: int | None = None, log_every: int = 10,
         device: torch.device = torch.device("cpu"), autocast: bool = False, processes: Processes = ALONE,
         checkpoint: Checkpoint | None = None) -> dict:
     """AdamW + linear warm-up/decay over `cfg.epochs` (fractions allowed) of `epoch_batches(epoch)`; an
     optimiser step takes `cfg.grad_accum` micro-batches (and, with several processes, one from each: the
-    modules are wrapped in DDP). `loss_fn` gets each batch with its "share" (see batch_shares) and the
-    number of the optimiser step it is part of ("step", from 1).
+    modules are wrapped in DDP, or sharded by FSDP). What trains is every parameter of `modules` that
+    requires a gradient. `loss_fn` gets each batch with its "share" (see batch_shares) and the number of
+    the optimiser step it is part of ("step", from 1).
 
     `modules` are put in train mode; with `validation` (see Validation), the state of `modules` at the
     best validation is restored at the end. With `checkpoint`, the loop's state is saved every
@@ -159,19 +160,24 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
     if max_steps is not None:
         total = min(total, max_steps)
     model = processes.wrap(LossModule(modules, loss_fn))
+    # taken after wrapping: FSDP replaces the parameters with sharded ones
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    state = _resume(checkpoint, modules, optimizer, schedule, processes)
+    state = _resume(checkpoint, model, modules, optimizer, schedule, processes)
     started = time.perf_counter() - state.seconds
     bar = tqdm(total=total, initial=state.step, desc=desc, leave=False, disable=None if processes.main else True)
 
     def validate():
-        _validate(validation, state, modules, steps_per_epoch)
+        _validate(validation, state, modules, steps_per_epoch, processes)
 
     def save_checkpoint():
-        rng = processes.gather(torch.get_rng_state())  # a collective: every process takes part
+        # collectives, which every process takes part in: the generators, and under FSDP the whole states
+        rng = processes.gather(torch.get_rng_state())
+        modules_state = [processes.state_of(m) for m in modules]
+        optimizer_state = processes.optimizer_state(model, optimizer)
         if processes.main:
-            checkpoint.save({"modules": _snapshot(modules), "optimizer": optimizer.state_dict(),
+            checkpoint.save({"modules": modules_state, "optimizer": optimizer_state,
                              "schedule": schedule.state_dict(), "loop": state.progress(),
                              "best_state": state.best_state, "rng": rng, "seconds": time.perf_counter() - started})
         processes.barrier()
@@ -217,23 +223,23 @@ def fit(params: list[torch.nn.Parameter], modules: list[torch.nn.Module], epoch_
         validate()
     if state.best_state is not None:
         for m, saved in zip(modules, state.best_state):
-            m.load_state_dict(saved)
+            processes.load_state(m, saved)
     return {"history": state.history, "evals": state.evals, "best": state.best, "steps": state.step,
             "stopped_early": state.step < total, "seconds": time.perf_counter() - started,
             "median_step_s": float(np.median(state.step_seconds)) if state.step_seconds else None,
             "data_wait_share": sum(state.wait_seconds) / sum(state.step_seconds) if state.step_seconds else None}
 
 
-def _resume(checkpoint: Checkpoint | None, modules: list[torch.nn.Module], optimizer, schedule,
-            processes: Processes) -> LoopState:
+def _resume(checkpoint: Checkpoint | None, model: torch.nn.Module, modules: list[torch.nn.Module], optimizer,
+            schedule, processes: Processes) -> LoopState:
     """A fresh LoopState, or the one a saved checkpoint holds (the modules, optimiser, schedule and this
     process's generator restored with it)."""
     if checkpoint is None or not checkpoint.exists():
         return LoopState()
     saved = checkpoint.load()
     for m, module_state in zip(modules, saved["modules"]):
-        m.load_state_dict(module_state)
-    optimizer.load_state_dict(saved["optimizer"])
+        processes.load_state(m, module_state)
+    processes.load_optimizer_state(model, optimizer, saved["optimizer"])
     schedule.load_state_dict(saved["schedule"])
     torch.set_rng_state(saved["rng"][processes.rank])  # one state per process
     return LoopState(**saved["loop"], best_state=saved["best_state"], seconds=saved["seconds"])
@@ -265,17 +271,14 @@ def _logged(step: int, loss: torch.Tensor, terms: dict, processes: Processes) ->
     return {"step": step, "loss": values[0], **dict(zip(terms, values[1:]))}
 
 
-def _validate(validation: Validation, state: LoopState, modules: list[torch.nn.Module], steps_per_epoch: int) -> None:
+def _validate(validation: Validation, state: LoopState, modules: list[torch.nn.Module], steps_per_epoch: int,
+              processes: Processes) -> None:
     """Score the modules, record it, and keep their state when it is the best so far."""
     result = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 3), **validation.score()}
     state.evals.append(result)
     for m in modules:
         m.train()
     if better(result, state.best, validation.select):
-        state.best, state.best_state, state.stale = result, _snapshot(modules), 0
+        state.best, state.best_state, state.stale = result, [processes.state_of(m) for m in modules], 0
     else:
         state.stale += 1
-
-
-def _snapshot(modules: list[torch.nn.Module]) -> list[dict]:
-    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]

@@ -20,8 +20,9 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "test_predictions.npz"  # the test split's outputs in example order (see evaluate.predictions)
 
 
-def save_run(model, tokenizer, out: str, metrics: dict, config, test_outputs: dict | None = None) -> Path:
-    """Write the model (save_pretrained), its tokenizer, metrics.json, the run's configuration
+def save_run(model, tokenizer, out: str, metrics: dict, config, test_outputs: dict | None = None,
+             weights: dict | None = None) -> Path:
+    """Write the model (save_pretrained, with `weights` in place of its own state if given), its tokenizer, metrics.json, the run's configuration
     (config.yaml: `--config` it to run it again) and its test predictions (for paired tests) to `out`,
     atomically: everything goes to a temporary sibling folder that replaces `out` only once complete."""
     out_path = Path(out)
@@ -31,7 +32,7 @@ def save_run(model, tokenizer, out: str, metrics: dict, config, test_outputs: di
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     try:
         if model is not None:  # (None: a tuning trial keeps only its metrics)
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, state_dict=weights)
             tokenizer.save_pretrained(staging)
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         (staging / CONFIG_FILE).write_text(config_yaml(config))

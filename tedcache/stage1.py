@@ -65,11 +65,10 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
     def measure() -> dict:
         return filter_metrics(model, bank, heads, scored, task, pad_id, cfg.batch_size)
 
-    params = list(bank.parameters()) + list(heads.parameters())
     per_process, place = cfg.batch_size // processes.size, (processes.rank, processes.size)
     if processes.size > 1:  # the backbone's dropout: each process its own draws (one keeps the seeding above)
         processes.seed(seed)
-    result = fit(params, [model, bank, heads],
+    result = fit([model, bank, heads],
                  lambda epoch: iterate_batches(source, per_process, pad_id, shuffle=True, seed=seed, epoch=epoch,
                                                process=place),
                  num_batches(source, per_process, processes.size), loss_fn, cfg, desc, device=device,

@@ -5,6 +5,7 @@ gives the one-process loss curve at the same global batch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -288,18 +290,35 @@ def test_two_process_distill_with_shard_reads(one_process_cache, no_dropout_stud
     assert run["history"][-1]["loss"] < run["history"][0]["loss"]
 
 
-def kill_after_checkpoint(args: list, state: Path) -> None:
-    """Start `tedcache ARGS`, SIGKILL it a few steps after its first checkpoint `state` is written."""
-    proc = subprocess.Popen([sys.executable, "-m", "tedcache.cli.main", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=ENV)
+def kill_after_checkpoint(args: list, state: Path, launcher: Callable = lambda *args: [
+        sys.executable, "-m", "tedcache.cli.main", *map(str, args)]) -> None:
+    """Start `tedcache ARGS` (through `launcher`), SIGKILL it, with every process it started, a few steps
+    after its first checkpoint `state` is written."""
+    proc = subprocess.Popen(launcher(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not state.exists():
         time.sleep(0.01)
     time.sleep(0.3)  # a few more steps past the checkpoint, lost by the kill
     assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
+    for pid in process_tree(proc.pid):  # (torchrun starts its workers in sessions of their own)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     assert state.exists()
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process descended from it, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
 
 
 def _long_run_args(cache, student, out):
@@ -341,3 +360,43 @@ def test_compare_killed_mid_run_continues_that_run_from_its_checkpoint(one_proce
     b = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     assert a["history"] == b["history"] and a["eval"] == b["eval"] and a["test"] == b["test"]
     assert not (tmp_path / "runs" / "ted-seed3.checkpoint").exists()
+
+
+@pytest.mark.process
+def test_fsdp_distill_matches_one_process_resumes_after_a_kill_and_saves_a_plain_student(
+        one_process_cache, no_dropout_student, tmp_path):
+    """Two processes under --fsdp (each holding half of the student, its filters and their optimiser
+    state) train on one process's loss curve at the same global batch (accumulated over two micro-batches), score the same, save a plain HF
+    folder holding the same weights, and a run killed after a checkpoint resumes to the uninterrupted one."""
+    from transformers import AutoModelForSequenceClassification
+
+    _, cache = one_process_cache
+    one = run_one(*_distill_args(cache, no_dropout_student, tmp_path / "one", 16))
+    assert one.returncode == 0, one.stderr
+    args = _distill_args(cache, no_dropout_student, tmp_path / "fsdp", 4, "--grad-accum", "2", "--fsdp",
+                         "--checkpoint-every", "3")
+    straight = subprocess.run(torchrun(*args), capture_output=True, text=True, env=ENV, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    runs = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "fsdp")}
+    assert runs["fsdp"]["processes"] == 2 and len(runs["fsdp"]["stage2_peak_memory_mb_per_process"]) == 2
+    assert [h["step"] for h in runs["fsdp"]["history"]] == [h["step"] for h in runs["one"]["history"]]
+    for mine, theirs in zip(runs["fsdp"]["history"], runs["one"]["history"]):
+        for key, value in theirs.items():
+            if key != "grad_ratio":  # probed only in one process
+                assert mine[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (mine["step"], key)
+    assert [e["accuracy"] for e in runs["fsdp"]["eval"]] == [e["accuracy"] for e in runs["one"]["eval"]]
+    assert runs["fsdp"]["test"]["accuracy"] == runs["one"]["test"]["accuracy"]
+    students = [AutoModelForSequenceClassification.from_pretrained(tmp_path / name) for name in ("one", "fsdp")]
+    weights = [dict(s.named_parameters()) for s in students]
+    assert sorted(weights[0]) == sorted(weights[1])
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-3, atol=1e-5, msg=name)
+
+    args[args.index("--out") + 1] = tmp_path / "killed"
+    kill_after_checkpoint(args, tmp_path / "killed.checkpoint" / "state.pt", launcher=torchrun)
+    resumed = subprocess.run(torchrun(*args, "--resume"), capture_output=True, text=True, env=ENV, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr
+    killed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert killed["history"] == runs["fsdp"]["history"] and killed["eval"] == runs["fsdp"]["eval"]
+    assert killed["test"] == runs["fsdp"]["test"]
