@@ -22,9 +22,10 @@ PREDICTIONS_FILE = "test_predictions.npz"  # the test split's outputs in example
 
 def save_run(model, tokenizer, out: str, metrics: dict, config, test_outputs: dict | None = None,
              weights: dict | None = None) -> Path:
-    """Write the model (save_pretrained, with `weights` in place of its own state if given), its tokenizer, metrics.json, the run's configuration
-    (config.yaml: `--config` it to run it again) and its test predictions (for paired tests) to `out`,
-    atomically: everything goes to a temporary sibling folder that replaces `out` only once complete."""
+    """Write the model (save_pretrained, with `weights` in place of its own state if given), its tokenizer,
+    metrics.json, the run's configuration (config.yaml: `--config` it to run it again) and its test
+    predictions (for paired tests) to `out`, atomically: everything goes to a temporary sibling folder that
+    replaces `out` only once complete."""
     out_path = Path(out)
     if out_path.exists() and any(out_path.iterdir()) and not (out_path / METRICS_FILE).exists():
         raise TedcacheError(f"--out {out} exists and is not a tedcache run folder; choose an empty or new folder")

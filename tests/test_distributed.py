@@ -366,8 +366,9 @@ def test_compare_killed_mid_run_continues_that_run_from_its_checkpoint(one_proce
 def test_fsdp_distill_matches_one_process_resumes_after_a_kill_and_saves_a_plain_student(
         one_process_cache, no_dropout_student, tmp_path):
     """Two processes under --fsdp (each holding half of the student, its filters and their optimiser
-    state) train on one process's loss curve at the same global batch (accumulated over two micro-batches), score the same, save a plain HF
-    folder holding the same weights, and a run killed after a checkpoint resumes to the uninterrupted one."""
+    state) train on one process's loss curve at the same global batch (accumulated over two
+    micro-batches), score the same, save a plain HF folder holding the same weights, and a run killed
+    after a checkpoint resumes to the uninterrupted one."""
     from transformers import AutoModelForSequenceClassification
 
     _, cache = one_process_cache
