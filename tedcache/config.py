@@ -133,8 +133,14 @@ class ExtractConfig:
                           choices=WRITERS)
     device_map: str | None = setting(None, "Spread a teacher too big for one device: auto or balanced (accelerate's "
                                            "placement: the GPUs, then the CPU, then disk) or a JSON file mapping "
-                                           "module names to devices (0, cuda:1, cpu, disk). One process; the "
-                                           "cache is the one device's. docs/distributed.md, \"Big models\".")
+                                           "module names to devices (0, cuda:1, cpu, disk). The cache is the "
+                                           "one device's. docs/distributed.md, \"Big models\".")
+    devices_per_process: int = setting(0, "With --device-map and several processes per machine: the GPUs each "
+                                          "process places its teacher over (process r owns GPUs r*K to r*K+K-1; "
+                                          "a map file's GPU numbers count within them); 0: the machine's GPUs "
+                                          "shared equally.")
+    offload_dir: str | None = setting(None, "Where --device-map's disk offload goes (default: "
+                                            "~/.cache/tedcache/offload); removed when extract ends.")
     compile: bool = setting(False, "Run the teacher through torch.compile (dynamic shapes; fused kernels for a "
                                    "launch-bound teacher). Values may differ from eager at float rounding, so "
                                    "the cache's identity records it; measured in docs/performance.md.")

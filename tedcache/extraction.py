@@ -6,11 +6,13 @@ filters, the token arrays and every finished unit are kept, and only the missing
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from .errors import TedcacheError, note
 from .filters import FilterBank, FilterSpec
 from .losses import labelled, lm_loss_per_block
 from .models import (
+    device_group,
     input_device,
     load_for_task,
     load_tokenizer,
@@ -80,10 +83,9 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     lm = task == "causal-lm"
     device = procs.device(cfg.device)
     dtype = teacher_dtype(cfg.dtype, device)
-    if cfg.device_map is not None and procs.size > 1:
-        raise TedcacheError("--device-map places the teacher for one process; several processes each owning a "
-                            "group of devices are not supported yet: run extract as one process")
-    placed = placement(cfg.device_map, DEFAULT_CACHE_DIR / "offload")
+    gpus = device_group(cfg.devices_per_process, int(os.environ.get("LOCAL_RANK", 0)),
+                        int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()) if cfg.device_map else None
+    placed = placement(cfg.device_map, Path(cfg.offload_dir or DEFAULT_CACHE_DIR / "offload"), gpus)
     teacher = load_for_task(cfg.teacher, "teacher", task, resize=False, trust_remote_code=cfg.trust_remote_code,
                             dtype=dtype, placement=placed)
     teacher = teacher.to(device) if placed is None else teacher

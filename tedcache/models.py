@@ -87,7 +87,11 @@ def _from_pretrained(auto_class, name: str, what: str, kind: str, dtype: torch.d
     """auto_class.from_pretrained (in `dtype` when given, else HF's default, fp32), its failures turned into
     one line; the model's parts found (model_parts)."""
     try:
+        if kwargs.get("device_map") is not None:
+            kwargs["device_map"] = _fitted_map(auto_class, name, dtype, kwargs)
         model = auto_class.from_pretrained(name, **kwargs, **({"dtype": dtype} if dtype is not None else {}))
+    except TedcacheError:
+        raise
     except Exception as exc:
         if "trust_remote_code" in str(exc):
             raise TedcacheError(f"{what} {name} ships its own model code; pass --trust-remote-code to run it "
@@ -115,10 +119,12 @@ def load_for_task(name: str, what: str, task: str, label_names: list[str] | None
 DEVICE_MAP_RULES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def placement(device_map: str | None, offload_root: Path) -> dict | None:
+def placement(device_map: str | None, offload_root: Path, gpus: list[int] | None = None) -> dict | None:
     """--device-map resolved into from_pretrained's arguments: a rule of accelerate's (GPUs first, then the
-    CPU, then disk) or a JSON file mapping module names to devices (0, "cuda:1", "cpu", "disk"); offloaded
-    weights go to a folder under `offload_root` that is removed when the process ends. None: no map."""
+    CPU, then disk) or a JSON file mapping module names to devices (0, "cuda:1", "cpu", "disk"). `gpus`:
+    this process's group of GPUs (see device_group), over which a rule places and to which a file's GPU
+    numbers are relative. Offloaded weights go to a folder under `offload_root` that is removed when the
+    process ends. None: no map."""
     if device_map is None:
         return None
     if device_map in DEVICE_MAP_RULES:
@@ -129,10 +135,83 @@ def placement(device_map: str | None, offload_root: Path) -> dict | None:
         except (OSError, ValueError) as exc:
             raise TedcacheError(f"--device-map {device_map}: not one of {', '.join(DEVICE_MAP_RULES)} nor a readable "
                                 f"JSON file mapping module names to devices ({type(exc).__name__})") from exc
+        if not isinstance(chosen, dict):
+            raise TedcacheError(f"--device-map {device_map} holds a {type(chosen).__name__}, not a map of module "
+                                "names to devices")
+        chosen = {module: _in_group(device, gpus, device_map) for module, device in chosen.items()}
     offload_root.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="offload-", dir=offload_root))
     atexit.register(shutil.rmtree, folder, True)
-    return {"device_map": chosen, "offload_folder": str(folder)}
+    placed = {"device_map": chosen, "offload_folder": str(folder)}
+    if gpus is not None:  # only the group's GPUs (and the CPU, then disk) are offered to the rule
+        from accelerate.utils import get_max_memory
+
+        placed["max_memory"] = {k: v for k, v in get_max_memory().items() if k in gpus or not isinstance(k, int)}
+    return placed
+
+
+def _in_group(device, gpus: list[int] | None, source: str):
+    """A map file's device, its GPU number counted within this process's group."""
+    number = device if isinstance(device, int) else (int(device[5:]) if str(device).startswith("cuda:") else None)
+    if number is None or gpus is None:
+        return device
+    if number >= len(gpus):
+        raise TedcacheError(f"--device-map {source} names GPU {number}, but each process owns {len(gpus)} "
+                            "(numbers in a map count within a process's group); use 0 to "
+                            f"{len(gpus) - 1}, or more --devices-per-process")
+    return gpus[number]
+
+
+def device_group(per_process: int, local_rank: int, local_size: int, gpu_count: int) -> list[int] | None:
+    """The GPUs a process places its teacher over: process r of a machine's N owns GPUs r*K to r*K+K-1,
+    K = `per_process` (0: the machine's GPUs shared equally). None on a machine without GPUs, or for a
+    single process given no K (all GPUs)."""
+    if gpu_count == 0 or (local_size == 1 and per_process == 0):
+        return None
+    share = per_process or gpu_count // local_size
+    if share == 0 or share * local_size > gpu_count:
+        raise TedcacheError(f"{local_size} processes per machine with {share or 1} GPUs each need "
+                            f"{(share or 1) * local_size} GPUs; this machine has {gpu_count}: run fewer processes "
+                            "or give fewer --devices-per-process")
+    return list(range(local_rank * share, (local_rank + 1) * share))
+
+
+def _fitted_map(auto_class, name: str, dtype: torch.dtype | None, kwargs: dict):
+    """from_pretrained's device map, decided on a weightless copy of the model (a rule resolved as accelerate
+    resolves it, or a file's map as given) and checked against each device's free memory and the offload
+    folder's free disk, so that a map that cannot hold the model is refused before anything loads."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import compute_module_sizes, get_balanced_memory, get_max_memory
+    from transformers import AutoConfig
+
+    config_keys = ("num_labels", "problem_type", "id2label", "label2id", "trust_remote_code")
+    config = AutoConfig.from_pretrained(name, **{k: v for k, v in kwargs.items() if k in config_keys})
+    with init_empty_weights():
+        skeleton = auto_class.from_config(config, trust_remote_code=kwargs.get("trust_remote_code", False))
+    skeleton = skeleton.to(dtype) if dtype is not None else skeleton
+    skeleton.tie_weights()
+    chosen, offered = kwargs["device_map"], kwargs.get("max_memory")
+    if isinstance(chosen, str):
+        split = skeleton._no_split_modules
+        budget = (get_max_memory(offered) if chosen == "sequential" else
+                  get_balanced_memory(skeleton, offered, no_split_module_classes=split, low_zero=chosen == "balanced_low_0"))
+        chosen = infer_auto_device_map(skeleton, max_memory=budget, no_split_module_classes=split)
+    sizes, needed = compute_module_sizes(skeleton), {}
+    for module, device in chosen.items():
+        device = int(device[5:]) if str(device).startswith("cuda:") else device
+        needed[device] = needed.get(device, 0) + sizes.get(module, 0)
+    offload = Path(kwargs["offload_folder"])
+    free = {**get_max_memory(offered), "disk": shutil.disk_usage(offload).free}
+    for device, size in needed.items():
+        if device in free and size > free[device]:
+            shown = f"cuda:{device}" if isinstance(device, int) else f"disk ({offload.parent})" if device == "disk" else device
+            raise TedcacheError(f"the device map puts {_gib(size)} of the teacher's weights on {shown}, which has "
+                                f"{_gib(free[device])} free; free room there, or map fewer modules to it")
+    return chosen
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def input_device(model) -> torch.device:

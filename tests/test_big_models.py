@@ -1,10 +1,12 @@
 """Big models, tested on the CPU with tiny ones: a teacher spread by --device-map (here over the CPU and
-disk offload) writes the cache a teacher on one device writes, Stage I included; bad maps are refused in
-one line."""
+disk offload) writes the cache a teacher on one device writes, Stage I included; bad maps, and maps that
+do not fit, are refused in one line; process groups own their share of a machine's GPUs; bf16-mixed
+training follows fp32. (Several processes each placing a teacher, and FSDP: tests/test_distributed.py.)"""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import replace
 
 import pytest
@@ -15,6 +17,7 @@ from test_store import _stored_files
 from tedcache import extract
 from tedcache.cache import Cache
 from tedcache.errors import TedcacheError
+from tedcache.models import device_group
 
 
 def test_a_teacher_spread_over_cpu_and_disk_writes_the_one_device_cache(lm_assets, tmp_path):  # noqa: F811
@@ -41,6 +44,32 @@ def test_a_bad_device_map_is_refused_in_one_line(lm_assets, tmp_path, device_map
     with pytest.raises(TedcacheError, match=named) as refused:
         extract(replace(cfg, cache_dir=str(tmp_path / "caches"), device_map=device_map))
     assert "\n" not in str(refused.value)
+
+
+def test_a_map_whose_disk_offload_does_not_fit_is_refused_naming_both_sizes(lm_assets, tmp_path):  # noqa: F811
+    offload = tmp_path / "small"
+    offload.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(offload)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        device_map = tmp_path / "map.json"
+        device_map.write_text(json.dumps({"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
+                                          "model.rotary_emb": "cpu", "lm_head": "cpu"}))
+        cfg, _ = _extract(lm_assets, tmp_path / "first", states="none")
+        with pytest.raises(TedcacheError, match=r"puts [\d.]+ MiB of the teacher's weights on disk \(.*small\), which "
+                                                r"has [\d.]+ MiB free") as refused:
+            extract(replace(cfg, cache_dir=str(tmp_path / "caches"), device_map=str(device_map), offload_dir=str(offload)))
+        assert "\n" not in str(refused.value) and not (tmp_path / "caches").exists()
+    finally:
+        subprocess.run(["umount", str(offload)], check=True)
+
+
+def test_a_process_group_owns_its_share_of_the_machine_gpus():
+    assert device_group(0, 0, 1, 0) is None and device_group(0, 0, 1, 8) is None  # alone: every GPU
+    assert device_group(0, 1, 4, 8) == [2, 3] and device_group(2, 3, 4, 8) == [6, 7]
+    assert device_group(3, 1, 2, 8) == [3, 4, 5]
+    with pytest.raises(TedcacheError, match="need 12 GPUs; this machine has 8"):
+        device_group(3, 0, 4, 8)
 
 
 def test_bf16_mixed_training_follows_fp32_on_the_cpu(assets, tmp_path):

@@ -60,7 +60,8 @@ def cache_contents(path: str) -> tuple[dict, dict[str, np.ndarray], dict[str, di
     """Metadata (less timings and the folder it was written to), every array, and every unit record of a cache."""
     root = zarr.open_group(path, mode="r")
     meta = {k: v for k, v in root.attrs["tedcache"].items() if k != "timings"}
-    meta["config"] = {k: v for k, v in meta["config"].items() if k != "cache_dir"}  # each run wrote elsewhere
+    # where each run wrote, and how it placed its teacher
+    meta["config"] = {k: v for k, v in meta["config"].items() if k not in ("cache_dir", "device_map", "offload_dir")}
     arrays = {name: arr[...] for name, arr in root.members(max_depth=None) if isinstance(arr, zarr.Array)}
     records = {str(p.relative_to(path)): json.loads(p.read_text()) for p in Path(path).glob("units/*/*.json")}
     return meta, arrays, records
@@ -104,6 +105,23 @@ def test_two_process_extraction_equals_one_process(assets, one_process_raw_cache
     assert Path(path).name == Path(reference).name  # same inputs, same cache key
     assert json.loads((Path(path) / "zarr.json").read_text())["attributes"]["tedcache"]["timings"]["processes"] == 2
     assert_same_cache(path, reference)
+
+
+@pytest.mark.process
+def test_two_processes_each_spreading_the_teacher_over_cpu_and_disk_write_the_one_process_cache(
+        assets, one_process_raw_cache, tmp_path):
+    """Each process places its own teacher with the map (its own offload folder) and writes its units."""
+    data, reference = one_process_raw_cache
+    device_map = tmp_path / "map.json"
+    device_map.write_text(json.dumps({"bert.embeddings": "cpu", "bert.encoder.layer.0": "cpu",
+                                      "bert.encoder.layer.1": "disk", "bert.encoder.layer.2": "disk",
+                                      "bert.encoder.layer.3": "cpu", "bert.pooler": "cpu", "classifier": "cpu"}))
+    result = subprocess.run(torchrun(*_extract_args(assets, data, tmp_path / "caches", "--states", "raw",
+                                                    "--device-map", device_map, "--offload-dir", tmp_path / "offload")),
+                            capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_cache(result.stdout.strip().splitlines()[-1], reference)
+    assert list((tmp_path / "offload").iterdir()) == []  # each process removed its offload
 
 
 def _children(pid: int) -> list[int]:
@@ -308,17 +326,8 @@ def kill_after_checkpoint(args: list, state: Path, launcher: Callable = lambda *
 
 
 def process_tree(root: int) -> list[int]:
-    """`root` and every process descended from it, from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(stat.parent.name))
-    tree, todo = [], [root]
-    while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    return tree
+    """`root` and every process descended from it."""
+    return [root] + [pid for child in _children(root) for pid in process_tree(child)]
 
 
 def _long_run_args(cache, student, out):
