@@ -44,7 +44,8 @@ def main(work: Path, out: Path, layers: int, width: int, steps: int, repeats: in
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                        "-m", "tedcache.cli.main", "distill", "--cache", cache, "--student", str(student),
                        "--out", str(run), "--method", "ted", "--batch-size", "8", "--max-steps", str(steps),
-                       "--stage1-epochs", "0", "--seed", "1"] + (["--fsdp"] if mode == "fsdp" else [])
+                       "--stage1-epochs", "0", "--student-layers", f"every:{layers // 2}", "--seed", "1"]
+            command += ["--fsdp"] if mode == "fsdp" else []
             done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 sys.exit(done.stderr[-3000:])
