@@ -327,16 +327,10 @@ def train(run: DistillRun, on_eval=None) -> dict:
     cfg, procs, student, task = run.cfg, run.procs, run.student, run.task
     live = LiveTargets(cfg.teacher, run.cache, run.teacher_layers, run.device, cfg.seed) if cfg.teacher else None
     # online mode: the same reader, windows and order, with the targets' reads replaced by `live`
-    batches = CacheBatches(cfg.cache, "train", run.teacher_layers, cfg.optim.batch_size, shuffle=True,
-                           seed=cfg.seed, with_logits=task == "causal-lm" and cfg.kl_alpha > 0,
-                           process=(procs.rank, procs.size), shard_reads=cfg.shard_reads,
-                           read_ahead=_read_ahead(cfg), read_targets=live is None)
-    # its own generator: iterating a DataLoader draws a seed, which must not come from the global RNG
-    loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    loader = train_loader(run, cfg.optim.batch_size, cfg.workers, read_targets=live is None)
 
     def epoch_batches(epoch: int):
-        batches.set_epoch(epoch)
+        loader.set_epoch(epoch)
         return loader
 
     eval_split = run.cache.split("eval")
@@ -365,6 +359,24 @@ def train(run: DistillRun, on_eval=None) -> dict:
                validation=Validation(validate, PRIMARY_METRIC[task], cfg.eval_every) if eval_split is not None else None,
                max_steps=cfg.max_steps, log_every=cfg.log_every, device=run.device, autocast=run.autocast,
                processes=procs, checkpoint=run.checkpoint)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader over CacheBatches that passes the epoch on (each epoch its own order)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+def train_loader(run: DistillRun, batch_size: int, workers: int = 0, read_targets: bool = True) -> EpochLoader:
+    """Stage II's training batches: the cache's windows in the run's seeded order, this process's part."""
+    cfg = run.cfg
+    batches = CacheBatches(cfg.cache, "train", run.teacher_layers, batch_size, shuffle=True, seed=cfg.seed,
+                           with_logits=run.task == "causal-lm" and cfg.kl_alpha > 0,
+                           process=(run.procs.rank, run.procs.size), shard_reads=cfg.shard_reads,
+                           read_ahead=_read_ahead(cfg), read_targets=read_targets)
+    # its own generator: iterating a DataLoader draws a seed, which must not come from the global RNG
+    return EpochLoader(batches, batch_size=None, num_workers=workers, generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def _report(run: DistillRun, result: dict, phases: dict, score_test: bool) -> tuple[dict, dict | None]:

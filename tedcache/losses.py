@@ -206,6 +206,16 @@ class Stage2Loss(torch.nn.Module):
         """The student layers whose hidden states forward takes."""
         return self.filters.spec.layers if self.filters is not None else []
 
+    def needs(self) -> list[str]:
+        """The batch keys forward reads."""
+        lm = self.task == "causal-lm"
+        keys = ["input_ids", "attention_mask"] if lm else ["labels", "attention_mask"]
+        if self.kl_alpha > 0:
+            keys.append(("teacher_hidden" if self.kd_form == "hidden" else "teacher_rows") if lm else "teacher_logits")
+        if self.filters is not None and self.mse_alpha > 0:
+            keys.append("teacher_states")
+        return keys
+
     def forward(self, student_logits: torch.Tensor, student_states: list[torch.Tensor], batch: dict):
         mask = batch["attention_mask"]
         lm = self.task == "causal-lm"

@@ -150,6 +150,68 @@ class CacheBatches(torch.utils.data.IterableDataset):
                                    shard_reads=self.shard_reads, read_ahead=self.read_ahead)
 
 
+    def __len__(self) -> int:
+        """Batches per epoch in this process (over all DataLoader workers)."""
+        source = CacheSource(Cache(self.cache).split(self.split), self.layers, self.with_logits, read_targets=False)
+        return num_batches(source, self.batch_size, self.process[1], self.shard_reads)
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """One cache split as a map-style dataset, for a training loop of one's own: item i is example i's
+    input ids and token types, label, teacher logits, teacher states of `layers` (default: every cached
+    layer), and for causal LMs its sparse teacher rows or (`--logits hidden` caches) final states, in
+    the cache's compact dtypes (see `example`); `collate` pads and stacks items into tedcache's batch
+    (see collate_examples). Reads go through CacheSource a window of contiguous examples at a time, and
+    only the last `windows` windows are held; each DataLoader worker opens the cache itself. Any sampler
+    works (DistributedSampler, shuffling): a random order reads about one window per item, where
+    CacheBatches' window-wise shuffle reads each window once."""
+
+    def __init__(self, cache: str, split: str = "train", layers: list[int] | None = None, with_logits: bool = True,
+                 windows: int = 2):
+        self.cache, self.split, self.layers, self.with_logits, self.windows = cache, split, layers, with_logits, windows
+        opened = Cache(cache)
+        if opened.split(split) is None:
+            raise TedcacheError(f"cache {cache} has no {split} split")
+        self.pad_id = opened.metadata.pad_token_id
+        self._open()
+
+    def _open(self) -> None:
+        cache = Cache(self.cache)
+        self.source = CacheSource(cache.split(self.split), cache.layers if self.layers is None else self.layers,
+                                  self.with_logits)
+        mean_len = max(1.0, float(self.source.lengths.mean())) if len(self.source) else 1.0
+        window_tokens = min(65536, WINDOW_BYTES // max(1, self.source.state_bytes_per_token))
+        self.window_size = max(1, int(window_tokens / mean_len))
+        self._held: collections.OrderedDict[int, Window] = collections.OrderedDict()
+
+    def __getstate__(self) -> dict:  # a worker reopens the cache rather than receive open arrays
+        return {k: v for k, v in self.__dict__.items() if k not in ("source", "_held")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self.source):
+            raise IndexError(f"example {i} of {len(self.source)}")
+        number = i // self.window_size
+        if number in self._held:
+            self._held.move_to_end(number)
+        else:
+            first = number * self.window_size
+            self._held[number] = self.source.read(first, min(len(self.source), first + self.window_size))
+            while len(self._held) > self.windows:
+                self._held.popitem(last=False)
+        return example(self._held[number], i, self.source)
+
+    def collate(self, items: list[dict]) -> dict:
+        """A padded batch of items (a DataLoader's collate_fn)."""
+        return collate_examples(items, self.source, self.pad_id)
+
+
 def _windows(num_examples: int, size: int, rng: np.random.Generator | None) -> list[tuple[int, int]]:
     shift = int(rng.integers(size)) if rng is not None and num_examples > size else 0
     cuts = sorted({0, num_examples, *range(shift, num_examples, size)})
@@ -246,78 +308,87 @@ def _part(items: list, rank: int, size: int) -> list:
 
 
 def collate(items: list[tuple[Window, int]], source, pad_id: int) -> dict:
-    """Pad examples to the batch's longest. Keys: input_ids, attention_mask, [token_type_ids], [labels],
-    example_index, [teacher_logits], [teacher_states (or the source's states_key): one CompactStates
-    (B, L, d) per layer],
+    """The batch of (window, example) items: see collate_examples."""
+    return collate_examples([example(window, i, source) for window, i in items], source, pad_id)
+
+
+def example(window: Window, i: int, source) -> dict:
+    """Example `i`'s own arrays, unpadded, in the compact dtypes the cache holds (views into `window`):
+    example_index, input_ids (n,), [token_type_ids], [labels], [teacher_logits], [question_index],
+    [teacher_states: per layer (values (n, d), int8 token scales (n,) or None)], [teacher_rows: causal-lm
+    sparse rows {ids, logprobs[, counts]} (n, S)], [token_arrays: per-token labels, teacher logits and
+    context spans of token classification and question answering]."""
+    a = int(source.starts[i]) - window.base
+    b = a + int(source.lengths[i])
+    item = {"example_index": i, "input_ids": window.input_ids[a:b]}
+    if window.token_type_ids is not None:
+        item["token_type_ids"] = window.token_type_ids[a:b]
+    for key, values in (("labels", source.labels), ("teacher_logits", source.teacher_logits),
+                        ("question_index", source.question_index)):
+        if values is not None:
+            item[key] = values[i]
+    if window.states is not None:
+        item["teacher_states"] = [(v[a:b], None if t is None else t[a:b]) for v, t in window.states]
+    if window.logits is not None:
+        item["teacher_rows"] = {name: v[a:b] for name, v in window.logits.items()}
+    if window.token_arrays:
+        item["token_arrays"] = {name: v[a:b] for name, v in window.token_arrays.items()}
+    return item
+
+
+def collate_examples(items: list[dict], source, pad_id: int) -> dict:
+    """Pad `example` items to the longest and stack them. Keys: input_ids, attention_mask,
+    [token_type_ids], [labels], example_index, [teacher_logits], [teacher_states (or the source's
+    states_key): one CompactStates (B, L, d) per layer],
     [teacher_rows: causal-lm sparse rows {ids, logprobs[, counts]} (B, L, S), padding has id -1];
     [teacher_hidden: --logits hidden, one CompactStates (B, L, d) of final hidden states];
     token classification: labels and teacher_logits per token; question answering: teacher_logits per
     token (B, L, 2), context_spans (B, L, 2) and question_index (B,)."""
-    index = np.array([i for _, i in items])
-    lengths = source.lengths[index]
-    spans = [(int(source.starts[i]) - window.base, int(source.starts[i]) - window.base + int(n))
-             for (window, i), n in zip(items, lengths)]
-    size, batch_len = len(items), int(lengths.max())
-    input_ids = np.full((size, batch_len), pad_id, dtype=np.int64)
+    lengths = [len(item["input_ids"]) for item in items]
+    size, batch_len = len(items), max(lengths)
     mask = np.zeros((size, batch_len), dtype=np.int64)
-    has_tt = items[0][0].token_type_ids is not None
-    token_types = np.zeros((size, batch_len), dtype=np.int64) if has_tt else None
-    first_states = items[0][0].states
-    values = scales = None
-    if first_states is not None:
-        values = [np.zeros((size, batch_len, v.shape[1]), dtype=v.dtype) for v, _ in first_states]
-        scales = [None if t is None else np.ones((size, batch_len), dtype=t.dtype) for _, t in first_states]
-    first_rows = items[0][0].logits
-    rows = None if first_rows is None else {
-        name: np.full((size, batch_len, v.shape[1]), -1 if name == "ids" else 0, dtype=v.dtype)
-        for name, v in first_rows.items()}
-    for row, ((window, _), (a, b)) in enumerate(zip(items, spans)):
-        input_ids[row, :b - a] = window.input_ids[a:b]
-        mask[row, :b - a] = 1
-        if has_tt:
-            token_types[row, :b - a] = window.token_type_ids[a:b]
-        if values is not None:
-            for layer, (v, t) in enumerate(window.states):
-                values[layer][row, :b - a] = v[a:b]
-                if t is not None:
-                    scales[layer][row, :b - a] = t[a:b]
-        if rows is not None:
-            for name, out in rows.items():
-                out[row, :b - a] = window.logits[name][a:b]
-    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
-             "example_index": torch.from_numpy(index)}
-    if source.labels is not None:
-        batch["labels"] = torch.from_numpy(source.labels[index])
-    if has_tt:
-        batch["token_type_ids"] = torch.from_numpy(token_types)
-    if source.teacher_logits is not None:
-        batch["teacher_logits"] = torch.from_numpy(source.teacher_logits[index])
-    if source.question_index is not None:
-        batch["question_index"] = torch.from_numpy(source.question_index[index])
-    if values is not None:
-        states = [CompactStates(decode_values(v, source.precision), None if t is None else torch.from_numpy(t), c)
-                  for v, t, c in zip(values, scales, source.channel_scales)]
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    batch = {"input_ids": torch.from_numpy(_pad([item["input_ids"] for item in items], batch_len, pad_id, np.int64)),
+             "attention_mask": torch.from_numpy(mask),
+             "example_index": torch.tensor([item["example_index"] for item in items], dtype=torch.int64)}
+    first = items[0]
+    for key in ("labels", "token_type_ids", "teacher_logits", "question_index"):
+        if key in first:
+            values = [item[key] for item in items]
+            batch[key] = torch.from_numpy(_pad(values, batch_len, 0, np.int64) if key == "token_type_ids"
+                                          else np.stack(values))
+    if "teacher_states" in first:
+        states = []
+        for layer, channel_scale in enumerate(source.channel_scales):
+            values = _pad([item["teacher_states"][layer][0] for item in items], batch_len, 0)
+            scales = None if first["teacher_states"][layer][1] is None else \
+                torch.from_numpy(_pad([item["teacher_states"][layer][1] for item in items], batch_len, 1))
+            states.append(CompactStates(decode_values(values, source.precision), scales, channel_scale))
         if source.final:
             batch["teacher_hidden"] = states.pop()
         if states:
             batch[source.states_key] = states
-    if rows is not None:
-        batch["teacher_rows"] = {name: torch.from_numpy(v) for name, v in rows.items()}
-    if items[0][0].token_arrays:  # token classification and question answering
+    if "teacher_rows" in first:
+        batch["teacher_rows"] = {name: torch.from_numpy(_pad([item["teacher_rows"][name] for item in items], batch_len,
+                                                             -1 if name == "ids" else 0))
+                                 for name in first["teacher_rows"]}
+    if "token_arrays" in first:  # token classification and question answering
         for name, key, fill in ((TOKEN_LABELS, "labels", IGNORED), (TOKEN_LOGITS, "teacher_logits", 0.0),
                                 (CONTEXT_SPANS, "context_spans", -1)):
-            if name in items[0][0].token_arrays:
-                batch[key] = torch.from_numpy(_pad_tokens([w.token_arrays[name] for w, _ in items], spans, batch_len,
-                                                          fill))
+            if name in first["token_arrays"]:
+                arrays = [item["token_arrays"][name] for item in items]
+                batch[key] = torch.from_numpy(_pad(arrays, batch_len, fill, np.int64 if arrays[0].dtype.kind == "i" else None))
     return batch
 
 
-def _pad_tokens(arrays: list[np.ndarray], spans: list[tuple[int, int]], length: int, fill) -> np.ndarray:
-    """Each example's slice of a per-token array, padded to `length` with `fill`: (B, length, ...)."""
+def _pad(arrays: list[np.ndarray], length: int, fill, dtype=None) -> np.ndarray:
+    """Per-token arrays (n, ...) padded to `length` with `fill` and stacked: (B, length, ...), in `dtype`
+    (default: theirs)."""
     first = arrays[0]
-    out = np.full((len(arrays), length, *first.shape[1:]), fill, dtype=np.int64 if first.dtype.kind == "i" else first.dtype)
-    for row, (values, (a, b)) in enumerate(zip(arrays, spans)):
-        out[row, :b - a] = values[a:b]
+    out = np.full((len(arrays), length, *first.shape[1:]), fill, dtype=dtype or first.dtype)
+    for row, values in enumerate(arrays):
+        out[row, :len(values)] = values
     return out
 
 
