@@ -19,6 +19,7 @@ from tedcache.config import (
     DistillConfig,
     ExtractConfig,
     FinetuneConfig,
+    SelectConfig,
     StudentConfig,
     TuneConfig,
 )
@@ -30,6 +31,7 @@ from tedcache.distillation import distill
 from tedcache.errors import TedcacheError
 from tedcache.experiments.compare import compare
 from tedcache.experiments.report import build_report
+from tedcache.experiments.selection import select
 from tedcache.experiments.tune import tune
 from tedcache.extraction import extract
 from tedcache.finetuning import finetune
@@ -78,6 +80,14 @@ def init_student_command(cfg: StudentConfig) -> None:
     random builds a new model of its kind at another shape, prune keeps its most active heads, neurons and
     channels (see docs/choosing-methods.md for which to use)."""
     click.echo(init_student(cfg))
+
+
+def select_command(cfg: SelectConfig) -> None:
+    """From a cache to the best student: tune each method with the same number of trials (validation only),
+    run each one's best configuration on the same --seeds, print the paired verdicts, and copy the winner's
+    best seed (by validation) to OUT/best. A tie is named and settled for the cheapest method. Re-running
+    resumes; tedcache report OUT renders it."""
+    select(cfg)
 
 
 def finetune_command(cfg: FinetuneConfig) -> None:
@@ -197,6 +207,7 @@ config_command(app, "extract", ExtractConfig)(extract_command)
 config_command(app, "distill", DistillConfig)(distill_command)
 config_command(app, "compare", CompareConfig, exclude=("base.method", "base.seed", "base.resume"))(compare_command)
 config_command(app, "tune", TuneConfig, exclude=("base.method", "base.resume"))(tune_command)
+config_command(app, "select", SelectConfig, exclude=("base.method", "base.seed", "base.resume"))(select_command)
 config_command(app, "finetune", FinetuneConfig)(finetune_command)
 config_command(app, "init-student", StudentConfig,
                exclude=("data.transfer", "data.eval", "data.test", "data.limit"))(init_student_command)

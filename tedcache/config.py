@@ -300,3 +300,18 @@ class TuneConfig:
     search: list[str] = setting(help="Parameters to search (names from the methods' spaces, e.g. optim.lr,kl_alpha); "
                                      "the others keep the base's values. Empty: each method's whole space.",
                                 factory=list)
+
+
+@dataclass
+class SelectConfig:
+    """`tedcache select`: tune each method with the same budget, run each one's best configuration on the
+    same seeds, read the paired verdicts, and keep the winning student. `base` holds what every run
+    shares (its `out` receives tune/, runs/, best/ and select.json)."""
+
+    base: DistillConfig = setting(help="The settings every trial and run starts from.", prefix="")
+    methods: list[str] = setting(help="Methods to choose between.", factory=lambda: ["finetune", "kd", "ted"])
+    trials: int = setting(10, "Finished tuning trials per method (the same budget for each).")
+    pruner: str = setting("median", "Tuning's pruner: median, halving or none.", choices=PRUNERS)
+    raw_cache: str | None = setting(None, "Cache of raw states from the same teacher and data (lwd reads it).")
+    seeds: list[int] = setting(help="Paired seeds each method's best configuration runs with.",
+                               factory=lambda: [1, 2, 3])

@@ -23,7 +23,7 @@ def run_config(cfg: CompareConfig, method: str, seed: int) -> DistillConfig:
                    cache=cfg.raw_cache if method == "lwd" else base.cache, resume=True, seed=seed)
 
 
-def _run_done(run: DistillConfig) -> bool:
+def run_done(run: DistillConfig) -> bool:
     """A run folder counts as done when it holds the metrics of exactly this configuration."""
     path = Path(run.out) / METRICS_FILE
     if not path.is_file():
@@ -42,7 +42,7 @@ def compare(cfg: CompareConfig, log=None) -> dict:
     Path(cfg.base.out).mkdir(parents=True, exist_ok=True)
     (Path(cfg.base.out) / CONFIG_FILE).write_text(config_yaml(cfg))
     for number, run in enumerate(runs, 1):
-        if _run_done(run):
+        if run_done(run):
             log(f"[{number}/{len(runs)}] {run.method} seed {run.seed}: done earlier, kept ({run.out})")
             continue
         log(f"[{number}/{len(runs)}] {run.method} seed {run.seed}")

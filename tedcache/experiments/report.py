@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import TedcacheError
 from ..run_folder import Run, find_runs
-from .results import COMPARISON_HEADER, comparison_rows, summarize, varied_caches
+from .results import COMPARISON_HEADER, SELECT_FILE, comparison_rows, summarize, varied_caches
 
 CURVE_PANELS = (("task", "task loss"), ("kl", "KL (T² scaled)"), ("mse/", "filtered MSE per layer"))
 
@@ -163,7 +163,8 @@ figure{margin:1em 0}figcaption{font-size:80%;color:#666}"""
 
 def build_report(run_dirs: list[str], out: str) -> Path:
     """Write `out`/index.html (self-contained) and the plots as PNG files; returns the page's path."""
-    runs = find_runs(run_dirs)
+    selections = [json.loads((Path(d) / SELECT_FILE).read_text()) for d in run_dirs if (Path(d) / SELECT_FILE).is_file()]
+    runs = find_runs([str(Path(d) / "runs") if (Path(d) / SELECT_FILE).is_file() else d for d in run_dirs])
     if not runs:
         raise TedcacheError("no runs to report; pass run folders written by tedcache distill or compare")
     out_dir = Path(out)
@@ -193,6 +194,9 @@ def build_report(run_dirs: list[str], out: str) -> Path:
                         + f"<ul>{sentences}</ul>")
         if (plot := paired_plot(summary)) is not None:
             sections.append(_image("paired.png", plot, out_dir, "paired differences with 95% intervals"))
+    for selection in selections:  # tedcache select's decision
+        sections.append(f"<h2>Selection</h2><p>{html.escape(selection['reason'])}; best student copied from "
+                        f"{html.escape(selection['best_run'])}.</p>")
     if (plot := cache_plot(runs)) is not None:
         sections.append("<h2>Cache size and accuracy</h2>" + _image("cache-size.png", plot, out_dir, "cache size"))
 

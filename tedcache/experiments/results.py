@@ -10,6 +10,7 @@ from pathlib import Path
 from ..run_folder import Run
 
 COMPARE_FILE = "compare.json"
+SELECT_FILE = "select.json"  # tedcache select's decision, beside its runs/ and best/
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -97,7 +98,8 @@ def compare_groups(a: list[Run], b: list[Run], label_a: str, label_b: str) -> di
         by_example = stats.example_interval([x for x, _ in outputs], [y for _, y in outputs], task,
                                             label_names=a[0].metrics.get("label_names"))
     return {"a": label_a, "b": label_b, "seeds": seeds, "metric": metric, "by_seed": by_seed,
-            "by_example": by_example, "verdict": stats.verdict(label_a, label_b, by_seed, by_example, metric)}
+            "by_example": by_example, "better": stats.better_of(label_a, label_b, by_seed, by_example, metric),
+            "verdict": stats.verdict(label_a, label_b, by_seed, by_example, metric)}
 
 
 def summarize(runs: list[Run]) -> dict:

@@ -126,19 +126,27 @@ def excludes_zero(interval: dict | None) -> bool:
     return bool(interval) and interval["low"] is not None and (interval["low"] > 0 or interval["high"] < 0)
 
 
+def better_of(a: str, b: str, by_seed: dict, by_example: dict | None, metric: str) -> str | None:
+    """`a` or `b` where the difference is resolved (both intervals exclude zero, with one sign); else None."""
+    if by_seed["n"] < 2 or not excludes_zero(by_seed):
+        return None
+    if by_example is not None and not (excludes_zero(by_example)
+                                       and np.sign(by_example["mean"]) == np.sign(by_seed["mean"])):
+        return None
+    a_better = (by_seed["mean"] < 0) if metric in LOWER_IS_BETTER else (by_seed["mean"] > 0)
+    return a if a_better else b
+
+
 def verdict(a: str, b: str, by_seed: dict, by_example: dict | None, metric: str) -> str:
     """One sentence: which of `a` and `b` is better, or why that is not resolved and what would resolve it.
     For lower-is-better metrics (perplexity, and the causal-lm example interval in loss) a negative
     difference favours `a`."""
     if by_seed["n"] < 2:
         return f"{a} vs {b}: not resolved (needs at least 2 paired seeds, has {by_seed['n']})"
+    better = better_of(a, b, by_seed, by_example, metric)
+    if better is not None:
+        return f"{better} beats {b if better == a else a} (both 95% intervals exclude zero)"
     seed_ok = excludes_zero(by_seed)
-    example_ok = by_example is None or excludes_zero(by_example)
-    same_sign = by_example is None or np.sign(by_example["mean"]) == np.sign(by_seed["mean"])
-    if seed_ok and example_ok and same_sign:
-        a_better = (by_seed["mean"] < 0) if metric in LOWER_IS_BETTER else (by_seed["mean"] > 0)
-        winner, loser = (a, b) if a_better else (b, a)
-        return f"{winner} beats {loser} (both 95% intervals exclude zero)"
     needs = []
     if not seed_ok:
         n = seeds_needed(by_seed["mean"], by_seed["sd"])
