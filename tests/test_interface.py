@@ -170,7 +170,8 @@ def test_list_flags_take_commas_and_repetition():
 
 
 LAUNCHER_FLAGS = {"--multi_gpu", "--num_processes", "--num_machines", "--machine_rank", "--main_process_ip",
-                  "--main_process_port", "--standalone", "--nproc_per_node", "--cpu"}  # accelerate / torchrun
+                  "--main_process_port", "--standalone", "--nproc_per_node", "--cpu", "--nnodes", "--node_rank",
+                  "--rdzv_backend", "--rdzv_endpoint"}  # accelerate / torchrun
 
 
 def test_every_quoted_flag_exists_somewhere():
