@@ -135,6 +135,9 @@ class ExtractConfig:
                                            "placement: the GPUs, then the CPU, then disk) or a JSON file mapping "
                                            "module names to devices (0, cuda:1, cpu, disk). The cache is the "
                                            "one device's. docs/distributed.md, \"Big models\".")
+    stage1_checkpoint_every: int = setting(0, "Stage I optimiser steps between checkpoints of the filters, heads, "
+                                              "optimiser and data position (0: after every epoch); a killed extract "
+                                              "run again resumes Stage I from the last one.")
     devices_per_process: int = setting(0, "With --device-map and several processes per machine: the GPUs each "
                                           "process places its teacher over (process r owns GPUs r*K to r*K+K-1; "
                                           "a map file's GPU numbers count within them); 0: the machine's GPUs "

@@ -29,6 +29,7 @@ from .data import Examples, concatenate, load_blocks, load_examples
 from .distributed import processes
 from .errors import TedcacheError, note
 from .filters import FilterBank, FilterSpec
+from .loop import Checkpoint
 from .losses import labelled, lm_loss_per_block
 from .models import (
     device_group,
@@ -129,13 +130,19 @@ def extract(cfg: ExtractConfig, log=None) -> str:
         if found == "complete":
             return location.url
         bank, stage1_seconds, stored = None, 0.0, {}
+        checkpoint = _stage1_checkpoint(location, metadata, cfg, procs.size)
         if found == "new" and filtered:
             stage1_started = time.perf_counter()
-            bank, measured, stored = _train_teacher_filters(teacher, spec, splits, metadata, cfg, log, procs)
+            if checkpoint.exists():
+                log(f"stage I resumes from its checkpoint in {checkpoint.folder}")
+            bank, measured, stored = _train_teacher_filters(teacher, spec, splits, metadata, cfg, log, procs,
+                                                            checkpoint)
             metadata = replace(metadata, stage1_filters=measured)
             stage1_seconds = time.perf_counter() - stage1_started
         plan = _first_then_all(procs, lambda: _prepare(location, cfg, metadata, found, bank, splits, teacher,
                                                       logit_spec, device, log, procs.size, stored))
+        if procs.main:  # the cache holds the filters now
+            checkpoint.remove()
         writer = CacheWriter(location)
         bank = FilterBank.from_bytes(read_filter_files(location)).to(device).eval() if filtered else None
         units = [(split, unit) for split, todo in plan["todo"].items() for unit in todo]
@@ -248,8 +255,20 @@ def load_splits(cfg: ExtractConfig, tokenizer, model_config) -> tuple[dict[str, 
     return splits, label_names
 
 
+STAGE1_CHECKPOINT = "stage1.checkpoint"  # inside an unfinished cache folder
+
+
+def _stage1_checkpoint(location: Location, metadata: CacheMetadata, cfg: ExtractConfig, processes: int) -> Checkpoint:
+    """Where Stage I keeps its state while it trains: inside the cache folder (whose creation, once the
+    filters are trained, clears it); for a cache on an object store, a local folder named after it."""
+    name = Path(location.url.rstrip("/")).name
+    folder = Path(location.path(STAGE1_CHECKPOINT)) if location.local else DEFAULT_CACHE_DIR / "stage1" / name
+    return Checkpoint(folder, {"cache": metadata.identity, "processes": processes}, cfg.stage1_checkpoint_every)
+
+
 def _train_teacher_filters(teacher, spec: FilterSpec, splits: dict[str, Examples], metadata: CacheMetadata,
-                           cfg: ExtractConfig, log, procs) -> tuple[FilterBank, dict, dict[str, StoredSource]]:
+                           cfg: ExtractConfig, log, procs, checkpoint: Checkpoint
+                           ) -> tuple[FilterBank, dict, dict[str, StoredSource]]:
     """The trained filters, how well each learned (on the eval split when there is one), and the splits
     whose stored states and outputs the cache pass can use instead of the teacher (--stage1-states stored:
     the splits Stage I read whole; for a causal LM, only when its last layer is tapped). With many
@@ -275,7 +294,8 @@ def _train_teacher_filters(teacher, spec: FilterSpec, splits: dict[str, Examples
             f" MiB in {tempfile.gettempdir()}, --stage1-states stored)")
     result = train_filters(teacher, bank, source, metadata.task, metadata.num_outputs or 1,
                            cfg.stage1, metadata.pad_token_id, cfg.seed, desc="stage I (teacher filters)",
-                           lm_head=cfg.filters.lm_head, eval_source=evaluation, processes=procs)
+                           lm_head=cfg.filters.lm_head, eval_source=evaluation, processes=procs,
+                           checkpoint=checkpoint)
     teacher.eval()
     log(describe_filters(result["filters"]))
     # a causal LM's logits are its output layer on the last layer's state: stored when that layer is tapped

@@ -146,8 +146,9 @@ def fit(modules: list[torch.nn.Module], epoch_batches: Callable[[int], Iterable]
     requires a gradient. `loss_fn` gets each batch with its "share" (see batch_shares) and the number of
     the optimiser step it is part of ("step", from 1).
 
-    `modules` are put in train mode; with `validation` (see Validation), the state of `modules` at the
-    best validation is restored at the end. With `checkpoint`, the loop's state is saved every
+    `modules` are put in train mode; with `validation` (see Validation), the state of the trained ones
+    (those with a parameter that requires a gradient: a frozen backbone is neither copied nor saved) at
+    the best validation is restored at the end. With `checkpoint`, the loop's state is saved every
     `checkpoint.every` steps (0: each epoch) and a saved one is resumed. Batches are read ahead in a
     background thread and moved to `device`; `autocast` runs the forward passes in bf16. Returns
     {"history": [...loss terms, averaged over processes...], "evals": [...], "best": {...}, "steps",
@@ -162,19 +163,20 @@ def fit(modules: list[torch.nn.Module], epoch_batches: Callable[[int], Iterable]
     model = processes.wrap(LossModule(modules, loss_fn))
     # taken after wrapping: FSDP replaces the parameters with sharded ones
     params = [p for p in model.parameters() if p.requires_grad]
+    trained = [m for m in modules if any(p.requires_grad for p in m.parameters())]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    state = _resume(checkpoint, model, modules, optimizer, schedule, processes)
+    state = _resume(checkpoint, model, trained, optimizer, schedule, processes)
     started = time.perf_counter() - state.seconds
     bar = tqdm(total=total, initial=state.step, desc=desc, leave=False, disable=None if processes.main else True)
 
     def validate():
-        _validate(validation, state, modules, steps_per_epoch, processes)
+        _validate(validation, state, modules, trained, steps_per_epoch, processes)
 
     def save_checkpoint():
         # collectives, which every process takes part in: the generators, and under FSDP the whole states
         rng = processes.gather(torch.get_rng_state())
-        modules_state = [processes.state_of(m) for m in modules]
+        modules_state = [processes.state_of(m) for m in trained]
         optimizer_state = processes.optimizer_state(model, optimizer)
         if processes.main:
             checkpoint.save({"modules": modules_state, "optimizer": optimizer_state,
@@ -222,7 +224,7 @@ def fit(modules: list[torch.nn.Module], epoch_batches: Callable[[int], Iterable]
     if validation is not None and not patience_spent() and (not state.evals or state.evals[-1]["step"] != state.step):
         validate()
     if state.best_state is not None:
-        for m, saved in zip(modules, state.best_state):
+        for m, saved in zip(trained, state.best_state):
             processes.load_state(m, saved)
     return {"history": state.history, "evals": state.evals, "best": state.best, "steps": state.step,
             "stopped_early": state.step < total, "seconds": time.perf_counter() - started,
@@ -230,14 +232,14 @@ def fit(modules: list[torch.nn.Module], epoch_batches: Callable[[int], Iterable]
             "data_wait_share": sum(state.wait_seconds) / sum(state.step_seconds) if state.step_seconds else None}
 
 
-def _resume(checkpoint: Checkpoint | None, model: torch.nn.Module, modules: list[torch.nn.Module], optimizer,
+def _resume(checkpoint: Checkpoint | None, model: torch.nn.Module, trained: list[torch.nn.Module], optimizer,
             schedule, processes: Processes) -> LoopState:
-    """A fresh LoopState, or the one a saved checkpoint holds (the modules, optimiser, schedule and this
-    process's generator restored with it)."""
+    """A fresh LoopState, or the one a saved checkpoint holds (the trained modules, optimiser, schedule
+    and this process's generator restored with it)."""
     if checkpoint is None or not checkpoint.exists():
         return LoopState()
     saved = checkpoint.load()
-    for m, module_state in zip(modules, saved["modules"]):
+    for m, module_state in zip(trained, saved["modules"]):
         processes.load_state(m, module_state)
     processes.load_optimizer_state(model, optimizer, saved["optimizer"])
     schedule.load_state_dict(saved["schedule"])
@@ -271,14 +273,14 @@ def _logged(step: int, loss: torch.Tensor, terms: dict, processes: Processes) ->
     return {"step": step, "loss": values[0], **dict(zip(terms, values[1:]))}
 
 
-def _validate(validation: Validation, state: LoopState, modules: list[torch.nn.Module], steps_per_epoch: int,
-              processes: Processes) -> None:
+def _validate(validation: Validation, state: LoopState, modules: list[torch.nn.Module],
+              trained: list[torch.nn.Module], steps_per_epoch: int, processes: Processes) -> None:
     """Score the modules, record it, and keep their state when it is the best so far."""
     result = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 3), **validation.score()}
     state.evals.append(result)
     for m in modules:
         m.train()
     if better(result, state.best, validation.select):
-        state.best, state.best_state, state.stale = result, [processes.state_of(m) for m in modules], 0
+        state.best, state.best_state, state.stale = result, [processes.state_of(m) for m in trained], 0
     else:
         state.stale += 1

@@ -9,7 +9,7 @@ from .config import OptimConfig
 from .distributed import ALONE, Processes
 from .errors import TedcacheError
 from .filters import FilterBank, LMHead, SequenceHead, TokenHead
-from .loop import Validation, fit
+from .loop import Checkpoint, Validation, fit
 from .losses import labelled, labels_or_teacher, lm_loss, task_loss
 from .models import input_device
 from .reader import iterate_batches, num_batches, to_device
@@ -19,7 +19,7 @@ from .taps import in_own_dtype, is_decoder_only, model_parts
 
 def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, cfg: OptimConfig, pad_id: int,
                   seed: int, desc: str = "stage I", lm_head: str = "tied", eval_source=None,
-                  processes: Processes = ALONE) -> dict:
+                  processes: Processes = ALONE, checkpoint: Checkpoint | None = None) -> dict:
     """Train `bank` in place; only filter and head weights change. The loss is the mean over filters of
     each head's task loss (causal-lm: next-token loss through an `lm_head` head, see LMHead). Sources
     made by `state_store.stored_source` bring the frozen backbone's states with every batch; otherwise
@@ -32,6 +32,9 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
     batch (`cfg.batch_size`, each process a contiguous part of it, as one process would form it): the
     same training as one process up to float rounding and dropout, whose draws are each process's own.
     Every process scores the whole `eval_source`, so all stop at the same epoch.
+
+    With `checkpoint`, the filters, heads, optimiser, schedule, data position and generators are saved
+    as fit saves them, and a saved state is resumed: the result equals an uninterrupted run's.
 
     Returns fit's result plus "filters": each filter's metrics (see filter_metrics) on `eval_source`,
     else on the training data, with the split they were measured on and the steps trained."""
@@ -72,7 +75,8 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
                  lambda epoch: iterate_batches(source, per_process, pad_id, shuffle=True, seed=seed, epoch=epoch,
                                                process=place),
                  num_batches(source, per_process, processes.size), loss_fn, cfg, desc, device=device,
-                 validation=Validation(measure, "loss") if eval_source is not None else None, processes=processes)
+                 validation=Validation(measure, "loss") if eval_source is not None else None, processes=processes,
+                 checkpoint=checkpoint)
     final = result["best"] if eval_source is not None else measure()
     model.train()
     result["filters"] = {"split": "eval" if eval_source is not None else "train", "steps": result["steps"],

@@ -121,3 +121,54 @@ def test_sigkill_then_same_command_resumes_to_identical_values(assets, tmp_path)
     assert set(got) == set(want) and len(got) > 10
     for key in want:
         assert np.array_equal(got[key], want[key]), key
+
+
+def _kill_when(args: list, ready, seconds_after: float = 0.2) -> None:
+    """Start `tedcache ARGS` as its own process; SIGKILL it `seconds_after` once `ready()` holds."""
+    proc = subprocess.Popen([sys.executable, "-m", "tedcache.cli.main", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.01)
+    time.sleep(seconds_after)
+    assert proc.poll() is None, "the extraction finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.process
+def test_stage1_killed_at_several_moments_resumes_to_the_uninterrupted_filters(assets, tmp_path):
+    """Three SIGKILLs during Stage I, each after a later checkpoint; the resumed extraction trains on from
+    the last one and writes the uninterrupted extraction's cache: filters, Stage I's measurements and
+    every array."""
+    import torch
+    from test_distributed import assert_same_cache
+
+    data = write_rows(tmp_path / "train.csv", sentiment_rows(400, seed=5))
+    args = _args(assets, data, tmp_path / "killed")
+    args[args.index("--stage1-epochs") + 1] = "4"
+    args += ["--stage1-checkpoint-every", "4", "--stage1-batch-size", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight_args = list(args)
+    straight_args[args.index("--cache-dir") + 1] = tmp_path / "straight"
+    straight = subprocess.run([sys.executable, "-m", "tedcache.cli.main", *map(str, straight_args)],
+                              capture_output=True, text=True, env=env, timeout=600)
+    assert straight.returncode == 0, straight.stderr
+
+    def state() -> Path | None:
+        found = list((tmp_path / "killed").glob("*/stage1.checkpoint/state.pt"))
+        return found[0] if found else None
+
+    steps_seen = []
+    for _ in range(3):
+        before = state().stat().st_mtime_ns if state() else None
+        _kill_when(args, lambda before=before: state() is not None and state().stat().st_mtime_ns != before)
+        steps_seen.append(torch.load(state(), weights_only=True)["loop"]["step"])
+    assert steps_seen == sorted(steps_seen) and len(set(steps_seen)) == 3  # three moments, each later
+    resumed = subprocess.run([sys.executable, "-m", "tedcache.cli.main", *map(str, args)], capture_output=True,
+                             text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "stage I resumes from its checkpoint" in resumed.stderr
+    paths = [r.stdout.strip().splitlines()[-1] for r in (straight, resumed)]
+    assert_same_cache(paths[1], paths[0])
+    assert not list((tmp_path / "killed").glob("*/stage1.checkpoint"))  # gone once the cache holds the filters
