@@ -22,7 +22,7 @@ def main(work: Path, epochs: float) -> None:
     setup = prepare(str(work), QUICK_DEMO, seed=42)
     cache = extract(setup.extract_config(42))
     args = TrainingArguments(str(work / "hf-trainer"), num_train_epochs=epochs, per_device_train_batch_size=32,
-                             learning_rate=2.5e-4, warmup_ratio=0.1, logging_steps=20, save_strategy="no",
+                             learning_rate=2.5e-4, warmup_steps=0.1, logging_steps=20, save_strategy="no",
                              report_to=[], seed=42)
     trainer = DistillationTrainer(cache, setup.student, args, method="ted")
     trainer.train()
