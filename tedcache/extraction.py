@@ -7,6 +7,7 @@ filters, the token arrays and every finished unit are kept, and only the missing
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -20,6 +21,7 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from .cache import BackgroundWriter, CacheLock, CacheMetadata, CacheWriter, Location, UnitStates, cache_name, load_metadata
+from .cache.codecs import STATE_DTYPES
 from .cache.host_copies import HostCopies
 from .cache.layout import FINAL, pack, storage_order
 from .cache.logits import LogitSpec, check_rebuilt, head_tensors, id_dtype, parse_logit_spec, sparsify
@@ -27,7 +29,7 @@ from .cache.read import read_filter_files
 from .config import DEFAULT_CACHE_DIR, ExtractConfig
 from .data import Examples, concatenate, load_blocks, load_examples
 from .distributed import processes
-from .errors import TedcacheError, note
+from .errors import TedcacheError, environment_error, note, size_text
 from .filters import FilterBank, FilterSpec
 from .loop import Checkpoint
 from .losses import labelled, lm_loss_per_block
@@ -123,7 +125,24 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     if cfg.compile:
         identity["compiled"] = True  # (likewise)
     location = Location(cfg.cache_dir).child(cache_name(cfg.teacher, identity))
+    planned = _planned_bytes(cfg, splits, spec, logit_spec)
+    if procs.main:
+        _check_room(location, planned, log)
     teacher.eval()
+    try:
+        return _extract_into(location, cfg, log, procs, identity, splits, label_names, spec, tokenizer, teacher,
+                             logit_spec, device, layers, filtered, started)
+    except OSError as exc:  # a full disk, a folder one may not write in: said as such
+        refusal = environment_error(exc, location.url, planned - location.size() if location.local else None)
+        if refusal is None:
+            raise
+        raise refusal from exc
+
+
+def _extract_into(location: Location, cfg: ExtractConfig, log, procs, identity: dict, splits, label_names, spec,
+                  tokenizer, teacher, logit_spec, device, layers: list[int], filtered: bool, started: float) -> str:
+    """extract's writing part, under the cache's lock: Stage I, then every unit not yet written."""
+    train = splits["train"]
     with CacheLock(location) if procs.main else nullcontext():
         metadata = _metadata(cfg, identity, splits, label_names, spec, tokenizer, teacher, logit_spec)
         found = _first_then_all(procs, lambda: _found(location, cfg, metadata, log))
@@ -165,6 +184,37 @@ def extract(cfg: ExtractConfig, log=None) -> str:
             f"{_targets(cfg, layers)}, {location.size() / 2**20:.1f} MiB"
             + (f", {procs.size} processes" if procs.size > 1 else ""))
     return location.url
+
+
+def _planned_bytes(cfg: ExtractConfig, splits: dict[str, Examples], spec: FilterSpec, logit_spec: LogitSpec | None) -> int:
+    """About what the cache will take on disk, uncompressed: per token its ids, each cached layer's state
+    (and int8's token scale) and a causal LM's stored rows or final state; per example its outputs."""
+    tokens = sum(ex.num_tokens for ex in splits.values())
+    examples = sum(len(ex) for ex in splits.values())
+    value = np.dtype(STATE_DTYPES[cfg.precision]).itemsize
+    per_token = 4 + len(spec.layers) * (spec.out_dim * value + (2 if cfg.precision == "int8" else 0))
+    if logit_spec is not None and logit_spec.kind == "hidden":
+        per_token += spec.in_dim * value
+    elif logit_spec is not None:
+        per_token += logit_spec.size * (4 + 2 + (1 if logit_spec.kind == "sample" else 0))
+    if cfg.data.task in ("token-classification", "question-answering"):
+        per_token += 4 * 2 * 2  # token labels, per-token outputs, spans
+    return tokens * per_token + examples * 4 * 8
+
+
+def _check_room(location: Location, planned: int, log) -> None:
+    """Log the cache's planned size; refuse at once where its disk has clearly too little room (less than half
+    of what is still to write: the plan is uncompressed, and states compress little)."""
+    if not location.local:
+        log(f"the cache will take up to about {size_text(planned)}")
+        return
+    folder = Path(location.root)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free, needed = shutil.disk_usage(existing).free, max(0, planned - location.size())
+    log(f"the cache will take up to about {size_text(planned)} ({size_text(free)} free in {existing})")
+    if free < needed / 2:
+        raise TedcacheError(f"{existing} has {size_text(free)} free and the cache needs about {size_text(needed)}; "
+                            "free space or give another --cache-dir, then run the same command")
 
 
 def _targets(cfg: ExtractConfig, layers: list[int]) -> str:

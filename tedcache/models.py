@@ -19,7 +19,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-from .errors import TedcacheError
+from .errors import TedcacheError, size_text
 from .taps import model_parts
 
 
@@ -205,13 +205,9 @@ def _fitted_map(auto_class, name: str, dtype: torch.dtype | None, kwargs: dict):
     for device, size in needed.items():
         if device in free and size > free[device]:
             shown = f"cuda:{device}" if isinstance(device, int) else f"disk ({offload.parent})" if device == "disk" else device
-            raise TedcacheError(f"the device map puts {_gib(size)} of the teacher's weights on {shown}, which has "
-                                f"{_gib(free[device])} free; free room there, or map fewer modules to it")
+            raise TedcacheError(f"the device map puts {size_text(size)} of the teacher's weights on {shown}, which has "
+                                f"{size_text(free[device])} free; free room there, or map fewer modules to it")
     return chosen
-
-
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def input_device(model) -> torch.device:

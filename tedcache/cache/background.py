@@ -90,7 +90,9 @@ class BackgroundWriter:
             return
         if self.process.exitcode == 0:
             return
-        reason = self.errors.get() if not self.errors.empty() else f"exit code {self.process.exitcode}"
+        number, reason = self.errors.get() if not self.errors.empty() else (None, f"exit code {self.process.exitcode}")
+        if number is not None:  # the environment's (a full disk, ...): raised as itself for the caller to phrase
+            raise OSError(number, reason)
         raise TedcacheError(f"the cache writer process failed ({reason}); the units it had written are kept: "
                             "fix the cause and run the same command again to resume")
 
@@ -105,7 +107,7 @@ def _write_units(location: Location, units, errors, parent: int) -> None:
         while (item := units.get()) is not None:
             writer.write_unit(*item)
     except BaseException as exc:
-        errors.put(f"{type(exc).__name__}: {exc}")
+        errors.put((exc.errno if isinstance(exc, OSError) else None, f"{type(exc).__name__}: {exc}"))
         os._exit(1)
 
 
