@@ -241,6 +241,8 @@ def set_up(cfg: DistillConfig, log=None) -> DistillRun:
     checkpoint = _checkpoint(cfg, requested, procs.size)
     if checkpoint.exists():
         log(f"resuming the interrupted run saved in {checkpoint.folder}")
+    elif cfg.resume:
+        log(f"--resume: {checkpoint.folder} holds no checkpoint yet, so the run starts from the beginning")
     started = time.perf_counter()
     cache = Cache(cfg.cache)
     meta = cache.metadata

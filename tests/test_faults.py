@@ -98,3 +98,14 @@ def test_a_read_only_file_system_is_named_in_one_line(assets, tmp_path, small_di
     assert result.returncode == 2
     line = _one_line(result.stderr)
     assert f"cannot write in {disk / 'caches'}" in line and "read-only file system" in line
+
+
+def test_resume_without_a_checkpoint_starts_the_run_and_says_so(assets, tmp_path):
+    data = write_rows(tmp_path / "train.csv", sentiment_rows(60, seed=7))
+    made = run_cli(*_args(assets, data, tmp_path / "caches"))
+    assert made.returncode == 0, made.stderr
+    run = run_cli("distill", "--cache", made.stdout.strip().splitlines()[-1], "--student", assets["student"], "--out",
+                  tmp_path / "run", "--epochs", "1", "--stage1-epochs", "0.5", "--resume")
+    assert run.returncode == 0, run.stderr
+    assert "holds no checkpoint yet, so the run starts from the beginning" in run.stderr
+    assert (tmp_path / "run" / "metrics.json").is_file()
