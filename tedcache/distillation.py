@@ -239,7 +239,7 @@ def set_up(cfg: DistillConfig, log=None) -> DistillRun:
     requested, as_given = asdict(cfg), cfg
     cfg = effective_weights(cfg)
     checkpoint = _checkpoint(cfg, requested, procs.size)
-    if checkpoint.exists():
+    if checkpoint.anything_saved():
         log(f"resuming the interrupted run saved in {checkpoint.folder}")
     elif cfg.resume:
         log(f"--resume: {checkpoint.folder} holds no checkpoint yet, so the run starts from the beginning")
@@ -317,7 +317,8 @@ def before_stage2(run: DistillRun) -> dict:
                                   for s in (source, evaluation))
         phases["stage1"] = train_filters(student, run.loss.filters, source, run.task, run.meta.num_outputs,
                                          cfg.stage1, pad_id, cfg.seed, desc="stage I (student filters)",
-                                         lm_head=run.meta.lm_head or "tied", eval_source=evaluation)
+                                         lm_head=run.meta.lm_head or "tied", eval_source=evaluation,
+                                         checkpoint=run.checkpoint.part("stage1"))
         run.log(describe_filters(phases["stage1"]["filters"]))
         student.requires_grad_(True)
     return phases
@@ -432,7 +433,7 @@ def _checkpoint(cfg: DistillConfig, requested: dict, num_processes: int) -> Chec
     folder = Path(f"{cfg.out.rstrip('/')}.checkpoint")
     fingerprint = {**what_it_computes(requested), "processes": num_processes}
     checkpoint = Checkpoint(folder, fingerprint, cfg.checkpoint_every)
-    if checkpoint.exists() and not cfg.resume:
+    if checkpoint.anything_saved() and not cfg.resume:
         raise TedcacheError(f"{folder} holds the checkpoint of an interrupted run; add --resume to continue it, "
                             "or delete that folder to start over")
     return checkpoint

@@ -85,6 +85,14 @@ class Checkpoint:
     def exists(self) -> bool:
         return self.path.is_file()
 
+    def part(self, name: str) -> "Checkpoint":
+        """The checkpoint of one phase of the run (Stage I), inside this one's folder and removed with it."""
+        return Checkpoint(self.folder / name, self.fingerprint, self.every)
+
+    def anything_saved(self) -> bool:
+        """Whether this checkpoint or one of its parts holds a saved state."""
+        return self.folder.is_dir() and any(self.folder.rglob(self.path.name))
+
     def save(self, state: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         staging = self.path.with_suffix(f".tmp-{os.getpid()}")

@@ -410,3 +410,23 @@ def test_fsdp_distill_matches_one_process_resumes_after_a_kill_and_saves_a_plain
     killed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     assert killed["history"] == runs["fsdp"]["history"] and killed["eval"] == runs["fsdp"]["eval"]
     assert killed["test"] == runs["fsdp"]["test"]
+
+
+@pytest.mark.process
+def test_distill_killed_in_the_student_s_stage1_resumes_from_its_checkpoint(one_process_cache, assets, tmp_path):
+    _, cache = one_process_cache
+    args = _long_run_args(cache, assets["student"], tmp_path / "run")
+    args[args.index("--stage1-epochs") + 1] = "3"
+    straight = run_one(*[tmp_path / "straight" if a == tmp_path / "run" else a for a in args])
+    assert straight.returncode == 0, straight.stderr
+    kill_after_checkpoint(args, tmp_path / "run.checkpoint" / "stage1" / "state.pt")
+    assert not (tmp_path / "run.checkpoint" / "state.pt").exists()  # killed in Stage I, before Stage II began
+    refused = run_one(*args)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = run_one(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert a["phases"]["stage1"] == {**b["phases"]["stage1"], "seconds": a["phases"]["stage1"]["seconds"]}
+    assert a["history"] == b["history"] and a["eval"] == b["eval"] and a["test"] == b["test"]
+    assert not (tmp_path / "run.checkpoint").exists()
