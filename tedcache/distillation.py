@@ -5,6 +5,7 @@ LiveTargets, which computes them with the function the extraction used."""
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -109,8 +110,13 @@ def stage2_step(student, loss: Stage2Loss, batch: dict, probe: bool = False) -> 
     """One Stage-II loss: the student's forward (tapping the layers the loss maps) and `loss` on it
     (see Stage2Loss). With `probe`, the terms also carry grad_ratio: |grad of mse_alpha * MSE| /
     |grad of kl_alpha * KL| on the student's backbone (its weights less the task head)."""
-    logits, hidden = forward_with_taps(student, batch, loss.layers)
-    total, terms = loss(logits, hidden, batch)
+    if loss.from_head:  # the final hidden states and the output layer, not the (B, L, V) logits
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(student.forward).parameters else {}
+        _, hidden = forward_with_taps(student, batch, [*loss.layers, num_layers(student) - 1], **keep)
+        total, terms = loss(None, hidden[:-1], batch, head=(hidden[-1], model_parts(student).head))
+    else:
+        logits, hidden = forward_with_taps(student, batch, loss.layers)
+        total, terms = loss(logits, hidden, batch)
     if probe and "mse" in terms and "kl" in terms:
         terms["grad_ratio"] = _gradient_ratio(student, loss.mse_alpha * terms["mse"], loss.kl_alpha * terms["kl"])
     return total, {k: v.detach() for k, v in terms.items()}
@@ -291,7 +297,7 @@ def _stage2_loss(cfg: DistillConfig, cache: Cache, student, bank: FilterBank | N
     return Stage2Loss(meta.task, cfg.method, cfg.kl_alpha, cfg.mse_alpha, cfg.temperature, bank,
                       _state_variance(cfg, meta, teacher_layers) if bank is not None else None, form,
                       _student_width(student, meta) if meta.task == "causal-lm" else None,
-                      cache.teacher_head() if form == "hidden" else None)
+                      cache.teacher_head() if form == "hidden" else None, from_head=cfg.lm_head_chunks)
 
 
 def before_stage2(run: DistillRun) -> dict:

@@ -155,6 +155,81 @@ def hidden_kd_loss(student_logits: torch.Tensor, teacher_hidden: torch.Tensor, h
     return temperature ** 2 * total / max(1, len(hidden))
 
 
+class _HeadLosses(torch.autograd.Function):
+    """Next-token cross-entropy and exact KD from final hidden states through the output layers, HEAD_CHUNK
+    positions at a time; the backward recomputes each chunk's logits rather than keeping them, so no
+    (positions x vocabulary) tensor is ever whole. See head_losses."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, kd_rows, teacher_hidden, teacher_weight, teacher_bias,
+                temperature: float, vocab: int):
+        ce_sum, kl_sum = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32)
+        for _rows, z, z_t, t, kd in _head_chunks(hidden, weight, bias, targets, kd_rows, teacher_hidden,
+                                                  teacher_weight, teacher_bias):
+            ce_sum += F.cross_entropy(z, t, ignore_index=-100, reduction="sum")
+            if z_t is not None:
+                kl_sum += F.kl_div(F.log_softmax(z[kd, :vocab] / temperature, dim=-1),
+                                   F.log_softmax(z_t / temperature, dim=-1), reduction="sum", log_target=True)
+        counts = (max(1, int((targets != -100).sum())), max(1, int(kd_rows.sum())))
+        ctx.save_for_backward(hidden, weight, bias, targets, kd_rows, teacher_hidden, teacher_weight, teacher_bias)
+        ctx.temperature, ctx.vocab, ctx.counts = temperature, vocab, counts
+        return ce_sum / counts[0], temperature ** 2 * kl_sum / counts[1]
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_kd):
+        hidden, weight, bias, targets, kd_rows, teacher_hidden, teacher_weight, teacher_bias = ctx.saved_tensors
+        t, vocab, (n_ce, n_kd) = ctx.temperature, ctx.vocab, ctx.counts
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+        for rows, z, z_t, target, kd in _head_chunks(hidden, weight, bias, targets, kd_rows, teacher_hidden,
+                                                       teacher_weight, teacher_bias):
+            dz = F.softmax(z, dim=-1)  # d CE / dz = softmax - one-hot, on the rows with a target
+            scored = target != -100
+            dz[scored, target[scored]] -= 1
+            dz = dz * (scored[:, None] * (grad_ce / n_ce))
+            if z_t is not None:  # d (T^2 KL(q || softmax(z / T))) / dz = T (softmax(z / T) - q)
+                p, q = F.softmax(z[kd, :vocab] / t, dim=-1), F.softmax(z_t / t, dim=-1)
+                dz[kd, :vocab] += (grad_kd * t / n_kd) * (p - q)
+            grad_hidden[rows] = dz @ weight.float()
+            grad_weight += dz.T @ hidden[rows].float()
+            grad_bias += dz.sum(0)
+        return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
+                None if bias is None else grad_bias.to(bias.dtype), None, None, None, None, None, None, None)
+
+
+def _head_chunks(hidden, weight, bias, targets, kd_rows, teacher_hidden, teacher_weight, teacher_bias):
+    """Per HEAD_CHUNK positions: (their slice, student logits (fp32), teacher logits of the KD rows or None,
+    targets, KD rows)."""
+    for start in range(0, len(hidden), HEAD_CHUNK):
+        rows = slice(start, start + HEAD_CHUNK)
+        z = F.linear(hidden[rows].float(), weight.float(), None if bias is None else bias.float())
+        kd = kd_rows[rows]
+        z_t = None
+        if teacher_hidden is not None and bool(kd.any()):
+            z_t = F.linear(teacher_hidden[rows][kd].float(), teacher_weight.float(),
+                           None if teacher_bias is None else teacher_bias.float())
+        yield rows, z, z_t, targets[rows], kd
+
+
+def head_losses(final: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
+                teacher_hidden: torch.Tensor | None, teacher_head: dict[str, torch.Tensor] | None,
+                temperature: float, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lm_loss, hidden_kd_loss) of a causal LM from its final hidden states (B, L, d) and output layer
+    `head`, equal to those of its logits up to float rounding, without the (B, L, V) logits: both are
+    computed HEAD_CHUNK positions at a time, in fp32 (autocast off), and the backward recomputes each chunk.
+    Without `teacher_hidden`, the KD term is 0."""
+    targets = torch.full_like(input_ids, -100)
+    targets[:, :-1] = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    with torch.autocast(final.device.type, enabled=False):
+        return _HeadLosses.apply(final.flatten(0, 1), head.weight, head.bias, targets.flatten(),
+                                 mask.bool().flatten() if teacher_hidden is not None else torch.zeros_like(
+                                     mask, dtype=torch.bool).flatten(),
+                                 None if teacher_hidden is None else teacher_hidden.flatten(0, 1),
+                                 (teacher_head or {}).get("weight"), (teacher_head or {}).get("bias"),
+                                 temperature, vocab)
+
+
 COUNT_KINDS = ("examples", "tokens", "pairs")  # what a loss term averages over: sequences, real tokens, next-token pairs
 METHOD_TERMS = {"ted": ("kl", "mse"), "lwd": ("kl", "mse"), "kd": ("kl",), "finetune": ()}  # terms beside the task's
 
@@ -181,10 +256,13 @@ class Stage2Loss(torch.nn.Module):
     KD temperature, the student's `filters` (their spec's layers are the student layers the map pairs
     with the batch's teacher_states, in order), `state_variance` (one per mapped layer: --mse-norm
     variance) and, for causal LMs, the form of the KD targets (see kd_targets; "hidden" with the
-    teacher's output layer `head`) and the `vocab` the teacher's rows span.
+    teacher's output layer `head`) and the `vocab` the teacher's rows span. With `from_head`, a causal LM
+    whose KD targets are the exact distribution (or that has no KD term) takes its task and KD terms from
+    its final hidden states through its output layer, chunk by chunk (head_losses), never from whole logits.
 
-    forward(student_logits, student_states, batch) -> (loss, terms): the student's logits (B, C), (B, L, C)
-    or causal-lm (B, L, V), its hidden states at `layers` (B, L, d) each, and a batch holding the
+    forward(student_logits, student_states, batch, head=None) -> (loss, terms): the student's logits (B, C),
+    (B, L, C) or causal-lm (B, L, V) — or, when `from_head`, head=(its final hidden states (B, L, d), its
+    output layer) instead — its hidden states at `layers` (B, L, d) each, and a batch holding the
     targets as tedcache's reader (or online mode) fills them: labels, teacher_logits, teacher_rows,
     teacher_hidden, teacher_states (CompactStates), attention_mask, and optionally "share" (see
     loop.batch_shares). `terms` keeps each term with its graph (task, kl, mse, mse/<layer>)."""
@@ -192,10 +270,11 @@ class Stage2Loss(torch.nn.Module):
     def __init__(self, task: str, method: str = "ted", kl_alpha: float = 1.0, mse_alpha: float = 1.0,
                  temperature: float = 2.0, filters: torch.nn.Module | None = None,
                  state_variance: torch.Tensor | None = None, kd_form: str = "logits", vocab: int | None = None,
-                 head: dict[str, torch.Tensor] | None = None):
+                 head: dict[str, torch.Tensor] | None = None, from_head: bool = False):
         super().__init__()
         self.task, self.method, self.temperature, self.kd_form, self.vocab = task, method, temperature, kd_form, vocab
         self.kl_alpha, self.mse_alpha = method_weights(method, kl_alpha, mse_alpha)
+        self.from_head = from_head and task == "causal-lm" and (kd_form == "hidden" or self.kl_alpha == 0)
         self.filters = filters
         self.register_buffer("state_variance", state_variance, persistent=False)
         for name in ("weight", "bias"):
@@ -216,16 +295,24 @@ class Stage2Loss(torch.nn.Module):
             keys.append("teacher_states")
         return keys
 
-    def forward(self, student_logits: torch.Tensor, student_states: list[torch.Tensor], batch: dict):
+    def forward(self, student_logits: torch.Tensor | None, student_states: list[torch.Tensor], batch: dict,
+                head: tuple[torch.Tensor, torch.nn.Module] | None = None):
         mask = batch["attention_mask"]
         lm = self.task == "causal-lm"
         share = batch.get("share") or {}  # 1 for a single process without accumulation
         per_example, per_token, per_pair = (share.get(k, 1.0) for k in COUNT_KINDS)
-        terms = {"task": lm_loss(student_logits, batch["input_ids"], mask) * per_pair if lm
-                 else task_loss(student_logits, batch["labels"], self.task) * per_example}
+        if head is not None:
+            teacher = batch["teacher_hidden"].widen() if self.kl_alpha > 0 else None
+            task, kd = head_losses(*head, batch["input_ids"], mask, teacher, self._teacher_head(), self.temperature,
+                                   self.vocab or head[1].weight.shape[0])
+        else:
+            task = lm_loss(student_logits, batch["input_ids"], mask) if lm else task_loss(student_logits,
+                                                                                             batch["labels"], self.task)
+        terms = {"task": task * (per_pair if lm else per_example)}
         loss = terms["task"]
         if self.kl_alpha > 0:
-            terms["kl"] = self._kd(student_logits, batch, mask) * (per_token if lm else per_example)
+            terms["kl"] = (kd if head is not None else self._kd(student_logits, batch, mask)) * (per_token if lm
+                                                                                                else per_example)
             loss = loss + self.kl_alpha * terms["kl"]
         if self.filters is not None and self.mse_alpha > 0:
             targets = [s.widen() for s in batch["teacher_states"]]  # compact on the wire, fp32 only here
@@ -237,11 +324,14 @@ class Stage2Loss(torch.nn.Module):
             loss = loss + self.mse_alpha * terms["mse"]
         return loss, terms
 
+    def _teacher_head(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.head_weight, **({"bias": self.head_bias} if self.head_bias is not None else {})}
+
     def _kd(self, logits: torch.Tensor, batch: dict, mask: torch.Tensor) -> torch.Tensor:
         t = self.temperature
         if self.task == "causal-lm" and self.kd_form == "hidden":
-            head = {"weight": self.head_weight, **({"bias": self.head_bias} if self.head_bias is not None else {})}
-            return hidden_kd_loss(logits[..., :self.vocab], batch["teacher_hidden"].widen(), head, t, mask)
+            return hidden_kd_loss(logits[..., :self.vocab], batch["teacher_hidden"].widen(), self._teacher_head(), t,
+                                  mask)
         if self.task == "causal-lm":
             rows = batch["teacher_rows"]
             return sparse_kd_loss(logits[..., :self.vocab], rows["ids"].long(), kd_targets(rows, self.kd_form, t), t,

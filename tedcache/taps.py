@@ -188,15 +188,16 @@ def output_logits(out) -> torch.Tensor:
     return out.logits
 
 
-def forward_with_taps(model, batch: dict, layers: list[int]):
-    """Run the model; return (logits (see output_logits), [hidden state after layer i for i in layers]).
+def forward_with_taps(model, batch: dict, layers: list[int], **options):
+    """Run the model (with `options` passed on: logits_to_keep); return (logits (see output_logits),
+    [hidden state after layer i for i in layers]).
 
     hidden_states[0] is the embedding output, so layer i's output is hidden_states[i + 1]. Decoder-only
     models are pre-norm: their residual stream is not normalised and its scale grows with depth, while
     HF's last hidden state already has the final norm applied. So for them (causal LMs and decoder
     sequence classifiers) every tapped layer reads final_norm(residual stream after layer i): the last
     layer's is exactly HF's last hidden state, and all layers are on the scale the head reads."""
-    out = model(**model_inputs(batch), output_hidden_states=True)
+    out = model(**model_inputs(batch), output_hidden_states=True, **options)
     last = len(out.hidden_states) - 2
     if is_decoder_only(model):
         norm = final_norm(model)

@@ -378,6 +378,39 @@ def test_hidden_kd_loss_is_chunk_independent_and_offline_matches_live(lm_assets,
         assert torch.allclose(chunked["kl"], terms["kl"], rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_losses_from_the_final_states_through_the_head_equal_those_from_whole_logits(lm_assets, tmp_path, family,
+                                                                                       monkeypatch):
+    """from_head (the default for exact KD targets): the same terms and the same gradients, the logits never
+    whole; HEAD_CHUNK 5 cuts each batch into many chunks, the last one short."""
+    _, path = _extract(lm_assets, tmp_path, family=family, logits="hidden")
+    cache = Cache(path)
+    student = load_causal_lm(str(lm_assets[f"{family}_student"])).eval()
+    torch.manual_seed(0)
+    bank = FilterBank(FilterSpec([0, 1], 32, 24))
+    head, vocab = cache.teacher_head(), cache.metadata.logits["vocab"]
+    batch = next(iter(iterate_batches(CacheSource(cache.split("train"), [1, 3], with_logits=True), 8, 0)))
+    monkeypatch.setattr(losses, "HEAD_CHUNK", 5)
+    results = []
+    for from_head in (False, True):
+        loss = Stage2Loss("causal-lm", "ted", 1.0, 1.0, 1.0, bank, kd_form="hidden", vocab=vocab, head=head,
+                          from_head=from_head)
+        student.zero_grad()
+        bank.zero_grad()
+        total, terms = stage2_step(student, loss, batch)
+        total.backward()
+        grads = {n: p.grad.clone() for n, p in [*student.named_parameters(), *bank.named_parameters()]
+                 if p.grad is not None}
+        results.append((terms, grads))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    assert set(chunked) == set(whole) == {"task", "kl", "mse", "mse/0", "mse/1"}
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert sorted(chunked_grads) == sorted(whole_grads) and len(whole_grads) > 10
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_hidden_logits_distill_verify_and_refusal(lm_assets, tmp_path):
     _, path = _extract(lm_assets, tmp_path, family="gpt2", logits="hidden", precision="int8")
     out = tmp_path / "kd"
