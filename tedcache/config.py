@@ -173,10 +173,10 @@ class DistillConfig:
     kd_targets: str = setting("auto", "causal-lm: sampled (sample counts, unbiased) or logits (renormalised over "
                                       "the stored ids); auto = sampled for sample:N caches. A --logits hidden "
                                       "cache always gives the exact full distribution.", choices=KD_TARGETS)
-    lm_head_chunks: bool = setting(True, "causal-lm, with exact KD targets (a --logits hidden cache) or none: the "
-                                         "next-token and KD terms from the student's final states through its output "
-                                         "layer a chunk of positions at a time, so the batch's (positions x vocabulary) "
-                                         "logits are never whole; off: from its whole logits (the same values).")
+    whole_logits: bool = setting(False, "causal-lm: take the next-token and KD terms from the student's whole "
+                                        "(positions x vocabulary) logits. Off (default), with exact KD targets (a "
+                                        "--logits hidden cache) or none, they come from its final states through its "
+                                        "output layer a chunk of positions at a time: the same values, far less memory.")
     # lr and warm-up from the evidence study's tuning (docs/evidence.md, "Defaults")
     optim: OptimConfig = setting(help="Stage II optimiser.",
                                  factory=lambda: OptimConfig(epochs=3.0, lr=2.5e-4, warmup_ratio=0.1), prefix="")

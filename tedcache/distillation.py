@@ -297,7 +297,7 @@ def _stage2_loss(cfg: DistillConfig, cache: Cache, student, bank: FilterBank | N
     return Stage2Loss(meta.task, cfg.method, cfg.kl_alpha, cfg.mse_alpha, cfg.temperature, bank,
                       _state_variance(cfg, meta, teacher_layers) if bank is not None else None, form,
                       _student_width(student, meta) if meta.task == "causal-lm" else None,
-                      cache.teacher_head() if form == "hidden" else None, from_head=cfg.lm_head_chunks)
+                      cache.teacher_head() if form == "hidden" else None, from_head=not cfg.whole_logits)
 
 
 def before_stage2(run: DistillRun) -> dict:
