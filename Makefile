@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo demo-lm bench lint test test-fast test-unit clean
+.PHONY: install browser demo demo-lm bench lint test test-fast test-unit faults clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,16 @@ test-fast: install lint
 # After every edit: tiny models in this process only (no launches, kills, servers or real models).
 test-unit: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not process"
+
+# The fault battery (issue 39, docs/design.md "Faults"): a disk too small, a disk filling up, a read-only
+# disk, SIGKILLs at seeded moments of an extraction, of Stage I and of a TED distill; one line per fault
+# (what was done, how often, what was lost). `make test` runs the same tests, without the summary.
+faults: install
+	@rm -f .faults-report
+	TEDCACHE_FAULTS_REPORT=$(CURDIR)/.faults-report HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "" tests/test_faults.py \
+	  tests/test_resume.py::test_stage1_killed_at_several_moments_resumes_to_the_uninterrupted_filters \
+	  tests/test_distributed.py::test_distill_killed_in_the_student_s_stage1_resumes_from_its_checkpoint
+	@echo; echo "faults met, and what was lost:"; cat .faults-report
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

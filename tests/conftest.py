@@ -91,3 +91,16 @@ def run_cli_process(*args, cwd: Path | None = None) -> subprocess.CompletedProce
     """The real `tedcache` console entry point in a subprocess (for what needs a process of its own)."""
     return subprocess.run([sys.executable, "-m", "tedcache.cli.main", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture
+def fault_log():
+    """fault_log(line): one line for `make faults`' summary (what was done, how often, what was lost), written
+    to $TEDCACHE_FAULTS_REPORT when set; call it once every check of the test has passed."""
+    def log(line: str) -> None:
+        report = os.environ.get("TEDCACHE_FAULTS_REPORT")
+        if report:
+            with open(report, "a") as f:
+                f.write(line + "\n")
+
+    return log

@@ -137,7 +137,7 @@ def _kill_when(args: list, ready, seconds_after: float = 0.2) -> None:
 
 
 @pytest.mark.process
-def test_stage1_killed_at_several_moments_resumes_to_the_uninterrupted_filters(assets, tmp_path):
+def test_stage1_killed_at_several_moments_resumes_to_the_uninterrupted_filters(assets, tmp_path, fault_log):
     """Three SIGKILLs during Stage I, each after a later checkpoint; the resumed extraction trains on from
     the last one and writes the uninterrupted extraction's cache: filters, Stage I's measurements and
     every array."""
@@ -172,3 +172,5 @@ def test_stage1_killed_at_several_moments_resumes_to_the_uninterrupted_filters(a
     paths = [r.stdout.strip().splitlines()[-1] for r in (straight, resumed)]
     assert_same_cache(paths[1], paths[0])
     assert not list((tmp_path / "killed").glob("*/stage1.checkpoint"))  # gone once the cache holds the filters
+    fault_log(f"extraction SIGKILLed 3 times inside Stage I (at checkpointed steps {', '.join(map(str, steps_seen))}), "
+              "resumed after each; lost: nothing (the uninterrupted filters and cache)")
