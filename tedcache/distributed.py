@@ -160,19 +160,18 @@ class Processes:
 
 
 def _fully_shard(module: torch.nn.Module, device: torch.device) -> None:
-    """FSDP2 over each of `module`'s children: first each block an HF model names as not to be split (its
-    transformer layers), then the child itself (the rest: embeddings, head, a filter bank)."""
+    """FSDP2 over each trained part of a loop.LossModule: first each block an HF model names as not to be
+    split (its transformer layers), then the part itself (the rest: embeddings, head; a filter bank)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    for part in module.children():
-        for child in part.children() if isinstance(part, torch.nn.ModuleList) else [part]:
-            blocks = set(getattr(child, "_no_split_modules", None) or ())
-            for sub in child.modules():
-                if type(sub).__name__ in blocks:
-                    fully_shard(sub, mesh=mesh)
-            fully_shard(child, mesh=mesh)
+    for part in module.parts:
+        blocks = set(getattr(part, "_no_split_modules", None) or ())
+        for sub in part.modules():
+            if type(sub).__name__ in blocks:
+                fully_shard(sub, mesh=mesh)
+        fully_shard(part, mesh=mesh)
 
 
 def _resharded(module: torch.nn.Module) -> torch.nn.Module:
