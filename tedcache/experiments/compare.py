@@ -19,8 +19,9 @@ from .results import COMPARE_FILE, format_comparisons, methods_table, summarize
 def run_config(cfg: CompareConfig, method: str, seed: int) -> DistillConfig:
     """The distill configuration of one (method, seed) run."""
     base = cfg.base
-    return replace(base, method=method, out=str(Path(base.out) / f"{method}-seed{seed}"),
-                   cache=cfg.raw_cache if method == "lwd" else base.cache, resume=True, seed=seed)
+    out = Path(base.out) / f"{method}-seed{seed}"
+    return replace(base, method=method, out=str(out), cache=cfg.raw_cache if method == "lwd" else base.cache,
+                   resume=Path(f"{out}.checkpoint").exists(), seed=seed)  # a run cut off mid-way continues
 
 
 def run_done(run: DistillConfig) -> bool:
