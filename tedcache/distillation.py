@@ -5,6 +5,7 @@ LiveTargets, which computes them with the function the extraction used."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from dataclasses import asdict, dataclass, replace
@@ -111,7 +112,7 @@ def stage2_step(student, loss: Stage2Loss, batch: dict, probe: bool = False) -> 
     (see Stage2Loss). With `probe`, the terms also carry grad_ratio: |grad of mse_alpha * MSE| /
     |grad of kl_alpha * KL| on the student's backbone (its weights less the task head)."""
     if loss.from_head:  # the final hidden states and the output layer, not the (B, L, V) logits
-        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(student.forward).parameters else {}
+        keep = {"logits_to_keep": 1} if _keeps_some_logits(type(student)) else {}
         _, hidden = forward_with_taps(student, batch, [*loss.layers, num_layers(student) - 1], **keep)
         total, terms = loss(None, hidden[:-1], batch, head=(hidden[-1], model_parts(student).head))
     else:
@@ -120,6 +121,12 @@ def stage2_step(student, loss: Stage2Loss, batch: dict, probe: bool = False) -> 
     if probe and "mse" in terms and "kl" in terms:
         terms["grad_ratio"] = _gradient_ratio(student, loss.mse_alpha * terms["mse"], loss.kl_alpha * terms["kl"])
     return total, {k: v.detach() for k, v in terms.items()}
+
+
+@functools.cache
+def _keeps_some_logits(model_class: type) -> bool:
+    """Whether the model's forward can return the logits of its last positions only (logits_to_keep)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def _gradient_ratio(student, state_term: torch.Tensor, kl_term: torch.Tensor) -> torch.Tensor:

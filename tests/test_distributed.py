@@ -336,6 +336,16 @@ def _long_run_args(cache, student, out):
     return args
 
 
+def _refused_then_resumed(args: list, out: Path, straight: Path) -> tuple[dict, dict]:
+    """A killed distill run again: refused without --resume, finished with it. Returns its metrics and the
+    uninterrupted run's."""
+    refused = run_one(*args)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = run_one(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    return tuple(json.loads((folder / "metrics.json").read_text()) for folder in (out, straight))
+
+
 @pytest.mark.process
 def test_distill_killed_then_resumed_equals_an_uninterrupted_run(one_process_cache, assets, tmp_path):
     _, cache = one_process_cache
@@ -344,12 +354,7 @@ def test_distill_killed_then_resumed_equals_an_uninterrupted_run(one_process_cac
     assert straight.returncode == 0, straight.stderr
     kill_after_checkpoint(args, tmp_path / "run.checkpoint" / "state.pt")
     assert not (tmp_path / "run").exists()
-    refused = run_one(*args)
-    assert refused.returncode == 2 and "--resume" in refused.stderr
-    resumed = run_one(*args, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    a = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    b = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    a, b = _refused_then_resumed(args, tmp_path / "run", tmp_path / "straight")
     assert a["history"] == b["history"] and a["eval"] == b["eval"] and a["test"] == b["test"]
     assert not (tmp_path / "run.checkpoint").exists()
 
@@ -422,12 +427,7 @@ def test_distill_killed_in_the_student_s_stage1_resumes_from_its_checkpoint(one_
     assert straight.returncode == 0, straight.stderr
     kill_after_checkpoint(args, tmp_path / "run.checkpoint" / "stage1" / "state.pt")
     assert not (tmp_path / "run.checkpoint" / "state.pt").exists()  # killed in Stage I, before Stage II began
-    refused = run_one(*args)
-    assert refused.returncode == 2 and "--resume" in refused.stderr
-    resumed = run_one(*args, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    a = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    b = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    a, b = _refused_then_resumed(args, tmp_path / "run", tmp_path / "straight")
     assert a["phases"]["stage1"] == {**b["phases"]["stage1"], "seconds": a["phases"]["stage1"]["seconds"]}
     assert a["history"] == b["history"] and a["eval"] == b["eval"] and a["test"] == b["test"]
     assert not (tmp_path / "run.checkpoint").exists()
