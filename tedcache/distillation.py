@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .cache import Cache, CacheMetadata, Location, layout, verify
+from .cache.object_store import count_retries, retried_requests, store_errors
 from .config import DistillConfig, what_it_computes
 from .distributed import Processes, peak_memory_mb, processes, reset_peak_memory
 from .errors import TedcacheError, note
@@ -223,10 +224,14 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
     `on_eval(metrics)` is called after every validation (tune reports to Optuna there, and may raise to
     stop the run); with score_test=False the test split is not read at all, and with keep_model=False
     only metrics.json and config.yaml are saved."""
-    run = set_up(cfg, log)
-    phases = before_stage2(run)
-    result = train(run, on_eval)
-    report, test_outputs = _report(run, result, phases, score_test)
+    remote = not Location(cfg.cache).local
+    if remote:
+        count_retries()
+    with store_errors(cfg.cache):
+        run = set_up(cfg, log)
+        phases = before_stage2(run)
+        result = train(run, on_eval)
+        report, test_outputs = _report(run, result, phases, score_test)
     # under FSDP the student's whole state is gathered to the main process (a collective), which saves it
     weights = run.procs.state_of(run.student) if keep_model and run.procs.sharding else None
     if run.procs.main:  # the student is saved once
@@ -237,7 +242,8 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
     metric, best = PRIMARY_METRIC[run.task], report["best"] or {}
     run.log(f"{run.cfg.method}: best eval {metric} {best.get(metric, float('nan')):.4f}"
             + (f", test {report['test'][metric]:.4f}" if "test" in report else "")
-            + f" ({report['seconds']:.0f}s); saved to {run.cfg.out}")
+            + f" ({report['seconds']:.0f}s); saved to {run.cfg.out}"
+            + (f"; {retried_requests()} object-store requests retried" if remote else ""))
     return report
 
 

@@ -25,6 +25,7 @@ from .cache.codecs import STATE_DTYPES
 from .cache.host_copies import HostCopies
 from .cache.layout import FINAL, pack, storage_order
 from .cache.logits import LogitSpec, check_rebuilt, head_tensors, id_dtype, parse_logit_spec, sparsify
+from .cache.object_store import count_retries, retried_requests, store_errors
 from .cache.read import read_filter_files
 from .config import DEFAULT_CACHE_DIR, ExtractConfig
 from .data import Examples, concatenate, load_blocks, load_examples
@@ -126,17 +127,20 @@ def extract(cfg: ExtractConfig, log=None) -> str:
         identity["compiled"] = True  # (likewise)
     location = Location(cfg.cache_dir).child(cache_name(cfg.teacher, identity))
     planned = _planned_bytes(cfg, splits, spec, logit_spec)
-    if procs.main:
-        _check_room(location, planned, log)
+    if not location.local:
+        count_retries()
     teacher.eval()
-    try:
-        return _extract_into(location, cfg, log, procs, identity, splits, label_names, spec, tokenizer, teacher,
-                             logit_spec, device, layers, filtered, started)
-    except OSError as exc:  # a full disk, a folder one may not write in: said as such
-        refusal = environment_error(exc, location.url, planned - location.size() if location.local else None)
-        if refusal is None:
-            raise
-        raise refusal from exc
+    with store_errors(location.url):
+        if procs.main:
+            _check_room(location, planned, log)
+        try:
+            return _extract_into(location, cfg, log, procs, identity, splits, label_names, spec, tokenizer, teacher,
+                                 logit_spec, device, layers, filtered, started)
+        except OSError as exc:  # a full disk, a folder one may not write in: said as such
+            refusal = environment_error(exc, location.url, planned - location.size() if location.local else None)
+            if refusal is None:
+                raise
+            raise refusal from exc
 
 
 def _extract_into(location: Location, cfg: ExtractConfig, log, procs, identity: dict, splits, label_names, spec,
@@ -182,7 +186,8 @@ def _extract_into(location: Location, cfg: ExtractConfig, log, procs, identity: 
         log(f"cache complete in {time.perf_counter() - started:.0f}s (Stage I {stage1_seconds:.0f}s, teacher pass "
             f"{pass_seconds:.0f}s): {len(train)} examples, {train.num_tokens} tokens; targets: "
             f"{_targets(cfg, layers)}, {location.size() / 2**20:.1f} MiB"
-            + (f", {procs.size} processes" if procs.size > 1 else ""))
+            + (f", {procs.size} processes" if procs.size > 1 else "")
+            + ("" if location.local else f"; {retried_requests()} object-store requests retried"))
     return location.url
 
 
@@ -206,6 +211,12 @@ def _check_room(location: Location, planned: int, log) -> None:
     """Log the cache's planned size; refuse at once where its disk has clearly too little room (less than half
     of what is still to write: the plan is uncompressed, and states compress little)."""
     if not location.local:
+        bucket = location.root.split("/")[0]
+        try:  # (an object store would make one for a misspelt name; `exists` would hide a store that fails)
+            location.fs.info(bucket)
+        except FileNotFoundError:
+            raise TedcacheError(f"the bucket {bucket} of {location.url} does not exist; create it, or fix the bucket "
+                                "name in --cache-dir") from None
         log(f"the cache will take up to about {size_text(planned)}")
         return
     folder = Path(location.root)

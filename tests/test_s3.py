@@ -1,14 +1,21 @@
 """Caches on an S3-compatible object store: a real moto server on loopback, the real s3fs client."""
 
+import contextlib
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
 
 import fsspec.config
 import numpy as np
 import pytest
+import s3fs
 from conftest import run_cli_process as run_cli
 
 from tedcache.cache import Cache
@@ -38,8 +45,6 @@ def s3_env():
             except OSError:
                 assert time.time() < deadline, "moto server did not start"
                 time.sleep(0.2)
-        import s3fs
-
         s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"]).mkdir(BUCKET)
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # for the CLI subprocesses (fsspec reads FSSPEC_S3_* when it is imported)
@@ -85,3 +90,124 @@ def test_extract_verify_ls_distill_on_s3(assets, tmp_path, s3_env):
                              local_cache.split("train").states(layer, 0, 1 << 20)):
             assert np.array_equal(got, want)
     assert np.array_equal(remote_cache.split("eval").teacher_logits, local_cache.split("eval").teacher_logits)
+
+
+def _start(*command, port: int) -> subprocess.Popen:
+    """A server process, returned once it accepts connections on `port`."""
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return server
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, f"{command} did not start"
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def _proxy(upstream: str, *flags):
+    """tests/flaky_store.py in front of `upstream`; yields (its URL, a function returning its counts)."""
+    port = _free_port()
+    server = _start(sys.executable, str(Path(__file__).with_name("flaky_store.py")), "--upstream", upstream,
+                    "--port", str(port), *flags, port=port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield url, lambda: Counter(json.loads(urllib.request.urlopen(f"{url}/_flaky/counts").read()))
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def _retried(stderr: str) -> int:
+    found = re.findall(r"; (\d+) object-store requests retried", stderr)
+    assert found, stderr
+    return int(found[-1])
+
+
+SHORT_DISTILL = ["--epochs", "1", "--batch-size", "16", "--seed", "3"]
+
+
+@pytest.mark.process
+def test_a_flaky_store_costs_retries_and_nothing_else(assets, tmp_path, s3_env, monkeypatch, fault_log):
+    """A seeded tenth of the requests to the store meet a 503 SlowDown, a 500, a reset after the server
+    acted, or a slow answer: extract and distill retry and finish with the clean run's cache and metrics."""
+    args = ["extract", "--teacher", assets["teacher"], "--data", assets["train"], "--eval-data", assets["eval"],
+            "--max-length", "24", "--stage1-epochs", "0.5", "--shard-tokens", "256"]
+    local = run_cli(*args, "--cache-dir", tmp_path / "local")
+    assert local.returncode == 0, local.stderr
+    local_path = local.stdout.strip().splitlines()[-1]
+    clean = run_cli("distill", "--cache", local_path, "--student", assets["student"], "--out", tmp_path / "clean",
+                    *SHORT_DISTILL)
+    assert clean.returncode == 0, clean.stderr
+
+    with _proxy(s3_env["FSSPEC_S3_ENDPOINT_URL"], "--share", "0.1", "--seed", "7") as (endpoint, counts):
+        monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", endpoint)
+        remote = run_cli(*args, "--cache-dir", f"s3://{BUCKET}/flaky")
+        assert remote.returncode == 0, remote.stderr
+        url = remote.stdout.strip().splitlines()[-1]
+        flaky = run_cli("distill", "--cache", url, "--student", assets["student"], "--out", tmp_path / "flaky",
+                        *SHORT_DISTILL)
+        assert flaky.returncode == 0, flaky.stderr
+        met = counts()
+    retried = _retried(remote.stderr) + _retried(flaky.stderr)
+    failed = met["slowdown"] + met["internal"] + met["reset"]
+    assert failed > 0 and met["slow"] > 0, met
+    assert 0 < retried <= failed, (retried, met)  # every retry answers a failure (a few are resent below botocore)
+
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", s3_env["FSSPEC_S3_ENDPOINT_URL"])
+    remote_cache, local_cache = Cache(url), Cache(local_path)
+    for layer in local_cache.layers:
+        for got, want in zip(remote_cache.split("train").states(layer, 0, 1 << 20),
+                             local_cache.split("train").states(layer, 0, 1 << 20)):
+            assert np.array_equal(got, want)
+    for split in ("train", "eval"):
+        assert np.array_equal(remote_cache.split(split).teacher_logits, local_cache.split(split).teacher_logits)
+    got, want = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("flaky", "clean"))
+    assert got["history"] == want["history"] and got["best"] == want["best"]
+    fault_log(f"an object store failing {met['requests'] and failed / met['requests']:.0%} of "
+              f"{met['requests']} requests ({met['slowdown']} SlowDown, {met['internal']} 500, {met['reset']} "
+              f"resets, {met['slow']} slow answers; seeded): extract and distill retried {retried} requests; lost: "
+              "nothing (the clean cache array for array, the clean run's metrics)")
+
+
+@pytest.mark.process
+def test_a_store_that_keeps_failing_ends_in_one_line(assets, tmp_path, s3_env, monkeypatch, fault_log):
+    """A missing bucket, denied access and a store that is gone: one line naming the URL and the last error,
+    after a bounded number of attempts."""
+    args = ["extract", "--teacher", assets["teacher"], "--data", assets["train"], "--max-length", "24",
+            "--stage1-epochs", "0"]
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    outcomes = {}
+    missing = run_cli("distill", "--cache", "s3://no-such-bucket/caches/teacher-x", "--student", assets["student"],
+                      "--out", tmp_path / "run")
+    outcomes["a missing bucket"] = missing
+    outcomes["a misspelt bucket"] = run_cli(*args, "--cache-dir", "s3://no-such-bucket/caches")
+    with _proxy(s3_env["FSSPEC_S3_ENDPOINT_URL"], "--deny") as (endpoint, counts):
+        monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", endpoint)
+        outcomes["denied access"] = run_cli(*args, "--cache-dir", f"s3://{BUCKET}/denied")
+        denied = counts()
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    started = time.perf_counter()
+    outcomes["a store that is gone"] = run_cli(*args, "--cache-dir", f"s3://{BUCKET}/gone")
+    gone_seconds = time.perf_counter() - started
+    outcomes["a store that is gone, for distill"] = run_cli("distill", "--cache", f"s3://{BUCKET}/gone/teacher-x",
+                                                            "--student", assets["student"], "--out", tmp_path / "run")
+    for what, outcome in outcomes.items():
+        lines = outcome.stderr.strip().splitlines()
+        assert outcome.returncode != 0 and lines[-1].startswith("error: "), (what, outcome.stderr)
+        assert "Traceback" not in outcome.stderr, (what, outcome.stderr)
+        print(what, "->", lines[-1])
+    assert "no-such-bucket" in outcomes["a missing bucket"].stderr.splitlines()[-1]
+    assert f"s3://{BUCKET}/denied" in outcomes["denied access"].stderr.splitlines()[-1]
+    assert "PermissionError: Forbidden" in outcomes["denied access"].stderr.splitlines()[-1]
+    assert "bucket no-such-bucket of s3://no-such-bucket/caches/teacher-" in outcomes["a misspelt bucket"].stderr
+    assert denied["retries"] == 0, denied  # a refusal is not retried
+    for what, url in (("a store that is gone", f"s3://{BUCKET}/gone/teacher-"),
+                      ("a store that is gone, for distill", f"s3://{BUCKET}/gone/teacher-x")):
+        last = outcomes[what].stderr.splitlines()[-1]
+        assert url in last and "Could not connect" in last and "(2 requests retried in all)" in last, last
+    assert not s3fs.S3FileSystem(endpoint_url=s3_env["FSSPEC_S3_ENDPOINT_URL"]).exists("no-such-bucket")
+    fault_log(f"a store that keeps failing (a missing bucket, access denied, nothing listening; "
+              f"AWS_MAX_ATTEMPTS=3): one line naming the URL and the last error each, the last after "
+              f"{gone_seconds:.0f} s; lost: nothing")

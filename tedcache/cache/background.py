@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 from ..errors import TedcacheError
 from .location import Location
+from .object_store import add_retried, is_store_error, retried_requests, store_failure
 from .writer import CacheWriter
 
 
@@ -35,7 +36,8 @@ class BackgroundWriter:
             self.executor, self.pending, self.writer = ThreadPoolExecutor(1, thread_name_prefix="tedcache-write"), None, writer
             return
         context = mp.get_context("fork")  # a spawned child would import torch again: seconds per extraction
-        self.units, self.errors = context.Queue(maxsize=depth), context.SimpleQueue()
+        self.units, self.errors = context.Queue(maxsize=depth), context.SimpleQueue()  # errors: its last word
+        self.location = writer.location
         self.process = context.Process(target=_write_units, args=(writer.location, self.units, self.errors,
                                                                   os.getpid()), name="tedcache-writer", daemon=True)
         self.process.start()
@@ -64,6 +66,7 @@ class BackgroundWriter:
         self.units.put(None)
         self.process.join()
         self._check_process(finished=True)
+        add_retried(self.errors.get()["retried"])
 
     def abort(self) -> None:
         if self.kind == "thread":
@@ -86,14 +89,18 @@ class BackgroundWriter:
             pending.result()
 
     def _check_process(self, finished: bool = False) -> None:
+        """Raise the writer process's error, if it ended with one."""
         if self.process.is_alive() and not finished:
             return
         if self.process.exitcode == 0:
             return
-        number, reason = self.errors.get() if not self.errors.empty() else (None, f"exit code {self.process.exitcode}")
-        if number is not None:  # the environment's (a full disk, ...): raised as itself for the caller to phrase
-            raise OSError(number, reason)
-        raise TedcacheError(f"the cache writer process failed ({reason}); the units it had written are kept: "
+        failure = self.errors.get() if not self.errors.empty() else {"reason": f"exit code {self.process.exitcode}"}
+        if failure.get("errno") is not None:  # the environment's (a full disk, ...): raised as itself for the caller to phrase
+            raise OSError(failure["errno"], failure["reason"])
+        if failure.get("store"):
+            add_retried(failure["retried"])
+            raise store_failure(self.location.url, failure["reason"])
+        raise TedcacheError(f"the cache writer process failed ({failure['reason']}); the units it had written are kept: "
                             "fix the cause and run the same command again to resume")
 
 
@@ -102,13 +109,17 @@ def _write_units(location: Location, units, errors, parent: int) -> None:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt is the parent's to handle: it stops us
     torch.set_num_threads(1)  # (as DataLoader's workers do: the parent's thread pool is not forked)
+    counted_before = retried_requests()  # (the parent's count, forked with us)
     try:
         writer = CacheWriter(location)
         while (item := units.get()) is not None:
             writer.write_unit(*item)
     except BaseException as exc:
-        errors.put((exc.errno if isinstance(exc, OSError) else None, f"{type(exc).__name__}: {exc}"))
+        errors.put({"errno": None if is_store_error(exc) else getattr(exc, "errno", None),
+                    "reason": f"{type(exc).__name__}: {exc}", "store": is_store_error(exc),
+                    "retried": retried_requests() - counted_before})
         os._exit(1)
+    errors.put({"retried": retried_requests() - counted_before})
 
 
 def _die_with_parent(parent: int) -> None:

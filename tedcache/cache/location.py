@@ -13,6 +13,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import TedcacheError
+from .object_store import storage_options
 
 
 class Location:
@@ -21,7 +22,8 @@ class Location:
 
     def __init__(self, url: str):
         self.url = str(url).rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.options = storage_options(fsspec.core.split_protocol(self.url)[0] or "file")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.options)
         self.local = isinstance(self.fs, LocalFileSystem)
 
     def path(self, *parts: str) -> str:
@@ -31,7 +33,16 @@ class Location:
         return Location(f"{self.url}/{name}")
 
     def exists(self, rel: str = "") -> bool:
-        return self.fs.exists(self.path(rel) if rel else self.root)
+        """Whether `rel` (the folder itself by default) is there; a store that fails raises (s3fs's `exists`
+        would answer False)."""
+        target = self.path(rel) if rel else self.root
+        if self.local:
+            return self.fs.exists(target)
+        try:
+            self.fs.info(target)
+        except FileNotFoundError:
+            return False
+        return True
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
@@ -80,7 +91,7 @@ class Location:
     def zarr_store(self, read_only: bool):
         if self.local:
             return zarr.storage.LocalStore(self.root, read_only=read_only)
-        return zarr.storage.FsspecStore.from_url(self.url, read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(self.url, storage_options=self.options, read_only=read_only)
 
     def __str__(self) -> str:
         return self.url
