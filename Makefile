@@ -60,11 +60,14 @@ test-unit: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not process"
 
 # The fault battery (issue 39, docs/design.md "Faults"): a disk too small, a disk filling up, a read-only
-# disk, SIGKILLs at seeded moments of an extraction, of Stage I and of a TED distill; one line per fault
-# (what was done, how often, what was lost). `make test` runs the same tests, without the summary.
+# disk, SIGKILLs at seeded moments of an extraction, of Stage I and of a TED distill, a flaky object store
+# and one that keeps failing; one line per fault (what was done, how often, what was lost). `make test`
+# runs the same tests, without the summary.
 faults: install
 	@rm -f .faults-report
 	TEDCACHE_FAULTS_REPORT=$(CURDIR)/.faults-report HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "" tests/test_faults.py \
+	  tests/test_s3.py::test_a_flaky_store_costs_retries_and_nothing_else \
+	  tests/test_s3.py::test_a_store_that_keeps_failing_ends_in_one_line \
 	  tests/test_resume.py::test_stage1_killed_at_several_moments_resumes_to_the_uninterrupted_filters \
 	  tests/test_distributed.py::test_distill_killed_in_the_student_s_stage1_resumes_from_its_checkpoint
 	@echo; echo "faults met, and what was lost:"; cat .faults-report
