@@ -18,7 +18,8 @@ import pytest
 import s3fs
 from conftest import run_cli_process as run_cli
 
-from tedcache.cache import Cache
+from tedcache.cache import Cache, object_store
+from tedcache.errors import TedcacheError
 
 BUCKET = "tedcache-test"
 
@@ -211,3 +212,36 @@ def test_a_store_that_keeps_failing_ends_in_one_line(assets, tmp_path, s3_env, m
     fault_log(f"a store that keeps failing (a missing bucket, access denied, nothing listening; "
               f"AWS_MAX_ATTEMPTS=3): one line naming the URL and the last error each, the last after "
               f"{gone_seconds:.0f} s; lost: nothing")
+
+
+def test_retry_settings_default_to_bounded_standard_retries_and_yield_to_the_user_s(monkeypatch):
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
+    assert object_store.storage_options("file") == {}
+    assert object_store.storage_options("s3") == {
+        "config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": object_store.MAX_ATTEMPTS}}}
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"config_kwargs": {"retries": {"max_attempts": 4},
+                                                                     "read_timeout": 5}})
+    assert object_store.storage_options("s3") == {
+        "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 4}, "read_timeout": 5}}
+    monkeypatch.setitem(fsspec.config.conf, "s3", {})
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
+    assert object_store.storage_options("s3") == {"config_kwargs": {"retries": {}}}
+
+
+def test_only_the_store_client_s_errors_are_said_as_the_store_s():
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    refused = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "PutObject")
+    translated = PermissionError("Access Denied")
+    translated.__cause__ = refused
+    assert object_store.is_store_error(translated) and object_store.is_store_error(refused)
+    assert object_store.is_store_error(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert not object_store.is_store_error(PermissionError("a local folder"))
+    with pytest.raises(TedcacheError, match=r"^the object store failed for s3://b/c: PermissionError: Access Denied"):
+        with object_store.store_errors("s3://b/c"):
+            raise translated
+    with pytest.raises(PermissionError, match="a local folder"):
+        with object_store.store_errors("s3://b/c"):
+            raise PermissionError("a local folder")
