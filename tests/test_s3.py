@@ -30,22 +30,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start(*command, port: int) -> subprocess.Popen:
+    """A server process, returned once it accepts connections on `port`."""
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return server
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, f"{command} did not start"
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def s3_env():
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = _start(sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port), port=port)
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.time() < deadline, "moto server did not start"
-                time.sleep(0.2)
         s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"]).mkdir(BUCKET)
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # for the CLI subprocesses (fsspec reads FSSPEC_S3_* when it is imported)
@@ -91,19 +95,6 @@ def test_extract_verify_ls_distill_on_s3(assets, tmp_path, s3_env):
                              local_cache.split("train").states(layer, 0, 1 << 20)):
             assert np.array_equal(got, want)
     assert np.array_equal(remote_cache.split("eval").teacher_logits, local_cache.split("eval").teacher_logits)
-
-
-def _start(*command, port: int) -> subprocess.Popen:
-    """A server process, returned once it accepts connections on `port`."""
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return server
-        except OSError:
-            assert time.time() < deadline and server.poll() is None, f"{command} did not start"
-            time.sleep(0.2)
 
 
 @contextlib.contextmanager
