@@ -66,7 +66,7 @@ test-unit: install
 faults: install
 	@rm -f .faults-report
 	TEDCACHE_FAULTS_REPORT=$(CURDIR)/.faults-report HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "" tests/test_faults.py \
-	  tests/test_s3.py::test_a_flaky_store_costs_retries_and_nothing_else \
+	  tests/test_s3.py::test_extract_reuse_verify_ls_and_distill_through_a_flaky_store \
 	  tests/test_s3.py::test_a_store_that_keeps_failing_ends_in_one_line \
 	  tests/test_resume.py::test_stage1_killed_at_several_moments_resumes_to_the_uninterrupted_filters \
 	  tests/test_distributed.py::test_distill_killed_in_the_student_s_stage1_resumes_from_its_checkpoint

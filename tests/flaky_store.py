@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 FAULTS = ("slowdown", "internal", "reset", "slow")
-SLOW_SECONDS = 0.5
+SLOW_SECONDS = 0.2
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "expect", "host"}
 
 

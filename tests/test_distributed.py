@@ -347,19 +347,6 @@ def _refused_then_resumed(args: list, out: Path, straight: Path) -> tuple[dict, 
 
 
 @pytest.mark.process
-def test_distill_killed_then_resumed_equals_an_uninterrupted_run(one_process_cache, assets, tmp_path):
-    _, cache = one_process_cache
-    args = _long_run_args(cache, assets["student"], tmp_path / "run")
-    straight = run_one(*_long_run_args(cache, assets["student"], tmp_path / "straight"))
-    assert straight.returncode == 0, straight.stderr
-    kill_after_checkpoint(args, tmp_path / "run.checkpoint" / "state.pt")
-    assert not (tmp_path / "run").exists()
-    a, b = _refused_then_resumed(args, tmp_path / "run", tmp_path / "straight")
-    assert a["history"] == b["history"] and a["eval"] == b["eval"] and a["test"] == b["test"]
-    assert not (tmp_path / "run.checkpoint").exists()
-
-
-@pytest.mark.process
 def test_compare_killed_mid_run_continues_that_run_from_its_checkpoint(one_process_cache, assets, tmp_path):
     _, cache = one_process_cache
     straight = run_one(*_long_run_args(cache, assets["student"], tmp_path / "straight"))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli, sentiment_rows, write_rows
-from test_distributed import ENV, _long_run_args, assert_same_cache, run_one
+from test_distributed import ENV, _long_run_args, _refused_then_resumed, assert_same_cache, run_one
 
 from tedcache.cache import Cache
 
@@ -183,11 +183,10 @@ def test_a_ted_distill_killed_at_three_seeded_moments_finishes_as_an_uninterrupt
 
         _kill_at(command, ready, rng.uniform(0, 0.3), ENV)  # run_one's, one thread
         steps.append(torch.load(state, weights_only=True)["loop"]["step"])
-    resumed = run_one(*args, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    a = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    b = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert not (tmp_path / "run").exists()  # no run folder until the run has finished
+    a, b = _refused_then_resumed(args, tmp_path / "run", tmp_path / "straight")
     assert a["history"] == b["history"] and a["eval"] == b["eval"] and a["test"] == b["test"]
     assert steps == sorted(steps) and len(set(steps)) == 3
+    assert not (tmp_path / "run.checkpoint").exists()
     fault_log(f"a TED distill SIGKILLed 3 times (at checkpointed steps {', '.join(map(str, steps))}, seeded), resumed "
               "after each; lost: nothing (the uninterrupted run's losses, validation and test scores)")

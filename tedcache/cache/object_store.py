@@ -58,10 +58,11 @@ _counter: _RetryCounter | None = None
 
 
 def count_retries() -> None:
-    """Start counting this process's retried requests (once; later calls do nothing)."""
+    """Count this process's retried requests from zero (each extract or distill reports its own)."""
     global _counter
     if _counter is None:
         _counter = _RetryCounter(logging.getLogger("botocore.endpoint"))
+    _counter.count = 0
 
 
 def retried_requests() -> int:
