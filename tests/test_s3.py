@@ -142,6 +142,7 @@ def test_extract_reuse_verify_ls_and_distill_through_a_flaky_store(assets, tmp_p
               "array for array, the clean run's losses and scores)")
 
 
+@pytest.mark.process  # (servers)
 def test_a_store_that_keeps_failing_ends_in_one_line(assets, tmp_path, s3_env, monkeypatch, fault_log):
     """A missing bucket, denied access and a store that is gone: one line naming the URL and the last error,
     after a bounded number of attempts."""
