@@ -36,9 +36,9 @@ class BackgroundWriter:
             self.executor, self.pending, self.writer = ThreadPoolExecutor(1, thread_name_prefix="tedcache-write"), None, writer
             return
         context = mp.get_context("fork")  # a spawned child would import torch again: seconds per extraction
-        self.units, self.errors = context.Queue(maxsize=depth), context.SimpleQueue()  # errors: its last word
+        self.units, self.outcome = context.Queue(maxsize=depth), context.SimpleQueue()  # the process's last word
         self.location = writer.location
-        self.process = context.Process(target=_write_units, args=(writer.location, self.units, self.errors,
+        self.process = context.Process(target=_write_units, args=(writer.location, self.units, self.outcome,
                                                                   os.getpid()), name="tedcache-writer", daemon=True)
         self.process.start()
 
@@ -66,7 +66,7 @@ class BackgroundWriter:
         self.units.put(None)
         self.process.join()
         self._check_process(finished=True)
-        add_retried(self.errors.get()["retried"])
+        add_retried(self.outcome.get()["retried"])
 
     def abort(self) -> None:
         if self.kind == "thread":
@@ -94,7 +94,7 @@ class BackgroundWriter:
             return
         if self.process.exitcode == 0:
             return
-        failure = self.errors.get() if not self.errors.empty() else {"reason": f"exit code {self.process.exitcode}"}
+        failure = self.outcome.get() if not self.outcome.empty() else {"reason": f"exit code {self.process.exitcode}"}
         if failure.get("errno") is not None:  # the environment's (a full disk, ...): raised as itself for the caller to phrase
             raise OSError(failure["errno"], failure["reason"])
         if failure.get("store"):
@@ -104,8 +104,9 @@ class BackgroundWriter:
                             "fix the cause and run the same command again to resume")
 
 
-def _write_units(location: Location, units, errors, parent: int) -> None:
-    """The writer process: write queued units until the None that ends them."""
+def _write_units(location: Location, units, outcome, parent: int) -> None:
+    """The writer process: write queued units until the None that ends them; then put its outcome (the
+    retries it counted, or its error)."""
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # an interrupt is the parent's to handle: it stops us
     torch.set_num_threads(1)  # (as DataLoader's workers do: the parent's thread pool is not forked)
@@ -115,11 +116,11 @@ def _write_units(location: Location, units, errors, parent: int) -> None:
         while (item := units.get()) is not None:
             writer.write_unit(*item)
     except BaseException as exc:
-        errors.put({"errno": None if is_store_error(exc) else getattr(exc, "errno", None),
-                    "reason": f"{type(exc).__name__}: {exc}", "store": is_store_error(exc),
-                    "retried": retried_requests() - counted_before})
+        store = is_store_error(exc)
+        outcome.put({"errno": None if store else getattr(exc, "errno", None), "reason": f"{type(exc).__name__}: {exc}",
+                     "store": store, "retried": retried_requests() - counted_before})
         os._exit(1)
-    errors.put({"retried": retried_requests() - counted_before})
+    outcome.put({"retried": retried_requests() - counted_before})
 
 
 def _die_with_parent(parent: int) -> None:
