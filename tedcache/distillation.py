@@ -409,6 +409,8 @@ def _report(run: DistillRun, result: dict, phases: dict, score_test: bool) -> tu
     test_split = run.cache.split("test") if score_test else None
     report = {
         "method": cfg.method, "config": asdict(cfg), "requested": run.requested, "cache": str(run.cache.path),
+        # which cache exactly (its content key), what it was made from (its recipe key), and by which teacher bits
+        "cache_identity": meta.content_key, "cache_recipe": meta.recipe_key, "teacher_weights": meta.teacher_weights_sha256,
         "cache_bytes": run.cache.bytes_on_disk(), "task": task, "label_names": meta.label_names,
         "kd_targets": run.loss.kd_form if task == "causal-lm" else None,
         "layer_map": dict(zip(bank.spec.layers, run.teacher_layers)) if bank is not None else None,

@@ -6,6 +6,7 @@ filters, the token arrays and every finished unit are kept, and only the missing
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -47,6 +48,7 @@ from .models import (
     weights_hash,
 )
 from .reader import ExamplesSource, iterate_batches, to_device
+from .run_folder import METRICS_FILE
 from .schema import check_choices, to_dict
 from .stage1 import describe_filters, train_filters
 from .state_store import StateStore, StoredSource, in_order, stored_source
@@ -384,7 +386,8 @@ def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], l
         format_version=0, identity=identity,  # format_version, chunk_tokens: set by CacheWriter.create
         created_by=f"tedcache {version('tedcache')}", task=task,
         states=cfg.states, layers=spec.layers, filter_dim=spec.out_dim, teacher=cfg.teacher,
-        teacher_weights_sha256=identity["teacher_weights"], teacher_dtype=identity.get("teacher_dtype", "fp32"),
+        teacher_weights_sha256=identity["teacher_weights"], teacher_recipe=_teacher_recipe(cfg.teacher),
+        teacher_dtype=identity.get("teacher_dtype", "fp32"),
         tokenizer_vocab_sha256=vocab_hash(tokenizer),
         pad_token_id=pad_id(tokenizer), precision=cfg.precision, seed=cfg.seed, shard_tokens=cfg.shard_tokens,
         chunk_tokens=0, tokenizer=cfg.teacher, tokenizer_sha256=identity["tokenizer"], label_names=label_names,
@@ -402,6 +405,17 @@ def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], l
         labelled_train=None if lm else _labelled_examples(splits["train"], task),
         trust_remote_code=cfg.trust_remote_code,
         config=to_dict(cfg))
+
+
+def _teacher_recipe(teacher: str) -> str | None:
+    """The recipe tedcache finetune recorded in the teacher's folder (None for a teacher it did not make)."""
+    path = Path(teacher) / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("recipe")
+    except ValueError:
+        return None
 
 
 def _labelled_examples(examples: Examples, task: str) -> int:

@@ -3,6 +3,8 @@ raw data), or a causal LM on text (adapts a teacher to the user's domain before 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict
 
 import torch
@@ -13,7 +15,7 @@ from .errors import note
 from .evaluate import PRIMARY_METRIC, evaluate
 from .loop import Validation, fit
 from .losses import lm_loss, task_loss
-from .models import load_for_task, load_tokenizer, pad_id
+from .models import load_for_task, load_tokenizer, pad_id, source_hash, tokenizer_hash
 from .reader import ExamplesSource, iterate_batches, num_batches
 from .run_folder import save_run
 from .schema import check_choices
@@ -59,9 +61,21 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
                  lambda e: iterate_batches(source, cfg.optim.batch_size, pad, True, cfg.seed, e),
                  num_batches(source, cfg.optim.batch_size), loss_fn, cfg.optim, "fine-tune",
                  validation=Validation(evaluate_model, PRIMARY_METRIC[task]) if evaluation is not None else None)
-    report = {"method": "finetune", "config": asdict(cfg), "task": task, "label_names": label_names,
+    report = {"method": "finetune", "config": asdict(cfg), "recipe": recipe(cfg, tokenizer, train, evaluation),
+              "task": task, "label_names": label_names,
               "history": result["history"], "eval": result["evals"], "best": result["best"],
               "seconds": result["seconds"]}
     save_run(model, tokenizer, cfg.out, report, cfg)
     log(f"fine-tuned in {result['seconds']:.0f}s; saved to {cfg.out}")
     return report
+
+
+def recipe(cfg: FinetuneConfig, tokenizer, train, evaluation) -> str:
+    """sha256 of everything that decides the fine-tuned model up to float rounding: the base model's files,
+    the tokenizer, the data's content, the settings and the seed (not folder names, not the machine). A cache
+    of this teacher records it (teacher_recipe), so a rebuild elsewhere continues the same studies."""
+    made_from = {"model": source_hash(cfg.model), "tokenizer": tokenizer_hash(tokenizer), "data": train.fingerprint,
+                 "eval_data": evaluation.fingerprint if evaluation is not None else None,
+                 "settings": {**asdict(cfg), "model": None, "out": None, "data": None},
+                 "task": cfg.data.task, "max_length": cfg.data.max_length, "block_size": cfg.data.block_size}
+    return hashlib.sha256(json.dumps(made_from, sort_keys=True, default=str).encode()).hexdigest()

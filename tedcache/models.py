@@ -237,6 +237,25 @@ def weights_hash(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def source_hash(model: str) -> str:
+    """sha256 of a model folder's configuration and weight files as stored (bytes, not loaded tensors, so
+    equal on every machine); a name that is not a local folder (a hub model) stands for itself."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return model
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and (path.suffix in WEIGHT_FILES or path.name == "config.json"):
+            digest.update(str(path.relative_to(folder)).encode())
+            with path.open("rb") as stream:
+                for block in iter(lambda: stream.read(1 << 24), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
 def vocab_hash(tokenizer) -> str:
     """sha256 of the token -> id map plus the special tokens: equal hashes mean interchangeable ids."""
     payload = {"vocab": sorted(tokenizer.get_vocab().items()),

@@ -47,6 +47,13 @@ def save_run(model, tokenizer, out: str, metrics: dict, config, test_outputs: di
     return out_path
 
 
+def cache_read(metrics: dict) -> tuple[str, str, str | None]:
+    """(recipe key, content key, teacher weights) of the cache a distill run read (see CacheMetadata);
+    runs saved before these were recorded name their cache by its folder, which ends with the content key."""
+    content = metrics.get("cache_identity") or str(metrics.get("cache") or "").rstrip("/").rsplit("-", 1)[-1]
+    return metrics.get("cache_recipe") or content, content, metrics.get("teacher_weights")
+
+
 @dataclass
 class Run:
     """One training run as recorded in its folder."""

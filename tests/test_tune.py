@@ -99,11 +99,11 @@ def test_a_finished_study_is_kept_and_a_foreign_one_refused(assets, cache, tmp_p
     tune(cfg, log=messages.append)
     assert not [m for m in messages if m.startswith("[kd] trial")]  # nothing left to run
     changed = replace(cfg, base=replace(cfg.base, temperature=4.0))
-    with pytest.raises(TedcacheError, match="another cache, settings or search space"):
+    with pytest.raises(TedcacheError, match="another teacher recipe, data, cached layers, settings or search space"):
         tune(changed, log=lambda *_: None)
     result = run_cli("tune", "--cache", cache, "--student", assets["student"], "--out", tmp_path / "t",
                      "--methods", "kd", "--trials", "2", "--pruner", "none", "--temperature", "4", "--max-steps", "6")
-    assert result.returncode != 0 and "Traceback" not in result.stderr and "another cache" in result.stderr
+    assert result.returncode != 0 and "Traceback" not in result.stderr and "another teacher recipe" in result.stderr
 
 
 @pytest.mark.process

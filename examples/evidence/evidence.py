@@ -33,7 +33,9 @@ import importlib.util
 import json
 import os
 import shutil
-from dataclasses import dataclass, field, replace
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import datasets
@@ -42,6 +44,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from tedcache import extract
 from tedcache.cache import load_metadata
+from tedcache.cache.read import Cache
 from tedcache.config import (
     CompareConfig,
     DataConfig,
@@ -52,27 +55,39 @@ from tedcache.config import (
     OptimConfig,
     StudentConfig,
     TuneConfig,
+    what_it_computes,
 )
 from tedcache.configfile import CONFIG_FILE, read_config_file, resolve
 from tedcache.demos import demo, demo_lm, evidence
-from tedcache.experiments.compare import compare
+from tedcache.errors import note
+from tedcache.evaluate import PRIMARY_METRIC
+from tedcache.experiments.compare import compare, run_blocks
 from tedcache.experiments.report import build_report
 from tedcache.experiments.results import methods_table, summarize
-from tedcache.experiments.tune import STUDY_FILE, apply, tune
+from tedcache.experiments.same_teacher import TEACHER_FILE, check_same_teacher
+from tedcache.experiments.tune import STUDY_FILE, apply, study_identity, tune
 from tedcache.finetuning import finetune
-from tedcache.run_folder import METRICS_FILE, PREDICTIONS_FILE, find_runs
+from tedcache.run_folder import METRICS_FILE, PREDICTIONS_FILE, cache_read, find_runs
 from tedcache.students import init_student
 
 WORK = Path(os.environ.get("TEDCACHE_EVIDENCE_DIR", Path.home() / ".cache" / "tedcache" / "evidence"))
-RESULTS = Path(__file__).resolve().parents[2] / "docs" / "evidence"  # what people read: tables and plots
-LEDGER = Path(__file__).resolve().parent / "ledger"  # what the study reads back: journals and run outcomes
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "docs" / "evidence"  # what people read: tables and plots
+LEDGER = Path(os.environ.get("TEDCACHE_EVIDENCE_LEDGER", Path(__file__).resolve().parent / "ledger"))  # read back
+ADOPTED_FILE = "adopted.json"  # a journal begun before journals were keyed to the recipe, and why it was kept
+BLOCKS_FILE = "blocks.json"  # per final block (seed): the commit that ran it, the caches it read, when
+SAMPLES = "cache-samples"  # per cache a setting's runs read: a few stored values, to measure how rebuilds differ
+METRIC_STAND_IN = 0.002  # a ledger without predictions: each epoch's validation metric within this (item 1)
+
 # what `save` keeps of WORK (paths relative to it): tuning journals and summaries, every final run's
 # metrics and test predictions, the teachers' metrics (checked against a rebuild, never put back)
 # (the planned study's, and those of the checks in EXTRA_STEPS)
 OUTCOMES = [f"{step}tune/*/{name}" for step in ("*/", "*/*/")
             for name in (STUDY_FILE, "tune.json", "best-*.yaml", "trials-*.csv")] + \
            [f"{step}final/*/{name}" for step in ("*/", "*/*/")
-            for name in (METRICS_FILE, PREDICTIONS_FILE, CONFIG_FILE)] + [f"*/teacher/{METRICS_FILE}"]
+            for name in (METRICS_FILE, PREDICTIONS_FILE, CONFIG_FILE)] + [f"*/teacher/{METRICS_FILE}"] + \
+           [f"{step}{part}/{name}" for step in ("*/", "*/*/") for part in ("tune/*", "final")
+            for name in (TEACHER_FILE, ADOPTED_FILE, BLOCKS_FILE)] + [f"*/{SAMPLES}/*.npz"]
 
 # --- fixed before the study ran (docs/evidence.md, "Plan") ---
 METHODS = ("finetune", "kd", "lwd", "ted")
@@ -244,15 +259,58 @@ def restore() -> None:
 
 
 def _check_rebuild(teacher: Path) -> None:
-    """Stop when a teacher rebuilt on this machine scores differently from the one the ledger's runs used."""
+    """Stop when a teacher rebuilt on this machine was made another way, or scores otherwise, than the one
+    the ledger's runs used: another recipe, or a validation metric more than METRIC_STAND_IN away at some
+    epoch. This is the stand-in for the predictions check (check_teacher) where the ledger predates it."""
     kept = LEDGER / teacher.relative_to(WORK) / "metrics.json"
     if not kept.exists():
         return
     before, now = (json.loads(p.read_text()) for p in (kept, teacher / "metrics.json"))
-    if before["eval"] != now["eval"]:
-        raise SystemExit(f"the teacher rebuilt in {teacher} scores differently on validation from the one behind "
-                         f"{kept} ({before['best']} then, {now['best']} now): the runs would mix two teachers; "
-                         "rebuild on the machine type the ledger came from or start the setting over")
+    if before.get("recipe", now.get("recipe")) != now.get("recipe"):
+        raise SystemExit(f"the teacher rebuilt in {teacher} was made another way than the one behind {kept} (another "
+                         "recipe: base model, data, settings or seed); restore the recipe or start the setting over")
+    metric = PRIMARY_METRIC[now["task"]]
+    gaps = [abs(a[metric] - b[metric]) for a, b in zip(before["eval"], now["eval"])]
+    if len(before["eval"]) != len(now["eval"]) or max(gaps) > METRIC_STAND_IN:
+        raise SystemExit(f"the teacher rebuilt in {teacher} scores otherwise on validation than the one behind {kept} "
+                         f"({before['best'][metric]:.4f} then, {now['best'][metric]:.4f} now; at most "
+                         f"{METRIC_STAND_IN} apart): the runs would mix two teachers; start the setting over")
+
+
+def check_teacher(setting: Setting, cache: str) -> None:
+    """The setting's teacher against the ledger's: its validation predictions (kept in the ledger the first
+    time) must agree on 99.5% of examples and its validation metric be within 0.002 (same_teacher)."""
+    check_same_teacher(LEDGER / setting.name / "teacher", cache, note)
+
+
+def adopt_journal(cfg: TuneConfig, method: str) -> None:
+    """A tuning journal begun before journals were keyed to the teacher's recipe (E's, 2026-12-05) is stamped
+    for this recipe and these settings, once, when its finished trials ran exactly these settings (their best
+    configuration, less the searched values, equals this base). Its teacher was not recorded, so the
+    validation metrics _check_rebuild compared stand in for the predictions; adopted.json says so. A journal
+    with no finished trial starts over, uninterrupted (a resumed study draws other trials)."""
+    import optuna
+
+    folder = Path(cfg.base.out)
+    if not (folder / STUDY_FILE).exists() or (folder / TEACHER_FILE).exists() or (folder / ADOPTED_FILE).exists():
+        return
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / STUDY_FILE)))
+    study = optuna.load_study(study_name=method, storage=storage)
+    if not [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]:
+        (folder / STUDY_FILE).unlink()
+        note(f"{folder}: no trial had finished; the study starts over")
+        return
+    best = resolve(DistillConfig, read_config_file(str(folder / f"best-{method}.yaml")), where=str(folder))
+    ran, now = (what_it_computes({**asdict(c), "cache": "", "out": ""}) for c in (best, apply(cfg.base, study.best_params)))
+    if ran != now:
+        raise SystemExit(f"{folder}'s trials ran other settings than this study's base "
+                         f"({ {k: (ran[k], now.get(k)) for k in ran if ran[k] != now.get(k)} }); start it over")
+    study.set_user_attr("identity", study_identity(cfg, method))
+    (folder / ADOPTED_FILE).write_text(json.dumps({
+        "method": method, "trials": len(study.trials), "why": "begun before journals were keyed to the teacher's "
+        "recipe; its finished trials ran these settings; the teacher's validation metrics (every epoch within "
+        f"{METRIC_STAND_IN}) stand in for its predictions, which were not recorded"}, indent=1))
+    note(f"{folder}: adopted the {method} study begun before journals were keyed to the teacher's recipe")
 
 
 def caches(setting: Setting, prepared: Prepared) -> dict[str, str]:
@@ -275,20 +333,68 @@ def method_base(setting: Setting, prepared: Prepared, cache: str, method: str, o
 
 
 def run(setting: Setting) -> None:
+    """Tune every method with the planned budget, then run each best configuration on FINAL_SEEDS in blocks
+    (one seed, every method, one build of the caches), recording each block in the ledger."""
     prepared = prepare(setting)
     by_method = caches(setting, prepared)
+    check_teacher(setting, by_method["ted"])
     work = WORK / setting.name
     for method in METHODS:
         tuned = work / "tune" / method
         base = method_base(setting, prepared, by_method[method], method, tuned)
         raw = by_method["lwd"] if method == "lwd" else None
-        tune(TuneConfig(base=base, methods=[method], trials=TUNE_TRIALS, pruner="none", raw_cache=raw,
-                        seeds=TUNE_SEEDS, search=SEARCH + ["optim.epochs"] * setting.tune_epochs))
+        cfg = TuneConfig(base=base, methods=[method], trials=TUNE_TRIALS, pruner="none", raw_cache=raw,
+                         seeds=TUNE_SEEDS, search=SEARCH + ["optim.epochs"] * setting.tune_epochs)
+        adopt_journal(cfg, method)
+        tune(cfg)
+    best = {}
     for method in METHODS:
         path = work / "tune" / method / f"best-{method}.yaml"
-        best = resolve(DistillConfig, read_config_file(str(path)), where=str(path))
-        compare(CompareConfig(base=replace(best, out=str(work / "final")), methods=[method], seeds=FINAL_SEEDS,
-                              raw_cache=by_method["lwd"] if method == "lwd" else None))
+        best[method] = resolve(DistillConfig, read_config_file(str(path)), where=str(path))
+    for seed in FINAL_SEEDS:
+        run_blocks(best, [seed], work / "final", note)
+        record_block(work / "final", seed)
+
+
+def record_block(final: Path, seed: int) -> None:
+    """blocks.json: the seed's block with the commit of the study's code, the caches its runs read and when,
+    written when the block is first found complete (blocks finished before this record existed get none)."""
+    path = final / BLOCKS_FILE
+    blocks = json.loads(path.read_text()) if path.exists() else {}
+    if str(seed) in blocks:
+        return
+    runs = find_runs([str(p) for p in sorted(final.glob(f"*-seed{seed}"))])
+    here = Path(__file__).resolve().parent
+    commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", str(ROOT / "tedcache")],
+                           capture_output=True, text=True).stdout.strip()
+    blocks[str(seed)] = {"commit": commit + ("+uncommitted changes" if dirty else ""),
+                         "methods": sorted(r.method for r in runs),
+                         "caches": sorted({cache_read(r.metrics)[1] for r in runs}),
+                         "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path.write_text(json.dumps(blocks, indent=1))
+    for run in runs:  # a few stored values of each cache, to measure later how much rebuilds differ
+        sample_cache(run.metrics["cache"], final.parent / SAMPLES)
+
+
+def sample_cache(cache: str, folder: Path, examples: int = 4) -> None:
+    """folder/<content key>.npz: per stored layer the values (and int8 codes) of the first training
+    examples' tokens, once per cache."""
+    meta = load_metadata(cache)
+    path = folder / f"{meta.content_key}.npz"
+    if path.exists() or not meta.layers:
+        return
+    split = Cache(cache).split("train")
+    start, stop = int(split.starts[0]), int(split.starts[examples - 1] + split.lengths[examples - 1])
+    real = np.zeros(stop - start, dtype=bool)
+    for s, n in zip(split.starts[:examples], split.lengths[:examples]):
+        real[s - start:s - start + n] = True
+    arrays = {}
+    for layer in meta.layers:
+        arrays[f"values{layer}"] = split.decoded_states(layer, start, stop, real).numpy()
+        arrays[f"codes{layer}"] = split.states(layer, start, stop)[0][real]
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, recipe=np.array(meta.recipe_key), **arrays)
 
 
 def explore(setting: Setting) -> None:

@@ -42,6 +42,10 @@ class CacheMetadata:
     tokenizer_sha256: str | None = setting(None, "sha256 of the tokenizer's whole configuration (normaliser, "
                                                  "pre-tokeniser, vocabulary, special tokens); absent in caches "
                                                  "written before it was recorded.")
+    teacher_recipe: str | None = setting(None, "sha256 of how the teacher was made, where tedcache finetune made it "
+                                               "(its base model's files, data, settings and seed; metrics.json's "
+                                               "recipe): a rebuild of that teacher on another machine has the same "
+                                               "recipe and may differ in its last bits. Null for other teachers.")
     label_names: list[str] | None = setting(None, "classification: the label names, in id order.")
     num_outputs: int | None = setting(None, "Teacher outputs per example (labels; 1 for regression; question-answering: "
                                                  "2 per token, start and end).")
@@ -85,6 +89,20 @@ class CacheMetadata:
 
     def to_dict(self) -> dict:
         return to_dict(self)
+
+    @property
+    def content_key(self) -> str:
+        """The hash that ends the cache's folder name: equal keys, equal content."""
+        return layout.cache_key(self.identity)
+
+    @property
+    def recipe_key(self) -> str:
+        """The content key with the teacher's exact weights replaced by its recipe (where tedcache finetune
+        made it): caches built from one recipe, data, layers and settings on different machines share it.
+        Tuning journals and finished runs are keyed to it; experiments.same_teacher checks the teachers."""
+        identity = dict(self.identity)
+        weights = identity.pop("teacher_weights")
+        return layout.cache_key({**identity, "teacher": self.teacher_recipe or weights})
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "cache metadata") -> "CacheMetadata":

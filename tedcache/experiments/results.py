@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from ..run_folder import Run
+from ..run_folder import Run, cache_read
 
 COMPARE_FILE = "compare.json"
 SELECT_FILE = "select.json"  # tedcache select's decision, beside its runs/ and best/
@@ -53,6 +53,8 @@ def definition(run: Run) -> dict:
     """Everything that defines what a run trains, less its seed: runs with equal definitions are seeds
     of one variant."""
     config = _flatten(run.metrics.get("requested") or run.metrics["config"])
+    if "cache" in run.metrics:  # a rebuild of the same cache (another machine) is the same variant
+        config["cache"] = cache_read(run.metrics)[0]
     unused = UNUSED_BY.get(run.method, set())
     return {k: v for k, v in config.items()
             if k not in HOW_NOT_WHAT and k.split(".")[0] not in unused and k != "method"}

@@ -11,13 +11,12 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..config import CompareConfig, DistillConfig, SelectConfig, TuneConfig
+from ..config import DistillConfig, SelectConfig, TuneConfig
 from ..configfile import read_config_file, resolve
-from ..distillation import distill
 from ..errors import note
 from ..evaluate import LOWER_IS_BETTER
 from ..run_folder import find_runs
-from .compare import run_config, run_done
+from .compare import run_blocks
 from .results import SELECT_FILE, format_comparisons, methods_table, summarize
 from .tune import tune
 
@@ -30,19 +29,9 @@ def select(cfg: SelectConfig, log=None) -> dict:
     out = Path(cfg.base.out)
     tuned = tune(TuneConfig(base=replace(cfg.base, out=str(out / "tune")), methods=cfg.methods, trials=cfg.trials,
                             pruner=cfg.pruner, raw_cache=cfg.raw_cache), log)
-    runs = []
-    for method in cfg.methods:
-        best = resolve(DistillConfig, read_config_file(tuned["methods"][method]["config"]))
-        plan = CompareConfig(base=replace(best, out=str(out / "runs")), methods=[method], seeds=cfg.seeds,
-                             raw_cache=cfg.raw_cache)
-        for seed in cfg.seeds:
-            run = run_config(plan, method, seed)
-            runs.append(run.out)
-            if run_done(run):
-                log(f"{method} seed {seed}: done earlier, kept ({run.out})")
-                continue
-            log(f"{method} seed {seed}, its tuned configuration")
-            distill(run, log)
+    best = {method: resolve(DistillConfig, read_config_file(tuned["methods"][method]["config"]))
+            for method in cfg.methods}  # (lwd's reads the raw-state cache, as its trials did)
+    runs = run_blocks(best, cfg.seeds, out / "runs", log)
     summary = summarize(find_runs(runs))
     winner, reason = decide(summary)
     chosen = _best_seed(summary, winner)

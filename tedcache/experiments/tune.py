@@ -19,11 +19,12 @@ from pathlib import Path
 
 from ..cache import load_metadata
 from ..cache.location import process_alive
-from ..config import METHODS, DistillConfig, TuneConfig, check_methods
+from ..config import METHODS, DistillConfig, TuneConfig, check_methods, what_it_computes
 from ..configfile import CONFIG_FILE, config_yaml
 from ..distillation import distill
 from ..errors import TedcacheError, note
 from ..evaluate import LOWER_IS_BETTER, PRIMARY_METRIC
+from .same_teacher import check_same_teacher
 
 STUDY_FILE = "study.journal"
 FINISHED = ("COMPLETE", "PRUNED")
@@ -85,12 +86,22 @@ def apply(base: DistillConfig, params: dict) -> DistillConfig:
     return replace(base, **top, **records)
 
 
-def _identity(cfg: TuneConfig, method: str, space: dict) -> str:
-    """What a study was made for: the cache, the fixed settings, the method and its space."""
-    base = asdict(replace(cfg.base, out="", resume=False, method=method,
-                          cache=cfg.raw_cache if method == "lwd" else cfg.base.cache))
-    cache = load_metadata(base["cache"]).identity
-    payload = {"cache": cache, "base": base, "space": space, "pruner": cfg.pruner, "seeds": _seeds(cfg)}
+def study_space(cfg: TuneConfig, method: str) -> dict[str, tuple]:
+    """The space `method`'s study searches (a sampled KD temperature is fixed where the cache fixed it)."""
+    meta = load_metadata(cfg.base.cache)
+    temperature_fixed = meta.task == "causal-lm" and (meta.logits or {}).get("kind") == "sample"
+    return searched(search_space(method, temperature_fixed), cfg.search)
+
+
+def study_identity(cfg: TuneConfig, method: str) -> str:
+    """What a study was made for: the cache's recipe (its teacher's recipe, data, splits, layers and
+    settings, not its exact bits: same_teacher checks a rebuilt teacher), the fixed settings, the method
+    and its space."""
+    space = study_space(cfg, method)
+    cache = cfg.raw_cache if method == "lwd" else cfg.base.cache
+    base = what_it_computes(asdict(replace(cfg.base, out="", resume=False, method=method, cache="")))
+    payload = {"cache": load_metadata(cache).recipe_key, "base": base, "space": space, "pruner": cfg.pruner,
+               "seeds": _seeds(cfg)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -150,17 +161,17 @@ def tune(cfg: TuneConfig, log=None) -> dict:
     out = Path(cfg.base.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(config_yaml(cfg))
+    for cache in [cfg.base.cache] + ([cfg.raw_cache] if cfg.raw_cache else []):
+        check_same_teacher(out, cache, log)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / STUDY_FILE)))
-    meta = load_metadata(cfg.base.cache)
-    metric = PRIMARY_METRIC[meta.task]
-    temperature_fixed = meta.task == "causal-lm" and (meta.logits or {}).get("kind") == "sample"
+    metric = PRIMARY_METRIC[load_metadata(cfg.base.cache).task]
     summary = {"metric": metric, "methods": {}}
     for number, method in enumerate(cfg.methods):
-        space = searched(search_space(method, temperature_fixed), cfg.search)
+        space = study_space(cfg, method)
         if not space:
             raise TedcacheError(f"--search {','.join(cfg.search)} leaves nothing to tune for {method}; add one of "
-                                f"{', '.join(search_space(method, temperature_fixed))} or leave {method} out")
-        identity = _identity(cfg, method, space)
+                                f"{', '.join(study_space(replace(cfg, search=[]), method))} or leave {method} out")
+        identity = study_identity(cfg, method)
         study = optuna.create_study(
             study_name=method, storage=storage, load_if_exists=True,
             direction="minimize" if metric in LOWER_IS_BETTER else "maximize",
@@ -170,8 +181,9 @@ def tune(cfg: TuneConfig, log=None) -> dict:
         if made_for is None:
             study.set_user_attr("identity", identity)
         elif made_for != identity:
-            raise TedcacheError(f"{out / STUDY_FILE} holds a {method} study made for another cache, settings or search "
-                                "space; give tune another --out, or delete that file to start over")
+            raise TedcacheError(f"{out / STUDY_FILE} holds a {method} study made for another teacher recipe, data, "
+                                "cached layers, settings or search space; give tune another --out, or delete that "
+                                "file to start over")
         _reclaim(study, optuna)
         if not study.trials:
             study.enqueue_trial(starting_point(cfg.base, space))
@@ -204,6 +216,7 @@ def _optimize(study, base: DistillConfig, space: dict, seeds: list[int], trials:
               optuna) -> None:
     def objective(trial):
         trial.set_user_attr("worker", _worker())
+        trial.set_user_attr("cache", load_metadata(base.cache).content_key)  # which cache exactly this trial read
         params = sample(trial, space)
         evaluations = []
 
