@@ -200,6 +200,10 @@ class DistillConfig:
     shard_reads: bool = setting(False, "Many processes: each reads only its own 1/N of the training windows "
                                        "(object stores, large caches); global batches are then not exactly "
                                        "one process's. See docs/distributed.md.")
+    reuse_stage1: bool = setting(True, "ted: keep the student's Stage I filters (under ~/.cache/tedcache/stage1, "
+                                       "keyed by the student's initial weights, the cache, the Stage I settings "
+                                       "and the seed) and reuse them in every later run with the same key, as "
+                                       "tune's trials and compare's methods have: the run's outcome is the same.")
     read_ahead: int | None = setting(None, "Cache windows (up to 16 MiB of states each) read concurrently "
                                            "ahead of training; default 0 from a local disk, 4 from an object "
                                            "store, where their request latencies overlap.")
@@ -223,7 +227,8 @@ def what_it_computes(requested: dict) -> dict:
     survives interruption or reads its cache: two runs that agree on the rest train the same student.
     A setting missing from `requested` (saved before the setting existed) counts as its default."""
     defaults = {f.name: f.default for f in fields(DistillConfig) if f.default is not MISSING}
-    return {k: v for k, v in {**defaults, **requested}.items() if k not in ("resume", "checkpoint_every", "read_ahead")}
+    how = ("resume", "checkpoint_every", "read_ahead", "reuse_stage1")
+    return {k: v for k, v in {**defaults, **requested}.items() if k not in how}
 
 
 @dataclass

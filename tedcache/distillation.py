@@ -6,9 +6,11 @@ LiveTargets, which computes them with the function the extraction used."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
+import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,19 +20,19 @@ from torch.utils.data import DataLoader
 
 from .cache import Cache, CacheMetadata, Location, layout, verify
 from .cache.object_store import count_retries, retried_requests, store_errors
-from .config import DistillConfig, what_it_computes
+from .config import DEFAULT_CACHE_DIR, DistillConfig, what_it_computes
 from .distributed import Processes, peak_memory_mb, processes, reset_peak_memory
 from .errors import TedcacheError, note
 from .evaluate import PRIMARY_METRIC, evaluate, predictions, score
 from .filters import FilterBank, FilterSpec
 from .loop import Checkpoint, Validation, fit
 from .losses import Stage2Loss, method_weights
-from .models import load_for_task, load_tokenizer, vocab_hash
+from .models import load_for_task, load_tokenizer, vocab_hash, weights_hash
 from .qa import answer_questions, best_span
 from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
 from .run_folder import save_run
 from .schema import check_choices
-from .stage1 import describe_filters, train_filters
+from .stage1 import describe_filters, keep_filters, stored_filters, train_filters
 from .state_store import in_order, stored_source
 from .students import copied_from
 from .taps import forward_with_taps, hidden_size, model_parts, num_layers, parse_layers
@@ -38,6 +40,7 @@ from .teacher import LiveTargets
 
 LAYER_MAP_RULES = ("interval", "copy", "provenance")  # and last:K
 REMOTE_READ_AHEAD = 4  # windows in flight from an object store (see DistillConfig.read_ahead)
+STAGE1_STORE = DEFAULT_CACHE_DIR / "stage1"  # students' Stage I filters kept for reuse (DistillConfig.reuse_stage1)
 
 
 def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: str, student_total: int,
@@ -209,6 +212,7 @@ class DistillRun:
     autocast: bool
     checkpoint: Checkpoint
     started: float
+    seconds: dict = field(default_factory=dict)  # where the run's time went: set_up, validation, test
 
     @property
     def meta(self) -> CacheMetadata:
@@ -283,7 +287,7 @@ def set_up(cfg: DistillConfig, log=None) -> DistillRun:
     bank, teacher_layers = _student_filters(cfg, cache, student, log)
     loss = _stage2_loss(cfg, cache, student, bank, teacher_layers).to(device)
     return DistillRun(cfg, as_given, requested, procs, log, cache, tokenizer, student, loss, teacher_layers, device,
-                      autocast, checkpoint, started)
+                      autocast, checkpoint, started, {"set_up": time.perf_counter() - started, "validation": 0.0})
 
 
 def _student_filters(cfg: DistillConfig, cache: Cache, student, log) -> tuple[FilterBank | None, list[int]]:
@@ -328,19 +332,38 @@ def before_stage2(run: DistillRun) -> dict:
             num_batches(labels_only, ft_cfg.batch_size), lambda b: stage2_step(student, task_only, b),
             ft_cfg, "fine-tune student first", device=run.device, autocast=run.autocast)
     if cfg.method == "ted":
-        eval_split = run.cache.split("eval")
-        source, evaluation = labels_only, CacheSource(eval_split) if eval_split is not None else None
-        if cfg.stage1_states == "stored":
-            source, evaluation = (s if s is None else stored_source(student, s, run.loss.filters.spec.layers, run.task,
-                                                                   in_order(s, cfg.stage1.batch_size, pad_id))
-                                  for s in (source, evaluation))
-        phases["stage1"] = train_filters(student, run.loss.filters, source, run.task, run.meta.num_outputs,
-                                         cfg.stage1, pad_id, cfg.seed, desc="stage I (student filters)",
-                                         lm_head=run.meta.lm_head or "tied", eval_source=evaluation,
-                                         checkpoint=run.checkpoint.part("stage1"))
+        phases["stage1"] = _student_stage1(run, labels_only)
         run.log(describe_filters(phases["stage1"]["filters"]))
         student.requires_grad_(True)
     return phases
+
+
+def _student_stage1(run: DistillRun, labels_only: CacheSource) -> dict:
+    """TED's Stage I of the student's filters, the student frozen; with reuse_stage1, the filters an earlier
+    run with the same key trained (the student's and filters' initial weights, the cache, the Stage I
+    settings, the seed and the processes decide them), loaded instead of trained again."""
+    cfg, student, bank, pad_id = run.cfg, run.student, run.loss.filters, run.meta.pad_token_id
+    key = hashlib.sha256(json.dumps({
+        "student": weights_hash(student), "filters": weights_hash(bank), "cache": run.meta.content_key,
+        "stage1": asdict(cfg.stage1), "states": cfg.stage1_states, "seed": cfg.seed, "processes": run.procs.size,
+        "teacher_layers": run.teacher_layers}, sort_keys=True).encode()).hexdigest()[:24]
+    kept = stored_filters(STAGE1_STORE, key, bank) if cfg.reuse_stage1 else None
+    if kept is not None:
+        run.log(f"stage I (student filters): the filters an earlier run trained with the same key ({key}), reused")
+        student.train()  # where Stage I leaves it
+        return {**kept, "reused": key}
+    eval_split = run.cache.split("eval")
+    source, evaluation = labels_only, CacheSource(eval_split) if eval_split is not None else None
+    if cfg.stage1_states == "stored":
+        source, evaluation = (s if s is None else stored_source(student, s, bank.spec.layers, run.task,
+                                                               in_order(s, cfg.stage1.batch_size, pad_id))
+                              for s in (source, evaluation))
+    result = train_filters(student, bank, source, run.task, run.meta.num_outputs, cfg.stage1, pad_id, cfg.seed,
+                           desc="stage I (student filters)", lm_head=run.meta.lm_head or "tied", eval_source=evaluation,
+                           checkpoint=run.checkpoint.part("stage1"))
+    if cfg.reuse_stage1 and run.procs.main:
+        keep_filters(STAGE1_STORE, key, bank, result)
+    return result
 
 
 def train(run: DistillRun, on_eval=None) -> dict:
@@ -358,8 +381,10 @@ def train(run: DistillRun, on_eval=None) -> dict:
     eval_split = run.cache.split("eval")
 
     def validate() -> dict:
+        started = time.perf_counter()
         result = evaluate(student, iterate_batches(CacheSource(eval_split), 64, run.meta.pad_token_id), task, procs,
                           run.meta.label_names, eval_split.questions)
+        run.seconds["validation"] += time.perf_counter() - started
         if on_eval is not None:
             on_eval(result)
         return result
@@ -418,7 +443,7 @@ def _report(run: DistillRun, result: dict, phases: dict, score_test: bool) -> tu
                            else "explicit") if bank is not None else None,
         "history": result["history"], "eval": result["evals"], "best": result["best"],
         "phases": {k: {"history": v["history"], "seconds": v["seconds"],
-                       **({"filters": v["filters"]} if "filters" in v else {})} for k, v in phases.items()},
+                       **{part: v[part] for part in ("filters", "reused") if part in v}} for k, v in phases.items()},
         "teacher": {name: score(teacher_outputs(split, task), task, meta.label_names)
                     for name, split in (("eval", eval_split), ("test", test_split)) if split is not None},
         "stage2_seconds": result["seconds"], "stage2_median_step_s": result["median_step_s"],
@@ -429,10 +454,14 @@ def _report(run: DistillRun, result: dict, phases: dict, score_test: bool) -> tu
     }
     test_outputs = None
     if test_split is not None:
+        started = time.perf_counter()
         test_outputs = predictions(run.student, iterate_batches(CacheSource(test_split), 64, meta.pad_token_id), task,
                                    run.procs, test_split.questions)
         report["test"] = score(test_outputs, task, meta.label_names)
+        run.seconds["test"] = time.perf_counter() - started
     report["seconds"] = time.perf_counter() - run.started
+    report["seconds_by_part"] = {**run.seconds, **{k: v["seconds"] for k, v in phases.items()},
+                                 "stage2_without_validation": result["seconds"] - run.seconds["validation"]}
     report["processes"] = run.procs.size
     return report, test_outputs
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import OptimConfig
@@ -150,3 +156,25 @@ def describe_filters(measured: dict) -> str:
     return (f"stage I filters after {measured['steps']} steps"
             + (" (stopped: no better validation loss)" if measured["stopped_early"] else "")
             + f", on the {measured['split']} split: " + "; ".join(parts))
+
+
+def stored_filters(folder: Path, key: str, bank: FilterBank) -> dict | None:
+    """The Stage I result kept under `key` by keep_filters, its filters loaded into `bank`; None when none is."""
+    if not (folder / key / "result.json").is_file():
+        return None
+    bank.load_state_dict(load_file(str(folder / key / "filters.safetensors"), device=str(next(bank.parameters()).device)))
+    return json.loads((folder / key / "result.json").read_text())
+
+
+def keep_filters(folder: Path, key: str, bank: FilterBank, result: dict) -> None:
+    """Keep trained filters and their Stage I record under `key` (written whole, then renamed into place)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder))
+    save_file({k: v.detach().cpu().contiguous() for k, v in bank.state_dict().items()}, str(staging / "filters.safetensors"))
+    (staging / "result.json").write_text(json.dumps({k: result[k] for k in ("history", "seconds", "filters")}))
+    try:
+        os.rename(staging, folder / key)
+    except OSError:  # another process kept the same filters first
+        for path in staging.iterdir():
+            path.unlink()
+        staging.rmdir()

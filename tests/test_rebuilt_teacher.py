@@ -15,8 +15,19 @@ import torch
 from conftest import run_cli
 from transformers import AutoModelForSequenceClassification
 
-from tedcache import CompareConfig, DataConfig, DistillConfig, ExtractConfig, FinetuneConfig, OptimConfig, TuneConfig
-from tedcache import compare, extract, finetune, tune
+from tedcache import (
+    CompareConfig,
+    DataConfig,
+    DistillConfig,
+    ExtractConfig,
+    FinetuneConfig,
+    OptimConfig,
+    TuneConfig,
+    compare,
+    extract,
+    finetune,
+    tune,
+)
 from tedcache.cache import load_metadata
 from tedcache.errors import TedcacheError
 from tedcache.experiments.same_teacher import TEACHER_FILE

@@ -110,3 +110,34 @@ def test_stage1_on_a_sample_of_the_training_split(assets, tmp_path):
     assert any("stage I on 32 of the 96 training examples" in m for m in messages)
     with pytest.raises(TedcacheError, match="--stage1-examples must be at least 1"):
         extract(replace(base, stage1_examples=0))
+
+
+def test_a_students_stage1_is_reused_by_runs_with_its_key_and_the_outcome_is_unchanged(assets, tmp_path, monkeypatch):
+    """Runs that share the student's and filters' initial weights, the cache, the Stage I settings and the
+    seed reuse the first one's Stage I filters; every run ends as one that trains Stage I itself."""
+    from tedcache import DistillConfig, distill, distillation
+
+    monkeypatch.setattr(distillation, "STAGE1_STORE", tmp_path / "stage1")
+    data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], test=[str(assets["test"])],
+                      max_length=24)
+    cache = extract(ExtractConfig(teacher=str(assets["teacher"]), data=data, cache_dir=str(tmp_path / "c"),
+                                  stage1=OptimConfig(epochs=1, batch_size=16)))
+    base = DistillConfig(cache=cache, student=str(assets["student"]), out="", method="ted", seed=5,
+                         optim=OptimConfig(epochs=2, batch_size=16, lr=1e-3), stage1=OptimConfig(epochs=2, batch_size=16),
+                         log_every=1)
+    reports, logs = {}, {}
+    for name, reuse, lr in (("uncut", False, 1e-3), ("first", True, 1e-3), ("reused", True, 1e-3),
+                            ("other stage II", True, 5e-4)):
+        logs[name] = []
+        reports[name] = distill(replace(base, out=str(tmp_path / name), reuse_stage1=reuse,
+                                        optim=replace(base.optim, lr=lr)), log=logs[name].append)
+    assert len(list((tmp_path / "stage1").iterdir())) == 1
+    assert [any("reused" in line for line in logs[n]) for n in reports] == [False, False, True, True]
+    assert ["reused" in reports[n]["phases"]["stage1"] for n in reports] == [False, False, True, True]
+    for name in ("first", "reused"):
+        for part in ("history", "eval", "best", "test"):
+            assert reports[name][part] == reports["uncut"][part], (name, part)
+        assert reports[name]["phases"]["stage1"]["history"] == reports["uncut"]["phases"]["stage1"]["history"]
+    assert reports["other stage II"]["history"] != reports["uncut"]["history"]  # Stage II's own settings still count
+    other_seed = distill(replace(base, out=str(tmp_path / "seed 6"), seed=6), log=logs.setdefault("seed 6", []).append)
+    assert not any("reused" in line for line in logs["seed 6"]) and "reused" not in other_seed["phases"]["stage1"]

@@ -30,7 +30,8 @@ def varied_caches(runs: list[Run]) -> bool:
 
 
 # Settings that say how a run was carried out, not what it trains (online mode computes the same targets).
-HOW_NOT_WHAT = {"seed", "out", "resume", "checkpoint_every", "workers", "verify", "log_every", "device", "teacher"}
+HOW_NOT_WHAT = {"seed", "out", "resume", "checkpoint_every", "workers", "verify", "log_every", "device", "teacher",
+                "reuse_stage1"}
 # Settings a method does not read (a KD run's mse_alpha, layer map, ... change nothing).
 UNUSED_BY = {"finetune": {"kl_alpha", "mse_alpha", "temperature", "kd_targets", "layer_map", "student_layers",
                           "finetune_first", "stage1"},
