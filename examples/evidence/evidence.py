@@ -339,6 +339,8 @@ def run(setting: Setting) -> None:
     by_method = caches(setting, prepared)
     check_teacher(setting, by_method["ted"])
     work = WORK / setting.name
+    for cache in set(by_method.values()):  # a few stored values of each, to measure later how rebuilds differ
+        sample_cache(cache, work / SAMPLES)
     for method in METHODS:
         tuned = work / "tune" / method
         base = method_base(setting, prepared, by_method[method], method, tuned)
@@ -373,8 +375,6 @@ def record_block(final: Path, seed: int) -> None:
                          "caches": sorted({cache_read(r.metrics)[1] for r in runs}),
                          "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path.write_text(json.dumps(blocks, indent=1))
-    for run in runs:  # a few stored values of each cache, to measure later how much rebuilds differ
-        sample_cache(run.metrics["cache"], final.parent / SAMPLES)
 
 
 def sample_cache(cache: str, folder: Path, examples: int = 4) -> None:
@@ -534,7 +534,7 @@ def report() -> None:
             lines += ["", "| method | best validation accuracy (mean of tuning seeds) | best settings |",
                       "|---|---|---|"]
             lines += [f"| {m} | {t['best_validation']:.4f} | {evidence.describe(t['params'])} |" for m, t in tuned.items()]
-        lines += _stage1_lines(runs) + _class_mix_lines(runs)
+        lines += _stage1_lines(runs) + _class_mix_lines(runs) + builds_lines(name, runs)
         (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
         (RESULTS / f"{name}.json").write_text(json.dumps({"summary": summary, "tuned": tuned}, indent=2, default=str))
         shipped[name] = evidence.compact(summary, title, tuned)
@@ -553,6 +553,66 @@ def report() -> None:
         overview = _overview(merged)
         (RESULTS / "overview.md").write_text("\n".join(overview) + "\n")
         print("\n".join(overview))
+        write_decision(merged)
+
+
+# the decision table's rows: how each setting's student was made, its shape against the teacher, its data
+STUDENTS = {
+    "A": ("cut from the fine-tuned teacher (its layers 0 and 5)", "2 of 6 layers, full width", "2,000 labelled"),
+    "C": ("cut from the pre-trained model (layers 0 and 5: no task knowledge)", "2 of 6 layers, full width",
+          "2,000 labelled"),
+    "B": ("cut from the fine-tuned teacher (its layers 0 and 5)", "2 of 6 layers, full width",
+          "500 labelled + 3,083 unlabelled"),
+    "D": ("cut from the fine-tuned teacher, another task (a paragraph's party)", "2 of 6 layers, full width",
+          "1,342 labelled"),
+    "E": ("random", "2 of 6 layers, full width", "2,000 labelled"),
+    "F": ("random", "2 of 6 layers, half width", "2,000 labelled"),
+    "G": ("width-pruned from the fine-tuned teacher", "6 of 6 layers, half width", "2,000 labelled"),
+    "LM": ("cut from the teacher (causal LM: SmolLM2-135M's layers 0-5 and 21-29)", "15 of 30 layers, full width",
+           "plain text (384 blocks)"),
+}
+DECISION_START, DECISION_END = "<!-- decision table: written by evidence.py report -->", "<!-- end of decision table -->"
+
+
+def decision_lines(summaries: dict) -> list[str]:
+    """The decision table: per finished setting the method to use and the paired test intervals behind it.
+    TED (or LWD) only where its interval over seeds and over examples both put it above KD; otherwise KD, the
+    cheaper (a tie is settled by cost, as tedcache select settles it)."""
+    lines = ["| student | depth and width against the teacher | data | use | TED − KD | KD − fine-tune |",
+             "|---|---|---|---|---|---|"]
+    for name, found in summaries.items():
+        if name not in STUDENTS:
+            continue
+        by_pair = {(c["a"], c["b"]): c for c in found["comparisons"]}
+        ted_kd, kd_ft = by_pair[("ted", "kd")], by_pair[("kd", "finetune")]
+        if "ted beats kd" in ted_kd["verdict"]:
+            use = "TED"
+        elif "kd beats ted" in ted_kd["verdict"]:
+            use = "KD"
+        elif "kd beats" in kd_ft["verdict"]:
+            use = "KD (TED level with it, not resolved apart; KD is cheaper)"
+        else:
+            use = "KD (nothing resolved; the cheapest distillation)"
+        cells = [f"{evidence.format_interval(c['by_seed'])}{' (resolved)' if ' beats ' in c['verdict'] else ''}"
+                 for c in (ted_kd, kd_ft)]
+        made, shape, data = STUDENTS[name]
+        lines.append(f"| {name}: {made} | {shape} | {data} | {use} | {cells[0]} | {cells[1]} |")
+    lines += ["", "Each cell: the mean paired test difference [95% interval over seeds] in accuracy (0.01 = one point; "
+              "LM: in perplexity, lower is better); \"resolved\" where the interval over seeds and the paired bootstrap "
+              "over test examples both exclude zero."]
+    return lines
+
+
+def write_decision(summaries: dict) -> None:
+    """docs/evidence/decision.md, and the same table in docs/evidence.md between its markers."""
+    lines = decision_lines(summaries)
+    (RESULTS / "decision.md").write_text("\n".join(lines) + "\n")
+    page = RESULTS.parent / "evidence.md"
+    text = page.read_text()
+    if DECISION_START in text:
+        head, rest = text.split(DECISION_START, 1)
+        tail = rest.split(DECISION_END, 1)[1]
+        page.write_text(f"{head}{DECISION_START}\n" + "\n".join(lines) + f"\n{DECISION_END}{tail}")
 
 
 def _extra_report(name: str, step: str) -> None:
@@ -595,6 +655,62 @@ def _overview(summaries: dict) -> list[str]:
         seeds = max(c["seeds"] for c in found["comparisons"])
         lines.append(f"| {name}: {found['title']} | {found['metric']} | {seeds} | " + " | ".join(cells) + " |")
     return lines
+
+
+def builds_lines(name: str, runs) -> list[str]:
+    """How many caches (builds: a teacher rebuilt on another machine builds others) a setting's tuning trials
+    and final runs read, and how far apart builds of one recipe are: the largest difference of a stored
+    value and the share of equal int8 codes, over the first training examples' tokens (cache-samples)."""
+    import pandas as pd
+
+    read = {"tuning trials": {}, "final runs": {}}
+    for path in sorted((WORK / name / "tune").glob("*/trials-*.csv")):
+        trials = pd.read_csv(path)
+        column = trials["user_attrs_cache"] if "user_attrs_cache" in trials else pd.Series(["unrecorded"] * len(trials))
+        for key in column.fillna("unrecorded"):
+            read["tuning trials"][key] = read["tuning trials"].get(key, 0) + 1
+    for run in runs:
+        key = cache_read(run.metrics)[1] if "cache_identity" in run.metrics else "unrecorded"
+        read["final runs"][key] = read["final runs"].get(key, 0) + 1
+    if not any(read.values()):
+        return []
+    lines = ["", "| runs | caches read (content key: runs) |", "|---|---|"]
+    lines += [f"| {who} | {', '.join(f'{k}: {n}' for k, n in sorted(keys.items()))} |" for who, keys in read.items() if keys]
+    samples: dict[str, list] = {}
+    for path in sorted((WORK / name / SAMPLES).glob("*.npz")):
+        with np.load(path) as kept:
+            samples.setdefault(str(kept["recipe"]), []).append((path.stem, {k: kept[k] for k in kept.files}))
+    for builds in samples.values():
+        (first, a), others = builds[0], builds[1:]
+        for other, b in others:
+            layers = [k[len("values"):] for k in a if k.startswith("values")]
+            gap = max(float(np.abs(a[f"values{x}"] - b[f"values{x}"]).max()) for x in layers)
+            equal = np.mean([np.mean(a[f"codes{x}"] == b[f"codes{x}"]) for x in layers])
+            lines.append(f"\nBuilds {first} and {other} of one recipe: largest stored-value difference {gap:.4g}, "
+                         f"{equal:.2%} of int8 codes equal.")
+    adopted = sorted(p.parent.name for p in (WORK / name / "tune").glob(f"*/{ADOPTED_FILE}"))
+    if adopted:
+        lines.append(f"\nThe {', '.join(adopted)} tuning began before the ledger kept the teacher's validation predictions: "
+                     "for it, the teacher's validation metrics (each epoch within 0.002 of the ledger's) stood in for "
+                     "the predictions check.")
+    return lines
+
+
+def progress() -> None:
+    """How far each setting got: finished tuning trials per method and finished blocks of final runs."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in [*SETTINGS, "LM2"]:
+        done = {}
+        for journal in sorted((WORK / name / "tune").glob(f"*/{STUDY_FILE}")):
+            storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+            study = optuna.load_study(study_name=journal.parent.name, storage=storage)
+            done[journal.parent.name] = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+        finals = [p.parent for p in (WORK / name).glob("final*/*-seed*/metrics.json")]
+        if done or finals:
+            tuning = ", ".join(f"{m} {n}/{TUNE_TRIALS}" for m, n in done.items())
+            print(f"{name}: tuning trials {tuning or '-'}; final runs {len(finals)}")
 
 
 def _class_mix_lines(runs) -> list[str]:
@@ -649,7 +765,7 @@ def _stage1_lines(runs) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["run", *EXTRA_STEPS, "save", "report"])
+    parser.add_argument("command", choices=["run", *EXTRA_STEPS, "save", "report", "progress"])
     parser.add_argument("settings", nargs="*", default=list(TITLES))  # LM2 is run by name
     args = parser.parse_args()
     if args.command == "report":
@@ -657,6 +773,9 @@ def main() -> None:
         return
     if args.command == "save":
         save()
+        return
+    if args.command == "progress":
+        progress()
         return
     restore()
     for name in args.settings:
