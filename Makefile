@@ -27,7 +27,7 @@ install: $(STAMP)
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/tedcache demo
 
-# The causal-LM scenario: SmolLM2-135M teaches a 15-layer student (about 12 minutes on 2 CPU cores).
+# The causal-LM scenario: SmolLM2-135M teaches a 15-layer student (its time: docs/causal-lm.md).
 demo-lm: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/tedcache demo --task causal-lm
 

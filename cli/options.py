@@ -100,9 +100,9 @@ def click_option(flag: Flag) -> click.Option:
     default = None if flag.default is MISSING else flag.default
     required = " (required, here or in --config)" if flag.default is MISSING else ""
     if base is bool:
-        if flag.default is None:  # tri-state: unset means "decide for me"
+        if flag.default is None or default is True:  # tri-state (unset: "decide for me"), or on unless turned off
             stem = flag.name[2:]
-            return click.Option([f"--{stem}/--no-{stem}", flag.param], default=None, help=flag.help)
+            return click.Option([f"--{stem}/--no-{stem}", flag.param], default=default, help=flag.help)
         return click.Option([flag.name, flag.param], is_flag=True, default=bool(default), help=flag.help)
     if typing.get_origin(base) is list:
         shown = flag.items.join(map(str, default)) if default else None

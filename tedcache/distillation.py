@@ -9,6 +9,7 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,7 +41,8 @@ from .teacher import LiveTargets
 
 LAYER_MAP_RULES = ("interval", "copy", "provenance")  # and last:K
 REMOTE_READ_AHEAD = 4  # windows in flight from an object store (see DistillConfig.read_ahead)
-STAGE1_STORE = DEFAULT_CACHE_DIR / "stage1"  # students' Stage I filters kept for reuse (DistillConfig.reuse_stage1)
+# students' Stage I filters kept for reuse (DistillConfig.reuse_stage1)
+STAGE1_STORE = Path(os.environ.get("TEDCACHE_STAGE1_STORE", DEFAULT_CACHE_DIR / "stage1"))
 
 
 def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: str, student_total: int,

@@ -93,8 +93,10 @@ def test_big_profile_times_every_part_on_a_tiny_llama(tmp_path, monkeypatch):
     for mode in ("student", "offline", "online"):
         assert row[f"{mode}_step_s"] > 0 and row[f"{mode}_peak_mb"] > 0
     assert row["trials_per_hour_ratio"] == pytest.approx(row["trials_per_hour_cache"] / row["trials_per_hour_live"])
-    for source, live in (("cache", None), ("live", str(work / "teacher"))):
+    for source, live, reuse in (("cache_fresh_stage1", None, False), ("cache", None, True),
+                                ("live", str(work / "teacher"), True)):
         [trial] = (work / "tune" / source / "trials" / "ted").glob("*/metrics.json")
         metrics = json.loads(trial.read_text())
         assert metrics["config"]["teacher"] == live and metrics["config"]["max_steps"] == 3
+        assert metrics["config"]["reuse_stage1"] == reuse and row[f"trials_per_hour_{source}"] > 0
     assert "trials per hour" in big_table(row)

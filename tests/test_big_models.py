@@ -82,7 +82,7 @@ def test_bf16_mixed_training_follows_fp32_on_the_cpu(assets, tmp_path):
     cache = extract(ExtractConfig(teacher=str(assets["teacher"]), data=data, cache_dir=str(tmp_path / "caches"),
                                   stage1=OptimConfig(epochs=1, lr=1e-2, batch_size=16), batch_size=16))
     runs = {precision: distill(DistillConfig(
-        cache=cache, student=str(assets["student"]), out=str(tmp_path / precision), student_layers="0,1",
+        cache=cache, student=str(assets["student"]), out=str(tmp_path / precision), method="ted", student_layers="0,1",
         max_steps=20, log_every=1, train_precision=precision, device="cpu",
         optim=OptimConfig(epochs=3, lr=1e-3, batch_size=8), stage1=OptimConfig(epochs=1, lr=1e-2, batch_size=16)))
         for precision in ("fp32", "bf16-mixed")}

@@ -57,7 +57,7 @@ def test_extract_init_student_distill(assets, cache, tmp_path):
     assert config["num_hidden_layers"] == 2 and config["tedcache_copied_from"] == [0, 3]
     out = tmp_path / "run"
     result = run_cli("distill", "--cache", cache, "--student", student, "--out", out, "--epochs", "1",
-                     "--batch-size", "16", "--kl-alpha", "2", "--mse-alpha", "3")
+                     "--batch-size", "16", "--kl-alpha", "2", "--mse-alpha", "3", "--method", "ted")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "ted" and metrics["layer_map"] == {"0": 1, "1": 3}
@@ -65,7 +65,7 @@ def test_extract_init_student_distill(assets, cache, tmp_path):
     assert metrics["config"]["kl_alpha"] == 2.0 and "accuracy" in metrics["best"]
     # the copy map pairs student layer 0 (teacher 0) with teacher layer 2, the input of the copied layer 3
     copy = run_cli("distill", "--cache", cache, "--student", student, "--out", tmp_path / "copy", "--epochs", "0.5",
-                   "--layer-map", "copy")
+                   "--layer-map", "copy", "--method", "ted")
     assert copy.returncode == 0, copy.stderr
     metrics = json.loads((tmp_path / "copy" / "metrics.json").read_text())
     assert metrics["layer_map"] == {"0": 2, "1": 3} and metrics["layer_map_rule"] == "copy"
@@ -120,10 +120,10 @@ def test_distill_refuses_foreign_vocabulary(cache, tmp_path):
 
 def test_distill_refuses_unmappable_layers(assets, cache, tmp_path):
     three = make_model(tmp_path / "three", layers=3, hidden=32)
-    assert_one_line_error(run_cli("distill", "--cache", cache, "--student", three, "--out", tmp_path / "o"),
-                          "cannot map 3 student layers")
+    assert_one_line_error(run_cli("distill", "--cache", cache, "--student", three, "--out", tmp_path / "o",
+                                  "--method", "ted"), "cannot map 3 student layers")
     assert_one_line_error(run_cli("distill", "--cache", cache, "--student", assets["student"], "--out",
-                                  tmp_path / "o", "--layer-map", "0:9"), "--layer-map")
+                                  tmp_path / "o", "--layer-map", "0:9", "--method", "ted"), "--layer-map")
 
 
 def _copy_with_metadata(cache, tmp_path, **changes) -> Path:

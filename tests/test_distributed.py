@@ -213,7 +213,7 @@ def test_stage1_under_ddp_trains_the_one_process_filters(assets, one_process_cac
 
 def _distill_args(cache, student, out, batch_size, *extra):
     return ["distill", "--cache", cache, "--student", student, "--out", out, "--batch-size", batch_size,
-            "--epochs", "2", "--lr", "1e-3", "--stage1-epochs", "0.5", "--seed", "3", *extra]
+            "--epochs", "2", "--lr", "1e-3", "--stage1-epochs", "0.5", "--seed", "3", "--method", "ted", *extra]
 
 
 @pytest.mark.process

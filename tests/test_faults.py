@@ -117,7 +117,7 @@ def test_resume_without_a_checkpoint_starts_the_run_and_says_so(assets, tmp_path
     made = run_cli(*_args(assets, data, tmp_path / "caches"))
     assert made.returncode == 0, made.stderr
     run = run_cli("distill", "--cache", made.stdout.strip().splitlines()[-1], "--student", assets["student"], "--out",
-                  tmp_path / "run", "--epochs", "1", "--stage1-epochs", "0.5", "--resume")
+                  tmp_path / "run", "--epochs", "1", "--stage1-epochs", "0.5", "--resume", "--method", "ted")
     assert run.returncode == 0, run.stderr
     assert "holds no checkpoint yet, so the run starts from the beginning" in run.stderr
     assert (tmp_path / "run" / "metrics.json").is_file()

@@ -142,7 +142,7 @@ def parse_problems(name: str, text: str) -> tuple[list[str], int]:
 
 def test_every_quoted_command_parses():
     problems, parsed = [], 0
-    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+    for doc in [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]:
         found, count = parse_problems(str(doc.relative_to(ROOT)), doc.read_text())
         problems += found
         parsed += count
@@ -178,17 +178,17 @@ def test_every_quoted_flag_exists_somewhere():
     """Flags quoted on their own (`--grad-accum`) name a flag of some command, or a launcher's."""
     runner = CliRunner()
     helps = " ".join(runner.invoke(app, [c, "--help"], terminal_width=200).output for c in app.commands)
-    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+    for doc in [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = doc.read_text()
         for span in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.S) + re.findall(r"`([^`\n]+)`", text):
             for flag in set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*)", span)) - LAUNCHER_FLAGS:
                 assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", helps), f"{doc.name} quotes {flag}: no such flag"
 
 
-def test_readme_layout_lists_the_real_modules():
-    """The README's layout names every module of tedcache/ (sub-folders' ones on their folder's lines),
+def test_contributing_layout_lists_the_real_modules():
+    """CONTRIBUTING.md's layout names every module of tedcache/ (sub-folders' ones on their folder's lines),
     and nothing else."""
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "CONTRIBUTING.md").read_text()
     block = text.split("## Layout", 1)[1].split("```")[1]
     package_part = block.split("\ntedcache/", 1)[1].split("\ncli/", 1)[0]
     listed, folder = set(), ""
@@ -198,7 +198,7 @@ def test_readme_layout_lists_the_real_modules():
             folder = label.group(1) if label.group(1).endswith("/") else ""
         listed |= {folder + name for name in re.findall(r"\b(\w+\.py)\b", line)}
     real = {str(p.relative_to(ROOT / "tedcache")) for p in (ROOT / "tedcache").rglob("*.py") if p.name != "__init__.py"}
-    assert listed == real, f"README layout lists {sorted(listed - real)} that do not exist and misses {sorted(real - listed)}"
+    assert listed == real, f"CONTRIBUTING.md lists {sorted(listed - real)} (no such file), misses {sorted(real - listed)}"
     assert "options.py" in block and (ROOT / "cli" / "options.py").is_file()
 
 
@@ -293,7 +293,8 @@ def test_online_mode_through_the_cli(assets, small_cache, tmp_path):
     for mode, extra in (("offline", []), ("online", ["--teacher", assets["teacher"]])):
         out = tmp_path / mode
         result = run_cli("distill", "--cache", small_cache, "--student", assets["student"], "--out", out,
-                         "--max-steps", "2", "--batch-size", "16", "--log-every", "1", "--device", "cpu", *extra)
+                         "--max-steps", "2", "--batch-size", "16", "--log-every", "1", "--device", "cpu", "--method", "ted",
+                         *extra)
         assert result.returncode == 0, result.stderr
         runs[mode] = json.loads((out / "metrics.json").read_text())
     assert runs["online"]["config"]["teacher"] == str(assets["teacher"])

@@ -320,7 +320,7 @@ def test_cache_records_each_layers_state_variance_and_the_normalised_mse_uses_it
     runs = {}
     for norm in ("none", "variance"):
         runs[norm] = distill(DistillConfig(cache=path, student=str(assets["student"]), out=str(tmp_path / norm),
-                                           mse_norm=norm, log_every=1, max_steps=1, layer_map="0:1,1:3",
+                                           method="ted", mse_norm=norm, log_every=1, max_steps=1, layer_map="0:1,1:3",
                                            optim=OptimConfig(epochs=1, batch_size=16)))["history"][0]
     variance = cache.metadata.state_variance
     for j, layer in enumerate((1, 3)):
@@ -335,7 +335,7 @@ def test_gradient_ratio_is_logged_every_few_logged_steps(assets, tmp_path):
     path = extract(ExtractConfig(teacher=str(assets["teacher"]), data=data, cache_dir=str(tmp_path / "c"),
                                  stage1=OptimConfig(epochs=1, batch_size=16)))
     history = distill(DistillConfig(cache=path, student=str(assets["student"]), out=str(tmp_path / "o"), log_every=1,
-                                    optim=OptimConfig(epochs=2, batch_size=16)))["history"]
+                                    method="ted", optim=OptimConfig(epochs=2, batch_size=16)))["history"]
     probed = [h["step"] for h in history if "grad_ratio" in h]
     assert probed == [s for s in range(1, len(history) + 1) if s % PROBE_EVERY == 0] and probed
     assert all(h["grad_ratio"] > 0 for h in history if "grad_ratio" in h)

@@ -49,7 +49,7 @@ def test_smollm2_causal_lm_path(tmp_path):
                                   cache_dir=str(tmp_path / "caches")))
     test_split = Cache(cache).split("test")
     before = evaluate(load_causal_lm(str(student)), iterate_batches(CacheSource(test_split), 16, 0), "causal-lm")
-    report = distill(DistillConfig(cache=cache, student=str(student), out=str(tmp_path / "ted"),
+    report = distill(DistillConfig(cache=cache, student=str(student), out=str(tmp_path / "ted"), method="ted",
                                    student_layers="every:5", optim=OptimConfig(epochs=1, lr=2e-4, batch_size=8),
                                    stage1=OptimConfig(epochs=0.25, lr=1e-3, batch_size=8)))
     teacher_ppl = report["teacher"]["test"]["perplexity"]

@@ -141,3 +141,11 @@ def test_a_students_stage1_is_reused_by_runs_with_its_key_and_the_outcome_is_unc
     assert reports["other stage II"]["history"] != reports["uncut"]["history"]  # Stage II's own settings still count
     other_seed = distill(replace(base, out=str(tmp_path / "seed 6"), seed=6), log=logs.setdefault("seed 6", []).append)
     assert not any("reused" in line for line in logs["seed 6"]) and "reused" not in other_seed["phases"]["stage1"]
+
+
+def test_stage1_reuse_is_on_by_default_and_can_be_turned_off_on_the_command_line():
+    from tedcache.cli.main import app
+
+    def given(*flags):
+        return app.commands["distill"].make_context("distill", ["--cache", "c", "--student", "s", "--out", "o", *flags])
+    assert given().params["reuse_stage1"] is True and given("--no-reuse-stage1").params["reuse_stage1"] is False

@@ -100,7 +100,7 @@ def test_extract_and_distill_with_stored_states_match_live_ones_and_the_cache_sa
                                atol=1e-5)
 
     runs = {mode: distill(DistillConfig(cache=caches["stored"], student=str(student), out=str(tmp_path / mode),
-                                        student_layers="0,1", stage1_states=mode, max_steps=2,
+                                        method="ted", student_layers="0,1", stage1_states=mode, max_steps=2,
                                         optim=OptimConfig(batch_size=16),
                                         stage1=OptimConfig(epochs=2, lr=1e-2, batch_size=16)))
             for mode in ("live", "stored")}

@@ -208,7 +208,7 @@ def test_raw_states_feed_lwd_and_ted_refuses_them(assets, tmp_path):
                                    optim=OptimConfig(epochs=1, batch_size=16)))
     assert "mse" in report["history"][-1] and report["layer_map"] == {0: 1, 1: 3}
     with pytest.raises(TedcacheError, match="--states filtered"):
-        distill(DistillConfig(cache=path, student=str(assets["student"]), out=str(tmp_path / "ted")))
+        distill(DistillConfig(cache=path, student=str(assets["student"]), out=str(tmp_path / "ted"), method="ted"))
 
 
 def test_a_logits_only_cache_skips_stage1_and_trains_the_kd_student_a_filtered_cache_trains(assets, tmp_path):

@@ -39,7 +39,7 @@ def test_stage1_and_online_mode_run_with_a_bf16_teacher(assets, tmp_path):
     filters = Cache(cache).metadata.stage1_filters["metrics"]
     assert all(np.isfinite(v) for v in filters.values())
     runs = {mode: distill(DistillConfig(cache=cache, student=str(assets["student"]), out=str(tmp_path / mode),
-                                        student_layers="0,1", max_steps=2, optim=OptimConfig(batch_size=16),
+                                        method="ted", student_layers="0,1", max_steps=2, optim=OptimConfig(batch_size=16),
                                         stage1=OptimConfig(epochs=1, lr=1e-2, batch_size=16),
                                         teacher=str(assets["teacher"]) if mode == "online" else None))
             for mode in ("offline", "online")}  # online: the teacher loaded in bf16 again, its weights' hash checked

@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,7 +43,7 @@ import datasets
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 
-from tedcache import extract
+from tedcache import distill, distillation, extract
 from tedcache.cache import load_metadata
 from tedcache.cache.read import Cache
 from tedcache.config import (
@@ -545,15 +546,16 @@ def report() -> None:
     for name in TITLES:
         for step in EXTRA_STEPS:
             _extra_report(name, step)
-    if shipped:  # settings whose runs are not in WORK (finished on an earlier machine) keep their entries
-        kept = json.loads(evidence.SUMMARY.read_text()) if evidence.SUMMARY.exists() else {}
-        found = {**kept, **shipped}
-        merged = {name: found[name] for name in REPORTS if name in found}
+    # settings whose runs are not in WORK (finished on an earlier machine) keep their entries
+    kept = json.loads(evidence.SUMMARY.read_text()) if evidence.SUMMARY.exists() else {}
+    found = {**kept, **shipped}
+    merged = {name: found[name] for name in REPORTS if name in found}
+    if shipped:
         evidence.SUMMARY.write_text(json.dumps(merged, indent=1, default=str) + "\n")
         overview = _overview(merged)
         (RESULTS / "overview.md").write_text("\n".join(overview) + "\n")
         print("\n".join(overview))
-        write_decision(merged)
+    write_decision(merged)
 
 
 # the decision table's rows: how each setting's student was made, its shape against the teacher, its data
@@ -696,6 +698,33 @@ def builds_lines(name: str, runs) -> list[str]:
     return lines
 
 
+COST_PARTS = {"set_up": "load: cache, student, layer map", "stage1": "student's Stage I",
+              "stage2_without_validation": "Stage II steps", "validation": "validation scoring", "test": "test scoring"}
+
+
+def costs(setting: Setting) -> None:
+    """Where one TED run of the setting's base configuration (seed 1) spends its seconds, before the cuts
+    (Stage I trained) and after (Stage I reused from the first run's key): a table per setting, written to
+    docs/evidence/<setting>-costs.md. Its students and runs go to WORK/costs/<setting>, apart from the study's."""
+    prepared = prepare(replace(setting, name=f"costs/{setting.name}"))
+    cache = caches(setting, prepared)["ted"]
+    out = WORK / "costs" / setting.name
+    shutil.rmtree(out / "runs", ignore_errors=True)
+    base = replace(method_base(setting, prepared, cache, "ted", out), seed=1)
+    store = Path(tempfile.mkdtemp(prefix="stage1-"))  # a Stage I store of its own: the first run trains it
+    distillation.STAGE1_STORE = store
+    reports = {when: distill(replace(base, out=str(out / "runs" / when)), note) for when in ("before", "after")}
+    shutil.rmtree(store)
+    assert "reused" in reports["after"]["phases"]["stage1"] and reports["after"]["test"] == reports["before"]["test"]
+    lines = [f"| {setting.name}: one TED run, seed 1, base settings | before (s) | after (s) |", "|---|---|---|"]
+    for part, label in COST_PARTS.items():
+        lines.append(f"| {label} | " + " | ".join(f"{r['seconds_by_part'].get(part, 0.0):.1f}" for r in reports.values())
+                     + " |")
+    lines.append("| whole run | " + " | ".join(f"{r['seconds']:.1f}" for r in reports.values()) + " |")
+    (RESULTS / f"{setting.name}-costs.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def progress() -> None:
     """How far each setting got: finished tuning trials per method and finished blocks of final runs."""
     import optuna
@@ -765,7 +794,7 @@ def _stage1_lines(runs) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["run", *EXTRA_STEPS, "save", "report", "progress"])
+    parser.add_argument("command", choices=["run", *EXTRA_STEPS, "save", "report", "progress", "costs"])
     parser.add_argument("settings", nargs="*", default=list(TITLES))  # LM2 is run by name
     args = parser.parse_args()
     if args.command == "report":
@@ -776,6 +805,10 @@ def main() -> None:
         return
     if args.command == "progress":
         progress()
+        return
+    if args.command == "costs":
+        for name in args.settings:
+            costs(SETTINGS[name])
         return
     restore()
     for name in args.settings:
