@@ -24,9 +24,10 @@ from .cache.object_store import count_retries, retried_requests, store_errors
 from .config import DEFAULT_CACHE_DIR, DistillConfig, what_it_computes
 from .distributed import Processes, peak_memory_mb, processes, reset_peak_memory
 from .errors import TedcacheError, note
-from .evaluate import PRIMARY_METRIC, evaluate, predictions, score
+from .evaluate import PRIMARY_METRIC, evaluate, predictions, score, task_validation
 from .filters import FilterBank, FilterSpec
-from .loop import Checkpoint, Validation, fit
+from .layer_maps import LAYER_MAP_RULES, map_layers
+from .loop import Checkpoint, fit
 from .losses import Stage2Loss, method_weights
 from .models import load_for_task, load_tokenizer, vocab_hash, weights_hash
 from .qa import answer_questions, best_span
@@ -39,75 +40,9 @@ from .students import copied_from
 from .taps import forward_with_taps, hidden_size, model_parts, num_layers, parse_layers
 from .teacher import LiveTargets
 
-LAYER_MAP_RULES = ("interval", "copy", "provenance")  # and last:K
 REMOTE_READ_AHEAD = 4  # windows in flight from an object store (see DistillConfig.read_ahead)
 # students' Stage I filters kept for reuse (DistillConfig.reuse_stage1)
 STAGE1_STORE = Path(os.environ.get("TEDCACHE_STAGE1_STORE", DEFAULT_CACHE_DIR / "stage1"))
-
-
-def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: str, student_total: int,
-               copied_from: list[int] | None = None, teacher_total: int | None = None) -> tuple[list[int], list[int]]:
-    """Pair student layers with cached teacher layers; returns (student_layers, teacher_layers).
-
-    "interval" (TED's rule applied to the cache): with m student layers and K cached layers, K a multiple
-    of m, student layer j is paired with cached layer (j+1)*K/m - 1 (every (K/m)-th, ending at the last).
-    For a student whose layers carry teacher layers (init-student's copy or prune; `copied_from[j]`: the
-    teacher layer student layer j carries), "provenance" pairs student layer j with copied_from[j], and
-    "copy" with the teacher layer whose output the next carried layer was trained to read
-    (copied_from[j+1] - 1), the last student layer with the teacher's last layer. "last:K" pairs the
-    student's last K layers with the teacher's last K (Minitron's finding for depth-cut students); it sets
-    the student layers itself. Anything else is an explicit map "s:t,s:t" of 0-based student and teacher
-    layers."""
-    if layer_map.startswith("last:"):
-        count = layer_map[5:]
-        if not count.isdigit() or not 0 < int(count) <= student_total or teacher_total is None \
-                or int(count) > teacher_total:
-            raise TedcacheError(f"--layer-map {layer_map}: give last:K with K from 1 to "
-                                f"{min(student_total, teacher_total or student_total)} (the student's and the "
-                                "teacher's layers)")
-        k = int(count)
-        return _cached(list(range(student_total - k, student_total)),
-                       list(range(teacher_total - k, teacher_total)), cache_layers, layer_map)
-    if layer_map in ("copy", "provenance"):
-        if not copied_from or teacher_total is None:
-            raise TedcacheError(f"--layer-map {layer_map} needs a student whose layers carry the teacher's (made by "
-                                "tedcache init-student --init copy or prune, whose config records them); use "
-                                "--layer-map interval, last:K or explicit pairs")
-        if layer_map == "provenance":
-            return _cached(student_layers, [copied_from[j] for j in student_layers], cache_layers, layer_map)
-        wanted = [copied_from[j + 1] - 1 if j + 1 < len(copied_from) else teacher_total - 1 for j in student_layers]
-        return _cached(student_layers, wanted, cache_layers, layer_map)
-    if layer_map != "interval":
-        try:
-            pairs = [tuple(int(x) for x in item.split(":")) for item in layer_map.split(",") if item.strip()]
-        except ValueError:
-            pairs = []
-        if not pairs or any(len(p) != 2 for p in pairs) or len({s for s, _ in pairs}) != len(pairs):
-            raise TedcacheError(f"--layer-map '{layer_map}' is not interval, copy, provenance, last:K or a list "
-                                "like 0:2,1:5 (distinct student layer:teacher layer pairs)")
-        bad = [f"{s}:{t}" for s, t in pairs if not 0 <= s < student_total or t not in cache_layers]
-        if bad:
-            raise TedcacheError(f"--layer-map pairs {bad} do not fit: student layers are 0..{student_total - 1}, "
-                                f"cached teacher layers are {cache_layers}")
-        return [s for s, _ in pairs], [t for _, t in pairs]
-    m, k = len(student_layers), len(cache_layers)
-    if m > k or k % m:
-        raise TedcacheError(f"cannot map {m} student layers {student_layers} onto the cache's {k} layers "
-                            f"{cache_layers}; choose --student-layers so their count divides {k}, "
-                            "or give --layer-map copy or s:t,...")
-    step = k // m
-    return student_layers, [cache_layers[(j + 1) * step - 1] for j in range(m)]
-
-
-def _cached(student_layers: list[int], wanted: list[int], cache_layers: list[int], layer_map: str):
-    """(student_layers, wanted) when the cache holds every wanted teacher layer; else one line naming the
-    --layers to extract."""
-    missing = sorted(set(wanted) - set(cache_layers))
-    if missing:
-        raise TedcacheError(f"--layer-map {layer_map} pairs student layers {student_layers} with teacher layers "
-                            f"{wanted}; the cache holds {cache_layers}: extract one with --layers "
-                            f"{','.join(map(str, sorted(set(wanted) | set(cache_layers))))}")
-    return student_layers, wanted
 
 
 PROBE_EVERY = 5  # logged steps between gradient-ratio probes
@@ -345,6 +280,7 @@ def _student_stage1(run: DistillRun, labels_only: CacheSource) -> dict:
     run with the same key trained (the student's and filters' initial weights, the cache, the Stage I
     settings, the seed and the processes decide them), loaded instead of trained again."""
     cfg, student, bank, pad_id = run.cfg, run.student, run.loss.filters, run.meta.pad_token_id
+    started = time.perf_counter()
     key = hashlib.sha256(json.dumps({
         "student": weights_hash(student), "filters": weights_hash(bank), "cache": run.meta.content_key,
         "stage1": asdict(cfg.stage1), "states": cfg.stage1_states, "seed": cfg.seed, "processes": run.procs.size,
@@ -353,7 +289,7 @@ def _student_stage1(run: DistillRun, labels_only: CacheSource) -> dict:
     if kept is not None:
         run.log(f"stage I (student filters): the filters an earlier run trained with the same key ({key}), reused")
         student.train()  # where Stage I leaves it
-        return {**kept, "reused": key}
+        return {**kept, "seconds": time.perf_counter() - started, "trained_seconds": kept["seconds"], "reused": key}
     eval_split = run.cache.split("eval")
     source, evaluation = labels_only, CacheSource(eval_split) if eval_split is not None else None
     if cfg.stage1_states == "stored":
@@ -405,7 +341,7 @@ def train(run: DistillRun, on_eval=None) -> dict:
                             cfg.workers)
     return fit(modules, epoch_batches, per_epoch, loss_fn, cfg.optim,
                f"stage II ({cfg.method}{', online' if live else ''})",
-               validation=Validation(validate, PRIMARY_METRIC[task], cfg.eval_every) if eval_split is not None else None,
+               validation=task_validation(validate, task, cfg.eval_every) if eval_split is not None else None,
                max_steps=cfg.max_steps, log_every=cfg.log_every, device=run.device, autocast=run.autocast,
                processes=procs, checkpoint=run.checkpoint)
 
@@ -445,7 +381,8 @@ def _report(run: DistillRun, result: dict, phases: dict, score_test: bool) -> tu
                            else "explicit") if bank is not None else None,
         "history": result["history"], "eval": result["evals"], "best": result["best"],
         "phases": {k: {"history": v["history"], "seconds": v["seconds"],
-                       **{part: v[part] for part in ("filters", "reused") if part in v}} for k, v in phases.items()},
+                       **{part: v[part] for part in ("filters", "reused", "trained_seconds") if part in v}}
+                   for k, v in phases.items()},
         "teacher": {name: score(teacher_outputs(split, task), task, meta.label_names)
                     for name, split in (("eval", eval_split), ("test", test_split)) if split is not None},
         "stage2_seconds": result["seconds"], "stage2_median_step_s": result["median_step_s"],

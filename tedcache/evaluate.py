@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .distributed import ALONE
+from .loop import Validation
 from .losses import lm_loss_per_block
 from .qa import answer_questions, best_span, squad_metrics
 from .taps import model_inputs, output_logits
@@ -17,11 +18,10 @@ PRIMARY_METRIC = {"classification": "accuracy", "regression": "spearman", "causa
 LOWER_IS_BETTER = {"perplexity", "loss"}
 
 
-def better(a: dict, b: dict | None, metric: str) -> bool:
-    """Whether result `a` beats result `b` (None: nothing to beat) on `metric`."""
-    if b is None:
-        return True
-    return a[metric] < b[metric] if metric in LOWER_IS_BETTER else a[metric] > b[metric]
+def task_validation(score, task: str, every: int = 0) -> Validation:
+    """How a run of `task` is validated: `score()`'s primary metric picks the best state, in its direction."""
+    metric = PRIMARY_METRIC[task]
+    return Validation(score, metric, every, lower_is_better=metric in LOWER_IS_BETTER)
 
 
 def _correlation(statistic, a: np.ndarray, b: np.ndarray) -> float:

@@ -12,8 +12,8 @@ import torch
 from .config import FinetuneConfig
 from .data import load_blocks, load_examples
 from .errors import note
-from .evaluate import PRIMARY_METRIC, evaluate
-from .loop import Validation, fit
+from .evaluate import evaluate, task_validation
+from .loop import fit
 from .losses import lm_loss, task_loss
 from .models import load_for_task, load_tokenizer, pad_id, source_hash, tokenizer_hash
 from .reader import ExamplesSource, iterate_batches, num_batches
@@ -60,7 +60,7 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
     result = fit([model],
                  lambda e: iterate_batches(source, cfg.optim.batch_size, pad, True, cfg.seed, e),
                  num_batches(source, cfg.optim.batch_size), loss_fn, cfg.optim, "fine-tune",
-                 validation=Validation(evaluate_model, PRIMARY_METRIC[task]) if evaluation is not None else None)
+                 validation=task_validation(evaluate_model, task) if evaluation is not None else None)
     report = {"method": "finetune", "config": asdict(cfg), "recipe": recipe(cfg, tokenizer, train, evaluation),
               "task": task, "label_names": label_names,
               "history": result["history"], "eval": result["evals"], "best": result["best"],

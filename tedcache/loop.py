@@ -18,8 +18,6 @@ from transformers import get_linear_schedule_with_warmup
 from .config import OptimConfig
 from .distributed import ALONE, Processes
 from .errors import TedcacheError
-from .evaluate import better
-from .losses import COUNT_KINDS
 from .reader import prefetch
 
 
@@ -33,6 +31,9 @@ class LossModule(torch.nn.Module):
 
     def forward(self, batch: dict):
         return self.loss_fn(batch)
+
+
+COUNT_KINDS = ("examples", "tokens", "pairs")  # what a loss term averages over: sequences, real tokens, next-token pairs
 
 
 def batch_shares(micro: list[dict], processes: Processes) -> list[dict[str, float]]:
@@ -119,6 +120,14 @@ class Validation:
     score: Callable[[], dict]
     select: str
     every: int = 0
+    lower_is_better: bool = False
+
+    def improves(self, result: dict, best: dict | None) -> bool:
+        """Whether `result` beats `best` (None: nothing to beat) on the metric that selects."""
+        if best is None:
+            return True
+        now, before = result[self.select], best[self.select]
+        return now < before if self.lower_is_better else now > before
 
 
 @dataclass
@@ -288,7 +297,7 @@ def _validate(validation: Validation, state: LoopState, modules: list[torch.nn.M
     state.evals.append(result)
     for m in modules:
         m.train()
-    if better(result, state.best, validation.select):
+    if validation.improves(result, state.best):
         state.best, state.best_state, state.stale = result, [processes.state_of(m) for m in trained], 0
     else:
         state.stale += 1

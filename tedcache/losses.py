@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .cache.logits import head_logits
 from .data import IGNORED
+from .loop import COUNT_KINDS
 
 
 def labelled(labels: torch.Tensor, task: str) -> torch.Tensor:
@@ -230,7 +231,6 @@ def head_losses(final: torch.Tensor, head: torch.nn.Module, input_ids: torch.Ten
                                  temperature, vocab)
 
 
-COUNT_KINDS = ("examples", "tokens", "pairs")  # what a loss term averages over: sequences, real tokens, next-token pairs
 METHOD_TERMS = {"ted": ("kl", "mse"), "lwd": ("kl", "mse"), "kd": ("kl",), "finetune": ()}  # terms beside the task's
 
 

@@ -81,8 +81,8 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
                  lambda epoch: iterate_batches(source, per_process, pad_id, shuffle=True, seed=seed, epoch=epoch,
                                                process=place),
                  num_batches(source, per_process, processes.size), loss_fn, cfg, desc, device=device,
-                 validation=Validation(measure, "loss") if eval_source is not None else None, processes=processes,
-                 checkpoint=checkpoint)
+                 validation=Validation(measure, "loss", lower_is_better=True) if eval_source is not None else None,
+                 processes=processes, checkpoint=checkpoint)
     final = result["best"] if eval_source is not None else measure()
     model.train()
     result["filters"] = {"split": "eval" if eval_source is not None else "train", "steps": result["steps"],

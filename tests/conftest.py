@@ -1,63 +1,16 @@
-"""Fixtures: tiny random-initialised BERTs, a word-level tokenizer made here, and a small labelled data set."""
+"""Fixtures: tiny random-initialised BERTs and causal LMs with tokenizers made here, small labelled data
+sets and text, a cache of them, and the fault battery's report. Helpers are in tests/helpers/."""
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import os
-import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from helpers.builders import documents, make_lm, make_model, sentiment_rows, write_rows, write_text
 
-from tedcache.cli.main import main
-
-POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
-NEGATIVE = ["bad", "awful", "dull", "boring", "poor", "weak"]
-FILLER = ["the", "movie", "film", "plot", "actor", "was", "and", "very", "quite", "story", "scene", "a"]
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def make_tokenizer(folder: Path, extra: list[str] = ()) -> BertTokenizerFast:
-    folder.mkdir(parents=True, exist_ok=True)
-    words = SPECIAL + POSITIVE + NEGATIVE + FILLER + list(extra)
-    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
-    tokenizer.save_pretrained(folder)
-    return tokenizer
-
-
-def make_model(folder: Path, layers: int = 4, hidden: int = 32, num_labels: int = 2, seed: int = 0,
-               extra_vocab: list[str] = ()) -> Path:
-    tokenizer = make_tokenizer(folder, extra_vocab)
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    return folder
-
-
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def sentiment_rows(n: int, seed: int, regression: bool = False) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        words = rng.choices(FILLER, k=rng.randint(2, 10)) + rng.choices(POSITIVE if label else NEGATIVE, k=2)
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words), "label": float(label) + rng.random() * 0.1 if regression else label})
-    return rows
+from tedcache import DataConfig, ExtractConfig, OptimConfig, extract
+from tedcache.config import StudentConfig
+from tedcache.students import init_student
 
 
 @pytest.fixture(scope="session")
@@ -73,24 +26,29 @@ def assets(tmp_path_factory) -> dict:
     }
 
 
-def run_cli(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The `tedcache` command run in this process: the console entry point's own function (cli.main.main,
-    flags parsed, errors turned into one line and an exit status), its output captured. Returns what a
-    subprocess would (returncode, stdout, stderr) without the seconds a new interpreter spends importing
-    torch and transformers."""
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(cwd or os.getcwd()):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-    return subprocess.CompletedProcess(["tedcache", *map(str, args)], code, out.getvalue(), err.getvalue())
+@pytest.fixture(scope="session")
+def lm_assets(tmp_path_factory) -> dict:
+    """Tiny GPT-2 and Llama teachers, their 2-layer students (layers 0 and 3), and text to train on."""
+    root = tmp_path_factory.mktemp("lm")
+    found = {"root": root,
+             "train": write_text(root / "train.txt", documents(160, 0)),
+             "eval": write_text(root / "eval.txt", documents(30, 1)),
+             "test": write_text(root / "test.txt", documents(30, 2))}
+    for family in ("gpt2", "llama"):
+        found[family] = make_lm(root / family, family)
+        made = StudentConfig(source=str(found[family]), layers=[0, 3], out=str(root / f"{family}-student"))
+        found[f"{family}_student"] = init_student(made)
+    return found
 
 
-def run_cli_process(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The real `tedcache` console entry point in a subprocess (for what needs a process of its own)."""
-    return subprocess.run([sys.executable, "-m", "tedcache.cli.main", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+@pytest.fixture(scope="session")
+def labelled_cache(assets, tmp_path_factory) -> str:
+    """The tiny teacher's filtered cache with eval and test splits (what tune and select read)."""
+    data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], test=[str(assets["test"])],
+                      max_length=24)
+    return extract(ExtractConfig(teacher=str(assets["teacher"]), data=data,
+                                 cache_dir=str(tmp_path_factory.mktemp("labelled") / "c"),
+                                 stage1=OptimConfig(epochs=1, batch_size=16)))
 
 
 @pytest.fixture

@@ -8,10 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 import transformers
-from conftest import make_tokenizer, run_cli
-from test_causal_lm import documents, make_lm_tokenizer, write_text
-from test_cli import assert_one_line_error
-from test_question_answering import write_questions
+from helpers.builders import documents, make_lm_tokenizer, make_tokenizer, write_questions, write_text
+from helpers.commands import assert_one_line_error, run_cli
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
 from tedcache.cache import load_metadata

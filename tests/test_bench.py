@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.builders import make_lm_tokenizer
 from torch.nn.modules.module import register_module_forward_hook
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
@@ -71,7 +72,6 @@ def test_big_profile_times_every_part_on_a_tiny_llama(tmp_path, monkeypatch):
     trials really run with the teacher."""
     import json
 
-    from test_causal_lm import make_lm_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tedcache.demos.bench_big import BigProfile, LlamaShape, big_table, run_big

@@ -11,8 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_causal_lm import _extract, lm_assets  # noqa: F401 (a fixture)
-from test_store import _stored_files
+from helpers.caches import extract_lm, stored_files
 
 from tedcache import extract
 from tedcache.cache import Cache
@@ -25,9 +24,9 @@ def test_a_teacher_spread_over_cpu_and_disk_writes_the_one_device_cache(lm_asset
     device_map.write_text(json.dumps({"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                                       "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "cpu",
                                       "model.rotary_emb": "cpu", "lm_head": "cpu"}))
-    cfg, whole = _extract(lm_assets, tmp_path / "whole")
+    cfg, whole = extract_lm(lm_assets, tmp_path / "whole")
     spread = extract(replace(cfg, cache_dir=str(tmp_path / "spread" / "caches"), device_map=str(device_map)))
-    got, want = _stored_files(spread), _stored_files(whole)
+    got, want = stored_files(spread), stored_files(whole)
     assert len(want) > 10 and got.keys() == want.keys()
     assert [name for name in want if got[name] != want[name]] == []  # Stage I's filters and every target
     a, b = Cache(spread).metadata, Cache(whole).metadata
@@ -40,7 +39,7 @@ def test_a_bad_device_map_is_refused_in_one_line(lm_assets, tmp_path, device_map
     if device_map.startswith("{"):  # a device this machine lacks
         (tmp_path / "partial.json").write_text(device_map)
         device_map = str(tmp_path / "partial.json")
-    cfg, _ = _extract(lm_assets, tmp_path / "first", states="none")
+    cfg, _ = extract_lm(lm_assets, tmp_path / "first", states="none")
     with pytest.raises(TedcacheError, match=named) as refused:
         extract(replace(cfg, cache_dir=str(tmp_path / "caches"), device_map=device_map))
     assert "\n" not in str(refused.value)
@@ -55,7 +54,7 @@ def test_a_map_whose_disk_offload_does_not_fit_is_refused_naming_both_sizes(lm_a
         device_map = tmp_path / "map.json"
         device_map.write_text(json.dumps({"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
                                           "model.rotary_emb": "cpu", "lm_head": "cpu"}))
-        cfg, _ = _extract(lm_assets, tmp_path / "first", states="none")
+        cfg, _ = extract_lm(lm_assets, tmp_path / "first", states="none")
         with pytest.raises(TedcacheError, match=r"puts [\d.]+ MiB of the teacher's weights on disk \(.*small\), which "
                                                 r"has [\d.]+ MiB free") as refused:
             extract(replace(cfg, cache_dir=str(tmp_path / "caches"), device_map=str(device_map), offload_dir=str(offload)))

@@ -2,7 +2,6 @@
 logits in the cache, offline == live losses, distilling with the teacher gone, tokenizer checks."""
 
 import json
-import random
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -10,15 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FILLER, NEGATIVE, POSITIVE, run_cli
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from helpers.builders import make_lm, write_text
+from helpers.caches import extract_lm
+from helpers.commands import run_cli
 
-from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract, losses
+from tedcache import DataConfig, DistillConfig, OptimConfig, distill, losses
 from tedcache.cache import Cache, inspect_cache, verify
 from tedcache.cache.layout import FINAL, HEAD_FILE
 from tedcache.cache.logits import check_rebuilt, head_logits, parse_logit_spec, sparsify
-from tedcache.config import FilterConfig, StudentConfig
 from tedcache.data import load_blocks
 from tedcache.distillation import kd_form, stage2_step
 from tedcache.distributed import pick_device
@@ -29,76 +27,8 @@ from tedcache.losses import Stage2Loss, hidden_kd_loss, kd_loss
 from tedcache.models import load_causal_lm, load_tokenizer
 from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
 from tedcache.stage1 import train_filters
-from tedcache.students import init_student
 from tedcache.taps import final_norm, forward_with_taps
 from tedcache.teacher import LiveTargets
-
-WORDS = FILLER + POSITIVE + NEGATIVE
-
-
-def make_lm_tokenizer(folder: Path, extra: list[str] = ()) -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>"] + WORDS + list(extra))}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
-    tokenizer.save_pretrained(folder)
-    return tokenizer
-
-
-def make_lm(folder: Path, family: str, layers: int = 4, hidden: int = 32, seed: int = 0, extra=()) -> Path:
-    tokenizer = make_lm_tokenizer(folder, extra)
-    torch.manual_seed(seed)
-    if family == "gpt2":
-        config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=2, n_positions=64,
-                            bos_token_id=2, eos_token_id=2, pad_token_id=0)
-        model = GPT2LMHeadModel(config)
-    else:
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=2, eos_token_id=2,
-                             pad_token_id=0)
-        model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    return folder
-
-
-def documents(n: int, seed: int) -> list[str]:
-    """Runs of consecutive vocabulary words from a random start: the next word is predictable."""
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n):
-        start = rng.randrange(len(WORDS))
-        docs.append(" ".join(WORDS[(start + i) % len(WORDS)] for i in range(rng.randint(3, 12))))
-    return docs
-
-
-def write_text(path: Path, docs: list[str]) -> Path:
-    path.write_text("\n\n".join(docs) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def lm_assets(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("lm")
-    assets = {"root": root,
-              "train": write_text(root / "train.txt", documents(160, 0)),
-              "eval": write_text(root / "eval.txt", documents(30, 1)),
-              "test": write_text(root / "test.txt", documents(30, 2))}
-    for family in ("gpt2", "llama"):
-        assets[family] = make_lm(root / family, family)
-        made = StudentConfig(source=str(assets[family]), layers=[0, 3], out=str(root / f"{family}-student"))
-        assets[f"{family}_student"] = init_student(made)
-    return assets
-
-
-def _extract(lm_assets, tmp_path, family="llama", **kw) -> tuple[ExtractConfig, str]:
-    data = DataConfig(train=[str(lm_assets["train"])], eval=[str(lm_assets["eval"])], test=[str(lm_assets["test"])],
-                      task="causal-lm", block_size=16)
-    defaults = dict(filters=FilterConfig(layers="1,3", dim=24), precision="fp32", logits="topk:8")
-    cfg = ExtractConfig(teacher=str(lm_assets[family]), data=data, cache_dir=str(tmp_path / "caches"),
-                        stage1=OptimConfig(epochs=1, lr=1e-2, batch_size=8), batch_size=8, shard_tokens=128,
-                        **{**defaults, **kw})
-    return cfg, extract(cfg)
 
 
 def test_packing_joins_documents_with_eos_and_cuts_blocks(lm_assets, tmp_path):
@@ -154,7 +84,7 @@ def test_stage1_lm_heads_train_only_filters(lm_assets, family, head):
 
 @pytest.mark.parametrize("logits", ["topk:8", "sample:20", "full"])
 def test_sparse_logits_round_trip(lm_assets, tmp_path, logits):
-    cfg, path = _extract(lm_assets, tmp_path, family="gpt2", logits=logits)
+    cfg, path = extract_lm(lm_assets, tmp_path, family="gpt2", logits=logits)
     cache = Cache(path)
     meta = cache.metadata
     split = cache.split("train")
@@ -184,7 +114,7 @@ def test_sparse_logits_round_trip(lm_assets, tmp_path, logits):
 
 
 def test_offline_and_live_losses_match(lm_assets, tmp_path):
-    _, path = _extract(lm_assets, tmp_path, logits="topk:8")
+    _, path = extract_lm(lm_assets, tmp_path, logits="topk:8")
     cache = Cache(path)
     student = load_causal_lm(str(lm_assets["llama_student"]))
     torch.manual_seed(0)
@@ -207,7 +137,7 @@ def test_distill_lm_without_the_teacher(lm_assets, tmp_path, family):
     teacher = tmp_path / "teacher"
     shutil.copytree(lm_assets[family], teacher)
     lm_assets = {**lm_assets, family: teacher}
-    _, path = _extract(lm_assets, tmp_path, family=family, logits="sample:20", precision="int8")
+    _, path = extract_lm(lm_assets, tmp_path, family=family, logits="sample:20", precision="int8")
     shutil.rmtree(teacher)
     results = {}
     for method in ("finetune", "kd", "ted"):
@@ -229,7 +159,7 @@ def test_distill_lm_without_the_teacher(lm_assets, tmp_path, family):
 
 
 def test_lm_refusals(lm_assets, tmp_path):
-    _, path = _extract(lm_assets, tmp_path, logits="topk:8")
+    _, path = extract_lm(lm_assets, tmp_path, logits="topk:8")
     other = make_lm(tmp_path / "other", "llama", layers=2, extra=["zebra"])  # one more word: another vocabulary
     result = run_cli("distill", "--cache", path, "--student", other, "--out", tmp_path / "out")
     assert result.returncode == 2 and "tokenizer vocabulary differs" in result.stderr
@@ -291,7 +221,7 @@ def test_a_padded_teacher_keeps_only_its_tokenizers_ids(lm_assets, tmp_path):
     span the tokenizer's ids, normalised over them, and an unpadded student distils from it."""
     padded = _padded(lm_assets["llama"], tmp_path / "padded", 7)
     ids_in_tokenizer = len(load_tokenizer(str(padded)))
-    _, path = _extract({**lm_assets, "llama": padded}, tmp_path, logits="full")
+    _, path = extract_lm({**lm_assets, "llama": padded}, tmp_path, logits="full")
     cache = Cache(path)
     assert cache.metadata.logits["vocab"] == ids_in_tokenizer and cache.metadata.vocab_size == ids_in_tokenizer + 7
     split = cache.split("train")
@@ -306,7 +236,7 @@ def test_a_padded_teacher_keeps_only_its_tokenizers_ids(lm_assets, tmp_path):
 def test_a_padded_student_is_compared_over_the_tokenizers_ids(lm_assets, tmp_path):
     """A student wider than the tokenizer: its extra rows are left out of KD (the KL equals the unpadded
     student's); a student narrower than the tokenizer is refused with one line."""
-    _, path = _extract(lm_assets, tmp_path, logits="topk:8")
+    _, path = extract_lm(lm_assets, tmp_path, logits="topk:8")
     cache = Cache(path)
     padded = load_causal_lm(str(_padded(lm_assets["llama_student"], tmp_path / "padded-student", 5))).eval()
     plain = load_causal_lm(str(lm_assets["llama_student"])).eval()
@@ -332,7 +262,7 @@ def test_a_padded_student_is_compared_over_the_tokenizers_ids(lm_assets, tmp_pat
 def test_hidden_logits_rebuild_the_teachers_exact_distribution(lm_assets, tmp_path, family):
     """--logits hidden: the cache holds each training token's final hidden state and the output layer once;
     the logits rebuilt from them are the teacher's own, and the loss built on them is the full KD loss."""
-    cfg, path = _extract(lm_assets, tmp_path, family=family, logits="hidden")
+    cfg, path = extract_lm(lm_assets, tmp_path, family=family, logits="hidden")
     cache = Cache(path)
     split = cache.split("train")
     assert split.has_final and not split.logit_rows and cache.metadata.logits["kind"] == "hidden"
@@ -354,7 +284,7 @@ def test_hidden_logits_rebuild_the_teachers_exact_distribution(lm_assets, tmp_pa
 
 
 def test_hidden_kd_loss_is_chunk_independent_and_offline_matches_live(lm_assets, tmp_path, monkeypatch):
-    _, path = _extract(lm_assets, tmp_path, logits="hidden", precision="int8")
+    _, path = extract_lm(lm_assets, tmp_path, logits="hidden", precision="int8")
     cache = Cache(path)
     assert cache.split("train").state_bytes_per_token(FINAL) == 32 + 2  # int8 values and a per-token scale
     student = load_causal_lm(str(lm_assets["llama_student"])).eval()
@@ -383,7 +313,7 @@ def test_losses_from_the_final_states_through_the_head_equal_those_from_whole_lo
                                                                                        monkeypatch):
     """from_head (the default for exact KD targets): the same terms and the same gradients, the logits never
     whole; HEAD_CHUNK 5 cuts each batch into many chunks, the last one short."""
-    _, path = _extract(lm_assets, tmp_path, family=family, logits="hidden")
+    _, path = extract_lm(lm_assets, tmp_path, family=family, logits="hidden")
     cache = Cache(path)
     student = load_causal_lm(str(lm_assets[f"{family}_student"])).eval()
     torch.manual_seed(0)
@@ -412,7 +342,7 @@ def test_losses_from_the_final_states_through_the_head_equal_those_from_whole_lo
 
 
 def test_hidden_logits_distill_verify_and_refusal(lm_assets, tmp_path):
-    _, path = _extract(lm_assets, tmp_path, family="gpt2", logits="hidden", precision="int8")
+    _, path = extract_lm(lm_assets, tmp_path, family="gpt2", logits="hidden", precision="int8")
     out = tmp_path / "kd"
     distill(DistillConfig(cache=path, student=str(lm_assets["gpt2_student"]), out=str(out), method="kd",
                           optim=OptimConfig(epochs=1, lr=3e-3, batch_size=8)))
@@ -443,7 +373,7 @@ def test_hidden_logits_distill_verify_and_refusal(lm_assets, tmp_path):
 def test_a_logits_only_lm_cache_trains_kd(lm_assets, tmp_path, logits):
     """--states none for a causal LM: no Stage I and no layer states, only the per-token targets (for
     --logits hidden, the final states they are rebuilt from); KD trains from it."""
-    _, path = _extract(lm_assets, tmp_path, logits=logits, states="none")
+    _, path = extract_lm(lm_assets, tmp_path, logits=logits, states="none")
     meta = Cache(path).metadata
     assert meta.layers == [] and meta.stage1 is None and meta.lm_head is None
     assert Cache(path).split("train").has_final == (logits == "hidden")

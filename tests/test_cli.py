@@ -7,17 +7,8 @@ from pathlib import Path
 
 import pytest
 import zarr
-from conftest import make_model, run_cli, run_cli_process, write_rows
-
-
-def assert_one_line_error(result, *needles):
-    assert result.returncode != 0, result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr
-    assert lines and lines[-1].startswith("error: "), result.stderr
-    assert len([line for line in lines if line.startswith("error")]) == 1
-    for needle in needles:
-        assert needle in lines[-1], lines[-1]
+from helpers.builders import make_model, write_rows
+from helpers.commands import assert_one_line_error, extract_args, run_cli, run_cli_process
 
 
 @pytest.mark.process
@@ -80,19 +71,17 @@ def test_finetune_command(assets, tmp_path):
 
 
 def _extract_args(assets, tmp_path, **overrides):
-    flags = {"--teacher": assets["teacher"], "--data": assets["train"], "--cache-dir": tmp_path / "caches",
-             "--stage1-epochs": "0.1", **overrides}
-    return ["extract", *[str(x) for kv in flags.items() for x in kv]]
+    return extract_args(assets, tmp_path / "caches", **{"stage1_epochs": 0.1, **overrides})
 
 
 @pytest.mark.parametrize("overrides,needles", [
-    ({"--data": "no/such/file.csv"}, ["does not exist"]),
-    ({"--teacher": "./no-such-teacher"}, ["does not exist"]),
-    ({"--text-column": "review"}, ["no column 'review'", "--text-column"]),
-    ({"--label-column": "stars"}, ["no column 'stars'"]),
-    ({"--task": "translation"}, ["unknown task 'translation'"]),
-    ({"--layers": "7"}, ["layers '7'"]),
-    ({"--precision": "fp8"}, ["unknown precision"]),
+    ({"data": "no/such/file.csv"}, ["does not exist"]),
+    ({"teacher": "./no-such-teacher"}, ["does not exist"]),
+    ({"text_column": "review"}, ["no column 'review'", "--text-column"]),
+    ({"label_column": "stars"}, ["no column 'stars'"]),
+    ({"task": "translation"}, ["unknown task 'translation'"]),
+    ({"layers": "7"}, ["layers '7'"]),
+    ({"precision": "fp8"}, ["unknown precision"]),
 ])
 def test_extract_bad_input(assets, tmp_path, overrides, needles):
     result = run_cli(*_extract_args(assets, tmp_path, **overrides))
@@ -102,12 +91,12 @@ def test_extract_bad_input(assets, tmp_path, overrides, needles):
 
 def test_extract_labels_outside_label_set_and_empty_data(assets, tmp_path):
     bad = write_rows(tmp_path / "bad.csv", [{"text": "good film", "label": 0}, {"text": "dull", "label": 4}])
-    assert_one_line_error(run_cli(*_extract_args(assets, tmp_path, **{"--data": bad})), "outside the label set")
+    assert_one_line_error(run_cli(*_extract_args(assets, tmp_path, **{"data": bad})), "outside the label set")
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")
-    assert_one_line_error(run_cli(*_extract_args(assets, tmp_path, **{"--data": empty})), "no examples")
+    assert_one_line_error(run_cli(*_extract_args(assets, tmp_path, **{"data": empty})), "no examples")
     eval_bad = write_rows(tmp_path / "eval_bad.csv", [{"text": "good", "label": "maybe"}])
-    assert_one_line_error(run_cli(*_extract_args(assets, tmp_path, **{"--eval-data": eval_bad})),
+    assert_one_line_error(run_cli(*_extract_args(assets, tmp_path, **{"eval_data": eval_bad})),
                           "--eval-data", "outside the label set")
 
 

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import make_tokenizer, sentiment_rows, write_rows
+from helpers.builders import make_tokenizer, sentiment_rows, write_rows
 
 from tedcache.config import DataConfig
 from tedcache.data import load_examples

@@ -5,21 +5,29 @@ gives the one-process loss curve at the same global batch."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
-import zarr
-from conftest import make_model, sentiment_rows, write_rows
+from helpers.builders import make_model, sentiment_rows, without_dropout, write_rows
+from helpers.caches import assert_same_cache, cache_contents
+from helpers.commands import MANY_UNITS, distill_args, extract_args, long_distill_args
+from helpers.processes import (
+    ENV,
+    accelerate_launch,
+    children,
+    kill_after_checkpoint,
+    rank_of,
+    refused_then_resumed,
+    run_one,
+    torchrun,
+)
 
 from tedcache import reader
 from tedcache.cache import Cache
@@ -27,54 +35,14 @@ from tedcache.distributed import Processes
 from tedcache.errors import TedcacheError
 from tedcache.reader import CacheSource, iterate_batches, num_batches
 
-# One thread per process everywhere, the one-process references included: a float sum split over a
-# different number of threads rounds differently, and the comparisons below are exact.
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def run_one(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tedcache.cli.main", *map(str, args)], capture_output=True,
-                          text=True, env=ENV, timeout=600)
-
-
-def torchrun(*args) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "tedcache.cli.main", *map(str, args)]
-
-
-def accelerate_launch(*args) -> list[str]:
-    # --multi_gpu is accelerate's multi-process launcher; without a GPU the processes join over gloo
-    # (its --cpu runs one process, or several only through MPI)
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 500),
-            "-m", "tedcache.cli.main", *map(str, args)]
-
 
 def _extract_args(assets, data, cache_dir, *extra):
-    return ["extract", "--teacher", assets["teacher"], "--data", data, "--eval-data", assets["eval"],
-            "--test-data", assets["test"], "--max-length", "24", "--stage1-epochs", "0.5", "--shard-tokens", "64",
-            "--batch-size", "8", "--cache-dir", cache_dir, *extra]
+    return extract_args(assets, cache_dir, *extra, data=data, eval_data=assets["eval"], test_data=assets["test"],
+                        stage1_epochs=0.5, **MANY_UNITS)
 
 
-def cache_contents(path: str) -> tuple[dict, dict[str, np.ndarray], dict[str, dict]]:
-    """Metadata (less timings and the folder it was written to), every array, and every unit record of a cache."""
-    root = zarr.open_group(path, mode="r")
-    meta = {k: v for k, v in root.attrs["tedcache"].items() if k != "timings"}
-    # where each run wrote, and how it placed its teacher
-    meta["config"] = {k: v for k, v in meta["config"].items() if k not in ("cache_dir", "device_map", "offload_dir")}
-    arrays = {name: arr[...] for name, arr in root.members(max_depth=None) if isinstance(arr, zarr.Array)}
-    records = {str(p.relative_to(path)): json.loads(p.read_text()) for p in Path(path).glob("units/*/*.json")}
-    return meta, arrays, records
 
 
-def assert_same_cache(a: str, b: str) -> None:
-    meta_a, arrays_a, records_a = cache_contents(a)
-    meta_b, arrays_b, records_b = cache_contents(b)
-    assert meta_a == meta_b and meta_a["complete"]
-    assert sorted(arrays_a) == sorted(arrays_b) and any(k.startswith("train/states/") for k in arrays_a)
-    for name in arrays_a:
-        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
-    assert records_a == records_b and len(records_a) > 10
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +92,8 @@ def test_two_processes_each_spreading_the_teacher_over_cpu_and_disk_write_the_on
     assert list((tmp_path / "offload").iterdir()) == []  # each process removed its offload
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
 
 
-def _rank_of(pid: int) -> int | None:
-    try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
-    return int(ranks[0]) if ranks else None
 
 
 @pytest.mark.process
@@ -147,7 +105,7 @@ def test_killing_one_process_then_rerunning_resumes(assets, one_process_raw_cach
     deadline, victim = time.time() + 300, None
     while time.time() < deadline and launcher.poll() is None:
         if len(list(cache_dir.glob("*/units/train/*.json"))) >= 4:
-            victim = next((p for p in _children(launcher.pid) if _rank_of(p) == 1), None)
+            victim = next((p for p in children(launcher.pid) if rank_of(p) == 1), None)
             if victim is not None:
                 break
         time.sleep(0.02)
@@ -162,19 +120,11 @@ def test_killing_one_process_then_rerunning_resumes(assets, one_process_raw_cach
     assert_same_cache(rerun.stdout.strip().splitlines()[-1], reference)
 
 
-def _without_dropout(folder: Path) -> Path:
-    """Dropout draws differ between processes; without it one step's loss depends on the batch alone."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(folder)
-    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
-    config.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
 def no_dropout_student(tmp_path_factory):
-    return _without_dropout(make_model(tmp_path_factory.mktemp("student") / "s", layers=2, hidden=32, seed=1))
+    return without_dropout(make_model(tmp_path_factory.mktemp("student") / "s", layers=2, hidden=32, seed=1))
 
 
 @pytest.mark.process
@@ -185,7 +135,7 @@ def test_stage1_under_ddp_trains_the_one_process_filters(assets, one_process_cac
     from safetensors.torch import load_file
 
     data, _ = one_process_cache
-    teacher = _without_dropout(make_model(tmp_path / "teacher", layers=4, hidden=48))
+    teacher = without_dropout(make_model(tmp_path / "teacher", layers=4, hidden=48))
     args = _extract_args({**assets, "teacher": teacher}, data, tmp_path / "one", "--precision", "fp32",
                          "--stage1-epochs", "1")
     one = run_one(*args)
@@ -211,20 +161,17 @@ def test_stage1_under_ddp_trains_the_one_process_filters(assets, one_process_cac
             np.testing.assert_array_equal(arrays_b[name], arrays_a[name], err_msg=name)
 
 
-def _distill_args(cache, student, out, batch_size, *extra):
-    return ["distill", "--cache", cache, "--student", student, "--out", out, "--batch-size", batch_size,
-            "--epochs", "2", "--lr", "1e-3", "--stage1-epochs", "0.5", "--seed", "3", "--method", "ted", *extra]
 
 
 @pytest.mark.process
 def test_two_process_distill_matches_one_process_at_the_same_global_batch(one_process_cache, no_dropout_student,
                                                                            tmp_path):
     _, cache = one_process_cache
-    one = run_one(*_distill_args(cache, no_dropout_student, tmp_path / "one", 16))
+    one = run_one(*distill_args(cache, no_dropout_student, tmp_path / "one", 16))
     assert one.returncode == 0, one.stderr
-    accumulated = run_one(*_distill_args(cache, no_dropout_student, tmp_path / "accum", 8, "--grad-accum", "2"))
+    accumulated = run_one(*distill_args(cache, no_dropout_student, tmp_path / "accum", 8, "--grad-accum", "2"))
     assert accumulated.returncode == 0, accumulated.stderr
-    two = subprocess.run(accelerate_launch(*_distill_args(cache, no_dropout_student, tmp_path / "two", 8,
+    two = subprocess.run(accelerate_launch(*distill_args(cache, no_dropout_student, tmp_path / "two", 8,
                                                           "--checkpoint-every", "3")),  # checkpoints change nothing
                          capture_output=True, text=True, env=ENV, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -297,7 +244,7 @@ def test_shard_reads_give_each_process_its_own_half_of_the_reads(one_process_cac
 @pytest.mark.process
 def test_two_process_distill_with_shard_reads(one_process_cache, no_dropout_student, tmp_path):
     _, cache = one_process_cache
-    two = subprocess.run(accelerate_launch(*_distill_args(cache, no_dropout_student, tmp_path / "two", 8,
+    two = subprocess.run(accelerate_launch(*distill_args(cache, no_dropout_student, tmp_path / "two", 8,
                                                           "--shard-reads")),
                          capture_output=True, text=True, env=ENV, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -308,50 +255,18 @@ def test_two_process_distill_with_shard_reads(one_process_cache, no_dropout_stud
     assert run["history"][-1]["loss"] < run["history"][0]["loss"]
 
 
-def kill_after_checkpoint(args: list, state: Path, launcher: Callable = lambda *args: [
-        sys.executable, "-m", "tedcache.cli.main", *map(str, args)]) -> None:
-    """Start `tedcache ARGS` (through `launcher`), SIGKILL it, with every process it started, a few steps
-    after its first checkpoint `state` is written."""
-    proc = subprocess.Popen(launcher(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not state.exists():
-        time.sleep(0.01)
-    time.sleep(0.3)  # a few more steps past the checkpoint, lost by the kill
-    assert proc.poll() is None, "the run finished before it could be killed"
-    for pid in process_tree(proc.pid):  # (torchrun starts its workers in sessions of their own)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
-    assert state.exists()
 
 
-def process_tree(root: int) -> list[int]:
-    """`root` and every process descended from it."""
-    return [root] + [pid for child in _children(root) for pid in process_tree(child)]
 
 
-def _long_run_args(cache, student, out):
-    args = _distill_args(cache, student, out, 8, "--checkpoint-every", "5")
-    args[args.index("--epochs") + 1] = "6"
-    return args
-
-
-def _refused_then_resumed(args: list, out: Path, straight: Path) -> tuple[dict, dict]:
-    """A killed distill run again: refused without --resume, finished with it. Returns its metrics and the
-    uninterrupted run's."""
-    refused = run_one(*args)
-    assert refused.returncode == 2 and "--resume" in refused.stderr
-    resumed = run_one(*args, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    return tuple(json.loads((folder / "metrics.json").read_text()) for folder in (out, straight))
 
 
 @pytest.mark.process
 def test_compare_killed_mid_run_continues_that_run_from_its_checkpoint(one_process_cache, assets, tmp_path):
     _, cache = one_process_cache
-    straight = run_one(*_long_run_args(cache, assets["student"], tmp_path / "straight"))
+    straight = run_one(*long_distill_args(cache, assets["student"], tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
-    args = ["compare", *_long_run_args(cache, assets["student"], tmp_path / "runs")[1:], "--methods", "ted"]
+    args = ["compare", *long_distill_args(cache, assets["student"], tmp_path / "runs")[1:], "--methods", "ted"]
     args[args.index("--seed"):args.index("--seed") + 2] = ["--seeds", "3"]
     kill_after_checkpoint(args, tmp_path / "runs" / "ted-seed3.checkpoint" / "state.pt")
     rerun = run_one(*args)
@@ -373,9 +288,9 @@ def test_fsdp_distill_matches_one_process_resumes_after_a_kill_and_saves_a_plain
     from transformers import AutoModelForSequenceClassification
 
     _, cache = one_process_cache
-    one = run_one(*_distill_args(cache, no_dropout_student, tmp_path / "one", 16))
+    one = run_one(*distill_args(cache, no_dropout_student, tmp_path / "one", 16))
     assert one.returncode == 0, one.stderr
-    args = _distill_args(cache, no_dropout_student, tmp_path / "fsdp", 4, "--grad-accum", "2", "--fsdp",
+    args = distill_args(cache, no_dropout_student, tmp_path / "fsdp", 4, "--grad-accum", "2", "--fsdp",
                          "--checkpoint-every", "3")
     straight = subprocess.run(torchrun(*args), capture_output=True, text=True, env=ENV, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -408,13 +323,13 @@ def test_fsdp_distill_matches_one_process_resumes_after_a_kill_and_saves_a_plain
 def test_distill_killed_in_the_student_s_stage1_resumes_from_its_checkpoint(one_process_cache, assets, tmp_path,
                                                                            fault_log):
     _, cache = one_process_cache
-    args = _long_run_args(cache, assets["student"], tmp_path / "run")
+    args = long_distill_args(cache, assets["student"], tmp_path / "run")
     args[args.index("--stage1-epochs") + 1] = "3"
     straight = run_one(*[tmp_path / "straight" if a == tmp_path / "run" else a for a in args])
     assert straight.returncode == 0, straight.stderr
     kill_after_checkpoint(args, tmp_path / "run.checkpoint" / "stage1" / "state.pt")
     assert not (tmp_path / "run.checkpoint" / "state.pt").exists()  # killed in Stage I, before Stage II began
-    a, b = _refused_then_resumed(args, tmp_path / "run", tmp_path / "straight")
+    a, b = refused_then_resumed(args, tmp_path / "run", tmp_path / "straight")
     assert a["phases"]["stage1"] == {**b["phases"]["stage1"], "seconds": a["phases"]["stage1"]["seconds"]}
     assert a["history"] == b["history"] and a["eval"] == b["eval"] and a["test"] == b["test"]
     assert not (tmp_path / "run.checkpoint").exists()

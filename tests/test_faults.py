@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, sentiment_rows, write_rows
-from test_distributed import ENV, _long_run_args, _refused_then_resumed, assert_same_cache, run_one
+from helpers.builders import sentiment_rows, write_rows
+from helpers.caches import assert_same_cache
+from helpers.commands import MANY_UNITS, extract_args, long_distill_args, run_cli
+from helpers.processes import ENV, refused_then_resumed, run_one
 
 from tedcache.cache import Cache
 
@@ -45,9 +47,8 @@ def small_disk(tmp_path):
 
 
 def _args(assets, data, cache_dir) -> list:
-    return ["extract", "--teacher", assets["teacher"], "--data", data, "--eval-data", assets["eval"], "--max-length",
-            "24", "--stage1-epochs", "0.2", "--shard-tokens", "64", "--batch-size", "8", "--precision", "fp32",
-            "--cache-dir", cache_dir]
+    return extract_args(assets, cache_dir, data=data, eval_data=assets["eval"], stage1_epochs=0.2, precision="fp32",
+                        **MANY_UNITS)
 
 
 def _one_line(stderr: str) -> str:
@@ -164,9 +165,9 @@ def test_a_ted_distill_killed_at_three_seeded_moments_finishes_as_an_uninterrupt
     made = run_cli(*_args(assets, data, tmp_path / "caches"), "--test-data", assets["test"])
     assert made.returncode == 0, made.stderr
     cache = made.stdout.strip().splitlines()[-1]
-    straight = run_one(*_long_run_args(cache, assets["student"], tmp_path / "straight"))
+    straight = run_one(*long_distill_args(cache, assets["student"], tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
-    args = _long_run_args(cache, assets["student"], tmp_path / "run")
+    args = long_distill_args(cache, assets["student"], tmp_path / "run")
     state = tmp_path / "run.checkpoint" / "state.pt"
     rng = random.Random(38)
     steps = []
@@ -184,7 +185,7 @@ def test_a_ted_distill_killed_at_three_seeded_moments_finishes_as_an_uninterrupt
         _kill_at(command, ready, rng.uniform(0, 0.3), ENV)  # run_one's, one thread
         steps.append(torch.load(state, weights_only=True)["loop"]["step"])
     assert not (tmp_path / "run").exists()  # no run folder until the run has finished
-    a, b = _refused_then_resumed(args, tmp_path / "run", tmp_path / "straight")
+    a, b = refused_then_resumed(args, tmp_path / "run", tmp_path / "straight")
     assert a["history"] == b["history"] and a["eval"] == b["eval"] and a["test"] == b["test"]
     assert steps == sorted(steps) and len(set(steps)) == 3
     assert not (tmp_path / "run.checkpoint").exists()

@@ -115,3 +115,36 @@ def test_the_layering_check_finds_upward_imports():
              "tedcache.demos.demo": {"tedcache.experiments.tune", "tedcache.loop"}, "tedcache": {"tedcache.demos.demo"}}
     assert upward_imports(graph) == ["tedcache.experiments.tune -> tedcache.demos.demo",
                                      "tedcache.loop -> tedcache.experiments.stats"]
+
+
+GENERIC = ("tedcache.loop", "tedcache.reader", "tedcache.distributed")  # training loop, batching, processes
+METHOD_SPECIFIC = ("tedcache.losses", "tedcache.evaluate", "tedcache.stage1", "tedcache.teacher", "tedcache.filters",
+                   "tedcache.distillation", "tedcache.extraction", "tedcache.finetuning")
+
+
+def generic_imports_of_the_specific(graph: dict[str, set[str]]) -> list[str]:
+    """Imports, even indirect ones, from a generic part (the loop, batching, processes) to a method-specific
+    one (the losses, evaluation's metrics and choice of the best state, Stage I, the pipelines)."""
+    found = []
+    for name in GENERIC:
+        seen, todo = set(), list(graph[name])
+        while todo:
+            target = todo.pop()
+            if target in seen or not target.startswith("tedcache"):
+                continue
+            seen.add(target)
+            todo += graph.get(target, ())
+        found += [f"{name} -> {t}" for t in sorted(seen) if t.startswith(METHOD_SPECIFIC)]
+    return found
+
+
+def test_the_generic_parts_never_import_a_method_specific_one():
+    graph = package_graph()
+    assert set(GENERIC) | set(METHOD_SPECIFIC) <= set(graph)  # the names still name modules
+    assert not generic_imports_of_the_specific(graph), generic_imports_of_the_specific(graph)
+
+
+def test_the_generic_check_finds_an_indirect_import():
+    graph = {"tedcache.loop": {"tedcache.helper"}, "tedcache.helper": {"tedcache.losses"}, "tedcache.losses": set(),
+             "tedcache.reader": set(), "tedcache.distributed": set()}
+    assert generic_imports_of_the_specific(graph) == ["tedcache.loop -> tedcache.losses"]

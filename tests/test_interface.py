@@ -12,8 +12,7 @@ import click
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import run_cli
-from test_cli import assert_one_line_error
+from helpers.commands import assert_one_line_error, run_cli
 
 from tedcache.cache.metadata import schema_markdown
 from tedcache.cli.main import app

@@ -9,7 +9,8 @@ import sys
 import datasets
 import numpy as np
 import pytest
-from conftest import make_model, sentiment_rows, write_rows
+from helpers.builders import documents, make_lm, make_model, sentiment_rows, write_rows, write_text
+from helpers.caches import assert_same_cache
 
 from tedcache.models import load_tokenizer
 
@@ -77,7 +78,6 @@ def test_lm_extraction_memory_stays_flat_as_the_corpus_grows_tenfold(tmp_path):
     move the peak by up to ~70 MB from run to run whatever the corpus, so both runs use one arena. The
     corpus is a datasets folder (memory-mapped as is): from a .txt file, datasets' first conversion to
     Arrow inside the run leaves ~50 MB more heap at 3.4M tokens (measured: peak 576 -> 625 MB)."""
-    from test_causal_lm import documents, make_lm
 
     teacher = make_lm(tmp_path / "teacher", "llama", layers=2)
     runs = {}
@@ -95,8 +95,6 @@ def test_lm_extraction_memory_stays_flat_as_the_corpus_grows_tenfold(tmp_path):
 
 
 def test_spooled_and_in_memory_tokens_give_the_same_cache(tmp_path, monkeypatch):
-    from test_causal_lm import documents, make_lm, write_text
-    from test_distributed import assert_same_cache
 
     from tedcache import DataConfig, ExtractConfig, FilterConfig, extract
     from tedcache import data as data_module

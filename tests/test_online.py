@@ -9,8 +9,7 @@ import math
 
 import pytest
 import torch
-from test_causal_lm import _extract as extract_lm
-from test_causal_lm import lm_assets  # noqa: F401 (a fixture)
+from helpers.caches import extract_lm
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract, reader
 from tedcache.cache import Cache

@@ -7,27 +7,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.builders import make_model, sentiment_rows, write_rows
+from helpers.caches import extract_classifier
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
 from tedcache.cache import Cache, CompactStates
 from tedcache.config import FilterConfig
 from tedcache.data import load_examples
-from tedcache.distillation import map_layers, stage2_step
+from tedcache.distillation import stage2_step
 from tedcache.errors import TedcacheError
 from tedcache.filters import FilterBank, FilterSpec
+from tedcache.layer_maps import map_layers
 from tedcache.losses import Stage2Loss
 from tedcache.models import load_classifier, load_tokenizer
 from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
 from tedcache.stage1 import train_filters
 from tedcache.teacher import teacher_targets
-
-
-def _extract(assets, tmp_path, **kw):
-    data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], test=[str(assets["test"])],
-                      max_length=24)
-    cfg = ExtractConfig(teacher=str(assets["teacher"]), data=data, cache_dir=str(tmp_path / "caches"),
-                        stage1=OptimConfig(epochs=1, lr=1e-3, batch_size=16), batch_size=16, shard_tokens=256, **kw)
-    return cfg, extract(cfg)
 
 
 def test_stage1_changes_only_filters_and_heads(assets):
@@ -51,7 +46,7 @@ def _teacher_bank(path) -> FilterBank:
 # relative RMS error bound of the stored states per precision
 @pytest.mark.parametrize("precision,bound", [("fp32", 0.0), ("fp16", 1e-3), ("bf16", 8e-3), ("int8", 2e-2)])
 def test_cache_round_trip_matches_live_teacher(assets, tmp_path, precision, bound):
-    cfg, path = _extract(assets, tmp_path, precision=precision)
+    cfg, path = extract_classifier(assets, tmp_path, precision=precision)
     cache = Cache(str(path))
     meta = cache.metadata
     assert meta.complete and meta.precision == precision and meta.layers == [0, 1, 2, 3]
@@ -89,7 +84,7 @@ def test_cache_round_trip_matches_live_teacher(assets, tmp_path, precision, boun
 
 
 def test_same_inputs_reuse_the_cache_and_different_inputs_do_not_collide(assets, tmp_path):
-    cfg, path = _extract(assets, tmp_path)
+    cfg, path = extract_classifier(assets, tmp_path)
     stamp = (Path(path) / "zarr.json").stat().st_mtime_ns
     assert extract(cfg) == path and (Path(path) / "zarr.json").stat().st_mtime_ns == stamp
     cfg.filters = FilterConfig(layers="every:2", dim=16)
@@ -99,7 +94,7 @@ def test_same_inputs_reuse_the_cache_and_different_inputs_do_not_collide(assets,
 
 
 def test_stage2_loss_on_cached_targets_equals_live_teacher(assets, tmp_path):
-    cfg, path = _extract(assets, tmp_path, precision="fp32")
+    cfg, path = extract_classifier(assets, tmp_path, precision="fp32")
     cache = Cache(str(path))
     teacher = load_classifier(str(assets["teacher"])).eval()
     bank_t = _teacher_bank(path).eval()
@@ -154,7 +149,6 @@ def test_layer_map_rules():
 
 
 def test_regression_end_to_end(tmp_path):
-    from conftest import make_model, sentiment_rows, write_rows
 
     teacher = make_model(tmp_path / "t", layers=2, hidden=32, num_labels=1)
     train = write_rows(tmp_path / "r.csv", sentiment_rows(48, seed=5, regression=True))
@@ -171,7 +165,7 @@ def test_regression_end_to_end(tmp_path):
 
 
 def test_online_mode_refuses_another_teacher(assets, tmp_path):
-    _, path = _extract(assets, tmp_path)
+    _, path = extract_classifier(assets, tmp_path)
     with pytest.raises(TedcacheError, match="not the teacher"):
         distill(DistillConfig(cache=path, student=str(assets["student"]), out=str(tmp_path / "o"),
                               teacher=str(assets["student"])))

@@ -3,12 +3,12 @@ spans, SQuAD json, best span across windows with the no-answer case, SQuAD EM/F1
 start/end logits, Stage I heads per token, KD over start and end, and one-line errors."""
 
 import json
-import random
 
 import numpy as np
 import pytest
 import torch
-from conftest import FILLER, NEGATIVE, POSITIVE, make_tokenizer, run_cli
+from helpers.builders import make_tokenizer, write_questions
+from helpers.commands import run_cli
 from transformers import BertConfig, BertForQuestionAnswering
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
@@ -22,28 +22,6 @@ from tedcache.models import load_tokenizer
 from tedcache.qa import answer_questions, best_span, squad_scores
 from tedcache.run_folder import PREDICTIONS_FILE
 from tedcache.students import init_student
-
-
-def question(rng: random.Random) -> dict:
-    """'which good ?' over filler words holding at most one run of positive words (the answer); about one
-    question in five has none (unanswerable)."""
-    words = rng.choices(FILLER + NEGATIVE, k=rng.randint(4, 24))
-    answer, starts = "", []
-    if rng.random() < 0.8:
-        answer = " ".join(rng.choices(POSITIVE, k=rng.randint(1, 2)))
-        at = rng.randint(0, len(words))
-        starts = [len(" ".join(words[:at])) + (1 if at else 0)]
-        words.insert(at, answer)
-    return {"question": "which good", "context": " ".join(words),
-            "answers": {"text": [answer] if answer else [], "answer_start": starts}}
-
-
-def write_questions(path, n: int, seed: int):
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for i in range(n):
-            f.write(json.dumps({"id": f"q{seed}-{i}", **question(rng)}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

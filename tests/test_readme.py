@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_model, sentiment_rows, write_rows
+from helpers.builders import make_model, sentiment_rows, write_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 

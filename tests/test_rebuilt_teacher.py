@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers.commands import run_cli
 from transformers import AutoModelForSequenceClassification
 
 from tedcache import (

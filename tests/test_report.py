@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import replace
 
 import pytest
-from conftest import run_cli
+from helpers.commands import run_cli
 from scipy import stats as scipy_stats
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, extract

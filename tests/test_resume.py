@@ -10,16 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, sentiment_rows, write_rows
+from helpers.builders import sentiment_rows, write_rows
+from helpers.caches import assert_same_cache
+from helpers.commands import MANY_UNITS, extract_args, run_cli
+from helpers.processes import children, gone
 
 from tedcache import DataConfig, ExtractConfig, OptimConfig, extract
 from tedcache.cache import Cache
 
 
 def _args(assets, data, cache_dir):
-    return ["extract", "--teacher", assets["teacher"], "--data", data, "--eval-data", assets["eval"],
-            "--max-length", "24", "--stage1-epochs", "0.2", "--shard-tokens", "64", "--batch-size", "8",
-            "--cache-dir", cache_dir]
+    return extract_args(assets, cache_dir, data=data, eval_data=assets["eval"], stage1_epochs=0.2, **MANY_UNITS)
 
 
 def _arrays(path: str) -> dict[str, np.ndarray]:
@@ -37,29 +38,10 @@ def _arrays(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _state_and_parent(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) from /proc/PID/stat (after the command's parentheses), None once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return fields[0], int(fields[1])
 
 
-def _children(pid: int) -> list[int]:
-    """Live processes whose parent is `pid`."""
-    return [int(p.name) for p in Path("/proc").glob("[0-9]*")
-            if (found := _state_and_parent(int(p.name))) and found[1] == pid and found[0] != "Z"]
 
 
-def _gone(pids: list[int], seconds: float = 10) -> bool:
-    """Whether every process in `pids` has ended (a zombie counts as ended) within `seconds`."""
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if all((found := _state_and_parent(pid)) is None or found[0] == "Z" for pid in pids):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.process
@@ -72,10 +54,10 @@ def test_an_idle_writer_process_dies_with_its_parent_killed_by_sigkill(assets, t
                                "print(writer.process.pid, flush=True)\n"
                                "time.sleep(120)", path], stdout=subprocess.PIPE, text=True)
     child = int(holder.stdout.readline())
-    assert _children(holder.pid) == [child]
+    assert children(holder.pid) == [child]
     holder.kill()
     holder.wait()
-    assert _gone([child]), "the writer waits on its queue after its parent died"
+    assert gone([child]), "the writer waits on its queue after its parent died"
 
 
 @pytest.mark.process
@@ -95,11 +77,11 @@ def test_sigkill_then_same_command_resumes_to_identical_values(assets, tmp_path)
             break
         time.sleep(0.05)
     assert proc.poll() is None, "extraction finished before it could be killed"
-    writers = _children(proc.pid)
+    writers = children(proc.pid)
     assert len(writers) == 1  # the cache writer process
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert _gone(writers), "the writer outlived its extraction"
+    assert gone(writers), "the writer outlived its extraction"
     cache_path = records[0].parents[2]
     done_before = {p.name: p.stat().st_mtime_ns for p in (cache_path / "units" / "train").glob("*.json")}
     assert run_cli("distill", "--cache", cache_path, "--student", assets["student"], "--out",
@@ -142,7 +124,6 @@ def test_stage1_killed_at_several_moments_resumes_to_the_uninterrupted_filters(a
     the last one and writes the uninterrupted extraction's cache: filters, Stage I's measurements and
     every array."""
     import torch
-    from test_distributed import assert_same_cache
 
     data = write_rows(tmp_path / "train.csv", sentiment_rows(400, seed=5))
     args = _args(assets, data, tmp_path / "killed")

@@ -16,7 +16,7 @@ import fsspec.config
 import numpy as np
 import pytest
 import s3fs
-from conftest import run_cli, run_cli_process
+from helpers.commands import run_cli, run_cli_process
 
 from tedcache.cache import Cache, object_store
 from tedcache.errors import TedcacheError

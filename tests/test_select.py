@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli
-from test_tune import cache  # noqa: F401 (a fixture)
+from helpers.commands import run_cli
 
 from tedcache.experiments.selection import decide
 from tedcache.run_folder import find_runs
@@ -27,8 +26,8 @@ def test_the_winner_is_what_no_method_beats_and_a_tie_goes_to_the_cheapest():
     assert decide(_summary(["ted", "kd"], {("ted", "kd"): "kd"}))[0] == "kd"
 
 
-def test_select_tunes_runs_judges_keeps_the_best_seed_and_resumes(assets, cache, tmp_path):  # noqa: F811
-    args = ["select", "--cache", cache, "--student", assets["student"], "--out", tmp_path / "select",
+def test_select_tunes_runs_judges_keeps_the_best_seed_and_resumes(assets, labelled_cache, tmp_path):
+    args = ["select", "--cache", labelled_cache, "--student", assets["student"], "--out", tmp_path / "select",
             "--methods", "kd,finetune", "--trials", "2", "--seeds", "1,2", "--batch-size", "16", "--stage1-epochs", "1",
             "--stage1-batch-size", "16", "--max-steps", "6"]
     first = run_cli(*args)

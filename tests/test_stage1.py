@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import FILLER, NEGATIVE, POSITIVE, make_tokenizer, write_rows
+from helpers.builders import FILLER, NEGATIVE, POSITIVE, make_tokenizer, write_rows
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from tedcache import DataConfig, ExtractConfig, FinetuneConfig, OptimConfig, TedcacheError, extract, finetune
@@ -134,6 +134,8 @@ def test_a_students_stage1_is_reused_by_runs_with_its_key_and_the_outcome_is_unc
     assert len(list((tmp_path / "stage1").iterdir())) == 1
     assert [any("reused" in line for line in logs[n]) for n in reports] == [False, False, True, True]
     assert ["reused" in reports[n]["phases"]["stage1"] for n in reports] == [False, False, True, True]
+    # a reused Stage I reports the seconds it took here (loading), and the training's own beside them
+    assert reports["reused"]["phases"]["stage1"]["trained_seconds"] == reports["first"]["phases"]["stage1"]["seconds"]
     for name in ("first", "reused"):
         for part in ("history", "eval", "best", "test"):
             assert reports[name][part] == reports["uncut"][part], (name, part)

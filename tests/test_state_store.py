@@ -14,7 +14,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from transformers import BertForSequenceClassification
+from helpers.builders import documents, make_lm, without_dropout, write_text
+from helpers.caches import assert_same_cache
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
 from tedcache.cache import Cache
@@ -24,18 +25,6 @@ from tedcache.models import load_causal_lm, load_classifier, load_tokenizer
 from tedcache.reader import ExamplesSource
 from tedcache.stage1 import train_filters
 from tedcache.state_store import in_order, store_states, stored_source
-
-
-def _without_dropout(folder, out, cls=BertForSequenceClassification, **zeros):
-    """A copy of the model in `folder` whose dropout probabilities are all 0 (so train mode = eval mode)."""
-    cls.from_pretrained(str(folder), **zeros).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (folder / name).exists():
-            shutil.copy(folder / name, out / name)
-    return out
-
-
-BERT_ZEROS = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def _both_ways(model, bank, source, evaluation, task, num_outputs, pad):
@@ -57,7 +46,7 @@ def _assert_same_training(live, live_bank, stored, stored_bank):
 
 
 def test_stored_states_train_the_filters_a_dropout_free_live_stage1_trains(assets, tmp_path):
-    folder = _without_dropout(assets["teacher"], tmp_path / "teacher", **BERT_ZEROS)
+    folder = without_dropout(assets["teacher"], tmp_path / "teacher")
     model = load_classifier(str(folder))
     tokenizer = load_tokenizer(str(folder))
     sources = [ExamplesSource(load_examples([str(assets[s])], DataConfig(train=[]), tokenizer, None, "--data",
@@ -68,7 +57,6 @@ def test_stored_states_train_the_filters_a_dropout_free_live_stage1_trains(asset
 
 
 def test_a_causal_lm_filters_on_stored_states_too(tmp_path):
-    from test_causal_lm import documents, make_lm, write_text
 
     folder = make_lm(tmp_path / "lm", "llama", layers=2)  # (Llama has no dropout by default)
     model = load_causal_lm(str(folder))
@@ -82,8 +70,8 @@ def test_a_causal_lm_filters_on_stored_states_too(tmp_path):
 
 
 def test_extract_and_distill_with_stored_states_match_live_ones_and_the_cache_says_which(assets, tmp_path):
-    teacher = _without_dropout(assets["teacher"], tmp_path / "teacher", **BERT_ZEROS)
-    student = _without_dropout(assets["student"], tmp_path / "student", **BERT_ZEROS)
+    teacher = without_dropout(assets["teacher"], tmp_path / "teacher")
+    student = without_dropout(assets["student"], tmp_path / "student")
     data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], max_length=24)
     base = ExtractConfig(teacher=str(teacher), data=data, cache_dir=str(tmp_path / "caches"), precision="fp32",
                          stage1=OptimConfig(epochs=2, lr=1e-2, batch_size=16), batch_size=16, shard_tokens=256)
@@ -134,8 +122,6 @@ def test_the_cache_pass_reads_from_the_store_what_the_teacher_computes(assets, t
     """Every unit of a stored-state extraction forgotten and recomputed by the teacher (as a resume after a
     kill does) gives the cache back bit for bit: the store was filled with the teacher pass's own batches.
     For a causal LM the logits are its output layer on the stored last layer (tapped here)."""
-    from test_causal_lm import documents, make_lm, write_text
-    from test_distributed import assert_same_cache
 
     from tedcache.cache import Problem, repair
     from tedcache.config import FilterConfig

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import run_cli
+from helpers.caches import stored_files
+from helpers.commands import run_cli
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
 from tedcache.cache import (
@@ -121,16 +122,12 @@ def test_verify_names_a_corrupt_shard_distill_refuses_and_repair_recomputes(asse
     assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
 
 
-def _stored_files(path: str) -> dict[str, bytes]:
-    """Every object of a cache but its metadata (which records the config, writer included, and timings)."""
-    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(Path(path).rglob("*"))
-            if f.is_file() and f.name != "zarr.json"}
 
 
 def test_a_writer_process_writes_the_cache_a_writer_thread_writes_byte_for_byte(assets, tmp_path):
     by_process = extract(_cfg(assets, tmp_path / "process", writer="process"))
     by_thread = extract(_cfg(assets, tmp_path / "thread", writer="thread"))
-    got, want = _stored_files(by_process), _stored_files(by_thread)
+    got, want = stored_files(by_process), stored_files(by_thread)
     assert len(want) > 20 and got.keys() == want.keys()
     assert [name for name in want if got[name] != want[name]] == []
     assert verify(by_process) == []

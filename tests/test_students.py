@@ -5,13 +5,14 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
-from test_causal_lm import documents, make_lm
+from helpers.builders import documents, make_lm
+from helpers.caches import extract_classifier
+from helpers.commands import run_cli
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from tedcache import DataConfig, DistillConfig, OptimConfig, TedcacheError, distill
 from tedcache.config import StudentConfig
-from tedcache.distillation import map_layers
+from tedcache.layer_maps import map_layers
 from tedcache.models import load_tokenizer
 from tedcache.students import COPIED_FROM, ORIGIN, init_student
 
@@ -196,9 +197,8 @@ def test_maps_that_follow_the_copy():
 
 def test_a_narrow_random_student_distils_from_a_wide_teacher_cache(assets, tmp_path):
     """Filters handle any student width: a 16-wide random student learns from the 48-wide teacher's cache."""
-    from test_pipeline import _extract
 
-    _, cache = _extract(assets, tmp_path)
+    _, cache = extract_classifier(assets, tmp_path)
     student = init_student(StudentConfig(source=str(assets["teacher"]), out=str(tmp_path / "r"), init="random",
                                          depth=2, width=16, heads=2))
     report = distill(DistillConfig(cache=str(cache), student=str(student), out=str(tmp_path / "run"), method="ted",

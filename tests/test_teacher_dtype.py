@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from helpers.builders import documents, make_lm, write_text
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, FilterConfig, OptimConfig, distill, extract
 from tedcache.cache import Cache
@@ -47,7 +48,6 @@ def test_stage1_and_online_mode_run_with_a_bf16_teacher(assets, tmp_path):
 
 
 def test_a_bf16_causal_lm_teacher_with_its_tied_head_and_hidden_logits(tmp_path):
-    from test_causal_lm import documents, make_lm, write_text
 
     teacher = make_lm(tmp_path / "teacher", "llama", layers=2)
     student = make_lm(tmp_path / "student", "llama", layers=1, seed=1)

@@ -7,7 +7,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import FILLER, NEGATIVE, POSITIVE, make_tokenizer, run_cli
+from helpers.builders import FILLER, NEGATIVE, POSITIVE, make_tokenizer
+from helpers.commands import run_cli
 from transformers import BertConfig, BertForTokenClassification
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract

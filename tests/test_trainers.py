@@ -6,11 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import make_model
-from test_causal_lm import _extract as _extract_lm
-from test_causal_lm import lm_assets  # noqa: F401 (a fixture)
-from test_distributed import _without_dropout
-from test_pipeline import _extract
+from helpers.builders import make_model, without_dropout
+from helpers.caches import extract_classifier, extract_lm
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import TrainingArguments
 
@@ -23,7 +20,7 @@ from tedcache.reader import CacheDataset, CacheSource, iterate_batches
 
 @pytest.fixture(scope="module")
 def ted_cache(assets, tmp_path_factory):
-    return _extract(assets, tmp_path_factory.mktemp("trainers"))[1]
+    return extract_classifier(assets, tmp_path_factory.mktemp("trainers"))[1]
 
 
 def _assert_same_batch(got: dict, want: dict) -> None:
@@ -75,7 +72,7 @@ def test_workers_and_a_distributed_sampler_cover_every_example_once(ted_cache):
 
 
 def test_the_dataset_carries_a_causal_lm_cache_s_sparse_rows(lm_assets, tmp_path):  # noqa: F811
-    _, cache = _extract_lm(lm_assets, tmp_path)
+    _, cache = extract_lm(lm_assets, tmp_path)
     dataset = CacheDataset(cache, "train")
     loader = DataLoader(dataset, batch_size=4, collate_fn=dataset.collate)
     batches = list(loader)
@@ -93,7 +90,7 @@ def _trainer_args(out, **extra) -> TrainingArguments:
 def test_the_trainer_trains_on_distill_s_losses(ted_cache, tmp_path):
     """No dropout, no clipping, no weight decay: both train the same student and filters on the same
     batches with AdamW and the linear schedule, so every step's loss terms agree to float rounding."""
-    student = str(_without_dropout(make_model(tmp_path / "student", layers=2, hidden=32, seed=1)))
+    student = str(without_dropout(make_model(tmp_path / "student", layers=2, hidden=32, seed=1)))
     stage1 = OptimConfig(epochs=1, lr=1e-3, batch_size=16)
     distill(DistillConfig(cache=ted_cache, student=student, out=str(tmp_path / "distill"), method="ted", seed=3,
                           optim=OptimConfig(epochs=3, lr=1e-3, batch_size=8, warmup_ratio=0.0, weight_decay=0.0),

@@ -14,31 +14,22 @@ from dataclasses import replace
 
 import pytest
 import yaml
-from conftest import run_cli
+from helpers.commands import run_cli
 
-from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, TuneConfig, extract, tune
+from tedcache import DistillConfig, OptimConfig, TuneConfig, tune
 from tedcache.errors import TedcacheError
 from tedcache.experiments.tune import STUDY_FILE
 
 
-@pytest.fixture(scope="module")
-def cache(assets, tmp_path_factory):
-    data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], test=[str(assets["test"])],
-                      max_length=24)
-    return extract(ExtractConfig(teacher=str(assets["teacher"]), data=data,
-                                 cache_dir=str(tmp_path_factory.mktemp("tune") / "c"),
-                                 stage1=OptimConfig(epochs=1, batch_size=16)))
-
-
-def _config(assets, cache, out, **kw) -> TuneConfig:
-    base = DistillConfig(cache=cache, student=str(assets["student"]), out=str(out), seed=3,
+def _config(assets, labelled_cache, out, **kw) -> TuneConfig:
+    base = DistillConfig(cache=labelled_cache, student=str(assets["student"]), out=str(out), seed=3,
                          optim=OptimConfig(batch_size=16), stage1=OptimConfig(epochs=1, batch_size=16), max_steps=6)
     return TuneConfig(base=base, **{"methods": ["kd", "ted"], "trials": 3, **kw})
 
 
-def test_tune_runs_each_method_the_same_number_of_trials_on_validation_only(assets, cache, tmp_path):
+def test_tune_runs_each_method_the_same_number_of_trials_on_validation_only(assets, labelled_cache, tmp_path):
     messages = []
-    summary = tune(_config(assets, cache, tmp_path / "t", pruner="none"), log=messages.append)
+    summary = tune(_config(assets, labelled_cache, tmp_path / "t", pruner="none"), log=messages.append)
     for method in ("kd", "ted"):
         result = summary["methods"][method]
         assert result["finished"] == 3 and result["pruned"] == 0
@@ -71,8 +62,8 @@ def test_tune_runs_each_method_the_same_number_of_trials_on_validation_only(asse
     assert trial["method"] == "ted" and (trial["optim"]["lr"], trial["kl_alpha"]) == (kd["optim"]["lr"], kd["kl_alpha"])
 
 
-def test_a_trial_over_several_seeds_scores_their_mean_and_searches_only_what_is_asked(assets, cache, tmp_path):
-    cfg = _config(assets, cache, tmp_path / "t", methods=["kd"], trials=2, pruner="none", seeds=[3, 4],
+def test_a_trial_over_several_seeds_scores_their_mean_and_searches_only_what_is_asked(assets, labelled_cache, tmp_path):
+    cfg = _config(assets, labelled_cache, tmp_path / "t", methods=["kd"], trials=2, pruner="none", seeds=[3, 4],
                   search=["optim.lr"])
     result = tune(cfg, log=lambda *_: None)["methods"]["kd"]
     assert set(result["best_params"]) == {"optim.lr"}
@@ -92,8 +83,8 @@ def test_a_trial_over_several_seeds_scores_their_mean_and_searches_only_what_is_
         tune(replace(cfg, search=["mse_alpha"]), log=lambda *_: None)
 
 
-def test_a_finished_study_is_kept_and_a_foreign_one_refused(assets, cache, tmp_path):
-    cfg = _config(assets, cache, tmp_path / "t", methods=["kd"], trials=2, pruner="none")
+def test_a_finished_study_is_kept_and_a_foreign_one_refused(assets, labelled_cache, tmp_path):
+    cfg = _config(assets, labelled_cache, tmp_path / "t", methods=["kd"], trials=2, pruner="none")
     tune(cfg, log=lambda *_: None)
     messages = []
     tune(cfg, log=messages.append)
@@ -101,15 +92,15 @@ def test_a_finished_study_is_kept_and_a_foreign_one_refused(assets, cache, tmp_p
     changed = replace(cfg, base=replace(cfg.base, temperature=4.0))
     with pytest.raises(TedcacheError, match="another teacher recipe, data, cached layers, settings or search space"):
         tune(changed, log=lambda *_: None)
-    result = run_cli("tune", "--cache", cache, "--student", assets["student"], "--out", tmp_path / "t",
+    result = run_cli("tune", "--cache", labelled_cache, "--student", assets["student"], "--out", tmp_path / "t",
                      "--methods", "kd", "--trials", "2", "--pruner", "none", "--temperature", "4", "--max-steps", "6")
     assert result.returncode != 0 and "Traceback" not in result.stderr and "another teacher recipe" in result.stderr
 
 
 @pytest.mark.process
-def test_a_killed_tune_resumes_and_retries_the_trial_it_was_running(assets, cache, tmp_path):
+def test_a_killed_tune_resumes_and_retries_the_trial_it_was_running(assets, labelled_cache, tmp_path):
     out = tmp_path / "t"
-    args = ["tune", "--cache", cache, "--student", assets["student"], "--out", out, "--methods", "kd",
+    args = ["tune", "--cache", labelled_cache, "--student", assets["student"], "--out", out, "--methods", "kd",
             "--trials", "3", "--pruner", "none", "--max-steps", "40", "--batch-size", "8", "--seed", "3"]
     process = subprocess.Popen([sys.executable, "-m", "tedcache.cli.main", *map(str, args)], stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -133,9 +124,9 @@ def test_a_killed_tune_resumes_and_retries_the_trial_it_was_running(assets, cach
 
 
 @pytest.mark.process
-def test_two_processes_share_one_study(assets, cache, tmp_path):
+def test_two_processes_share_one_study(assets, labelled_cache, tmp_path):
     out = tmp_path / "t"
-    args = ["tune", "--cache", cache, "--student", assets["student"], "--out", out, "--methods", "kd",
+    args = ["tune", "--cache", labelled_cache, "--student", assets["student"], "--out", out, "--methods", "kd",
             "--trials", "4", "--pruner", "none", "--max-steps", "6", "--batch-size", "16"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     workers = [subprocess.Popen([sys.executable, "-m", "tedcache.cli.main", *map(str, args)], stderr=subprocess.PIPE,

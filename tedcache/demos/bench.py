@@ -25,11 +25,12 @@ from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForSequenceC
 
 from ..cache import Cache
 from ..config import DataConfig, ExtractConfig, FilterConfig, StudentConfig
-from ..distillation import map_layers, stage2_step
+from ..distillation import stage2_step
 from ..distributed import peak_memory_mb, pick_device
 from ..errors import note
 from ..extraction import extract, load_splits, stored_units
 from ..filters import FilterBank, FilterSpec
+from ..layer_maps import map_layers
 from ..losses import Stage2Loss, task_loss
 from ..models import load_classifier, load_for_task, load_tokenizer
 from ..reader import CacheBatches, ExamplesSource, iterate_batches, prefetch, to_device
