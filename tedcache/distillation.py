@@ -27,14 +27,14 @@ from .errors import TedcacheError, note
 from .evaluate import PRIMARY_METRIC, evaluate, predictions, score, task_validation
 from .filters import FilterBank, FilterSpec
 from .layer_maps import LAYER_MAP_RULES, map_layers
-from .loop import Checkpoint, fit
+from .loop import Checkpoint, Phase, Runtime, fit
 from .losses import Stage2Loss, method_weights
 from .models import load_for_task, load_tokenizer, vocab_hash, weights_hash
 from .qa import answer_questions, best_span
 from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
 from .run_folder import save_run
 from .schema import check_choices
-from .stage1 import describe_filters, keep_filters, stored_filters, train_filters
+from .stage1 import FilterTraining, describe_filters, keep_filters, stored_filters, train_filters
 from .state_store import in_order, stored_source
 from .students import copied_from
 from .taps import forward_with_taps, hidden_size, model_parts, num_layers, parse_layers
@@ -264,10 +264,10 @@ def before_stage2(run: DistillRun) -> dict:
         ft_cfg = replace(cfg.optim, epochs=cfg.finetune_first)
         task_only = Stage2Loss(run.task, "finetune").to(run.device)
         phases["finetune_first"] = fit(
-            [student],
-            lambda e: iterate_batches(labels_only, ft_cfg.batch_size, pad_id, True, cfg.seed, e),
-            num_batches(labels_only, ft_cfg.batch_size), lambda b: stage2_step(student, task_only, b),
-            ft_cfg, "fine-tune student first", device=run.device, autocast=run.autocast)
+            Phase([student], lambda e: iterate_batches(labels_only, ft_cfg.batch_size, pad_id, True, cfg.seed, e),
+                  num_batches(labels_only, ft_cfg.batch_size), lambda b: stage2_step(student, task_only, b),
+                  ft_cfg, "fine-tune student first"),
+            Runtime(device=run.device, autocast=run.autocast))
     if cfg.method == "ted":
         phases["stage1"] = _student_stage1(run, labels_only)
         run.log(describe_filters(phases["stage1"]["filters"]))
@@ -296,9 +296,9 @@ def _student_stage1(run: DistillRun, labels_only: CacheSource) -> dict:
         source, evaluation = (s if s is None else stored_source(student, s, bank.spec.layers, run.task,
                                                                in_order(s, cfg.stage1.batch_size, pad_id))
                               for s in (source, evaluation))
-    result = train_filters(student, bank, source, run.task, run.meta.num_outputs, cfg.stage1, pad_id, cfg.seed,
-                           desc="stage I (student filters)", lm_head=run.meta.lm_head or "tied", eval_source=evaluation,
-                           checkpoint=run.checkpoint.part("stage1"))
+    training = FilterTraining(run.task, run.meta.num_outputs, cfg.stage1, pad_id, cfg.seed, run.meta.lm_head or "tied",
+                              "stage I (student filters)")
+    result = train_filters(student, bank, source, training, evaluation, checkpoint=run.checkpoint.part("stage1"))
     if cfg.reuse_stage1 and run.procs.main:
         keep_filters(STAGE1_STORE, key, bank, result)
     return result
@@ -339,11 +339,10 @@ def train(run: DistillRun, on_eval=None) -> dict:
     reset_peak_memory(run.device)
     per_epoch = num_batches(CacheSource(run.cache.split("train")), cfg.optim.batch_size, procs.size, cfg.shard_reads,
                             cfg.workers)
-    return fit(modules, epoch_batches, per_epoch, loss_fn, cfg.optim,
-               f"stage II ({cfg.method}{', online' if live else ''})",
-               validation=task_validation(validate, task, cfg.eval_every) if eval_split is not None else None,
-               max_steps=cfg.max_steps, log_every=cfg.log_every, device=run.device, autocast=run.autocast,
-               processes=procs, checkpoint=run.checkpoint)
+    return fit(Phase(modules, epoch_batches, per_epoch, loss_fn, cfg.optim,
+                     f"stage II ({cfg.method}{', online' if live else ''})"),
+               Runtime(task_validation(validate, task, cfg.eval_every) if eval_split is not None else None,
+                       cfg.max_steps, cfg.log_every, run.device, run.autocast, procs, run.checkpoint))
 
 
 class EpochLoader(DataLoader):

@@ -50,7 +50,7 @@ from .models import (
 from .reader import ExamplesSource, iterate_batches, to_device
 from .run_folder import METRICS_FILE
 from .schema import check_choices, to_dict
-from .stage1 import describe_filters, train_filters
+from .stage1 import FilterTraining, describe_filters, train_filters
 from .state_store import StateStore, StoredSource, in_order, stored_source
 from .taps import hidden_size, model_parts, num_layers, parse_layers
 from .teacher import teacher_targets
@@ -355,10 +355,9 @@ def _train_teacher_filters(teacher, spec: FilterSpec, splits: dict[str, Examples
         source, evaluation = stored["train"], stored.get("eval")
         log(f"stage I reads the teacher's states stored once ({sum(s.store.nbytes for s in stored.values()) / 2**20:.0f}"
             f" MiB in {tempfile.gettempdir()}, --stage1-states stored)")
-    result = train_filters(teacher, bank, source, metadata.task, metadata.num_outputs or 1,
-                           cfg.stage1, metadata.pad_token_id, cfg.seed, desc="stage I (teacher filters)",
-                           lm_head=cfg.filters.lm_head, eval_source=evaluation, processes=procs,
-                           checkpoint=checkpoint)
+    training = FilterTraining(metadata.task, metadata.num_outputs or 1, cfg.stage1, metadata.pad_token_id, cfg.seed,
+                              cfg.filters.lm_head, "stage I (teacher filters)")
+    result = train_filters(teacher, bank, source, training, evaluation, procs, checkpoint)
     teacher.eval()
     log(describe_filters(result["filters"]))
     # a causal LM's logits are its output layer on the last layer's state: stored when that layer is tapped

@@ -13,7 +13,7 @@ from .config import FinetuneConfig
 from .data import load_blocks, load_examples
 from .errors import note
 from .evaluate import evaluate, task_validation
-from .loop import fit
+from .loop import Phase, Runtime, fit
 from .losses import lm_loss, task_loss
 from .models import load_for_task, load_tokenizer, pad_id, source_hash, tokenizer_hash
 from .reader import ExamplesSource, iterate_batches, num_batches
@@ -57,10 +57,9 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
         return evaluate(model, iterate_batches(ExamplesSource(evaluation), 64, pad), task, label_names=label_names,
                         questions=evaluation.questions)
 
-    result = fit([model],
-                 lambda e: iterate_batches(source, cfg.optim.batch_size, pad, True, cfg.seed, e),
-                 num_batches(source, cfg.optim.batch_size), loss_fn, cfg.optim, "fine-tune",
-                 validation=task_validation(evaluate_model, task) if evaluation is not None else None)
+    result = fit(Phase([model], lambda e: iterate_batches(source, cfg.optim.batch_size, pad, True, cfg.seed, e),
+                       num_batches(source, cfg.optim.batch_size), loss_fn, cfg.optim, "fine-tune"),
+                 Runtime(task_validation(evaluate_model, task) if evaluation is not None else None))
     report = {"method": "finetune", "config": asdict(cfg), "recipe": recipe(cfg, tokenizer, train, evaluation),
               "task": task, "label_names": label_names,
               "history": result["history"], "eval": result["evals"], "best": result["best"],

@@ -152,101 +152,156 @@ class LoopState:
                 "evals": self.evals, "best": self.best, "stale": self.stale}
 
 
-def fit(modules: list[torch.nn.Module], epoch_batches: Callable[[int], Iterable],
-        batches_per_epoch: int, loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], cfg: OptimConfig, desc: str,
-        validation: Validation | None = None, max_steps: int | None = None, log_every: int = 10,
-        device: torch.device = torch.device("cpu"), autocast: bool = False, processes: Processes = ALONE,
-        checkpoint: Checkpoint | None = None) -> dict:
-    """AdamW + linear warm-up/decay over `cfg.epochs` (fractions allowed) of `epoch_batches(epoch)`; an
-    optimiser step takes `cfg.grad_accum` micro-batches (and, with several processes, one from each: the
-    modules are wrapped in DDP, or sharded by FSDP). What trains is every parameter of `modules` that
-    requires a gradient. `loss_fn` gets each batch with its "share" (see batch_shares) and the number of
-    the optimiser step it is part of ("step", from 1).
+@dataclass
+class Phase:
+    """One training phase: its modules (every parameter that requires a gradient trains), the batches of each
+    epoch and how many an epoch has, a batch's loss and logged terms, the optimiser's settings, and the
+    progress bar's name."""
 
-    `modules` are put in train mode; with `validation` (see Validation), the state of the trained ones
+    modules: list[torch.nn.Module]
+    epoch_batches: Callable[[int], Iterable]
+    batches_per_epoch: int
+    loss_fn: Callable[[dict], tuple[torch.Tensor, dict]]
+    optim: OptimConfig
+    desc: str
+
+
+@dataclass
+class Runtime:
+    """How a phase runs: validated (its best state kept), cut at `max_steps`, its loss logged every
+    `log_every` steps, on `device` (bf16 forward passes with `autocast`), over `processes`, checkpointed."""
+
+    validation: Validation | None = None
+    max_steps: int | None = None
+    log_every: int = 10
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast: bool = False
+    processes: Processes = ALONE
+    checkpoint: Checkpoint | None = None
+
+
+def fit(phase: Phase, runtime: Runtime = Runtime()) -> dict:
+    """AdamW + linear warm-up/decay over `phase.optim.epochs` (fractions allowed) of the phase's batches; an
+    optimiser step takes `grad_accum` micro-batches (and, with several processes, one from each: the modules
+    are wrapped in DDP, or sharded by FSDP). `loss_fn` gets each batch with its "share" (see batch_shares) and
+    the number of the optimiser step it is part of ("step", from 1).
+
+    The modules are put in train mode; with a validation (see Validation), the state of the trained ones
     (those with a parameter that requires a gradient: a frozen backbone is neither copied nor saved) at
-    the best validation is restored at the end. With `checkpoint`, the loop's state is saved every
+    the best validation is restored at the end. With a checkpoint, the loop's state is saved every
     `checkpoint.every` steps (0: each epoch) and a saved one is resumed. Batches are read ahead in a
-    background thread and moved to `device`; `autocast` runs the forward passes in bf16. Returns
-    {"history": [...loss terms, averaged over processes...], "evals": [...], "best": {...}, "steps",
-    "stopped_early", "seconds": s, "median_step_s": median wall time of an optimiser step in this process
-    since it started, waiting for batches included, "data_wait_share": the share of those steps' time spent
-    waiting for batches (the reader's, and on a GPU the copies', part that the prefetch did not hide)}."""
-    accum = max(1, cfg.grad_accum)
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / accum))
-    total = max(1, math.ceil(cfg.epochs * steps_per_epoch)) if cfg.epochs > 0 else 0
-    if max_steps is not None:
-        total = min(total, max_steps)
-    model = processes.wrap(LossModule(modules, loss_fn))
-    # taken after wrapping: FSDP replaces the parameters with sharded ones
-    params = [p for p in model.parameters() if p.requires_grad]
-    trained = [m for m in modules if any(p.requires_grad for p in m.parameters())]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    state = _resume(checkpoint, model, trained, optimizer, schedule, processes)
-    started = time.perf_counter() - state.seconds
-    bar = tqdm(total=total, initial=state.step, desc=desc, leave=False, disable=None if processes.main else True)
+    background thread and moved to the device. Returns {"history": [...loss terms, averaged over
+    processes...], "evals": [...], "best": {...}, "steps", "stopped_early", "seconds": s, "median_step_s":
+    median wall time of an optimiser step in this process since it started, waiting for batches included,
+    "data_wait_share": the share of those steps' time spent waiting for batches (the reader's, and on a GPU
+    the copies', part that the prefetch did not hide)}."""
+    run = _Fitting(phase, runtime)
+    while run.state.step < run.total:
+        run.epoch()
+        if run.patience_spent():
+            break
+        if runtime.checkpoint is not None and not runtime.checkpoint.every and run.state.step < run.total:
+            run.save_checkpoint()
+    return run.finish()
 
-    def validate():
-        _validate(validation, state, modules, trained, steps_per_epoch, processes)
 
-    def save_checkpoint():
-        # collectives, which every process takes part in: the generators, and under FSDP the whole states
-        rng = processes.gather(torch.get_rng_state())
-        modules_state = [processes.state_of(m) for m in trained]
-        optimizer_state = processes.optimizer_state(model, optimizer)
-        if processes.main:
-            checkpoint.save({"modules": modules_state, "optimizer": optimizer_state,
-                             "schedule": schedule.state_dict(), "loop": state.progress(),
-                             "best_state": state.best_state, "rng": rng, "seconds": time.perf_counter() - started})
-        processes.barrier()
+class _Fitting:
+    """fit's working state: the wrapped model, its optimiser and schedule, the loop's progress."""
 
-    def patience_spent() -> bool:
-        return validation is not None and bool(cfg.patience) and state.stale >= cfg.patience
+    def __init__(self, phase: Phase, runtime: Runtime):
+        self.phase, self.runtime, cfg = phase, runtime, phase.optim
+        self.accum = max(1, cfg.grad_accum)
+        self.steps_per_epoch = max(1, math.ceil(phase.batches_per_epoch / self.accum))
+        total = max(1, math.ceil(cfg.epochs * self.steps_per_epoch)) if cfg.epochs > 0 else 0
+        self.total = total if runtime.max_steps is None else min(total, runtime.max_steps)
+        self.model = runtime.processes.wrap(LossModule(phase.modules, phase.loss_fn))
+        # taken after wrapping: FSDP replaces the parameters with sharded ones
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.trained = [m for m in phase.modules if any(p.requires_grad for p in m.parameters())]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.schedule = get_linear_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * self.total), self.total)
+        self.state = _resume(runtime.checkpoint, self.model, self.trained, self.optimizer, self.schedule,
+                             runtime.processes)
+        self.started = time.perf_counter() - self.state.seconds
+        self.bar = tqdm(total=self.total, initial=self.state.step, desc=phase.desc, leave=False,
+                        disable=None if runtime.processes.main else True)
 
-    while state.step < total:
-        for m in modules:
+    def epoch(self) -> None:
+        """The rest of the current epoch (a resumed one skips the micro-batches trained on), then its validation."""
+        state, runtime = self.state, self.runtime
+        for m in self.phase.modules:
             m.train()
-        batches = prefetch(epoch_batches(state.epoch), device)
-        for _ in range(state.consumed):  # resumed mid-epoch: these micro-batches were trained on
+        batches = prefetch(self.phase.epoch_batches(state.epoch), runtime.device)
+        for _ in range(state.consumed):
             next(batches)
         tick, waited = time.perf_counter(), [0.0]
-        for micro in _groups(_timed(batches, waited), accum):
-            loss, terms = _step(model, micro, optimizer, schedule, state.step + 1, device, autocast, processes)
+        for micro in _groups(_timed(batches, waited), self.accum):
+            loss, terms = _step(self.model, micro, self.optimizer, self.schedule, state.step + 1, runtime.device,
+                                runtime.autocast, runtime.processes)
             state.step_seconds.append(time.perf_counter() - tick)  # waiting for data included
             state.wait_seconds.append(waited[0])
             waited[0] = 0.0
             state.step += 1
             state.consumed += len(micro)
-            bar.update(1)
-            if state.step % log_every == 0 or state.step == total:
-                state.history.append(_logged(state.step, loss, terms, processes))
-                bar.set_postfix(loss=f"{state.history[-1]['loss']:.4f}")
-            if validation is not None and validation.every and state.step % validation.every == 0:
-                validate()
-            if checkpoint is not None and checkpoint.every and state.step % checkpoint.every == 0 and state.step < total:
-                save_checkpoint()
-            if state.step >= total or patience_spent():
+            self.after_step(loss, terms)
+            if state.step >= self.total or self.patience_spent():
                 break
             tick = time.perf_counter()  # (validations and checkpoints are not part of a step)
         state.epoch += 1
         state.consumed = 0
-        if validation is not None and not validation.every and (state.step % steps_per_epoch == 0 or state.step >= total):
-            validate()
-        if patience_spent():
-            break
-        if checkpoint is not None and not checkpoint.every and state.step < total:
-            save_checkpoint()
-    bar.close()
-    if validation is not None and not patience_spent() and (not state.evals or state.evals[-1]["step"] != state.step):
-        validate()
-    if state.best_state is not None:
-        for m, saved in zip(trained, state.best_state):
-            processes.load_state(m, saved)
-    return {"history": state.history, "evals": state.evals, "best": state.best, "steps": state.step,
-            "stopped_early": state.step < total, "seconds": time.perf_counter() - started,
-            "median_step_s": float(np.median(state.step_seconds)) if state.step_seconds else None,
-            "data_wait_share": sum(state.wait_seconds) / sum(state.step_seconds) if state.step_seconds else None}
+        validation = runtime.validation
+        if validation is not None and not validation.every and (state.step % self.steps_per_epoch == 0
+                                                                or state.step >= self.total):
+            self.validate()
+
+    def after_step(self, loss: torch.Tensor, terms: dict) -> None:
+        """Log, validate and checkpoint where the runtime asks for it after this step."""
+        state, runtime = self.state, self.runtime
+        self.bar.update(1)
+        if state.step % runtime.log_every == 0 or state.step == self.total:
+            state.history.append(_logged(state.step, loss, terms, runtime.processes))
+            self.bar.set_postfix(loss=f"{state.history[-1]['loss']:.4f}")
+        if runtime.validation is not None and runtime.validation.every and state.step % runtime.validation.every == 0:
+            self.validate()
+        checkpoint = runtime.checkpoint
+        if checkpoint is not None and checkpoint.every and state.step % checkpoint.every == 0 and state.step < self.total:
+            self.save_checkpoint()
+
+    def validate(self) -> None:
+        _validate(self.runtime.validation, self.state, self.phase.modules, self.trained, self.steps_per_epoch,
+                  self.runtime.processes)
+
+    def patience_spent(self) -> bool:
+        patience = self.phase.optim.patience
+        return self.runtime.validation is not None and bool(patience) and self.state.stale >= patience
+
+    def save_checkpoint(self) -> None:
+        # collectives, which every process takes part in: the generators, and under FSDP the whole states
+        processes = self.runtime.processes
+        rng = processes.gather(torch.get_rng_state())
+        modules_state = [processes.state_of(m) for m in self.trained]
+        optimizer_state = processes.optimizer_state(self.model, self.optimizer)
+        if processes.main:
+            self.runtime.checkpoint.save({"modules": modules_state, "optimizer": optimizer_state,
+                                          "schedule": self.schedule.state_dict(), "loop": self.state.progress(),
+                                          "best_state": self.state.best_state, "rng": rng,
+                                          "seconds": time.perf_counter() - self.started})
+        processes.barrier()
+
+    def finish(self) -> dict:
+        """A last validation where the last step had none, the best state restored; fit's result."""
+        state = self.state
+        self.bar.close()
+        if self.runtime.validation is not None and not self.patience_spent() and \
+                (not state.evals or state.evals[-1]["step"] != state.step):
+            self.validate()
+        if state.best_state is not None:
+            for m, saved in zip(self.trained, state.best_state):
+                self.runtime.processes.load_state(m, saved)
+        return {"history": state.history, "evals": state.evals, "best": state.best, "steps": state.step,
+                "stopped_early": state.step < self.total, "seconds": time.perf_counter() - self.started,
+                "median_step_s": float(np.median(state.step_seconds)) if state.step_seconds else None,
+                "data_wait_share": sum(state.wait_seconds) / sum(state.step_seconds) if state.step_seconds else None}
 
 
 def _resume(checkpoint: Checkpoint | None, model: torch.nn.Module, trained: list[torch.nn.Module], optimizer,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from .config import OptimConfig
 from .distributed import ALONE, Processes
 from .errors import TedcacheError
 from .filters import FilterBank, LMHead, SequenceHead, TokenHead
-from .loop import Checkpoint, Validation, fit
+from .loop import Checkpoint, Phase, Runtime, Validation, fit
 from .losses import labelled, labels_or_teacher, lm_loss, task_loss
 from .models import input_device
 from .reader import iterate_batches, num_batches, to_device
@@ -23,20 +24,34 @@ from .state_store import frozen_forward
 from .taps import in_own_dtype, is_decoder_only, model_parts
 
 
-def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, cfg: OptimConfig, pad_id: int,
-                  seed: int, desc: str = "stage I", lm_head: str = "tied", eval_source=None,
+@dataclass
+class FilterTraining:
+    """What Stage I trains the filters for and how: the task and its outputs per example (classes, 1 for
+    regression, 2 per token for question answering), the optimiser, the padding id, the seed, a causal LM's
+    head kind (see LMHead), and the progress bar's name."""
+
+    task: str
+    num_outputs: int | None
+    optim: OptimConfig
+    pad_id: int
+    seed: int
+    lm_head: str = "tied"
+    desc: str = "stage I"
+
+
+def train_filters(model, bank: FilterBank, source, training: FilterTraining, eval_source=None,
                   processes: Processes = ALONE, checkpoint: Checkpoint | None = None) -> dict:
     """Train `bank` in place; only filter and head weights change. The loss is the mean over filters of
-    each head's task loss (causal-lm: next-token loss through an `lm_head` head, see LMHead). Sources
-    made by `state_store.stored_source` bring the frozen backbone's states with every batch; otherwise
-    the backbone runs at every step in train mode (dropout on), as in the reference, without autograd
-    since nothing in it is trained. With `eval_source`, the filters are scored after every epoch, training
-    stops once their mean validation loss has not improved for `cfg.patience` epochs, and the best
-    filters are kept. `cfg.epochs` 0 leaves them untrained (the ablation).
+    each head's task loss (causal-lm: next-token loss through an LM head, see LMHead). Sources made by
+    `state_store.stored_source` bring the frozen backbone's states with every batch; otherwise the
+    backbone runs at every step in train mode (dropout on), as in the reference, without autograd since
+    nothing in it is trained. With `eval_source`, the filters are scored after every epoch, training stops
+    once their mean validation loss has not improved for `patience` epochs, and the best filters are kept.
+    0 epochs leave them untrained (the ablation).
 
     With several `processes` (all calling this), filters and heads train under DDP at the same global
-    batch (`cfg.batch_size`, each process a contiguous part of it, as one process would form it): the
-    same training as one process up to float rounding and dropout, whose draws are each process's own.
+    batch (the optimiser's batch size, each process a contiguous part of it, as one process would form it):
+    the same training as one process up to float rounding and dropout, whose draws are each process's own.
     Every process scores the whole `eval_source`, so all stop at the same epoch.
 
     With `checkpoint`, the filters, heads, optimiser, schedule, data position and generators are saved
@@ -44,19 +59,12 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
 
     Returns fit's result plus "filters": each filter's metrics (see filter_metrics) on `eval_source`,
     else on the training data, with the split they were measured on and the steps trained."""
+    task, cfg, seed, pad_id = training.task, training.optim, training.seed, training.pad_id
     if cfg.batch_size % processes.size:
         raise TedcacheError(f"--stage1-batch-size ({cfg.batch_size}) must be a multiple of the number of "
                             f"processes ({processes.size}): Stage I trains at that global batch")
     torch.manual_seed(seed)
-    dim = bank.spec.out_dim
-    last_token = is_decoder_only(model)
-    if task == "causal-lm":
-        heads = nn.ModuleList(LMHead(dim, model_parts(model).head, lm_head) for _ in bank.spec.layers)
-    elif task in ("token-classification", "question-answering"):  # QA: start and end logits per token
-        heads = nn.ModuleList(TokenHead(dim, num_outputs, head_dropout(model.config)) for _ in bank.spec.layers)
-    else:
-        heads = nn.ModuleList(SequenceHead(dim, num_outputs, last_token, head_dropout(model.config))
-                              for _ in bank.spec.layers)
+    heads = _heads(model, bank, training)
     model.requires_grad_(False)
 
     def loss_fn(batch):
@@ -77,17 +85,29 @@ def train_filters(model, bank: FilterBank, source, task: str, num_outputs: int, 
     per_process, place = cfg.batch_size // processes.size, (processes.rank, processes.size)
     if processes.size > 1:  # the backbone's dropout: each process its own draws (one keeps the seeding above)
         processes.seed(seed)
-    result = fit([model, bank, heads],
-                 lambda epoch: iterate_batches(source, per_process, pad_id, shuffle=True, seed=seed, epoch=epoch,
-                                               process=place),
-                 num_batches(source, per_process, processes.size), loss_fn, cfg, desc, device=device,
-                 validation=Validation(measure, "loss", lower_is_better=True) if eval_source is not None else None,
-                 processes=processes, checkpoint=checkpoint)
+    result = fit(Phase([model, bank, heads],
+                       lambda epoch: iterate_batches(source, per_process, pad_id, shuffle=True, seed=seed, epoch=epoch,
+                                                     process=place),
+                       num_batches(source, per_process, processes.size), loss_fn, cfg, training.desc),
+                 Runtime(Validation(measure, "loss", lower_is_better=True) if eval_source is not None else None,
+                         device=device, processes=processes, checkpoint=checkpoint))
     final = result["best"] if eval_source is not None else measure()
     model.train()
     result["filters"] = {"split": "eval" if eval_source is not None else "train", "steps": result["steps"],
                          "stopped_early": result["stopped_early"], "metrics": final}
     return result
+
+
+def _heads(model, bank: FilterBank, training: FilterTraining) -> nn.ModuleList:
+    """One throw-away head per filter: the model's own output layer behind a causal LM's, a token head
+    (question answering: start and end logits per token), else a sequence head."""
+    dim, layers = bank.spec.out_dim, bank.spec.layers
+    if training.task == "causal-lm":
+        return nn.ModuleList(LMHead(dim, model_parts(model).head, training.lm_head) for _ in layers)
+    if training.task in ("token-classification", "question-answering"):
+        return nn.ModuleList(TokenHead(dim, training.num_outputs, head_dropout(model.config)) for _ in layers)
+    last_token = is_decoder_only(model)
+    return nn.ModuleList(SequenceHead(dim, training.num_outputs, last_token, head_dropout(model.config)) for _ in layers)
 
 
 def head_dropout(config) -> float:

@@ -26,7 +26,7 @@ from tedcache.filters import FilterBank, FilterSpec
 from tedcache.losses import Stage2Loss, hidden_kd_loss, kd_loss
 from tedcache.models import load_causal_lm, load_tokenizer
 from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
-from tedcache.stage1 import train_filters
+from tedcache.stage1 import FilterTraining, train_filters
 from tedcache.taps import final_norm, forward_with_taps
 from tedcache.teacher import LiveTargets
 
@@ -71,9 +71,8 @@ def test_stage1_lm_heads_train_only_filters(lm_assets, family, head):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(0)
     bank = FilterBank(FilterSpec([1, 3], 32, 24))
-    result = train_filters(model, bank, ExamplesSource(blocks), "causal-lm", None,
-                           OptimConfig(epochs=4, lr=1e-2, batch_size=8), 0, 42, lm_head=head,
-                           eval_source=ExamplesSource(blocks))
+    training = FilterTraining("causal-lm", None, OptimConfig(epochs=4, lr=1e-2, batch_size=8), 0, 42, lm_head=head)
+    result = train_filters(model, bank, ExamplesSource(blocks), training, eval_source=ExamplesSource(blocks))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the tied embedding included
     history = result["history"]
     assert set(history[0]) >= {"layer_1", "layer_3"}

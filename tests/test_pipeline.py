@@ -21,7 +21,7 @@ from tedcache.layer_maps import map_layers
 from tedcache.losses import Stage2Loss
 from tedcache.models import load_classifier, load_tokenizer
 from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
-from tedcache.stage1 import train_filters
+from tedcache.stage1 import FilterTraining, train_filters
 from tedcache.teacher import teacher_targets
 
 
@@ -33,8 +33,8 @@ def test_stage1_changes_only_filters_and_heads(assets):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     bank = FilterBank(FilterSpec([1, 3], 48, 40))
     bank_before = [p.detach().clone() for p in bank.parameters()]
-    train_filters(model, bank, ExamplesSource(examples), "classification", 2,
-                  OptimConfig(epochs=1, lr=1e-2, batch_size=16), tokenizer.pad_token_id, 42)
+    train_filters(model, bank, ExamplesSource(examples),
+                  FilterTraining("classification", 2, OptimConfig(epochs=1, lr=1e-2, batch_size=16), tokenizer.pad_token_id, 42))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(not torch.equal(a, b) for a, b in zip(bank_before, bank.parameters()))
 

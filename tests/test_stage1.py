@@ -17,7 +17,7 @@ from tedcache.data import load_examples
 from tedcache.filters import FilterBank, FilterSpec
 from tedcache.models import load_classifier, load_tokenizer
 from tedcache.reader import ExamplesSource
-from tedcache.stage1 import train_filters
+from tedcache.stage1 import FilterTraining, train_filters
 
 
 def _examples(model_dir, rows_file, model):
@@ -33,8 +33,8 @@ def test_filters_are_measured_and_stop_when_validation_stops_improving(assets):
     evaluation, _ = _examples(assets["teacher"], assets["eval"], model)
     bank = FilterBank(FilterSpec([1, 3], 48, 40))
     cap = 40
-    result = train_filters(model, bank, train, "classification", 2,
-                           OptimConfig(epochs=cap, lr=1e-2, batch_size=16, patience=2), pad, 42, eval_source=evaluation)
+    training = FilterTraining("classification", 2, OptimConfig(epochs=cap, lr=1e-2, batch_size=16, patience=2), pad, 42)
+    result = train_filters(model, bank, train, training, eval_source=evaluation)
     measured = result["filters"]
     steps_per_epoch = -(-len(train) // 16)
     assert measured["split"] == "eval" and measured["stopped_early"] and measured["steps"] < cap * steps_per_epoch
@@ -51,7 +51,8 @@ def test_zero_epochs_leave_the_filters_untrained(assets):
     train, pad = _examples(assets["teacher"], assets["train"], model)
     bank = FilterBank(FilterSpec([1, 3], 48, 40))
     before = [p.detach().clone() for p in bank.parameters()]
-    result = train_filters(model, bank, train, "classification", 2, OptimConfig(epochs=0, batch_size=16), pad, 42)
+    result = train_filters(model, bank, train, FilterTraining("classification", 2, OptimConfig(epochs=0, batch_size=16),
+                                                               pad, 42))
     assert result["filters"]["steps"] == 0 and result["filters"]["split"] == "train"
     assert all(torch.equal(a, b) for a, b in zip(before, bank.parameters()))
 
@@ -87,8 +88,8 @@ def test_decoder_classifier_filters_read_the_last_token(tmp_path):
     train, pad = _examples(teacher, train_file, model)
     evaluation, _ = _examples(teacher, eval_file, model)
     bank = FilterBank(FilterSpec([0, 1], 32, 32))
-    result = train_filters(model, bank, train, "classification", 2,
-                           OptimConfig(epochs=20, lr=3e-3, batch_size=16, patience=3), pad, 42, eval_source=evaluation)
+    training = FilterTraining("classification", 2, OptimConfig(epochs=20, lr=3e-3, batch_size=16, patience=3), pad, 42)
+    result = train_filters(model, bank, train, training, eval_source=evaluation)
     metrics = result["filters"]["metrics"]
     assert metrics["1/accuracy"] > 0.85, metrics
 

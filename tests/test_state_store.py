@@ -23,7 +23,7 @@ from tedcache.data import load_blocks, load_examples
 from tedcache.filters import FilterBank, FilterSpec
 from tedcache.models import load_causal_lm, load_classifier, load_tokenizer
 from tedcache.reader import ExamplesSource
-from tedcache.stage1 import train_filters
+from tedcache.stage1 import FilterTraining, train_filters
 from tedcache.state_store import in_order, store_states, stored_source
 
 
@@ -31,10 +31,11 @@ def _both_ways(model, bank, source, evaluation, task, num_outputs, pad):
     """(live result, live bank, stored result, stored bank) from the same initial filters and seed."""
     stored_bank = copy.deepcopy(bank)
     cfg = OptimConfig(epochs=3, lr=1e-2, batch_size=16, patience=2)
-    live = train_filters(model, bank, source, task, num_outputs, cfg, pad, 7, eval_source=evaluation)
+    training = FilterTraining(task, num_outputs, cfg, pad, 7)
+    live = train_filters(model, bank, source, training, eval_source=evaluation)
     source, evaluation = (stored_source(model, s, bank.spec.layers, task, in_order(s, 16, pad))
                           for s in (source, evaluation))
-    stored = train_filters(model, stored_bank, source, task, num_outputs, cfg, pad, 7, eval_source=evaluation)
+    stored = train_filters(model, stored_bank, source, training, eval_source=evaluation)
     return live, bank, stored, stored_bank
 
 
