@@ -107,6 +107,14 @@ class CacheSource:
 
 
 WINDOW_BYTES = 16 * 2**20  # states held per window: bounds the reader's memory, still ~10 batches a window
+WINDOW_TOKENS = 65536  # at most this many tokens a window, whatever its states weigh (a cache without states)
+
+
+def window_examples(source, lengths: np.ndarray, at_least: int = 1) -> int:
+    """Examples per window: as many of this mean length as WINDOW_BYTES of states (and WINDOW_TOKENS) hold."""
+    mean_len = max(1.0, float(lengths.mean())) if len(lengths) else 1.0
+    tokens = min(WINDOW_TOKENS, WINDOW_BYTES // max(1, source.state_bytes_per_token))
+    return max(at_least, int(tokens / mean_len))
 _POOLS: dict[tuple[int, str], ThreadPoolExecutor] = {}
 
 
@@ -179,9 +187,7 @@ class CacheDataset(torch.utils.data.Dataset):
         cache = Cache(self.cache)
         self.source = CacheSource(cache.split(self.split), cache.layers if self.layers is None else self.layers,
                                   self.with_logits)
-        mean_len = max(1.0, float(self.source.lengths.mean())) if len(self.source) else 1.0
-        window_tokens = min(65536, WINDOW_BYTES // max(1, self.source.state_bytes_per_token))
-        self.window_size = max(1, int(window_tokens / mean_len))
+        self.window_size = window_examples(self.source, self.source.lengths)
         self._held: collections.OrderedDict[int, Window] = collections.OrderedDict()
 
     def __getstate__(self) -> dict:  # a worker reopens the cache rather than receive open arrays
@@ -269,9 +275,7 @@ def _visit(source, lo: int, hi: int, batch_size: int, shuffle: bool, seed: tuple
     worker=(i, n) only every n-th window from the i-th. The next `read_ahead` windows are read
     concurrently while one is batched (from an object store, their latencies overlap)."""
     n = hi - lo
-    mean_len = max(1.0, float(source.lengths[lo:hi].mean())) if n else 1.0
-    window_tokens = min(65536, WINDOW_BYTES // max(1, source.state_bytes_per_token))
-    window_size = max(batch_size, int(window_tokens / mean_len))
+    window_size = window_examples(source, source.lengths[lo:hi], at_least=batch_size)
     rng = np.random.default_rng(list(seed)) if shuffle else None
     spans = [(lo + first, lo + last) for number, (first, last) in enumerate(_windows(n, window_size, rng))
              if number % worker[1] == worker[0]]
