@@ -36,6 +36,7 @@ from tedcache.experiments.tune import tune
 from tedcache.extraction import extract
 from tedcache.finetuning import finetune
 from tedcache.students import init_student
+from tedcache.tasks import TASK
 
 from .options import config_command
 
@@ -195,7 +196,7 @@ def bench(profile, pairs, steps, batch_size, examples, workdir, as_json):
 def demo(task, full, workdir, seed):
     """The embedded defaults: MiniLM -> 2-layer student on Rotten Tomatoes (TED vs KD vs fine-tuning), or
     SmolLM2-135M -> 15-layer student on the snippets as text (perplexity; --task causal-lm)."""
-    if task == "causal-lm":
+    if TASK[task].causal:
 
         demo_lm.run_lm_demo(workdir=workdir, size=demo_lm.FULL_LM_DEMO if full else demo_lm.QUICK_LM_DEMO, seed=seed)
         return

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from .errors import TedcacheError
 from .schema import setting
+from .tasks import TASKS
 
-TASKS = ("classification", "regression", "causal-lm", "token-classification", "question-answering")
 METHODS = ("ted", "kd", "lwd", "finetune")
 
 

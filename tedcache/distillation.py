@@ -24,7 +24,7 @@ from .cache.object_store import count_retries, retried_requests, store_errors
 from .config import DEFAULT_CACHE_DIR, DistillConfig, what_it_computes
 from .distributed import Processes, peak_memory_mb, processes, reset_peak_memory
 from .errors import TedcacheError, note
-from .evaluate import PRIMARY_METRIC, evaluate, predictions, score, task_validation
+from .evaluate import evaluate, predictions, score, task_validation
 from .filters import FilterBank, FilterSpec
 from .layer_maps import LAYER_MAP_RULES, map_layers
 from .loop import Checkpoint, Phase, Runtime, fit
@@ -38,6 +38,7 @@ from .stage1 import FilterTraining, describe_filters, keep_filters, stored_filte
 from .state_store import in_order, stored_source
 from .students import copied_from
 from .taps import forward_with_taps, hidden_size, model_parts, num_layers, parse_layers
+from .tasks import PRIMARY_METRIC, TASK
 from .teacher import LiveTargets
 
 REMOTE_READ_AHEAD = 4  # windows in flight from an object store (see DistillConfig.read_ahead)
@@ -247,10 +248,10 @@ def _student_filters(cfg: DistillConfig, cache: Cache, student, log) -> tuple[Fi
 def _stage2_loss(cfg: DistillConfig, cache: Cache, student, bank: FilterBank | None,
                  teacher_layers: list[int]) -> Stage2Loss:
     meta = cache.metadata
-    form = kd_form(cfg, meta) if meta.task == "causal-lm" else "logits"
+    form = kd_form(cfg, meta) if TASK[meta.task].causal else "logits"
     return Stage2Loss(meta.task, cfg.method, cfg.kl_alpha, cfg.mse_alpha, cfg.temperature, bank,
                       _state_variance(cfg, meta, teacher_layers) if bank is not None else None, form,
-                      _student_width(student, meta) if meta.task == "causal-lm" else None,
+                      _student_width(student, meta) if TASK[meta.task].causal else None,
                       cache.teacher_head() if form == "hidden" else None, from_head=not cfg.whole_logits)
 
 
@@ -356,7 +357,7 @@ def train_loader(run: DistillRun, batch_size: int, workers: int = 0, read_target
     """Stage II's training batches: the cache's windows in the run's seeded order, this process's part."""
     cfg = run.cfg
     batches = CacheBatches(cfg.cache, "train", run.teacher_layers, batch_size, shuffle=True, seed=cfg.seed,
-                           with_logits=run.task == "causal-lm" and cfg.kl_alpha > 0,
+                           with_logits=TASK[run.task].causal and cfg.kl_alpha > 0,
                            process=(run.procs.rank, run.procs.size), shard_reads=cfg.shard_reads,
                            read_ahead=_read_ahead(cfg), read_targets=read_targets)
     # its own generator: iterating a DataLoader draws a seed, which must not come from the global RNG
@@ -374,7 +375,7 @@ def _report(run: DistillRun, result: dict, phases: dict, score_test: bool) -> tu
         # which cache exactly (its content key), what it was made from (its recipe key), and by which teacher bits
         "cache_identity": meta.content_key, "cache_recipe": meta.recipe_key, "teacher_weights": meta.teacher_weights_sha256,
         "cache_bytes": run.cache.bytes_on_disk(), "task": task, "label_names": meta.label_names,
-        "kd_targets": run.loss.kd_form if task == "causal-lm" else None,
+        "kd_targets": run.loss.kd_form if TASK[task].causal else None,
         "layer_map": dict(zip(bank.spec.layers, run.teacher_layers)) if bank is not None else None,
         "layer_map_rule": (cfg.layer_map if cfg.layer_map in LAYER_MAP_RULES or cfg.layer_map.startswith("last:")
                            else "explicit") if bank is not None else None,
@@ -430,9 +431,9 @@ def _checkpoint(cfg: DistillConfig, requested: dict, num_processes: int) -> Chec
 def teacher_outputs(split, task: str) -> dict[str, np.ndarray]:
     """The teacher's outputs on a cached split, from what the extraction stored (no teacher needed), in the
     form `evaluate.predictions` gives a student's: `evaluate.score` scores both."""
-    if task == "causal-lm":
+    if TASK[task].causal:
         return {"values": split.teacher_nll}
-    if task in ("token-classification", "question-answering"):
+    if TASK[task].per_token:
         tokens = np.concatenate([np.arange(a, a + n) for a, n in zip(split.starts, split.lengths)])
         logits = split.tokens(layout.TOKEN_LOGITS, 0, int(tokens[-1]) + 1)[tokens]
         if task == "question-answering":

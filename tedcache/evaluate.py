@@ -12,10 +12,7 @@ from .loop import Validation
 from .losses import lm_loss_per_block
 from .qa import answer_questions, best_span, squad_metrics
 from .taps import model_inputs, output_logits
-
-PRIMARY_METRIC = {"classification": "accuracy", "regression": "spearman", "causal-lm": "perplexity",
-                  "token-classification": "f1", "question-answering": "f1"}
-LOWER_IS_BETTER = {"perplexity", "loss"}
+from .tasks import LOWER_IS_BETTER, PRIMARY_METRIC, TASK
 
 
 def task_validation(score, task: str, every: int = 0) -> Validation:
@@ -93,7 +90,7 @@ def model_outputs(model, batches, task: str) -> dict[str, np.ndarray]:
             values.extend(window_answers(logits.float().cpu().numpy(), batch["context_spans"].numpy(),
                                          batch["attention_mask"].numpy()))
             labels.append(batch["question_index"].numpy())
-        elif task == "causal-lm":
+        elif TASK[task].causal:
             values.extend(lm_loss_per_block(logits, inputs["input_ids"], inputs["attention_mask"]).tolist())
         elif task == "token-classification":
             tagged = batch["labels"] >= 0
@@ -135,7 +132,7 @@ def predictions(model, batches, task: str, processes=None, questions: list[dict]
 def score(outputs: dict[str, np.ndarray], task: str, label_names: list[str] | None = None) -> dict[str, float]:
     """The task's metrics of `predictions` output (causal-lm: loss and perplexity; token classification,
     which needs the tag names: entity F1, precision, recall and token accuracy)."""
-    if task == "causal-lm":
+    if TASK[task].causal:
         return perplexity_from_nll(outputs["values"])
     if task == "token-classification":
         return token_metrics(outputs["values"], outputs["labels"], outputs["example"], label_names)

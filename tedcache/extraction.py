@@ -53,6 +53,7 @@ from .schema import check_choices, to_dict
 from .stage1 import FilterTraining, describe_filters, train_filters
 from .state_store import StateStore, StoredSource, in_order, stored_source
 from .taps import hidden_size, model_parts, num_layers, parse_layers
+from .tasks import TASK
 from .teacher import teacher_targets
 
 
@@ -60,7 +61,7 @@ def _validate(cfg: ExtractConfig) -> None:
     check_choices(cfg)
     if cfg.filters.dim is not None and cfg.filters.dim < 1:
         raise TedcacheError(f"--filter-dim must be positive, got {cfg.filters.dim}")
-    lm = cfg.data.task == "causal-lm"
+    lm = TASK[cfg.data.task].causal
     length, flag = (cfg.data.block_size, "--block-size") if lm else (cfg.data.max_length, "--max-length")
     if length < 2:
         raise TedcacheError(f"{flag} must be at least 2, got {length}")
@@ -86,7 +87,7 @@ def extract(cfg: ExtractConfig, log=None) -> str:
     started = time.perf_counter()
     tokenizer = load_tokenizer(cfg.teacher, "teacher", cfg.trust_remote_code)
     task = cfg.data.task
-    lm = task == "causal-lm"
+    lm = TASK[task].causal
     device = procs.device(cfg.device)
     dtype = teacher_dtype(cfg.dtype, device)
     gpus = device_group(cfg.devices_per_process, int(os.environ.get("LOCAL_RANK", 0)),
@@ -204,7 +205,7 @@ def _planned_bytes(cfg: ExtractConfig, splits: dict[str, Examples], spec: Filter
         per_token += spec.in_dim * value
     elif logit_spec is not None:
         per_token += logit_spec.size * (4 + 2 + (1 if logit_spec.kind == "sample" else 0))
-    if cfg.data.task in ("token-classification", "question-answering"):
+    if TASK[cfg.data.task].per_token:
         per_token += 4 * 2 * 2  # token labels, per-token outputs, spans
     return tokens * per_token + examples * 4 * 8
 
@@ -232,7 +233,7 @@ def _check_room(location: Location, planned: int, log) -> None:
 
 def _targets(cfg: ExtractConfig, layers: list[int]) -> str:
     """What a cache holds, in words, for extract's log."""
-    outputs = "the teacher's outputs" if cfg.data.task != "causal-lm" else f"the teacher's --logits {cfg.logits} rows"
+    outputs = "the teacher's outputs" if not TASK[cfg.data.task].causal else f"the teacher's --logits {cfg.logits} rows"
     if cfg.states == "none":
         return f"{outputs} only (--states none: no Stage I, no states)"
     return f"{cfg.states} states of layers {layers} ({cfg.precision}) and {outputs}"
@@ -298,7 +299,7 @@ def _prepare(location, cfg, metadata: CacheMetadata, found: str, bank: FilterBan
 def load_splits(cfg: ExtractConfig, tokenizer, model_config) -> tuple[dict[str, Examples], list[str] | None]:
     """Tokenized train [, eval, test] splits (causal-lm: packed blocks) and the label names."""
     data = cfg.data
-    lm = data.task == "causal-lm"
+    lm = TASK[data.task].causal
     if lm:
         train, label_names = load_blocks(data.train, data, tokenizer, "--data", data.limit), None
     else:
@@ -361,7 +362,7 @@ def _train_teacher_filters(teacher, spec: FilterSpec, splits: dict[str, Examples
     teacher.eval()
     log(describe_filters(result["filters"]))
     # a causal LM's logits are its output layer on the last layer's state: stored when that layer is tapped
-    reusable = metadata.task != "causal-lm" or spec.layers[-1] == num_layers(teacher) - 1
+    reusable = not TASK[metadata.task].causal or spec.layers[-1] == num_layers(teacher) - 1
     return bank, result["filters"], {split: s for split, s in stored.items() if reusable and len(s) == len(splits[split])}
 
 
@@ -380,7 +381,7 @@ def _metadata(cfg: ExtractConfig, identity: dict, splits: dict[str, Examples], l
               tokenizer, teacher, logit_spec: LogitSpec | None) -> CacheMetadata:
     """What the new cache says about itself (the writer adds the layout's counts as it writes)."""
     task, filtered = cfg.data.task, cfg.states == "filtered"
-    lm = task == "causal-lm"
+    lm = TASK[task].causal
     return CacheMetadata(
         format_version=0, identity=identity,  # format_version, chunk_tokens: set by CacheWriter.create
         created_by=f"tedcache {version('tedcache')}", task=task,
@@ -437,7 +438,7 @@ def _create_cache(location: Location, metadata: CacheMetadata, splits: dict[str,
     if bank is not None:
         writer.save_filters(bank.to_bytes())
     writer.create_state_arrays(metadata.filter_dim)
-    if metadata.task in ("token-classification", "question-answering"):
+    if TASK[metadata.task].per_token:
         writer.create_token_logit_arrays(metadata.num_outputs)
     if logit_spec is not None and logit_spec.kind == "hidden":
         head = head_tensors(model_parts(teacher).head, logit_spec.vocab)
@@ -533,7 +534,7 @@ def _teacher_pass(writer: CacheWriter, teacher, bank, layers, splits, logit_spec
     meta = writer.metadata
     device = input_device(teacher)
     output_key = "logits" if logit_spec is None else "nll"
-    per_token = meta.task in ("token-classification", "question-answering")
+    per_token = TASK[meta.task].per_token
     sampled = logit_spec is not None and logit_spec.kind != "hidden"
     bounds = {split: writer.unit_bounds(split) for split in splits}
     # The teacher computes unit u+1 while the background writer pads, compresses, writes and checksums unit u.

@@ -20,6 +20,7 @@ from .reader import ExamplesSource, iterate_batches, num_batches
 from .run_folder import save_run
 from .schema import check_choices
 from .taps import forward_with_taps
+from .tasks import TASK
 
 
 def finetune(cfg: FinetuneConfig, log=None) -> dict:
@@ -29,7 +30,7 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
     log = log or note
     check_choices(cfg)
     task = cfg.data.task
-    lm = task == "causal-lm"
+    lm = TASK[task].causal
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     evaluation, label_names = None, None
     if lm:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .cache.logits import head_logits
 from .data import IGNORED
 from .loop import COUNT_KINDS
+from .tasks import TASK
 
 
 def labelled(labels: torch.Tensor, task: str) -> torch.Tensor:
@@ -274,7 +275,7 @@ class Stage2Loss(torch.nn.Module):
         super().__init__()
         self.task, self.method, self.temperature, self.kd_form, self.vocab = task, method, temperature, kd_form, vocab
         self.kl_alpha, self.mse_alpha = method_weights(method, kl_alpha, mse_alpha)
-        self.from_head = from_head and task == "causal-lm" and (kd_form == "hidden" or self.kl_alpha == 0)
+        self.from_head = from_head and TASK[task].causal and (kd_form == "hidden" or self.kl_alpha == 0)
         self.filters = filters
         self.register_buffer("state_variance", state_variance, persistent=False)
         for name in ("weight", "bias"):
@@ -287,7 +288,7 @@ class Stage2Loss(torch.nn.Module):
 
     def needs(self) -> list[str]:
         """The batch keys forward reads."""
-        lm = self.task == "causal-lm"
+        lm = TASK[self.task].causal
         keys = ["input_ids", "attention_mask"] if lm else ["labels", "attention_mask"]
         if self.kl_alpha > 0:
             keys.append(("teacher_hidden" if self.kd_form == "hidden" else "teacher_rows") if lm else "teacher_logits")
@@ -298,7 +299,7 @@ class Stage2Loss(torch.nn.Module):
     def forward(self, student_logits: torch.Tensor | None, student_states: list[torch.Tensor], batch: dict,
                 head: tuple[torch.Tensor, torch.nn.Module] | None = None):
         mask = batch["attention_mask"]
-        lm = self.task == "causal-lm"
+        lm = TASK[self.task].causal
         share = batch.get("share") or {}  # 1 for a single process without accumulation
         per_example, per_token, per_pair = (share.get(k, 1.0) for k in COUNT_KINDS)
         if head is not None:
@@ -329,10 +330,10 @@ class Stage2Loss(torch.nn.Module):
 
     def _kd(self, logits: torch.Tensor, batch: dict, mask: torch.Tensor) -> torch.Tensor:
         t = self.temperature
-        if self.task == "causal-lm" and self.kd_form == "hidden":
+        if TASK[self.task].causal and self.kd_form == "hidden":
             return hidden_kd_loss(logits[..., :self.vocab], batch["teacher_hidden"].widen(), self._teacher_head(), t,
                                   mask)
-        if self.task == "causal-lm":
+        if TASK[self.task].causal:
             rows = batch["teacher_rows"]
             return sparse_kd_loss(logits[..., :self.vocab], rows["ids"].long(), kd_targets(rows, self.kd_form, t), t,
                                   mask)

@@ -21,6 +21,7 @@ from transformers import (
 
 from .errors import TedcacheError, size_text
 from .taps import model_parts
+from .tasks import TASK
 
 
 def check_source(name: str, what: str) -> None:
@@ -108,7 +109,7 @@ def load_for_task(name: str, what: str, task: str, label_names: list[str] | None
     task's labels when `resize`), its weights in `dtype` (bf16, fp16 or fp32). Code shipped with a model
     runs only with `trust_remote_code`. `placement` ({"device_map": ..., "offload_folder": ...}) spreads
     the model over devices with accelerate's big-model placement (see input_device)."""
-    if task == "causal-lm":
+    if TASK[task].causal:
         return load_causal_lm(name, what, trust_remote_code, DTYPES[dtype], placement)
     if not resize:
         return load_classifier(name, what, task if task in HEAD_CLASSES else None,

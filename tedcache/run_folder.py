@@ -14,7 +14,7 @@ import numpy as np
 
 from .configfile import CONFIG_FILE, config_yaml
 from .errors import TedcacheError
-from .evaluate import PRIMARY_METRIC
+from .tasks import PRIMARY_METRIC
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "test_predictions.npz"  # the test split's outputs in example order (see evaluate.predictions)

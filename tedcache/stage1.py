@@ -22,6 +22,7 @@ from .models import input_device
 from .reader import iterate_batches, num_batches, to_device
 from .state_store import frozen_forward
 from .taps import in_own_dtype, is_decoder_only, model_parts
+from .tasks import TASK
 
 
 @dataclass
@@ -69,9 +70,9 @@ def train_filters(model, bank: FilterBank, source, training: FilterTraining, eva
 
     def loss_fn(batch):
         logits, hidden = frozen_forward(model, batch, bank.spec.layers)
-        if task != "causal-lm":  # unlabelled examples: the teacher's prediction (the cache's, or this model's own)
+        if not TASK[task].causal:  # unlabelled examples: the teacher's prediction (the cache's, or this model's own)
             batch = {**batch, "labels": labels_or_teacher(batch["labels"], batch.get("teacher_logits", logits), task)}
-        share = (batch.get("share") or {}).get("pairs" if task == "causal-lm" else "examples", 1.0)  # loop.batch_shares
+        share = (batch.get("share") or {}).get("pairs" if TASK[task].causal else "examples", 1.0)  # loop.batch_shares
         losses = torch.stack([head_loss(head, f, batch, task) for head, f in zip(heads, bank(hidden))]) * share
         return losses.mean(), {f"layer_{layer}": value for layer, value in zip(bank.spec.layers, losses.detach())}
 
@@ -102,9 +103,9 @@ def _heads(model, bank: FilterBank, training: FilterTraining) -> nn.ModuleList:
     """One throw-away head per filter: the model's own output layer behind a causal LM's, a token head
     (question answering: start and end logits per token), else a sequence head."""
     dim, layers = bank.spec.out_dim, bank.spec.layers
-    if training.task == "causal-lm":
+    if TASK[training.task].causal:
         return nn.ModuleList(LMHead(dim, model_parts(model).head, training.lm_head) for _ in layers)
-    if training.task in ("token-classification", "question-answering"):
+    if TASK[training.task].per_token:
         return nn.ModuleList(TokenHead(dim, training.num_outputs, head_dropout(model.config)) for _ in layers)
     last_token = is_decoder_only(model)
     return nn.ModuleList(SequenceHead(dim, training.num_outputs, last_token, head_dropout(model.config)) for _ in layers)
@@ -121,7 +122,7 @@ def head_dropout(config) -> float:
 
 
 def head_loss(head, filtered: torch.Tensor, batch: dict, task: str) -> torch.Tensor:
-    if task == "causal-lm":
+    if TASK[task].causal:
         return lm_loss(head(filtered), batch["input_ids"], batch["attention_mask"])
     return task_loss(head(filtered, batch["attention_mask"]), batch["labels"], task)
 
@@ -144,13 +145,13 @@ def filter_metrics(model, bank: FilterBank, heads, source, task: str, pad_id: in
         batch = to_device(batch, device)
         _, hidden = frozen_forward(model, batch, layers)
         mask = batch["attention_mask"]
-        weight = float(mask[:, 1:].sum()) if task == "causal-lm" else float(labelled(batch["labels"], task).sum())
+        weight = float(mask[:, 1:].sum()) if TASK[task].causal else float(labelled(batch["labels"], task).sum())
         if weight == 0:
             continue
         total += weight
         for layer, head, state, filtered in zip(layers, heads, hidden, bank(hidden)):
             values = {"loss": head_loss(head, filtered, batch, task)}
-            if task == "causal-lm":
+            if TASK[task].causal:
                 values["logit_lens_loss"] = lm_loss(in_own_dtype(model_parts(model).head, state), batch["input_ids"], mask)
             elif task in ("classification", "token-classification"):
                 known = labelled(batch["labels"], task)

@@ -15,6 +15,7 @@ import torch
 from .cache.layout import TOKEN_LOGITS
 from .reader import iterate_batches, to_device
 from .taps import forward_with_taps, hidden_size
+from .tasks import TASK
 
 STORED_KEY = "frozen_states"  # the batch key StoredSource's states arrive under
 
@@ -68,14 +69,14 @@ def store_states(model, source, layers: list[int], task: str, batches) -> StateS
     tokens = int(max(source.starts + source.lengths)) if len(source) else 0
     states = [_array((tokens, hidden_size(model))) for _ in layers]
     example_outputs = token_outputs = None
-    per_token = task in ("token-classification", "question-answering")
+    per_token = TASK[task].per_token
     for index, batch in batches:
         positions = _token_positions(source, index)
         real = batch["attention_mask"].flatten().nonzero().squeeze(1)
         logits, hidden = forward_with_taps(model, to_device(batch, device), layers)
         for array, state in zip(states, hidden):
             array[positions] = state.float().flatten(0, 1)[real.to(state.device)].cpu().numpy()
-        if task == "causal-lm":
+        if TASK[task].causal:
             continue
         logits = logits.float().cpu()
         if per_token:

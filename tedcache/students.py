@@ -29,6 +29,7 @@ from .models import check_source, load_tokenizer, pad_id
 from .reader import ExamplesSource, iterate_batches
 from .schema import check_choices
 from .taps import holds_only_vectors, is_causal_lm_class, model_inputs, model_parts
+from .tasks import TASK
 
 COPIED_FROM = "tedcache_copied_from"  # config.json key: the source layer each student layer carries
 ORIGIN = "tedcache_student"  # config.json key: how the student was made
@@ -242,7 +243,7 @@ def _calibration_batches(cfg: StudentConfig, source):
         raise TedcacheError("--init prune needs --data: training examples whose activations rank the heads, FFN "
                             "neurons and hidden channels to keep")
     tokenizer = load_tokenizer(cfg.source, "source model", cfg.trust_remote_code)
-    if data.task == "causal-lm":
+    if TASK[data.task].causal:
         examples = load_blocks(data.train, data, tokenizer, "--data")
     else:
         examples = load_examples(data.train, data, tokenizer, None, "--data", model_config=source.config,

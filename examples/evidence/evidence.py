@@ -61,7 +61,6 @@ from tedcache.config import (
 from tedcache.configfile import CONFIG_FILE, read_config_file, resolve
 from tedcache.demos import demo, demo_lm, evidence
 from tedcache.errors import note
-from tedcache.evaluate import PRIMARY_METRIC
 from tedcache.experiments.compare import compare, run_blocks
 from tedcache.experiments.report import build_report
 from tedcache.experiments.results import methods_table, summarize
@@ -70,6 +69,7 @@ from tedcache.experiments.tune import STUDY_FILE, apply, study_identity, tune
 from tedcache.finetuning import finetune
 from tedcache.run_folder import METRICS_FILE, PREDICTIONS_FILE, cache_read, find_runs
 from tedcache.students import init_student
+from tedcache.tasks import PRIMARY_METRIC
 
 WORK = Path(os.environ.get("TEDCACHE_EVIDENCE_DIR", Path.home() / ".cache" / "tedcache" / "evidence"))
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,8 @@ import numpy as np
 from ..cache.read import Cache
 from ..distillation import teacher_outputs
 from ..errors import TedcacheError
-from ..evaluate import PRIMARY_METRIC, score
+from ..evaluate import score
+from ..tasks import PRIMARY_METRIC
 
 TEACHER_FILE = "teacher-predictions.json"
 MIN_AGREEMENT = 0.995

@@ -14,8 +14,8 @@ from pathlib import Path
 from ..config import DistillConfig, SelectConfig, TuneConfig
 from ..configfile import read_config_file, resolve
 from ..errors import note
-from ..evaluate import LOWER_IS_BETTER
 from ..run_folder import find_runs
+from ..tasks import LOWER_IS_BETTER
 from .compare import run_blocks
 from .results import SELECT_FILE, format_comparisons, methods_table, summarize
 from .tune import tune

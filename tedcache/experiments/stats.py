@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from ..evaluate import LOWER_IS_BETTER
+from ..tasks import LOWER_IS_BETTER, TASK
 
 MAX_SEEDS = 10_000
 
@@ -53,7 +53,7 @@ def per_example(outputs: dict[str, np.ndarray], task: str) -> np.ndarray | None:
         return outputs["values"].astype(np.float64)
     if task == "classification":
         return (outputs["values"].argmax(-1) == outputs["labels"]).astype(np.float64)
-    if task == "causal-lm":
+    if TASK[task].causal:
         return outputs["values"].astype(np.float64)
     return None
 

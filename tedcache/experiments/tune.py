@@ -23,7 +23,7 @@ from ..config import METHODS, DistillConfig, TuneConfig, check_methods, what_it_
 from ..configfile import CONFIG_FILE, config_yaml
 from ..distillation import distill
 from ..errors import TedcacheError, note
-from ..evaluate import LOWER_IS_BETTER, PRIMARY_METRIC
+from ..tasks import LOWER_IS_BETTER, PRIMARY_METRIC, TASK
 from .same_teacher import check_same_teacher
 
 STUDY_FILE = "study.journal"
@@ -89,7 +89,7 @@ def apply(base: DistillConfig, params: dict) -> DistillConfig:
 def study_space(cfg: TuneConfig, method: str) -> dict[str, tuple]:
     """The space `method`'s study searches (a sampled KD temperature is fixed where the cache fixed it)."""
     meta = load_metadata(cfg.base.cache)
-    temperature_fixed = meta.task == "causal-lm" and (meta.logits or {}).get("kind") == "sample"
+    temperature_fixed = TASK[meta.task].causal and (meta.logits or {}).get("kind") == "sample"
     return searched(search_space(method, temperature_fixed), cfg.search)
 
 
