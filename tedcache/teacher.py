@@ -26,7 +26,7 @@ def teacher_targets(teacher, bank: FilterBank | None, batch: dict, layers: list[
     A batch that carries the teacher's stored states (state_store.StoredSource, from Stage I) is not run
     again: its states are those of the filters' layers, and for a causal LM, whose logits are not
     stored, they end at the last layer, whose state is the one the output layer reads (see
-    extraction._train_teacher_filters); `layers` is then those layers, or none."""
+    teacher_filters.train_teacher_filters); `layers` is then those layers, or none."""
     tapped = bank.spec.layers if bank is not None else list(layers or [])
     if STORED_KEY in batch:
         logits, stored = frozen_forward(teacher, batch, tapped)

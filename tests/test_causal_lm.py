@@ -21,7 +21,6 @@ from tedcache.data import load_blocks
 from tedcache.distillation import kd_form, stage2_step
 from tedcache.distributed import pick_device
 from tedcache.errors import TedcacheError
-from tedcache.extraction import _unit_generator
 from tedcache.filters import FilterBank, FilterSpec
 from tedcache.losses import Stage2Loss, hidden_kd_loss, kd_loss
 from tedcache.models import load_causal_lm, load_tokenizer
@@ -29,6 +28,7 @@ from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
 from tedcache.stage1 import FilterTraining, train_filters
 from tedcache.taps import final_norm, forward_with_taps
 from tedcache.teacher import LiveTargets
+from tedcache.teacher_pass import unit_generator
 
 
 def test_packing_joins_documents_with_eos_and_cuts_blocks(lm_assets, tmp_path):
@@ -102,7 +102,7 @@ def test_sparse_logits_round_trip(lm_assets, tmp_path, logits):
         ids = torch.from_numpy(cache.root["train/input_ids"][a:b].astype(np.int64)).view(last - first, -1)
         with torch.no_grad():
             live = teacher(input_ids=ids.to(device)).logits.flatten(0, 1)
-        expected = {k: v.cpu() for k, v in sparsify(live, spec, _unit_generator(cfg.seed, unit, device)).items()}
+        expected = {k: v.cpu() for k, v in sparsify(live, spec, unit_generator(cfg.seed, unit, device)).items()}
         assert np.array_equal(rows["ids"][a:b], expected["ids"].numpy())
         assert np.allclose(rows["logprobs"][a:b].astype(np.float32), expected["logprobs"].float().numpy(), atol=2e-3)
         if "counts" in rows:

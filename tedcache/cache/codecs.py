@@ -111,3 +111,20 @@ class CompactStates:
         if self.values.dtype == torch.int8:
             return (self.values.to(dtype) * self.token_scale.to(dtype).unsqueeze(-1)) * self.channel_scale.to(dtype)
         return self.values.to(dtype)
+
+
+def planned_bytes(tokens: int, examples: int, state_widths: list[int], precision: str, logit_rows: tuple[str, int] | None,
+                  per_token_outputs: bool) -> int:
+    """About what a cache takes on disk, uncompressed: per token its id (4 bytes), each stored state of
+    `state_widths` (and int8's 2-byte token scale), a causal LM's rows (`logit_rows`: ("hidden", the final
+    state's width), or (kind, entries a token): an id, a log-probability, a sample's count) and, with
+    `per_token_outputs`, its labels, outputs and spans; per example its outputs."""
+    value = np.dtype(STATE_DTYPES[precision]).itemsize
+    per_token = 4 + sum(width * value + (2 if precision == "int8" else 0) for width in state_widths)
+    if logit_rows is not None and logit_rows[0] == "hidden":
+        per_token += logit_rows[1] * value
+    elif logit_rows is not None:
+        per_token += logit_rows[1] * (4 + 2 + (1 if logit_rows[0] == "sample" else 0))
+    if per_token_outputs:
+        per_token += 4 * 2 * 2  # token labels, per-token outputs, spans
+    return tokens * per_token + examples * 4 * 8

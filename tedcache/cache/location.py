@@ -84,6 +84,18 @@ class Location:
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(target, detail=False))
 
+    def check_bucket(self) -> None:
+        """On an object store, refuse a bucket that does not exist (fsspec would make one for a misspelt name,
+        and `exists` would hide a store that fails)."""
+        if self.local:
+            return
+        bucket = self.root.split("/")[0]
+        try:
+            self.fs.info(bucket)
+        except FileNotFoundError:
+            raise TedcacheError(f"the bucket {bucket} of {self.url} does not exist; create it, or fix the bucket "
+                                "name in --cache-dir") from None
+
     def size(self, rel: str = "") -> int:
         """Bytes under `rel` (the whole folder by default); 0 when absent."""
         return int(self.fs.du(self.path(rel) if rel else self.root)) if self.exists(rel) else 0

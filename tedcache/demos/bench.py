@@ -25,10 +25,11 @@ from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForSequenceC
 
 from ..cache import Cache
 from ..config import DataConfig, ExtractConfig, FilterConfig, StudentConfig
+from ..data.splits import load_splits
 from ..distillation import stage2_step
 from ..distributed import peak_memory_mb, pick_device
 from ..errors import note
-from ..extraction import extract, load_splits, stored_units
+from ..extraction import extract
 from ..filters import FilterBank, FilterSpec
 from ..layer_maps import map_layers
 from ..losses import Stage2Loss, task_loss
@@ -37,6 +38,7 @@ from ..reader import CacheBatches, ExamplesSource, iterate_batches, prefetch, to
 from ..students import init_student
 from ..taps import forward_with_taps, hidden_size, model_inputs, num_layers
 from ..teacher import LiveTargets
+from ..teacher_pass import stored_units
 from .demo import DemoSize, minilm_path, rotten_tomatoes
 
 PAIRS = ("minilm", "bert")
@@ -91,7 +93,7 @@ def bare_forward_seconds(cfg: ExtractConfig, cache: str) -> float:
     device = pick_device()
     tokenizer = load_tokenizer(cfg.teacher)
     model = load_for_task(cfg.teacher, "teacher", meta.task, resize=False, dtype=meta.teacher_dtype).to(device).eval()
-    splits, _ = load_splits(cfg, tokenizer, model.config)
+    splits, _ = load_splits(cfg.data, tokenizer, model.config)
     bounds = {split: Cache(cache).split(split).unit_bounds for split in splits}
     units = [(split, unit) for split in splits for unit in range(len(bounds[split]) - 1)]
     _sync(device)
