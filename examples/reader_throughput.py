@@ -27,12 +27,12 @@ import torch
 from tedcache.cache import Cache
 from tedcache.demos.bench import read_throughput
 from tedcache.demos.demo import QUICK_DEMO, prepare
-from tedcache.distillation import stage2_step
 from tedcache.filters import FilterBank, FilterSpec
 from tedcache.layer_maps import map_layers
 from tedcache.losses import Stage2Loss
 from tedcache.models import load_classifier
 from tedcache.reader import CacheBatches
+from tedcache.stage2 import stage2_step
 from tedcache.taps import hidden_size
 
 

@@ -5,39 +5,37 @@ LiveTargets, which computes them with the function the extraction used."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .cache import Cache, CacheMetadata, Location, layout, verify
+from .cache import Cache, Location, verify
 from .cache.object_store import count_retries, retried_requests, store_errors
 from .config import DEFAULT_CACHE_DIR, DistillConfig, what_it_computes
-from .distributed import Processes, peak_memory_mb, processes, reset_peak_memory
+from .distill_report import run_report
+from .distill_run import DistillRun
+from .distributed import processes, reset_peak_memory
 from .errors import TedcacheError, note
-from .evaluate import evaluate, predictions, score, task_validation
+from .evaluate import evaluate, task_validation
 from .filters import FilterBank, FilterSpec
-from .layer_maps import LAYER_MAP_RULES, map_layers
+from .layer_maps import map_layers
 from .loop import Checkpoint, Phase, Runtime, fit
-from .losses import Stage2Loss, method_weights
+from .losses import Stage2Loss
 from .models import load_for_task, load_tokenizer, vocab_hash, weights_hash
-from .qa import answer_questions, best_span
 from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
 from .run_folder import save_run
 from .schema import check_choices
 from .stage1 import FilterTraining, describe_filters, keep_filters, stored_filters, train_filters
+from .stage2 import PROBE_EVERY, effective_weights, kd_temperature, stage2_loss, stage2_step
 from .state_store import in_order, stored_source
 from .students import copied_from
-from .taps import forward_with_taps, hidden_size, model_parts, num_layers, parse_layers
+from .taps import hidden_size, num_layers, parse_layers
 from .tasks import PRIMARY_METRIC, TASK
 from .teacher import LiveTargets
 
@@ -46,119 +44,10 @@ REMOTE_READ_AHEAD = 4  # windows in flight from an object store (see DistillConf
 STAGE1_STORE = Path(os.environ.get("TEDCACHE_STAGE1_STORE", DEFAULT_CACHE_DIR / "stage1"))
 
 
-PROBE_EVERY = 5  # logged steps between gradient-ratio probes
-
-
-def stage2_step(student, loss: Stage2Loss, batch: dict, probe: bool = False) -> tuple[torch.Tensor, dict]:
-    """One Stage-II loss: the student's forward (tapping the layers the loss maps) and `loss` on it
-    (see Stage2Loss). With `probe`, the terms also carry grad_ratio: |grad of mse_alpha * MSE| /
-    |grad of kl_alpha * KL| on the student's backbone (its weights less the task head)."""
-    if loss.from_head:  # the final hidden states and the output layer, not the (B, L, V) logits
-        keep = {"logits_to_keep": 1} if _keeps_some_logits(type(student)) else {}
-        _, hidden = forward_with_taps(student, batch, [*loss.layers, num_layers(student) - 1], **keep)
-        total, terms = loss(None, hidden[:-1], batch, head=(hidden[-1], model_parts(student).head))
-    else:
-        logits, hidden = forward_with_taps(student, batch, loss.layers)
-        total, terms = loss(logits, hidden, batch)
-    if probe and "mse" in terms and "kl" in terms:
-        terms["grad_ratio"] = _gradient_ratio(student, loss.mse_alpha * terms["mse"], loss.kl_alpha * terms["kl"])
-    return total, {k: v.detach() for k, v in terms.items()}
-
-
-@functools.cache
-def _keeps_some_logits(model_class: type) -> bool:
-    """Whether the model's forward can return the logits of its last positions only (logits_to_keep)."""
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
-def _gradient_ratio(student, state_term: torch.Tensor, kl_term: torch.Tensor) -> torch.Tensor:
-    backbone = [p for p in student.base_model.parameters() if p.requires_grad]
-    norms = []
-    for term in (state_term, kl_term):
-        grads = torch.autograd.grad(term, backbone, retain_graph=True, allow_unused=True)
-        norms.append(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
-    return norms[0] / norms[1].clamp_min(1e-12)
-
-
-def _student_width(student, meta: CacheMetadata) -> int:
-    """The ids KD compares over: the tokenizer's, as the cache's rows span them (a student's padded output
-    rows beyond them are left out of its distribution); a student with fewer output rows is refused."""
-    vocab = (meta.logits or {}).get("vocab") or meta.vocab_size
-    rows = model_parts(student).head.weight.shape[0]
-    if rows < vocab:
-        raise TedcacheError(f"the student has {rows} output rows, fewer than the {vocab} token ids the teacher's rows "
-                            "span: it cannot produce the last ones; resize its embeddings "
-                            "(model.resize_token_embeddings(len(tokenizer))) and save it again")
-    return vocab
-
-
-def kd_form(cfg: DistillConfig, meta: CacheMetadata) -> str:
-    """Which causal-lm KD targets to train on: "sampled" (counts; unbiased, only at the sampling
-    temperature), "logits" (renormalised over the stored ids, any temperature) or, from a --logits
-    hidden cache, "hidden" (the exact full distribution, any temperature)."""
-    spec = meta.logits or {}
-    form = cfg.kd_targets
-    if spec.get("kind") == "hidden" and form in ("auto", "logits"):
-        return "hidden"
-    if form == "auto":
-        form = "sampled" if spec.get("kind") == "sample" else "logits"
-    if form == "sampled" and spec.get("kind") != "sample":
-        raise TedcacheError(f"--kd-targets sampled needs a cache extracted with --logits sample:N, this one holds "
-                            f"{spec.get('kind')} rows; use --kd-targets logits")
-    if form == "sampled" and cfg.kl_alpha > 0 and cfg.temperature not in (None, spec["temperature"]):
-        raise TedcacheError(f"the cache's tokens were sampled at temperature {spec['temperature']}, not "
-                            f"{cfg.temperature}; pass --temperature {spec['temperature']} or --kd-targets logits")
-    return form
-
-
-def kd_temperature(cfg: DistillConfig, meta: CacheMetadata) -> float:
-    """The KD temperature: as given, else for a causal LM the cache's --logits-temperature (default 1:
-    on the LM demo, top-k KD at TED's T = 2 ended at test perplexity 709.67 against 238-242 at T = 1,
-    docs/causal-lm.md), else TED's 2."""
-    if cfg.temperature is not None:
-        return cfg.temperature
-    return meta.logits["temperature"] if meta.logits else 2.0
-
-
-def effective_weights(cfg: DistillConfig) -> DistillConfig:
-    """The configuration with the weights its method uses (see losses.method_weights): what a run records."""
-    kl_alpha, mse_alpha = method_weights(cfg.method, cfg.kl_alpha, cfg.mse_alpha)
-    return replace(cfg, kl_alpha=kl_alpha, mse_alpha=mse_alpha)
-
-
 def _read_ahead(cfg: DistillConfig) -> int:
     if cfg.read_ahead is not None:
         return cfg.read_ahead
     return 0 if Location(cfg.cache).local else REMOTE_READ_AHEAD
-
-
-@dataclass
-class DistillRun:
-    """What `distill` sets up before training: the resolved settings, the cache, the student and its loss."""
-
-    cfg: DistillConfig  # with the method's weights and the KD temperature resolved
-    as_given: DistillConfig  # saved as the run's config.yaml: what re-runs this command
-    requested: dict
-    procs: Processes
-    log: Callable
-    cache: Cache
-    tokenizer: object
-    student: torch.nn.Module
-    loss: Stage2Loss
-    teacher_layers: list[int]
-    device: torch.device
-    autocast: bool
-    checkpoint: Checkpoint
-    started: float
-    seconds: dict = field(default_factory=dict)  # where the run's time went: set_up, validation, test
-
-    @property
-    def meta(self) -> CacheMetadata:
-        return self.cache.metadata
-
-    @property
-    def task(self) -> str:
-        return self.cache.metadata.task
 
 
 def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True, keep_model: bool = True) -> dict:
@@ -173,7 +62,7 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
         run = set_up(cfg, log)
         phases = before_stage2(run)
         result = train(run, on_eval)
-        report, test_outputs = _report(run, result, phases, score_test)
+        report, test_outputs = run_report(run, result, phases, score_test)
     # under FSDP the student's whole state is gathered to the main process (a collective), which saves it
     weights = run.procs.state_of(run.student) if keep_model and run.procs.sharding else None
     if run.procs.main:  # the student is saved once
@@ -223,7 +112,7 @@ def set_up(cfg: DistillConfig, log=None) -> DistillRun:
                             trust_remote_code=cfg.trust_remote_code).to(device)
     cfg = replace(cfg, temperature=kd_temperature(cfg, meta))
     bank, teacher_layers = _student_filters(cfg, cache, student, log)
-    loss = _stage2_loss(cfg, cache, student, bank, teacher_layers).to(device)
+    loss = stage2_loss(cfg, cache, student, bank, teacher_layers).to(device)
     return DistillRun(cfg, as_given, requested, procs, log, cache, tokenizer, student, loss, teacher_layers, device,
                       autocast, checkpoint, started, {"set_up": time.perf_counter() - started, "validation": 0.0})
 
@@ -243,16 +132,6 @@ def _student_filters(cfg: DistillConfig, cache: Cache, student, log) -> tuple[Fi
     bank = FilterBank(FilterSpec(student_layers, hidden_size(student), meta.filter_dim, meta.filter_kind or "linear"))
     log(f"layer map (student -> teacher): {dict(zip(student_layers, teacher_layers))}")
     return bank.to(next(student.parameters()).device), teacher_layers
-
-
-def _stage2_loss(cfg: DistillConfig, cache: Cache, student, bank: FilterBank | None,
-                 teacher_layers: list[int]) -> Stage2Loss:
-    meta = cache.metadata
-    form = kd_form(cfg, meta) if TASK[meta.task].causal else "logits"
-    return Stage2Loss(meta.task, cfg.method, cfg.kl_alpha, cfg.mse_alpha, cfg.temperature, bank,
-                      _state_variance(cfg, meta, teacher_layers) if bank is not None else None, form,
-                      _student_width(student, meta) if TASK[meta.task].causal else None,
-                      cache.teacher_head() if form == "hidden" else None, from_head=not cfg.whole_logits)
 
 
 def before_stage2(run: DistillRun) -> dict:
@@ -364,58 +243,6 @@ def train_loader(run: DistillRun, batch_size: int, workers: int = 0, read_target
     return EpochLoader(batches, batch_size=None, num_workers=workers, generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def _report(run: DistillRun, result: dict, phases: dict, score_test: bool) -> tuple[dict, dict | None]:
-    """metrics.json's content (the settings, the training history, validation, and the test split scored
-    once) and the test outputs (saved beside it; None without a test split)."""
-    cfg, task, meta, bank = run.cfg, run.task, run.meta, run.loss.filters
-    eval_split = run.cache.split("eval")
-    test_split = run.cache.split("test") if score_test else None
-    report = {
-        "method": cfg.method, "config": asdict(cfg), "requested": run.requested, "cache": str(run.cache.path),
-        # which cache exactly (its content key), what it was made from (its recipe key), and by which teacher bits
-        "cache_identity": meta.content_key, "cache_recipe": meta.recipe_key, "teacher_weights": meta.teacher_weights_sha256,
-        "cache_bytes": run.cache.bytes_on_disk(), "task": task, "label_names": meta.label_names,
-        "kd_targets": run.loss.kd_form if TASK[task].causal else None,
-        "layer_map": dict(zip(bank.spec.layers, run.teacher_layers)) if bank is not None else None,
-        "layer_map_rule": (cfg.layer_map if cfg.layer_map in LAYER_MAP_RULES or cfg.layer_map.startswith("last:")
-                           else "explicit") if bank is not None else None,
-        "history": result["history"], "eval": result["evals"], "best": result["best"],
-        "phases": {k: {"history": v["history"], "seconds": v["seconds"],
-                       **{part: v[part] for part in ("filters", "reused", "trained_seconds") if part in v}}
-                   for k, v in phases.items()},
-        "teacher": {name: score(teacher_outputs(split, task), task, meta.label_names)
-                    for name, split in (("eval", eval_split), ("test", test_split)) if split is not None},
-        "stage2_seconds": result["seconds"], "stage2_median_step_s": result["median_step_s"],
-        "stage2_data_wait_share": result["data_wait_share"],
-        # a GPU's peak allocation in Stage II; on a CPU the process's peak resident memory
-        "stage2_peak_memory_mb": peak_memory_mb(run.device),
-        "stage2_peak_memory_mb_per_process": run.procs.gather(peak_memory_mb(run.device)),
-    }
-    test_outputs = None
-    if test_split is not None:
-        started = time.perf_counter()
-        test_outputs = predictions(run.student, iterate_batches(CacheSource(test_split), 64, meta.pad_token_id), task,
-                                   run.procs, test_split.questions)
-        report["test"] = score(test_outputs, task, meta.label_names)
-        run.seconds["test"] = time.perf_counter() - started
-    report["seconds"] = time.perf_counter() - run.started
-    report["seconds_by_part"] = {**run.seconds, **{k: v["seconds"] for k, v in phases.items()},
-                                 "stage2_without_validation": result["seconds"] - run.seconds["validation"]}
-    report["processes"] = run.procs.size
-    return report, test_outputs
-
-
-def _state_variance(cfg: DistillConfig, meta: CacheMetadata, teacher_layers: list[int]) -> torch.Tensor | None:
-    """--mse-norm variance: the cached variance of each mapped teacher layer's states."""
-    if cfg.mse_norm == "none":
-        return None
-    if not meta.state_variance:
-        raise TedcacheError(f"--mse-norm variance needs the teacher-state variances that caches record; {cfg.cache} "
-                            "was written before they were: rebuild it with tedcache extract --force, or use "
-                            "--mse-norm none")
-    return torch.tensor([meta.state_variance[str(layer)] for layer in teacher_layers], dtype=torch.float32)
-
-
 def _checkpoint(cfg: DistillConfig, requested: dict, num_processes: int) -> Checkpoint:
     """Where this run saves its state (<out>.checkpoint); refuses to start over an unfinished run's state
     unless told to resume it."""
@@ -428,21 +255,3 @@ def _checkpoint(cfg: DistillConfig, requested: dict, num_processes: int) -> Chec
     return checkpoint
 
 
-def teacher_outputs(split, task: str) -> dict[str, np.ndarray]:
-    """The teacher's outputs on a cached split, from what the extraction stored (no teacher needed), in the
-    form `evaluate.predictions` gives a student's: `evaluate.score` scores both."""
-    if TASK[task].causal:
-        return {"values": split.teacher_nll}
-    if TASK[task].per_token:
-        tokens = np.concatenate([np.arange(a, a + n) for a, n in zip(split.starts, split.lengths)])
-        logits = split.tokens(layout.TOKEN_LOGITS, 0, int(tokens[-1]) + 1)[tokens]
-        if task == "question-answering":
-            cuts = np.cumsum(split.lengths)[:-1]
-            spans = split.tokens(layout.CONTEXT_SPANS, 0, int(tokens[-1]) + 1)[tokens]
-            windows = [best_span(x, y) for x, y in zip(np.split(logits, cuts), np.split(spans, cuts))]
-            return answer_questions(np.asarray(windows), split.question_index, split.questions)
-        example = np.repeat(np.arange(len(split)), split.lengths)
-        tags = split.tokens(layout.TOKEN_LABELS, 0, int(tokens[-1]) + 1)[tokens]
-        tagged = tags >= 0
-        return {"values": logits.argmax(-1)[tagged], "labels": tags[tagged].astype(np.int64), "example": example[tagged]}
-    return {"values": split.teacher_logits, "labels": split.labels}

@@ -7,9 +7,10 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .config import DistillConfig
-from .distillation import before_stage2, set_up, stage2_step, train_loader
+from .distillation import before_stage2, set_up, train_loader
 from .errors import TedcacheError
-from .reader import to_device
+from .stage2 import stage2_step
+from .transfer import to_device
 
 
 class DistillationTrainer(Trainer):

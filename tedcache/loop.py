@@ -18,7 +18,7 @@ from transformers import get_linear_schedule_with_warmup
 from .config import OptimConfig
 from .distributed import ALONE, Processes
 from .errors import TedcacheError
-from .reader import prefetch
+from .transfer import prefetch
 
 
 class LossModule(torch.nn.Module):

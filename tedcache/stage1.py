@@ -19,10 +19,11 @@ from .filters import FilterBank, LMHead, SequenceHead, TokenHead
 from .loop import Checkpoint, Phase, Runtime, Validation, fit
 from .losses import labelled, labels_or_teacher, lm_loss, task_loss
 from .models import input_device
-from .reader import iterate_batches, num_batches, to_device
+from .reader import iterate_batches, num_batches
 from .state_store import frozen_forward
 from .taps import in_own_dtype, is_decoder_only, model_parts
 from .tasks import TASK
+from .transfer import to_device
 
 
 @dataclass

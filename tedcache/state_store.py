@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from .cache.layout import TOKEN_LOGITS
-from .reader import iterate_batches, to_device
+from .reader import iterate_batches
 from .taps import forward_with_taps, hidden_size
 from .tasks import TASK
+from .transfer import to_device
 
 STORED_KEY = "frozen_states"  # the batch key StoredSource's states arrive under
 

@@ -16,11 +16,12 @@ from .data import Examples
 from .extract_run import ExtractRun
 from .losses import lm_loss_per_block
 from .models import input_device
-from .reader import ExamplesSource, iterate_batches, to_device
+from .reader import ExamplesSource, iterate_batches
 from .state_store import StateStore, StoredSource
 from .taps import model_parts
 from .tasks import TASK
 from .teacher import teacher_targets
+from .transfer import to_device
 
 
 def run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: int, logit_spec: LogitSpec | None,

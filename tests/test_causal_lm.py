@@ -18,7 +18,6 @@ from tedcache.cache import Cache, inspect_cache, verify
 from tedcache.cache.layout import FINAL, HEAD_FILE
 from tedcache.cache.logits import check_rebuilt, head_logits, parse_logit_spec, sparsify
 from tedcache.data import load_blocks
-from tedcache.distillation import kd_form, stage2_step
 from tedcache.distributed import pick_device
 from tedcache.errors import TedcacheError
 from tedcache.filters import FilterBank, FilterSpec
@@ -26,6 +25,7 @@ from tedcache.losses import Stage2Loss, hidden_kd_loss, kd_loss
 from tedcache.models import load_causal_lm, load_tokenizer
 from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
 from tedcache.stage1 import FilterTraining, train_filters
+from tedcache.stage2 import kd_form, stage2_step
 from tedcache.taps import final_norm, forward_with_taps
 from tedcache.teacher import LiveTargets
 from tedcache.teacher_pass import unit_generator

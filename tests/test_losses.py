@@ -329,7 +329,7 @@ def test_cache_records_each_layers_state_variance_and_the_normalised_mse_uses_it
 
 def test_gradient_ratio_is_logged_every_few_logged_steps(assets, tmp_path):
     from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
-    from tedcache.distillation import PROBE_EVERY
+    from tedcache.stage2 import PROBE_EVERY
 
     data = DataConfig(train=[str(assets["train"])], max_length=24)
     path = extract(ExtractConfig(teacher=str(assets["teacher"]), data=data, cache_dir=str(tmp_path / "c"),

@@ -14,7 +14,6 @@ from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, dist
 from tedcache.cache import Cache, CompactStates
 from tedcache.config import FilterConfig
 from tedcache.data import load_examples
-from tedcache.distillation import stage2_step
 from tedcache.errors import TedcacheError
 from tedcache.filters import FilterBank, FilterSpec
 from tedcache.layer_maps import map_layers
@@ -22,6 +21,7 @@ from tedcache.losses import Stage2Loss
 from tedcache.models import load_classifier, load_tokenizer
 from tedcache.reader import CacheSource, ExamplesSource, iterate_batches
 from tedcache.stage1 import FilterTraining, train_filters
+from tedcache.stage2 import stage2_step
 from tedcache.teacher import teacher_targets
 
 

@@ -26,7 +26,6 @@ from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForSequenceC
 from ..cache import Cache
 from ..config import DataConfig, ExtractConfig, FilterConfig, StudentConfig
 from ..data.splits import load_splits
-from ..distillation import stage2_step
 from ..distributed import peak_memory_mb, pick_device
 from ..errors import note
 from ..extraction import extract
@@ -34,11 +33,13 @@ from ..filters import FilterBank, FilterSpec
 from ..layer_maps import map_layers
 from ..losses import Stage2Loss, task_loss
 from ..models import load_classifier, load_for_task, load_tokenizer
-from ..reader import CacheBatches, ExamplesSource, iterate_batches, prefetch, to_device
+from ..reader import CacheBatches, ExamplesSource, iterate_batches
+from ..stage2 import stage2_step
 from ..students import init_student
 from ..taps import forward_with_taps, hidden_size, model_inputs, num_layers
 from ..teacher import LiveTargets
 from ..teacher_pass import stored_units
+from ..transfer import prefetch, to_device
 from .demo import DemoSize, minilm_path, rotten_tomatoes
 
 PAIRS = ("minilm", "bert")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cache.read import Cache
-from ..distillation import teacher_outputs
+from ..distill_report import teacher_outputs
 from ..errors import TedcacheError
 from ..evaluate import score
 from ..tasks import PRIMARY_METRIC
