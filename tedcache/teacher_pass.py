@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .cache import BackgroundWriter, CacheWriter, UnitStates
 from .cache.host_copies import HostCopies
 from .cache.layout import FINAL, pack, storage_order
-from .cache.logits import LogitSpec, check_rebuilt, head_tensors, sparsify
+from .cache.logits import check_rebuilt, head_tensors, sparsify
 from .config import ExtractConfig
 from .data import Examples
 from .extract_run import ExtractRun
@@ -24,9 +24,8 @@ from .teacher import teacher_targets
 from .transfer import to_device
 
 
-def run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: int, logit_spec: LogitSpec | None,
-              states: dict | None, generator: torch.Generator | None, per_token: bool = False,
-              stored: StateStore | None = None):
+def run_unit(run: ExtractRun, bank, examples: Examples, pad: int, states: dict | None,
+             generator: torch.Generator | None, stored: StateStore | None = None):
     """One unit through the teacher (or, with `stored`, read from the teacher's stored states and outputs
     for these examples: the values its forward gives, to float rounding). Training units pass `states`
     ({layer, or layout.FINAL for --logits hidden: codecs.UnitStates}), which receive each batch's
@@ -35,6 +34,8 @@ def run_unit(teacher, bank, layers, examples: Examples, pad: int, batch_size: in
     each block's mean next-token loss (N,), or with `per_token` (token classification, question
     answering) (tokens, C); with a `generator` (causal-lm training units), the sparse rows
     {"ids", "logprobs"[, "counts"]: (tokens, S)}. Nothing waits for the device inside the unit."""
+    teacher, layers, logit_spec = run.teacher, run.layers, run.logit_spec
+    per_token, batch_size = TASK[run.cfg.data.task].per_token, run.cfg.batch_size
     device = input_device(teacher)
     final = states is not None and FINAL in states
     outputs, rows = [], {}
@@ -90,8 +91,7 @@ def teacher_pass(run: ExtractRun, writer: CacheWriter, bank, units: list[tuple[s
     stored for the training split only, per-token logits (token classification, question answering) for
     every split. The splits in `stored` are read from Stage I's stored states and outputs, the others run
     through the teacher. Without int8 channel scales yet, the first training unit sets them (see _prepare)."""
-    teacher, layers, splits, logit_spec = run.teacher, run.layers, run.splits, run.logit_spec
-    batch_size, writer_kind = run.cfg.batch_size, run.cfg.writer
+    teacher, splits, logit_spec, writer_kind = run.teacher, run.splits, run.logit_spec, run.cfg.writer
     stored = stored or {}
     meta = writer.metadata
     device = input_device(teacher)
@@ -116,8 +116,7 @@ def teacher_pass(run: ExtractRun, writer: CacheWriter, bank, units: list[tuple[s
                       for key in writer.state_keys} if train else None
             generator = unit_generator(meta.seed, unit, device) if train and sampled else None
             store = stored[split].store.take(stored[split], order) if split in stored else None
-            outputs, rows = run_unit(teacher, bank, layers, part, meta.pad_token_id, batch_size, logit_spec,
-                                      states, generator, per_token, store)
+            outputs, rows = run_unit(run, bank, part, meta.pad_token_id, states, generator, store)
             if states and writer.needs_channel_scales():
                 writer.calibrate({key: s.float_states() for key, s in states.items()})
             encoded = {key: s.finish(writer.channel_scales.get(key)) for key, s in states.items()} if train else None

@@ -189,7 +189,7 @@ def tune(cfg: TuneConfig, log=None) -> dict:
             study.enqueue_trial(starting_point(cfg.base, space))
         base = replace(cfg.base, method=method, cache=cfg.raw_cache if method == "lwd" else cfg.base.cache,
                        resume=False)
-        _optimize(study, base, space, _seeds(cfg), cfg.trials, out / "trials" / method, metric, log, optuna)
+        _optimize(study, base, space, _seeds(cfg), cfg.trials, out / "trials" / method, metric, log)
         summary["methods"][method] = _report(study, base, cfg.trials, out, optuna)
     (out / "tune.json").write_text(json.dumps(summary, indent=2))
     rows = [[m, str(r["finished"]), str(r["pruned"]), f"{r['best_value']:.4f}",
@@ -212,8 +212,10 @@ def _running(study, optuna) -> int:
     return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
 
 
-def _optimize(study, base: DistillConfig, space: dict, seeds: list[int], trials: int, folder: Path, metric: str, log,
-              optuna) -> None:
+def _optimize(study, base: DistillConfig, space: dict, seeds: list[int], trials: int, folder: Path, metric: str,
+              log) -> None:
+    import optuna
+
     def objective(trial):
         trial.set_user_attr("worker", _worker())
         trial.set_user_attr("cache", load_metadata(base.cache).content_key)  # which cache exactly this trial read
