@@ -41,7 +41,7 @@ from .teacher import LiveTargets
 
 REMOTE_READ_AHEAD = 4  # windows in flight from an object store (see DistillConfig.read_ahead)
 # students' Stage I filters kept for reuse (DistillConfig.reuse_stage1)
-STAGE1_STORE = Path(os.environ.get("TEDCACHE_STAGE1_STORE", DEFAULT_CACHE_DIR / "stage1"))
+STAGE1_STORE = Path(os.environ.get("TEDCACHE_STAGE1_STORE", DEFAULT_CACHE_DIR / "student-filters"))
 
 
 def _read_ahead(cfg: DistillConfig) -> int:
