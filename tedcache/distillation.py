@@ -10,6 +10,7 @@ import json
 import os
 import time
 from dataclasses import asdict, replace
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -164,7 +165,7 @@ def _student_stage1(run: DistillRun, labels_only: CacheSource) -> dict:
     key = hashlib.sha256(json.dumps({
         "student": weights_hash(student), "filters": weights_hash(bank), "cache": run.meta.content_key,
         "stage1": asdict(cfg.stage1), "states": cfg.stage1_states, "seed": cfg.seed, "processes": run.procs.size,
-        "teacher_layers": run.teacher_layers}, sort_keys=True).encode()).hexdigest()[:24]
+        "teacher_layers": run.teacher_layers, "tedcache": version("tedcache")}, sort_keys=True).encode()).hexdigest()[:24]
     kept = stored_filters(STAGE1_STORE, key, bank) if cfg.reuse_stage1 else None
     if kept is not None:
         run.log(f"stage I (student filters): the filters an earlier run trained with the same key ({key}), reused")

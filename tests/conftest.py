@@ -8,7 +8,7 @@ import os
 import pytest
 from helpers.builders import documents, make_lm, make_model, sentiment_rows, write_rows, write_text
 
-from tedcache import DataConfig, ExtractConfig, OptimConfig, extract
+from tedcache import DataConfig, ExtractConfig, OptimConfig, distillation, extract
 from tedcache.config import StudentConfig
 from tedcache.students import init_student
 
@@ -49,6 +49,16 @@ def labelled_cache(assets, tmp_path_factory) -> str:
     return extract(ExtractConfig(teacher=str(assets["teacher"]), data=data,
                                  cache_dir=str(tmp_path_factory.mktemp("labelled") / "c"),
                                  stage1=OptimConfig(epochs=1, batch_size=16)))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def student_filters_store(tmp_path_factory):
+    """Students' kept Stage I filters (distill --reuse-stage1) go to a folder of this test run, in this process
+    and in the processes it starts, never to ~/.cache."""
+    folder = tmp_path_factory.mktemp("student-filters")
+    os.environ["TEDCACHE_STAGE1_STORE"] = str(folder)
+    distillation.STAGE1_STORE = folder
+    return folder
 
 
 @pytest.fixture

@@ -212,7 +212,7 @@ def test_each_process_draws_its_own_dropout_masks_and_one_process_uses_the_seed_
 def test_shard_reads_give_each_process_its_own_half_of_the_reads(one_process_cache, workers, monkeypatch):
     """Each reader (process, DataLoader worker) reads its own contiguous part: every example once per
     epoch across processes, equal batch counts (DDP steps in lockstep), half the read volume each."""
-    monkeypatch.setattr(reader, "WINDOW_BYTES", 8192)  # several windows in each reader's part
+    monkeypatch.setattr(reader.sources, "WINDOW_BYTES", 8192)  # several windows in each reader's part
     _, cache = one_process_cache
     split = Cache(cache).split("train")
     pad, size = Cache(cache).metadata.pad_token_id, 8
@@ -268,6 +268,7 @@ def test_compare_killed_mid_run_continues_that_run_from_its_checkpoint(one_proce
     assert straight.returncode == 0, straight.stderr
     args = ["compare", *long_distill_args(cache, assets["student"], tmp_path / "runs")[1:], "--methods", "ted"]
     args[args.index("--seed"):args.index("--seed") + 2] = ["--seeds", "3"]
+    del args[args.index("--method"):args.index("--method") + 2]  # (compare runs --methods)
     kill_after_checkpoint(args, tmp_path / "runs" / "ted-seed3.checkpoint" / "state.pt")
     rerun = run_one(*args)
     assert rerun.returncode == 0, rerun.stderr
@@ -323,9 +324,9 @@ def test_fsdp_distill_matches_one_process_resumes_after_a_kill_and_saves_a_plain
 def test_distill_killed_in_the_student_s_stage1_resumes_from_its_checkpoint(one_process_cache, assets, tmp_path,
                                                                            fault_log):
     _, cache = one_process_cache
-    args = long_distill_args(cache, assets["student"], tmp_path / "run")
+    args = long_distill_args(cache, assets["student"], tmp_path / "run") + ["--no-reuse-stage1"]  # (trained, killed)
     args[args.index("--stage1-epochs") + 1] = "3"
-    straight = run_one(*[tmp_path / "straight" if a == tmp_path / "run" else a for a in args])
+    straight = run_one(*[str(tmp_path / "straight") if a == str(tmp_path / "run") else a for a in args])
     assert straight.returncode == 0, straight.stderr
     kill_after_checkpoint(args, tmp_path / "run.checkpoint" / "stage1" / "state.pt")
     assert not (tmp_path / "run.checkpoint" / "state.pt").exists()  # killed in Stage I, before Stage II began

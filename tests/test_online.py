@@ -71,7 +71,7 @@ def assert_same_selection(offline: dict, online: dict, metric: str) -> None:
 
 @pytest.mark.parametrize("method", ["ted", "kd", "lwd"])
 def test_fp32_cache_and_live_teacher_train_the_same_student(method, assets, caches, tmp_path, monkeypatch):
-    monkeypatch.setattr(reader, "WINDOW_BYTES", SMALL_WINDOWS)
+    monkeypatch.setattr(reader.sources, "WINDOW_BYTES", SMALL_WINDOWS)
     cache = caches["raw" if method == "lwd" else "fp32"]
     offline, online = both_runs(cache, str(assets["student"]), str(assets["teacher"]), tmp_path, method=method, **RUN)
     assert len(offline["history"]) == 12  # 2 epochs of 6 steps, every step logged
@@ -89,7 +89,7 @@ def test_int8_cache_stays_within_the_codec_bound(assets, caches, tmp_path, monke
     2 sqrt(MSE_l) e_l + e_l^2 (Cauchy-Schwarz), and the task and KL terms not at all beyond float rounding
     (logits are stored in fp32). After it the students drift apart by what those differences did to the
     weights: the whole run is held to the codec's own relative RMS error (measured: a sixth of it)."""
-    monkeypatch.setattr(reader, "WINDOW_BYTES", SMALL_WINDOWS)
+    monkeypatch.setattr(reader.sources, "WINDOW_BYTES", SMALL_WINDOWS)
     cache = Cache(caches["int8"])
     teacher = load_classifier(str(assets["teacher"])).eval()
     bank = FilterBank.from_bytes(cache.filter_files()).eval()
@@ -123,7 +123,7 @@ def test_int8_cache_stays_within_the_codec_bound(assets, caches, tmp_path, monke
 def test_causal_lm_hidden_cache_and_live_teacher_train_the_same_student(lm_assets, tmp_path, monkeypatch):  # noqa: F811
     """--logits hidden: the exact full distribution rebuilt from cached final states trains what the live
     teacher's logits train."""
-    monkeypatch.setattr(reader, "WINDOW_BYTES", SMALL_WINDOWS)
+    monkeypatch.setattr(reader.sources, "WINDOW_BYTES", SMALL_WINDOWS)
     _, cache = extract_lm(lm_assets, tmp_path, logits="hidden")
     offline, online = both_runs(cache, str(lm_assets["llama_student"]), str(lm_assets["llama"]), tmp_path, method="ted",
                                 **{**RUN, "optim": OptimConfig(epochs=2, batch_size=8, lr=1e-3),

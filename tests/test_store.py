@@ -250,8 +250,9 @@ def test_dataloader_workers_cover_the_epoch_with_compact_batches(assets, tmp_pat
 
 def test_read_ahead_reads_the_same_batches_concurrently(assets, tmp_path, monkeypatch):
     from tedcache import reader
+    from tedcache.reader import sources
 
-    monkeypatch.setattr(reader, "WINDOW_BYTES", 2048)  # windows of a few examples: many reads to overlap
+    monkeypatch.setattr(sources, "WINDOW_BYTES", 2048)  # windows of a few examples: many reads to overlap
     path = extract(_cfg(assets, tmp_path / "caches"))
     source = reader.CacheSource(Cache(path).split("train"), [1, 3])
     reads, read = [], source.read
