@@ -201,10 +201,11 @@ class DistillConfig:
     shard_reads: bool = setting(False, "Many processes: each reads only its own 1/N of the training windows "
                                        "(object stores, large caches); global batches are then not exactly "
                                        "one process's. See docs/distributed.md.")
-    reuse_stage1: bool = setting(True, "ted: keep the student's Stage I filters (under ~/.cache/tedcache/student-filters, "
-                                       "keyed by the student's initial weights, the cache, the Stage I settings "
-                                       "and the seed) and reuse them in every later run with the same key, as "
-                                       "tune's trials and compare's methods have: the run's outcome is the same.")
+    reuse_stage1: bool = setting(True, "ted: keep the student's Stage I filters (under "
+                                       "~/.cache/tedcache/student-filters, keyed by the student's initial weights and "
+                                       "configuration, the layers, the cache, the Stage I settings and the seed) and "
+                                       "reuse them in every later run with the same key, as tune's trials and compare's "
+                                       "methods have: the run's outcome is the same.")
     read_ahead: int | None = setting(None, "Cache windows (up to 16 MiB of states each) read concurrently "
                                            "ahead of training; default 0 from a local disk, 4 from an object "
                                            "store, where their request latencies overlap.")

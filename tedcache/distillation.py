@@ -162,10 +162,13 @@ def _student_stage1(run: DistillRun, labels_only: CacheSource) -> dict:
     settings, the seed and the processes decide them), loaded instead of trained again."""
     cfg, student, bank, pad_id = run.cfg, run.student, run.loss.filters, run.meta.pad_token_id
     started = time.perf_counter()
+    # the student's configuration too: two students with one set of weights may differ in dropout, which Stage I's
+    # heads take from it
     key = hashlib.sha256(json.dumps({
-        "student": weights_hash(student), "filters": weights_hash(bank), "cache": run.meta.content_key,
+        "student": weights_hash(student), "config": student.config.to_dict(), "filters": weights_hash(bank),
+        "student_layers": bank.spec.layers, "teacher_layers": run.teacher_layers, "cache": run.meta.content_key,
         "stage1": asdict(cfg.stage1), "states": cfg.stage1_states, "seed": cfg.seed, "processes": run.procs.size,
-        "teacher_layers": run.teacher_layers, "tedcache": version("tedcache")}, sort_keys=True).encode()).hexdigest()[:24]
+        "tedcache": version("tedcache")}, sort_keys=True, default=str).encode()).hexdigest()[:24]
     kept = stored_filters(STAGE1_STORE, key, bank) if cfg.reuse_stage1 else None
     if kept is not None:
         run.log(f"stage I (student filters): the filters an earlier run trained with the same key ({key}), reused")

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers.builders import FILLER, NEGATIVE, POSITIVE, make_tokenizer, write_rows
+from helpers.builders import FILLER, NEGATIVE, POSITIVE, make_tokenizer, without_dropout, write_rows
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from tedcache import DataConfig, ExtractConfig, FinetuneConfig, OptimConfig, TedcacheError, extract, finetune
@@ -144,6 +144,10 @@ def test_a_students_stage1_is_reused_by_runs_with_its_key_and_the_outcome_is_unc
     assert reports["other stage II"]["history"] != reports["uncut"]["history"]  # Stage II's own settings still count
     other_seed = distill(replace(base, out=str(tmp_path / "seed 6"), seed=6), log=logs.setdefault("seed 6", []).append)
     assert not any("reused" in line for line in logs["seed 6"]) and "reused" not in other_seed["phases"]["stage1"]
+    # the same weights with another configuration (no dropout: Stage I's heads take theirs from it) train anew
+    same_weights = without_dropout(assets["student"], tmp_path / "no-dropout")
+    other_config = distill(replace(base, out=str(tmp_path / "no dropout"), student=str(same_weights)), log=lambda *_: None)
+    assert "reused" not in other_config["phases"]["stage1"]
 
 
 def test_stage1_reuse_is_on_by_default_and_can_be_turned_off_on_the_command_line():
