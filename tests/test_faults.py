@@ -80,13 +80,13 @@ def test_a_disk_filling_up_mid_extraction_is_said_as_such_and_the_same_command_r
     while time.time() < deadline and proc.poll() is None and not list(disk.glob("caches/*/units/train/*.json")):
         time.sleep(0.005)
     filler = disk / "filler"
-    with filler.open("wb") as f:  # the rest of the disk, taken by someone else
-        try:
+    try:  # the rest of the disk, taken by someone else (already full at the open is full too)
+        with filler.open("wb") as f:
             while True:
                 f.write(b"\0" * 65536)
                 f.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2, stderr[-2000:]
     line = _one_line(stderr)
@@ -94,7 +94,7 @@ def test_a_disk_filling_up_mid_extraction_is_said_as_such_and_the_same_command_r
     assert "it needs about" in line and "free space and run the same command to resume" in line
     cache = next(disk.glob("caches/*"))
     assert json.loads((cache / "zarr.json").read_text())["attributes"]["tedcache"]["complete"] is False
-    os.remove(filler)
+    filler.unlink(missing_ok=True)
     resumed = run_cli(*_args(assets, data, disk / "caches"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming:" in resumed.stderr
