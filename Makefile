@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo demo-lm bench lint test test-fast test-unit faults clean
+.PHONY: install browser demo demo-lm bench lint test test-all test-fast test-unit faults clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,13 +47,17 @@ browser:
 lint: install
 	$(VENV)/bin/ruff check .
 
-# The whole suite, slow tests on the real MiniLM + Rotten Tomatoes included (what CI runs).
+# What CI runs: every tier but `long`, the real-model tests included (about 13 minutes on 2 CPU cores).
 test: install browser lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not long"
+
+# Every test, the `long` tier too (README, "Tests": the checks it adds).
+test-all: install browser lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m ""
 
 # Tiny random-initialised models only, the tests that start processes included.
 test-fast: install lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not long"
 
 # After every edit: tiny models in this process only (no launches, kills, servers or real models).
 test-unit: install

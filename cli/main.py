@@ -129,8 +129,9 @@ def list_command(cache_dir):
     for row in list_caches(cache_dir):
         writing = f" (writing: {row['writing']})" if row["writing"] else ""
         state = "complete" if row["complete"] else f"incomplete{writing}"
+        reading = f"  read by: {'; '.join(row['reading'])}" if row["reading"] else ""
         click.echo(f"{row['path']}  teacher={row['teacher']}  data={row['data']}  layers={row['layers']}  "
-                   f"{row['states']}/{row['precision']}  {row['bytes_on_disk'] / 2**20:.1f}MiB  {state}")
+                   f"{row['states']}/{row['precision']}  {row['bytes_on_disk'] / 2**20:.1f}MiB  {state}{reading}")
 
 
 @app.command()
@@ -149,17 +150,18 @@ def inspect(cache, as_json):
 
 @app.command()
 @click.argument("caches", nargs=-1, required=True)
-def rm(caches):
-    """Delete caches (refused while an extraction is writing one)."""
+@click.option("--force", is_flag=True, help="Remove a cache even while an extraction writes it or a run reads it.")
+def rm(caches, force):
+    """Delete caches (refused while an extraction writes one or a run reads it)."""
     for cache in caches:
-        remove_cache(cache)
+        remove_cache(cache, force)
         click.echo(f"removed {cache}")
 
 
 @app.command()
 @click.option("--cache-dir", default=DEFAULT_CACHES, show_default=True)
 def gc(cache_dir):
-    """Delete the incomplete caches that no running extraction is writing."""
+    """Delete the incomplete caches that no running extraction writes and no run reads."""
     for path in collect_garbage(cache_dir):
         click.echo(f"removed {path}")
 

@@ -148,6 +148,12 @@ class ExtractConfig:
                                    "launch-bound teacher). Values may differ from eager at float rounding, so "
                                    "the cache's identity records it; measured in docs/performance.md.")
     force: bool = setting(False, "Rebuild even if a cache of the same inputs exists.")
+    wait: float = setting(3600.0, "Seconds to wait while another extraction writes the same cache (on any host "
+                                  "sharing the cache folder), then reuse the cache it finished or resume the one "
+                                  "it left; 0: refuse at once.")
+    lock: bool = setting(True, "Take the cache's writer lock (docs/design.md, \"Sharing caches\"). --no-lock "
+                               "writes without it: only for a store that does not honour conditional writes, "
+                               "when nothing else writes this cache.")
     trust_remote_code: bool = setting(False, "Run code shipped with the model folder or hub repository (custom "
                                              "architectures). Off by default: such code runs with your rights.")
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .cache import Cache, Location, verify
+from .cache import Cache, Location, ReaderLease, verify
+from .cache.claims import removed_error, removed_while_read
 from .cache.object_store import count_retries, retried_requests, store_errors
 from .config import DEFAULT_CACHE_DIR, DistillConfig, what_it_computes
 from .distill_report import run_report
@@ -56,14 +57,21 @@ def distill(cfg: DistillConfig, log=None, on_eval=None, score_test: bool = True,
     `on_eval(metrics)` is called after every validation (tune reports to Optuna there, and may raise to
     stop the run); with score_test=False the test split is not read at all, and with keep_model=False
     only metrics.json and config.yaml are saved."""
-    remote = not Location(cfg.cache).local
+    location = Location(cfg.cache)
+    remote = not location.local
     if remote:
         count_retries()
-    with store_errors(cfg.cache):
-        run = set_up(cfg, log)
-        phases = before_stage2(run)
-        result = train(run, on_eval)
-        report, test_outputs = run_report(run, result, phases, score_test)
+    run = None
+    with store_errors(cfg.cache), ReaderLease(location, f"distill --method {cfg.method}"):
+        try:
+            run = set_up(cfg, log)
+            phases = before_stage2(run)
+            result = train(run, on_eval)
+            report, test_outputs = run_report(run, result, phases, score_test)
+        except Exception as exc:
+            if run is not None and removed_while_read(location):
+                raise removed_error(location.url, run.checkpoint.folder) from exc
+            raise
     # under FSDP the student's whole state is gathered to the main process (a collective), which saves it
     weights = run.procs.state_of(run.student) if keep_model and run.procs.sharding else None
     if run.procs.main:  # the student is saved once

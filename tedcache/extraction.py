@@ -76,7 +76,8 @@ def extract(cfg: ExtractConfig, log=None) -> str:
 def _extract_into(run: ExtractRun) -> str:
     """extract's writing part, under the cache's lock: Stage I, then every unit not yet written."""
     procs, location, log = run.procs, run.location, run.log
-    with CacheLock(location) if procs.main else nullcontext():
+    lock = CacheLock(location, run.cfg.wait, log) if procs.main and run.cfg.lock else nullcontext()
+    with lock:
         metadata = cache_metadata(run)
         found = _first_then_all(procs, lambda: _found(run, metadata))
         if found == "complete":

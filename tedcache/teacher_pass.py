@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import BackgroundWriter, CacheWriter, UnitStates
+from .cache.claims import check_lock
 from .cache.host_copies import HostCopies
 from .cache.layout import FINAL, pack, storage_order
 from .cache.logits import check_rebuilt, head_tensors, sparsify
@@ -106,6 +107,7 @@ def teacher_pass(run: ExtractRun, writer: CacheWriter, bank, units: list[tuple[s
     copies = HostCopies(device)
     with BackgroundWriter(writer, writer_kind) as background:
         def hand_over(split, unit, outputs, rows, encoded):
+            check_lock(run.location)
             background.write(split, unit, {} if per_token else {output_key: outputs.tolist()}, encoded, rows,
                              outputs if per_token else None)
             bar.update(1)

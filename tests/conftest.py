@@ -7,6 +7,7 @@ import os
 
 import pytest
 from helpers.builders import documents, make_lm, make_model, sentiment_rows, write_rows, write_text
+from helpers.object_store import s3_server
 
 from tedcache import DataConfig, ExtractConfig, OptimConfig, distillation, extract
 from tedcache.config import StudentConfig
@@ -72,3 +73,10 @@ def fault_log():
                 f.write(line + "\n")
 
     return log
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A real S3-compatible server (moto) on loopback for the module's tests (helpers/object_store.py)."""
+    with s3_server() as env:
+        yield env

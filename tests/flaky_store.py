@@ -1,6 +1,7 @@
 """A loopback HTTP proxy in front of an S3-compatible server that fails a seeded share of requests, the way
 object stores do: 503 SlowDown, 500 InternalError, a connection reset after the server acted, or a slow
-answer. `--deny` answers every request 403 AccessDenied instead.
+answer. `--deny` answers every request 403 AccessDenied instead; `--drop-conditions` forwards writes without
+their If-None-Match / If-Match headers, the way a store that ignores conditional writes behaves.
 
     python tests/flaky_store.py --upstream http://127.0.0.1:5000 --port 5001 --share 0.1 --seed 0
 
@@ -19,6 +20,7 @@ from aiohttp import web
 
 FAULTS = ("slowdown", "internal", "reset", "slow")
 SLOW_SECONDS = 0.2
+CONDITIONS = {"if-none-match", "if-match"}
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "expect", "host"}
 
 
@@ -34,14 +36,15 @@ def _reset(request: web.Request) -> None:
     request.transport.abort()
 
 
-def make_app(upstream: str, share: float, seed: int, deny: bool) -> web.Application:
+def make_app(upstream: str, share: float, seed: int, deny: bool, drop_conditions: bool = False) -> web.Application:
     rng = random.Random(seed)
     counts = Counter()
     session: dict[str, aiohttp.ClientSession] = {}
 
     async def forward(request: web.Request) -> web.Response:
         body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        dropped = HOP_BY_HOP | (CONDITIONS if drop_conditions else set())
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in dropped}
         headers["Host"] = request.host  # the client signed for the proxy's address
         async with session["upstream"].request(request.method, upstream + request.raw_path, headers=headers,
                                                data=body) as answer:
@@ -99,8 +102,10 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=0.1, help="share of requests that meet a fault")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--deny", action="store_true", help="answer every request 403 AccessDenied")
+    parser.add_argument("--drop-conditions", action="store_true", help="forward without If-None-Match / If-Match")
     args = parser.parse_args()
-    web.run_app(make_app(args.upstream.rstrip("/"), args.share, args.seed, args.deny), host="127.0.0.1",
+    web.run_app(make_app(args.upstream.rstrip("/"), args.share, args.seed, args.deny, args.drop_conditions),
+                host="127.0.0.1",
                 port=args.port, print=None, access_log=None)
 
 

@@ -65,6 +65,7 @@ def test_bench_runs_every_mode_side_by_side(tmp_path, monkeypatch):
         assert row[f"{mode}_step_s"] > 0 and row[f"peak_mem_{'student' if mode == 'student_only' else mode}_mb"] > 0
 
 
+@pytest.mark.long
 @pytest.mark.process  # Stage II modes and tune studies each run in a process of their own
 def test_big_profile_times_every_part_on_a_tiny_llama(tmp_path, monkeypatch):
     """`bench --profile big` end to end with tiny shapes: a random Llama teacher (the tokenizer from

@@ -279,6 +279,7 @@ def test_compare_killed_mid_run_continues_that_run_from_its_checkpoint(one_proce
     assert not (tmp_path / "runs" / "ted-seed3.checkpoint").exists()
 
 
+@pytest.mark.long
 @pytest.mark.process
 def test_fsdp_distill_matches_one_process_resumes_after_a_kill_and_saves_a_plain_student(
         one_process_cache, no_dropout_student, tmp_path):
@@ -320,6 +321,7 @@ def test_fsdp_distill_matches_one_process_resumes_after_a_kill_and_saves_a_plain
     assert killed["test"] == runs["fsdp"]["test"]
 
 
+@pytest.mark.long
 @pytest.mark.process
 def test_distill_killed_in_the_student_s_stage1_resumes_from_its_checkpoint(one_process_cache, assets, tmp_path,
                                                                            fault_log):

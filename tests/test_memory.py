@@ -68,6 +68,7 @@ extract(ExtractConfig(teacher=teacher, data=DataConfig(train=[text], task="causa
 """ + PEAKS
 
 
+@pytest.mark.long
 @pytest.mark.process
 def test_lm_extraction_memory_stays_flat_as_the_corpus_grows_tenfold(tmp_path):
     """Tokens are spooled to a memory-mapped temporary file and gathered one shard (unit) at a time: peak

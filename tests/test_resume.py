@@ -60,6 +60,7 @@ def test_an_idle_writer_process_dies_with_its_parent_killed_by_sigkill(assets, t
     assert gone([child]), "the writer waits on its queue after its parent died"
 
 
+@pytest.mark.long
 @pytest.mark.process
 def test_sigkill_then_same_command_resumes_to_identical_values(assets, tmp_path):
     data = write_rows(tmp_path / "big.csv", sentiment_rows(2500, seed=7))
@@ -118,6 +119,7 @@ def _kill_when(args: list, ready, seconds_after: float = 0.2) -> None:
     proc.wait()
 
 
+@pytest.mark.long
 @pytest.mark.process
 def test_stage1_killed_at_several_moments_resumes_to_the_uninterrupted_filters(assets, tmp_path, fault_log):
     """Three SIGKILLs during Stage I, each after a later checkpoint; the resumed extraction trains on from

@@ -1,83 +1,17 @@
 """Caches on an S3-compatible object store: a real moto server on loopback, the real s3fs client."""
 
-import contextlib
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections import Counter
-from pathlib import Path
 
 import fsspec.config
 import numpy as np
 import pytest
 import s3fs
 from helpers.commands import run_cli, run_cli_process
+from helpers.object_store import BUCKET, flaky_proxy, free_port
 
 from tedcache.cache import Cache, object_store
 from tedcache.errors import TedcacheError
-
-BUCKET = "tedcache-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(*command, port: int) -> subprocess.Popen:
-    """A server process, returned once it accepts connections on `port`."""
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return server
-        except OSError:
-            assert time.time() < deadline and server.poll() is None, f"{command} did not start"
-            time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def s3_env():
-    port = _free_port()
-    server = _start(sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port), port=port)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    try:
-        s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"]).mkdir(BUCKET)
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # for the CLI subprocesses (fsspec reads FSSPEC_S3_* when it is imported)
-        fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = env["FSSPEC_S3_ENDPOINT_URL"]  # this process
-        yield env
-        fsspec.config.conf["s3"].pop("endpoint_url")
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    finally:
-        server.terminate()
-        server.wait()
-
-
-@contextlib.contextmanager
-def _proxy(upstream: str, *flags):
-    """tests/flaky_store.py in front of `upstream`; yields (its URL, a function returning its counts)."""
-    port = _free_port()
-    server = _start(sys.executable, str(Path(__file__).with_name("flaky_store.py")), "--upstream", upstream,
-                    "--port", str(port), *flags, port=port)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        yield url, lambda: Counter(json.loads(urllib.request.urlopen(f"{url}/_flaky/counts").read()))
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def _retried(stderr: str) -> int:
@@ -103,7 +37,7 @@ def test_extract_reuse_verify_ls_and_distill_through_a_flaky_store(assets, tmp_p
                             tmp_path / "clean", *SHORT_DISTILL)
     assert clean.returncode == 0, clean.stderr
 
-    with _proxy(s3_env["FSSPEC_S3_ENDPOINT_URL"], "--share", "0.1", "--seed", "7") as (endpoint, counts):
+    with flaky_proxy(s3_env["FSSPEC_S3_ENDPOINT_URL"], "--share", "0.1", "--seed", "7") as (endpoint, counts):
         monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", endpoint)  # the commands' processes
         monkeypatch.setitem(fsspec.config.conf["s3"], "endpoint_url", endpoint)  # this one
         remote = run_cli_process(*args, "--cache-dir", f"s3://{BUCKET}/caches")
@@ -152,11 +86,11 @@ def test_a_store_that_keeps_failing_ends_in_one_line(assets, tmp_path, s3_env, m
     outcomes = {"a missing bucket": run_cli("distill", "--cache", "s3://no-such-bucket/caches/teacher-x",
                                             "--student", assets["student"], "--out", tmp_path / "run"),
                 "a misspelt bucket": run_cli(*args, "--cache-dir", "s3://no-such-bucket/caches")}
-    with _proxy(s3_env["FSSPEC_S3_ENDPOINT_URL"], "--deny") as (endpoint, counts):
+    with flaky_proxy(s3_env["FSSPEC_S3_ENDPOINT_URL"], "--deny") as (endpoint, counts):
         monkeypatch.setitem(fsspec.config.conf["s3"], "endpoint_url", endpoint)
         outcomes["denied access"] = run_cli(*args, "--cache-dir", f"s3://{BUCKET}/denied")
         denied = counts()
-    monkeypatch.setitem(fsspec.config.conf["s3"], "endpoint_url", f"http://127.0.0.1:{_free_port()}")  # no one there
+    monkeypatch.setitem(fsspec.config.conf["s3"], "endpoint_url", f"http://127.0.0.1:{free_port()}")  # no one there
     outcomes["a store that is gone"] = run_cli(*args, "--cache-dir", f"s3://{BUCKET}/gone")
     outcomes["a store that is gone, for distill"] = run_cli("distill", "--cache", f"s3://{BUCKET}/gone/teacher-x",
                                                             "--student", assets["student"], "--out", tmp_path / "run")

@@ -155,7 +155,7 @@ def test_lock_names_its_live_holder_and_stale_locks_are_taken_over(assets, tmp_p
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (path / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid, "since": "now"}))
-        cfg.force = True
+        cfg.force, cfg.wait = True, 0
         with pytest.raises(TedcacheError, match=f"being written by pid {holder.pid}"):
             extract(cfg)
         result = run_cli("rm", path)

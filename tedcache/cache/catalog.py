@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..errors import TedcacheError
-from .location import CacheLock, Location
+from .claims import CacheLock, describe, readers
+from .location import Location
 from .metadata import load_metadata
 from .read import Cache, storage_sizes
 
@@ -22,7 +23,8 @@ def list_caches(cache_dir: str) -> list[dict]:
         rows.append({"path": location.url, "teacher": meta.teacher, "data": ",".join(meta.data.get("train") or []),
                      "layers": meta.layers, "states": meta.states, "precision": meta.precision,
                      "bytes_on_disk": location.size(), "complete": meta.complete,
-                     "writing": f"pid {writing['pid']} on {writing['host']}" if writing else None})
+                     "writing": describe(writing) if writing else None,
+                     "reading": [describe(reader) for reader in readers(location)]})
     return rows
 
 
@@ -42,21 +44,27 @@ def inspect_cache(url: str, sample_units: int = 1) -> dict:
     return info
 
 
-def remove_cache(url: str) -> None:
+def remove_cache(url: str, force: bool = False) -> None:
+    """Delete a cache; refused while an extraction writes it or a run reads it, unless `force`."""
     location = Location(url)
     load_metadata(location)  # refuse to delete something that is not a cache
     holder = CacheLock(location).holder()
-    if holder:
-        raise TedcacheError(f"{url} is being written by pid {holder['pid']} on {holder['host']}; stop that "
-                            "extraction first")
+    if holder and not force:
+        raise TedcacheError(f"{url} is being written by {describe(holder)}; stop that extraction first, or pass "
+                            "--force to remove it anyway")
+    reading = readers(location)
+    if reading and not force:
+        raise TedcacheError(f"{url} is being read by {'; '.join(map(describe, reading))}; wait for "
+                            f"{'them' if len(reading) > 1 else 'it'} to finish, or pass --force to remove it anyway "
+                            "(a reader then stops with an error, its checkpoint kept)")
     location.remove()
 
 
 def collect_garbage(cache_dir: str) -> list[str]:
-    """Remove every incomplete cache that no live extraction is writing; returns their paths."""
+    """Remove every incomplete cache that no live extraction writes and no run reads; returns their paths."""
     removed = []
     for row in list_caches(cache_dir):
-        if not row["complete"] and not row["writing"]:
+        if not row["complete"] and not row["writing"] and not row["reading"]:
             Location(row["path"]).remove()
             removed.append(row["path"])
     return removed

@@ -1,12 +1,14 @@
-"""Where a cache lives (a local folder or an fsspec URL) and the lock that keeps two writers apart."""
+"""Where a cache lives (a local folder or an fsspec URL), with the exclusive and conditional writes its lock
+and leases are built on (claims.py)."""
 
 from __future__ import annotations
 
-import json
+import fcntl
+import hashlib
 import os
 import posixpath
-import socket
-import time
+import uuid
+from contextlib import contextmanager, nullcontext
 
 import fsspec
 import zarr
@@ -59,19 +61,102 @@ class Location:
         else:
             self.fs.pipe_file(target, data)
 
-    def create_exclusive(self, rel: str, data: bytes) -> bool:
-        """Write `rel` only if it does not exist; False when it does. Local disks do this atomically
-        (O_EXCL); object stores have no such primitive here, so there the last writer wins (documented)."""
-        if not self.local:
-            self.write_bytes(rel, data)
-            return True
+    def create_exclusive(self, rel: str, data: bytes) -> str | None:
+        """Write `rel` only if it does not exist: its tag (see read_tagged), or None when it exists. Local
+        disks use O_EXCL; object stores a conditional PUT (If-None-Match: *). A write whose answer was lost
+        and whose retry met its own object counts as done (`data` must be unique to the writer)."""
+        target = self.path(rel)
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        if self.local:
+            try:
+                fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return None
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return _digest(data)
         try:
-            fd = os.open(self.path(rel), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            answer = self.fs.pipe_file(target, data, mode="create")
         except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return True
+            return self._landed(rel, data)
+        return self._tag_of(rel, answer)
+
+    def read_tagged(self, rel: str) -> tuple[bytes, str] | None:
+        """`rel`'s bytes and a tag that changes with every write of it (an object's ETag, read before its
+        bytes; a local file's digest), or None when it is not there."""
+        target = self.path(rel)
+        try:
+            if self.local:
+                with open(target, "rb") as f:
+                    data = f.read()
+                return data, _digest(data)
+            self.fs.invalidate_cache(target)
+            tag = self.fs.info(target)["ETag"].strip('"')
+            return self.fs.cat_file(target), tag
+        except FileNotFoundError:
+            return None
+
+    def replace_tagged(self, rel: str, data: bytes, tag: str) -> str | None:
+        """Overwrite `rel` with `data` only if it still has `tag`: the new tag, or None (it changed or is gone).
+        Object stores: a conditional PUT (If-Match); local disks: under an flock held by every replacer."""
+        target = self.path(rel)
+        if self.local:
+            with self._guard(rel):
+                found = self.read_tagged(rel)
+                if found is None or found[1] != tag:
+                    return None
+                self.write_bytes(rel, data)
+                return _digest(data)
+        try:
+            answer = self.fs.pipe_file(target, data, IfMatch=f'"{tag}"')
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if not _precondition_failed(exc):
+                raise
+            return self._landed(rel, data)
+        return self._tag_of(rel, answer)
+
+    def remove_tagged(self, rel: str, tag: str) -> bool:
+        """Remove `rel` if it still has `tag` (on an object store, checked just before the delete)."""
+        with self._guard(rel) if self.local else nullcontext():
+            found = self.read_tagged(rel)
+            if found is None or found[1] != tag:
+                return False
+            self.fs.rm_file(self.path(rel))
+            return True
+
+    def honours_conditions(self) -> bool:
+        """Whether this store refuses a second exclusive create and a replace with a stale tag (asked once per
+        store and process, with a probe object that is removed again); local disks always do."""
+        if self.local:
+            return True
+        key = (self.root.split("/")[0], repr(self.options), os.environ.get("FSSPEC_S3_ENDPOINT_URL"))
+        if key not in _CONDITIONS_HONOURED:
+            probe = f".probe-{uuid.uuid4().hex}"
+            first = self.create_exclusive(probe, b"first")
+            second = self.create_exclusive(probe, b"second")
+            stale = self.replace_tagged(probe, b"third", "0" * 32)
+            self.fs.rm_file(self.path(probe))
+            _CONDITIONS_HONOURED[key] = first is not None and second is None and stale is None
+        return _CONDITIONS_HONOURED[key]
+
+    def _landed(self, rel: str, data: bytes) -> str | None:
+        """After a refused conditional write: its tag if what is there is `data` (an earlier attempt of this
+        very write landed and its answer was lost), else None."""
+        found = self.read_tagged(rel)
+        return found[1] if found is not None and found[0] == data else None
+
+    def _tag_of(self, rel: str, answer) -> str:
+        etag = answer.get("ETag") if isinstance(answer, dict) else None
+        return etag.strip('"') if etag else self.read_tagged(rel)[1]
+
+    @contextmanager
+    def _guard(self, rel: str):
+        """An exclusive flock on `rel`.guard, beside it (local disks)."""
+        with open(f"{self.path(rel)}.guard", "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            yield
 
     def remove(self, rel: str = "") -> None:
         target = self.path(rel) if rel else self.root
@@ -109,54 +194,18 @@ class Location:
         return self.url
 
 
-LOCK = ".lock"
+_CONDITIONS_HONOURED: dict[tuple, bool] = {}
 
 
-class CacheLock:
-    """Keeps two extractions from writing one cache. The lock names its holder; a lock left by a dead
-    process on this host is recognised as stale and taken over."""
-
-    def __init__(self, location: Location):
-        self.location = location
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-    def holder(self) -> dict | None:
-        """The live holder, or None (no lock, or a stale one)."""
-        if not self.location.exists(LOCK):
-            return None
-        try:
-            held = json.loads(self.location.read_bytes(LOCK))
-        except (FileNotFoundError, ValueError):
-            return None
-        if held.get("host") == socket.gethostname() and not process_alive(int(held.get("pid", -1))):
-            return None
-        return held
-
-    def __enter__(self):
-        held = self.holder()
-        if held is not None and held.get("pid") != os.getpid():
-            raise TedcacheError(f"cache {self.location} is being written by pid {held['pid']} on {held['host']} "
-                                f"since {held['since']}; wait for it to finish (or, if that process is gone, "
-                                f"delete {self.location}/{LOCK})")
-        self.location.fs.makedirs(self.location.root, exist_ok=True)
-        if self.location.exists(LOCK):
-            self.location.remove(LOCK)  # stale, or our own (checked above)
-        if not self.location.create_exclusive(LOCK, json.dumps(self.me).encode()):
-            raise TedcacheError(f"cache {self.location} was locked by another extraction a moment ago; "
-                                "wait for it to finish")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.location.exists(LOCK):
-            self.location.remove(LOCK)
+def _digest(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
 
 
-def process_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is a store's 412 Precondition Failed."""
+    while exc is not None:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            return True
+        exc = exc.__cause__
+    return False

@@ -16,8 +16,9 @@ from zarr.codecs import ZstdCodec
 
 from ..errors import TedcacheError
 from . import layout
+from .claims import LOCK, READERS
 from .codecs import PAD_TOKEN_SCALE, STATE_DTYPES, EncodedStates, as_stored, calibrate_channel_scales
-from .location import LOCK, Location
+from .location import Location
 from .metadata import CacheMetadata, UnitRecord
 
 
@@ -47,9 +48,9 @@ class CacheWriter:
 
     @classmethod
     def create(cls, location: Location, metadata: CacheMetadata) -> "CacheWriter":
-        """A new, empty cache at `location` (anything there but the lock is removed)."""
+        """A new, empty cache at `location` (anything there but the lock and the leases is removed)."""
         for name in location.listdir():
-            if name != LOCK:  # the caller holds it
+            if name not in (LOCK, f"{LOCK}.guard", READERS):  # the caller holds the lock
                 location.remove(name)
         shard = metadata.shard_tokens
         metadata = replace(metadata, format_version=layout.FORMAT_VERSION, complete=False, inputs_written=False,

@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..cache import load_metadata
-from ..cache.location import process_alive
+from ..cache.claims import process_alive
 from ..config import METHODS, DistillConfig, TuneConfig, check_methods, what_it_computes
 from ..configfile import CONFIG_FILE, config_yaml
 from ..distillation import distill

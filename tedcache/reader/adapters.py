@@ -4,10 +4,12 @@ map-style Dataset of examples for a loop of one's own (CacheDataset)."""
 from __future__ import annotations
 
 import collections
+import weakref
 
 import torch
 
-from ..cache import Cache
+from ..cache import Cache, Location, ReaderLease
+from ..cache.claims import check_reading
 from ..errors import TedcacheError
 from .collate import collate_examples, example
 from .plan import iterate_batches, num_batches
@@ -36,9 +38,11 @@ class CacheBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker = (info.id, info.num_workers) if info is not None else (0, 1)
         source = CacheSource(cache.split(self.split), self.layers, self.with_logits, self.read_targets)
-        yield from iterate_batches(source, self.batch_size, cache.metadata.pad_token_id, self.shuffle, self.seed,
-                                   self.epoch, worker=worker, process=self.process,
-                                   shard_reads=self.shard_reads, read_ahead=self.read_ahead)
+        for batch in iterate_batches(source, self.batch_size, cache.metadata.pad_token_id, self.shuffle, self.seed,
+                                     self.epoch, worker=worker, process=self.process,
+                                     shard_reads=self.shard_reads, read_ahead=self.read_ahead):
+            check_reading(self.cache)
+            yield batch
 
 
     def __len__(self) -> int:
@@ -64,6 +68,8 @@ class CacheDataset(torch.utils.data.Dataset):
         if opened.split(split) is None:
             raise TedcacheError(f"cache {cache} has no {split} split")
         self.pad_id = opened.metadata.pad_token_id
+        self._lease = ReaderLease(Location(cache), "CacheDataset").__enter__()  # held until the dataset is collected
+        weakref.finalize(self, self._lease.__exit__)
         self._open()
 
     def _open(self) -> None:
@@ -74,7 +80,7 @@ class CacheDataset(torch.utils.data.Dataset):
         self._held: collections.OrderedDict[int, Window] = collections.OrderedDict()
 
     def __getstate__(self) -> dict:  # a worker reopens the cache rather than receive open arrays
-        return {k: v for k, v in self.__dict__.items() if k not in ("source", "_held")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("source", "_held", "_lease")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
