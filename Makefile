@@ -65,7 +65,8 @@ test-unit: install
 
 # The fault battery (issue 39, docs/design.md "Faults"): a disk too small, a disk filling up, a read-only
 # disk, SIGKILLs at seeded moments of an extraction, of Stage I and of a TED distill, a flaky object store
-# and one that keeps failing; one line per fault (what was done, how often, what was lost). `make test`
+# and one that keeps failing, two extractions racing for one cache (local, S3, flaky S3), a writer killed
+# "on another host", a cache removed under a reader (docs/design.md "Sharing caches"); one line per fault (what was done, how often, what was lost). `make test`
 # runs the same tests, without the summary.
 faults: install
 	@rm -f .faults-report
@@ -73,7 +74,8 @@ faults: install
 	  tests/test_s3.py::test_extract_reuse_verify_ls_and_distill_through_a_flaky_store \
 	  tests/test_s3.py::test_a_store_that_keeps_failing_ends_in_one_line \
 	  tests/test_resume.py::test_stage1_killed_at_several_moments_resumes_to_the_uninterrupted_filters \
-	  tests/test_distributed.py::test_distill_killed_in_the_student_s_stage1_resumes_from_its_checkpoint
+	  tests/test_distributed.py::test_distill_killed_in_the_student_s_stage1_resumes_from_its_checkpoint \
+	  tests/test_sharing.py
 	@echo; echo "faults met, and what was lost:"; cat .faults-report
 
 clean:

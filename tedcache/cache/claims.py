@@ -111,9 +111,10 @@ class CacheLock:
     def __enter__(self):
         location = self.location
         if not location.honours_conditions():
-            raise TedcacheError(f"the object store of {location} does not honour conditional writes (If-None-Match, "
-                                "If-Match), so two extractions could write this cache at once; pass --no-lock to "
-                                "extract anyway, when nothing else writes to this cache")
+            raise TedcacheError(f"the store of {location} does not honour conditional writes (If-None-Match, If-Match; "
+                                "tedcache uses them on S3 and S3-compatible stores), so two extractions could write "
+                                "this cache at once; pass --no-lock to extract anyway, when nothing else writes to "
+                                "this cache")
         deadline, said = time.monotonic() + self.wait, False
         while not self._take():
             held = self.holder()

@@ -32,7 +32,9 @@ Layout (FORMAT_VERSION 3), one zarr v3 group per cache, on local disk or behind 
     teacher_filters.safetensors / .json   the teacher's Stage-I filters (saved before the teacher pass)
     units/<split>/<u>.json         done-marker of unit u: its per-example teacher outputs and the sha256
                                    of every shard object it wrote (written last, atomically)
-    .lock                          who is writing (host, pid), while an extraction runs
+    .lock                          who is writing (host, pid, heartbeat), while an extraction runs
+    .lock.guard                    local disks: the flock under which a lock is renewed, taken over or removed
+    .readers/<host>-<pid>-<id>.json   who is reading (host, pid, command, heartbeat), while a run reads
 
 Per-token arrays share one chunking: inner chunks for random reads, shards of S tokens as the unit of
 writing. A unit is one shard of tokens, written whole by one writer, so a crash loses at most the

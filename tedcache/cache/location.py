@@ -15,7 +15,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import TedcacheError
-from .object_store import storage_options
+from .object_store import OBJECT_STORES, storage_options
 
 
 class Location:
@@ -24,7 +24,8 @@ class Location:
 
     def __init__(self, url: str):
         self.url = str(url).rstrip("/")
-        self.options = storage_options(fsspec.core.split_protocol(self.url)[0] or "file")
+        self.protocol = fsspec.core.split_protocol(self.url)[0] or "file"
+        self.options = storage_options(self.protocol)
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.options)
         self.local = isinstance(self.fs, LocalFileSystem)
 
@@ -131,6 +132,8 @@ class Location:
         store and process, with a probe object that is removed again); local disks always do."""
         if self.local:
             return True
+        if self.protocol not in OBJECT_STORES:  # (GCS, Azure, ...: their preconditions are not wired in yet)
+            return False
         key = (self.root.split("/")[0], repr(self.options), os.environ.get("FSSPEC_S3_ENDPOINT_URL"))
         if key not in _CONDITIONS_HONOURED:
             probe = f".probe-{uuid.uuid4().hex}"
