@@ -188,12 +188,15 @@ class DistillConfig:
     optim: OptimConfig = setting(help="Stage II optimiser.",
                                  factory=lambda: OptimConfig(epochs=3.0, lr=2.5e-4, warmup_ratio=0.1), prefix="")
     student_layers: str = setting("all", "Student layers that get filters (ted, lwd): all, every:K or 0,1.")
-    layer_map: str = setting("interval", "Which teacher layer each student layer matches (ted, lwd): interval (TED's "
-                                         "rule over the cached layers); for init-student's copied or pruned "
-                                         "students provenance (the layer each student layer carries) or copy (the "
-                                         "layer the next carried layer reads; the last with the teacher's last); "
-                                         "last:K (the student's last K layers with the teacher's last K); or pairs "
-                                         "like 0:2,1:5. See docs/choosing-methods.md.")
+    layer_map: str = setting("auto", "Which teacher layer each student layer matches (ted, lwd): auto (interval "
+                                     "where it pairs every chosen student layer, else provenance for a student "
+                                     "that records its origin; the run's log says which and why); interval (TED's "
+                                     "rule over the cached layers); for init-student's copied or pruned students "
+                                     "provenance (the layer each student layer carries; layers whose teacher layer "
+                                     "is not cached are left out and named) or copy (the layer the next carried "
+                                     "layer reads; the last with the teacher's last); last:K (the student's last K "
+                                     "layers with the teacher's last K); or pairs like 0:2,1:5. See "
+                                     "docs/choosing-methods.md.")
     finetune_first: float = setting(0.0, "ted: epochs of plain fine-tuning before Stage I (the reference's practice).")
     stage1: OptimConfig = setting(help="Stage I (student filters) optimiser; every process runs it whole, stopping "
                                        "once the validation loss stops improving (epochs: the cap; 0: untrained).",

@@ -32,7 +32,7 @@ def run_report(run: DistillRun, result: dict, phases: dict, score_test: bool) ->
         "kd_targets": run.loss.kd_form if TASK[task].causal else None,
         "layer_map": dict(zip(bank.spec.layers, run.teacher_layers)) if bank is not None else None,
         "layer_map_rule": (cfg.layer_map if cfg.layer_map in LAYER_MAP_RULES or cfg.layer_map.startswith("last:")
-                           else "explicit") if bank is not None else None,
+                           else "explicit") if bank is not None else None,  # ("auto" is resolved in set_up)
         "history": result["history"], "eval": result["evals"], "best": result["best"],
         "phases": {k: {"history": v["history"], "seconds": v["seconds"],
                        **{part: v[part] for part in ("filters", "reused", "trained_seconds") if part in v}}

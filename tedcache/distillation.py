@@ -26,7 +26,7 @@ from .distributed import processes, reset_peak_memory
 from .errors import TedcacheError, note
 from .evaluate import evaluate, task_validation
 from .filters import FilterBank, FilterSpec
-from .layer_maps import map_layers
+from .layer_maps import describe_map, map_layers, map_rule
 from .loop import Checkpoint, Phase, Runtime, fit
 from .losses import Stage2Loss
 from .models import load_for_task, load_tokenizer, vocab_hash, weights_hash
@@ -120,27 +120,32 @@ def set_up(cfg: DistillConfig, log=None) -> DistillRun:
     student = load_for_task(cfg.student, "student", meta.task, meta.label_names,
                             trust_remote_code=cfg.trust_remote_code).to(device)
     cfg = replace(cfg, temperature=kd_temperature(cfg, meta))
-    bank, teacher_layers = _student_filters(cfg, cache, student, log)
+    bank, teacher_layers, rule = _student_filters(cfg, cache, student, log)
+    if cfg.layer_map == "auto":  # resolved: the report names the rule the run used
+        cfg = replace(cfg, layer_map=rule)
     loss = stage2_loss(cfg, cache, student, bank, teacher_layers).to(device)
     return DistillRun(cfg, as_given, requested, procs, log, cache, tokenizer, student, loss, teacher_layers, device,
                       autocast, checkpoint, started, {"set_up": time.perf_counter() - started, "validation": 0.0})
 
 
-def _student_filters(cfg: DistillConfig, cache: Cache, student, log) -> tuple[FilterBank | None, list[int]]:
-    """ted, lwd: the student's filters on the mapped student layers, and the teacher layers they pair with."""
+def _student_filters(cfg: DistillConfig, cache: Cache, student, log) -> tuple[FilterBank | None, list[int], str]:
+    """ted, lwd: the student's filters on the mapped student layers, the teacher layers they pair with, and
+    the map's rule (--layer-map auto resolved)."""
     meta = cache.metadata
     if cfg.method not in ("ted", "lwd"):
-        return None, []
+        return None, [], cfg.layer_map
     needed = "filtered" if cfg.method == "ted" else "raw"
     if meta.states != needed:
         raise TedcacheError(f"--method {cfg.method} needs a cache of {needed} teacher states, {cfg.cache} holds "
                             f"{meta.states} ones; extract one with --states {needed}")
-    total = num_layers(student)
-    student_layers, teacher_layers = map_layers(parse_layers(cfg.student_layers, total), cache.layers, cfg.layer_map,
-                                                total, copied_from(student), meta.teacher_num_layers)
+    total, origin = num_layers(student), copied_from(student)
+    requested = parse_layers(cfg.student_layers, total)
+    student_layers, teacher_layers = map_layers(requested, cache.layers, cfg.layer_map, total, origin,
+                                                meta.teacher_num_layers)
     bank = FilterBank(FilterSpec(student_layers, hidden_size(student), meta.filter_dim, meta.filter_kind or "linear"))
-    log(f"layer map (student -> teacher): {dict(zip(student_layers, teacher_layers))}")
-    return bank.to(next(student.parameters()).device), teacher_layers
+    rule = map_rule(cfg.layer_map, requested, cache.layers, origin, meta.teacher_num_layers)
+    log(describe_map(cfg.layer_map, rule, requested, dict(zip(student_layers, teacher_layers)), origin))
+    return bank.to(next(student.parameters()).device), teacher_layers, rule
 
 
 def before_stage2(run: DistillRun) -> dict:

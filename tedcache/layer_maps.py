@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .errors import TedcacheError
 
-LAYER_MAP_RULES = ("interval", "copy", "provenance")  # and last:K
+LAYER_MAP_RULES = ("auto", "interval", "copy", "provenance")  # and last:K
 
 
 def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: str, student_total: int,
@@ -19,7 +19,10 @@ def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: st
     (copied_from[j+1] - 1), the last student layer with the teacher's last layer. "last:K" pairs the
     student's last K layers with the teacher's last K (Minitron's finding for depth-cut students); it sets
     the student layers itself. Anything else is an explicit map "s:t,s:t" of 0-based student and teacher
-    layers."""
+    layers. "auto" is one of the rules: see auto_rule. With provenance, the student layers whose teacher
+    layer is not cached are left out (see left_out)."""
+    if layer_map == "auto":
+        layer_map = auto_rule(student_layers, cache_layers, copied_from, teacher_total)
     if layer_map.startswith("last:"):
         count = layer_map[5:]
         if not count.isdigit() or not 0 < int(count) <= student_total or teacher_total is None \
@@ -36,7 +39,9 @@ def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: st
                                 "tedcache init-student --init copy or prune, whose config records them); use "
                                 "--layer-map interval, last:K or explicit pairs")
         if layer_map == "provenance":
-            return _cached(student_layers, [copied_from[j] for j in student_layers], cache_layers, layer_map)
+            carried = [j for j in student_layers if copied_from[j] in cache_layers]
+            return _cached(carried or student_layers, [copied_from[j] for j in carried or student_layers],
+                           cache_layers, layer_map)
         wanted = [copied_from[j + 1] - 1 if j + 1 < len(copied_from) else teacher_total - 1 for j in student_layers]
         return _cached(student_layers, wanted, cache_layers, layer_map)
     if layer_map != "interval":
@@ -59,6 +64,38 @@ def map_layers(student_layers: list[int], cache_layers: list[int], layer_map: st
                             "or give --layer-map copy or s:t,...")
     step = k // m
     return student_layers, [cache_layers[(j + 1) * step - 1] for j in range(m)]
+
+
+def auto_rule(student_layers: list[int], cache_layers: list[int], copied_from: list[int] | None,
+              teacher_total: int | None) -> str:
+    """What --layer-map auto stands for: TED's interval rule wherever it pairs every chosen student layer (the
+    rule the evidence study measured); else, for a student that records the teacher layers it carries (a
+    pruned full-depth student against a cache of a few layers), provenance over the carried cached layers."""
+    m, k = len(student_layers), len(cache_layers)
+    if (m <= k and k % m == 0) or not copied_from or teacher_total is None:
+        return "interval"
+    return "provenance"
+
+
+def map_rule(layer_map: str, student_layers: list[int], cache_layers: list[int], copied_from: list[int] | None,
+             teacher_total: int | None) -> str:
+    """The rule a --layer-map value names ("auto" resolved; "explicit" for pairs)."""
+    if layer_map == "auto":
+        return auto_rule(student_layers, cache_layers, copied_from, teacher_total)
+    return layer_map if layer_map in LAYER_MAP_RULES or layer_map.startswith("last:") else "explicit"
+
+
+def describe_map(layer_map: str, rule: str, requested: list[int], pairs: dict[int, int],
+                 copied_from: list[int] | None) -> str:
+    """The log line of a run's map: the rule, why it was chosen, the pairs, and the student layers left out."""
+    why = {"interval": "TED's rule: the chosen student layers spread over the cached ones",
+           "provenance": "the student records the teacher layer each of its layers carries"}.get(rule, "as given")
+    text = f"layer map {rule} ({'auto: ' if layer_map == 'auto' else ''}{why}), student -> teacher: {pairs}"
+    left = [j for j in requested if j not in pairs]
+    if left and copied_from:
+        text += (f"; left out student layers {left} (they carry teacher layers {[copied_from[j] for j in left]}, "
+                 "which the cache does not hold)")
+    return text
 
 
 def _cached(student_layers: list[int], wanted: list[int], cache_layers: list[int], layer_map: str):

@@ -7,7 +7,7 @@ the source's weights, which source layer each carries (`tedcache_copied_from`, r
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,10 +72,13 @@ def init_student(cfg: StudentConfig) -> Path:
         keep = _kept_layers(cfg.layers, have.depth)
         student, origin = _cut(source, keep), {"layers": keep}
     elif cfg.init == "random":
-        student = _random(source, _wanted_shape(cfg, have, own_head_size), cfg.embeddings, cfg.seed, own_head_size)
+        shape = _wanted_shape(cfg, have, own_head_size) if have.heads else _attention_free_shape(cfg, have, source)
+        student = _random(source, shape, cfg.embeddings, cfg.seed, own_head_size)
         origin = {"embeddings": cfg.embeddings, "seed": cfg.seed}
     else:
         keep = _kept_layers(cfg.layers, have.depth) if cfg.layers else list(range(have.depth))
+        if not have.heads:
+            _attention_free_shape(cfg, have, source)
         shape = _wanted_shape(cfg, have, own_head_size, depth=len(keep))
         _check_prunable(source)
         student, kept = _prune(source, shape, keep, _calibration_batches(cfg, source))
@@ -109,9 +112,9 @@ def _load_source(source: str, trust_remote_code: bool):
 
 
 def source_shape(config) -> Shape:
-    """The shape a model config describes."""
-    heads = config.num_attention_heads
-    head_size = getattr(config, "head_dim", None) or config.hidden_size // heads
+    """The shape a model config describes (no heads, of size 0, for an attention-free model: Mamba, RWKV)."""
+    heads = getattr(config, "num_attention_heads", None) or 0
+    head_size = (getattr(config, "head_dim", None) or config.hidden_size // heads) if heads else 0
     ffn = next((getattr(config, n) for n in FFN_NAMES if getattr(config, n, None)), 4 * config.hidden_size)
     return Shape(config.num_hidden_layers, config.hidden_size, heads,
                  getattr(config, "num_key_value_heads", None) or heads, head_size, ffn)
@@ -156,6 +159,23 @@ def _wanted_shape(cfg: StudentConfig, have: Shape, own_head_size: bool, depth: i
     return Shape(depth, width, heads, heads // group, have.head_size, ffn)
 
 
+def _attention_free_shape(cfg: StudentConfig, have: Shape, source) -> Shape:
+    """An attention-free model (state-space, recurrent) sets its width with fields of its own kind: of its
+    shape, tedcache changes only the depth (--init random), and prunes nothing."""
+    family = type(source.config).__name__
+    if cfg.init == "prune":
+        raise TedcacheError(f"--init prune ranks attention heads and FFN neurons, and {family} has no attention "
+                            "(an attention-free model): use --init copy (--layers) or --init random (--depth)")
+    given = [flag for flag, value in (("--width", cfg.width), ("--heads", cfg.heads), ("--ffn", cfg.ffn)) if value]
+    if given:
+        raise TedcacheError(f"{', '.join(given)}: {family} has no attention and sets its width with fields of its "
+                            "own, so --init random changes only its --depth; leave the others out, or use --init copy")
+    depth = cfg.depth or have.depth
+    if not 1 <= depth <= have.depth:
+        raise TedcacheError(f"--depth {depth}: the source has {have.depth} layers; give 1 to {have.depth}")
+    return replace(have, depth=depth)
+
+
 def _keep_per_layer_entries(config, keep: list[int]) -> None:
     """Per-layer config lists (layer_types, ...) keep the kept layers' entries."""
     total = config.num_hidden_layers
@@ -187,7 +207,10 @@ def _student_config(config, shape: Shape, keep: list[int], own_head_size: bool):
         if hasattr(config, key):
             delattr(config, key)
     _keep_per_layer_entries(config, keep)
-    config.num_hidden_layers, config.hidden_size, config.num_attention_heads = shape.depth, shape.width, shape.heads
+    config.num_hidden_layers = shape.depth
+    if not shape.heads:  # attention-free: only the depth changes
+        return config
+    config.hidden_size, config.num_attention_heads = shape.width, shape.heads
     if hasattr(config, "num_key_value_heads"):
         config.num_key_value_heads = shape.kv_heads
     if own_head_size:
@@ -262,7 +285,8 @@ def _role(name: str) -> str | None:
 
 
 def _check_prunable(model) -> None:
-    for name, module in model_parts(model).layers[0].named_modules():
+    """Refuse a model with a layer whose matrices pruning cannot place (a hybrid's state-space blocks)."""
+    for name, module in (item for layer in model_parts(model).layers for item in layer.named_modules()):
         matrices = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
         if matrices and (not isinstance(module, nn.Linear) or _role(name) is None):
             raise TedcacheError(f"--init prune reads BERT-style (query, key, value, intermediate, output) and "

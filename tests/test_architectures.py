@@ -38,7 +38,24 @@ FAMILIES = {
                                          word_embed_proj_dim=32, max_position_embeddings=64, pad_token_id=0,
                                          bos_token_id=2, eos_token_id=2)),
 }
-DECODERS = ["gpt2", "llama", "qwen2", "mistral", "phi3", "opt"]
+TOKENS = dict(pad_token_id=0, bos_token_id=2, eos_token_id=2)
+# decoders of other block kinds (causal LMs only): state-space, recurrent, hybrid attention + state-space + MoE
+BLOCK_KINDS = {
+    "mamba": (transformers.MambaConfig, dict(hidden_size=32, num_hidden_layers=4, state_size=8, expand=2,
+                                             conv_kernel=4, time_step_rank=4, **TOKENS)),
+    "mamba2": (transformers.Mamba2Config, dict(hidden_size=32, num_hidden_layers=4, state_size=8, expand=2,
+                                               num_heads=4, head_dim=16, n_groups=1, conv_kernel=4, chunk_size=16,
+                                               **TOKENS)),
+    "rwkv": (transformers.RwkvConfig, dict(hidden_size=32, num_hidden_layers=4, attention_hidden_size=32,
+                                           intermediate_size=64, context_length=64, **TOKENS)),
+    "jamba": (transformers.JambaConfig, dict(DECODER, num_experts=2, num_experts_per_tok=1, expert_layer_period=2,
+                                             expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
+                                             mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4,
+                                             use_mamba_kernels=False)),
+}
+CLASSIFIERS = list(FAMILIES)
+FAMILIES.update(BLOCK_KINDS)
+DECODERS = ["gpt2", "llama", "qwen2", "mistral", "phi3", "opt", *BLOCK_KINDS]
 QUICK = OptimConfig(epochs=1, batch_size=16)
 
 
@@ -59,7 +76,7 @@ def _pipeline(teacher: str, data: DataConfig, tmp_path) -> dict:
                                  optim=QUICK, stage1=QUICK, layer_map="copy", max_steps=3))
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", CLASSIFIERS)
 def test_sequence_classification(family, assets, tmp_path):
     tokenizer = make_tokenizer(tmp_path / "teacher")
     teacher = _teacher(family, tmp_path / "teacher", transformers.AutoModelForSequenceClassification, tokenizer,
@@ -71,7 +88,7 @@ def test_sequence_classification(family, assets, tmp_path):
     assert metrics["layer_map"] == {0: 2, 1: 3}  # the copy map: student layer 1 is teacher 3, which reads 2
 
 
-ENCODERS = [f for f in FAMILIES if f not in DECODERS]
+ENCODERS = [f for f in CLASSIFIERS if f not in DECODERS]
 
 
 @pytest.mark.parametrize("family", ENCODERS)
@@ -192,3 +209,24 @@ def test_classifiers_with_padded_embeddings(teacher_rows, student_rows, assets, 
     report = distill(DistillConfig(cache=cache, student=models["student"], out=str(tmp_path / "kd"), method="kd",
                                    optim=QUICK, max_steps=2))
     assert 0.0 <= report["test"]["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("family", list(BLOCK_KINDS))
+def test_each_construction_of_other_block_kinds_works_or_is_one_line(family, tmp_path):
+    """init-student on state-space, recurrent and hybrid models: copy and random (depth) work; width pruning,
+    which ranks attention heads and FFN neurons, is refused in one line naming what applies."""
+    tokenizer = make_lm_tokenizer(tmp_path / "teacher")
+    teacher = _teacher(family, tmp_path / "teacher", transformers.AutoModelForCausalLM, tokenizer)
+    copied = run_cli("init-student", "--from", teacher, "--layers", "1,2", "--out", tmp_path / "copy")
+    assert copied.returncode == 0, copied.stderr
+    assert json.loads((tmp_path / "copy" / "config.json").read_text())["tedcache_copied_from"] == [1, 2]
+    shallow = run_cli("init-student", "--from", teacher, "--init", "random", "--depth", "2", "--out", tmp_path / "rnd")
+    assert shallow.returncode == 0, shallow.stderr
+    student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "rnd")
+    assert student.config.num_hidden_layers == 2 and student(torch.tensor([[3, 4, 5]])).logits.shape[-1] > 3
+    pruned = run_cli("init-student", "--from", teacher, "--init", "prune", "--width", "16", "--data",
+                     write_text(tmp_path / "t.txt", documents(8, 0)), "--task", "causal-lm", "--out", tmp_path / "p")
+    assert_one_line_error(pruned, "use --init copy", "random")
+    if family != "jamba":  # attention-free: their width is set by fields of their own kind
+        wider = run_cli("init-student", "--from", teacher, "--init", "random", "--width", "16", "--out", tmp_path / "w")
+        assert_one_line_error(wider, "--width", "has no attention", "--depth")

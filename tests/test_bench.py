@@ -46,6 +46,7 @@ def test_bare_forward_batches_exactly_as_extraction(assets, tmp_path):
     assert 0 < seconds and 0 < meta.timings["teacher_pass_s"] < meta.timings["total_s"]
 
 
+@pytest.mark.long
 @pytest.mark.process  # each mode is measured in a process of its own
 def test_bench_runs_every_mode_side_by_side(tmp_path, monkeypatch):
     """`tedcache bench` end to end on the MiniLM pair, a few steps: every mode measured in its own process."""

@@ -96,6 +96,7 @@ def test_two_processes_each_spreading_the_teacher_over_cpu_and_disk_write_the_on
 
 
 
+@pytest.mark.long
 @pytest.mark.process
 def test_killing_one_process_then_rerunning_resumes(assets, one_process_raw_cache, tmp_path):
     data, reference = one_process_raw_cache
@@ -261,6 +262,7 @@ def test_two_process_distill_with_shard_reads(one_process_cache, no_dropout_stud
 
 
 
+@pytest.mark.long
 @pytest.mark.process
 def test_compare_killed_mid_run_continues_that_run_from_its_checkpoint(one_process_cache, assets, tmp_path):
     _, cache = one_process_cache

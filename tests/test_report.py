@@ -77,7 +77,7 @@ def test_variants_get_their_own_rows_and_paired_comparisons(compared, tmp_path):
     compare(variant, log=lambda *_: None)
     summary = summarize(find_runs([str(root / "runs"), str(tmp_path / "map")]))
     labels = [row["label"] for row in summary["rows"]]
-    assert labels == ["ted (layer_map=0:0,1:3)", "ted (layer_map=interval)", "lwd", "kd", "finetune"]
+    assert labels == ["ted (layer_map=0:0,1:3)", "ted (layer_map=auto)", "lwd", "kd", "finetune"]
     assert all(row["seeds"] == [1, 2] for row in summary["rows"])
     kd = summary["rows"][3]
     assert len(kd["runs"]) == 4  # kd does not read the layer map: the two folders' kd runs are one variant

@@ -100,7 +100,8 @@ def test_disflqa_windows_recover_every_answer(tmp_path, max_length):
     assert found == answerable
 
 
-@pytest.mark.parametrize("task,limit", [("ner", 120), ("qa", 60)])  # (QA's examples are long: fewer of them)
+# NER: 200 tweets, the fewest (of 120, 150, 200) whose held-out tags all occur in training; QA's examples are long
+@pytest.mark.parametrize("task,limit", [("ner", 200), ("qa", 60)])
 def test_real_task_pipeline(tmp_path, task, limit):
     """A small part of each real task through finetune -> extract -> distill; the teacher's test metric
     read from the cache's stored logits equals the teacher model scored afresh on the test file."""

@@ -11,7 +11,7 @@ from helpers.commands import run_cli
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from tedcache import DataConfig, DistillConfig, OptimConfig, TedcacheError, distill
-from tedcache.config import StudentConfig
+from tedcache.config import FilterConfig, StudentConfig
 from tedcache.layer_maps import map_layers
 from tedcache.models import load_tokenizer
 from tedcache.students import COPIED_FROM, ORIGIN, init_student
@@ -186,6 +186,14 @@ def test_maps_that_follow_the_copy():
     assert map_layers([0], list(range(6)), "last:3", 15, teacher_total=6) == ([12, 13, 14], [3, 4, 5])
     with pytest.raises(TedcacheError, match="extract one with --layers 1,4,5"):
         map_layers([0, 1], [5], "provenance", 2, copied_from=[1, 4], teacher_total=6)
+    # a cache of some of the carried layers: provenance pairs those (the rest are left out, and the log says so)
+    assert map_layers([0, 1, 2, 3], [1, 3], "provenance", 4, copied_from=[0, 1, 2, 3], teacher_total=4) == ([1, 3],
+                                                                                                          [1, 3])
+    # auto: interval wherever it pairs every chosen student layer; else provenance for a student of recorded origin
+    assert map_layers([0, 1], [2, 5], "auto", 2, copied_from=[0, 5], teacher_total=6) == ([0, 1], [2, 5])
+    assert map_layers([0, 1, 2, 3], [1, 3], "auto", 4, copied_from=[0, 1, 2, 3], teacher_total=4) == ([1, 3], [1, 3])
+    with pytest.raises(TedcacheError, match="cannot map 4 student layers"):
+        map_layers([0, 1, 2, 3], [1, 3, 5], "auto", 4)
     with pytest.raises(TedcacheError, match="extract one with --layers 2,3,4,5"):
         map_layers([0, 1, 2], [2, 5], "last:3", 3, teacher_total=6)
     with pytest.raises(TedcacheError, match="init-student --init copy or prune"):
@@ -209,3 +217,20 @@ def test_a_narrow_random_student_distils_from_a_wide_teacher_cache(assets, tmp_p
         distill(DistillConfig(cache=str(cache), student=str(student), out=str(tmp_path / "run2"), method="ted",
                               layer_map="provenance", max_steps=1))
     assert json.loads((tmp_path / "r" / "config.json").read_text())[ORIGIN]["init"] == "random"
+
+
+def test_a_pruned_full_depth_student_distils_from_a_partial_cache_with_no_map_flag(assets, tmp_path):
+    """A width-pruned student of all four teacher layers against a cache of layers 1 and 3: with no --layer-map
+    the run pairs the two student layers that carry them, and its log line says so and names the others."""
+    _, cache = extract_classifier(assets, tmp_path, filters=FilterConfig(layers="1,3"))
+    student = init_student(StudentConfig(source=str(assets["teacher"]), out=str(tmp_path / "p"), init="prune",
+                                         ffn=48, data=DataConfig(train=[str(assets["train"])], max_length=24),
+                                         calibration_examples=32))
+    result = run_cli("distill", "--cache", cache, "--student", student, "--out", tmp_path / "run", "--method", "ted",
+                     "--epochs", "1", "--max-steps", "2", "--stage1-epochs", "1")
+    assert result.returncode == 0, result.stderr
+    assert ("layer map provenance (auto: the student records the teacher layer each of its layers carries), "
+            "student -> teacher: {1: 1, 3: 3}; left out student layers [0, 2] (they carry teacher layers [0, 2]"
+            in result.stderr)
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert report["layer_map"] == {"1": 1, "3": 3} and report["layer_map_rule"] == "provenance"

@@ -107,6 +107,11 @@ LM_TEACHER_STAGE1 = OptimConfig(epochs=6, lr=1e-3, batch_size=8, patience=1)  # 
 LM_STUDENT_STAGE1 = OptimConfig(epochs=4, lr=1e-3, batch_size=8, patience=1)
 
 
+# The study's layer map: TED's interval rule, named rather than taken from distill's default (which became
+# "auto" on 2026-12-07, after most of the study's runs): a run's definition then stays what it was.
+STUDY_LAYER_MAP = "interval"
+
+
 @dataclass
 class Setting:
     name: str
@@ -329,6 +334,7 @@ def method_base(setting: Setting, prepared: Prepared, cache: str, method: str, o
     epochs = setting.finetune_epochs if method == "finetune" else setting.student_epochs
     return DistillConfig(cache=cache, student=prepared.student, out=str(out), method=method, seed=TUNE_SEEDS[0],
                          kl_alpha=demo.KL_ALPHA, mse_alpha=demo.MSE_ALPHA, student_layers=setting.student_layers,
+                         layer_map=STUDY_LAYER_MAP,
                          optim=OptimConfig(epochs=epochs, lr=demo.STUDENT_LR, batch_size=32, warmup_ratio=0.1),
                          stage1=demo.STUDENT_STAGE1)
 
@@ -461,6 +467,7 @@ def run_lm() -> None:
     raw = extract(replace(base, states="raw"))
     runs = DistillConfig(cache=filtered, student=str(student), out=str(root / "final"), kl_alpha=demo_lm.KL_ALPHA,
                          mse_alpha=demo_lm.MSE_ALPHA, student_layers=demo_lm.STUDENT_FILTER_LAYERS,
+                         layer_map=STUDY_LAYER_MAP,
                          optim=OptimConfig(epochs=size.student_epochs, lr=demo_lm.STUDENT_LR, batch_size=8,
                                            warmup_ratio=0.1), stage1=LM_STUDENT_STAGE1)
     compare(CompareConfig(base=runs, methods=list(METHODS), seeds=LM_SEEDS, raw_cache=raw))
@@ -511,12 +518,15 @@ REPORTS = {**{name: (title, [f"{name}/final"]) for name, title in TITLES.items()
                                             ["LM2/final", f"LM2/final-{m.replace(':', '')}"]) for m in LM2_MAPS}}
 
 
-def report() -> None:
-    """docs/evidence/<setting>.md and .json from the finished final runs, the report's plots, and the summary
-    the demos print (tedcache/demos/evidence.json)."""
+def report(settings: list[str]) -> None:
+    """docs/evidence/<setting>.md and .json from the named settings' finished final runs (LM2 names its maps'
+    reports too), the report's plots, and the summary the demos print (tedcache/demos/evidence.json); the
+    settings not named keep their entries (their caches may be on another machine)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     shipped = {}
     for name, (title, finals) in REPORTS.items():
+        if name.split("-")[0] not in settings:
+            continue
         runs = find_runs([str(p) for final in finals for p in sorted((WORK / final).glob("*-seed*"))])
         if not runs:
             continue
@@ -543,7 +553,7 @@ def report() -> None:
         if (page.parent / "paired.png").exists():
             shutil.copy(page.parent / "paired.png", RESULTS / f"{name}-paired.png")
         print("\n".join(lines) + "\n")
-    for name in TITLES:
+    for name in settings:
         for step in EXTRA_STEPS:
             _extra_report(name, step)
     # settings whose runs are not in WORK (finished on an earlier machine) keep their entries
@@ -799,7 +809,7 @@ def main() -> None:
     parser.add_argument("settings", nargs="*", default=list(TITLES))  # LM2 is run by name
     args = parser.parse_args()
     if args.command == "report":
-        report()
+        report(args.settings)
         return
     if args.command == "save":
         save()
