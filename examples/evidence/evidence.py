@@ -577,8 +577,8 @@ STUDENTS = {
           "500 labelled + 3,083 unlabelled"),
     "D": ("cut from the fine-tuned teacher, another task (a paragraph's party)", "2 of 6 layers, full width",
           "1,342 labelled"),
-    "E": ("random", "2 of 6 layers, full width", "2,000 labelled"),
-    "F": ("random", "2 of 6 layers, half width", "2,000 labelled"),
+    "E": ("random-initialised (the teacher's embeddings kept)", "2 of 6 layers, full width", "2,000 labelled"),
+    "F": ("random-initialised (the teacher's embeddings projected)", "2 of 6 layers, half width", "2,000 labelled"),
     "G": ("width-pruned from the fine-tuned teacher", "6 of 6 layers, half width", "2,000 labelled"),
     "LM": ("cut from the teacher (causal LM: SmolLM2-135M's layers 0-5 and 21-29)", "15 of 30 layers, full width",
            "plain text (384 blocks)"),
@@ -603,6 +603,10 @@ def decision_lines(summaries: dict) -> list[str]:
             use = "KD"
         elif "kd beats" in kd_ft["verdict"]:
             use = "KD (TED level with it, not resolved apart; KD is cheaper)"
+        elif "finetune beats" in kd_ft["verdict"]:
+            use = "fine-tune"
+        elif (kd_ft["by_seed"]["mean"] < 0) == (found["metric"] != "perplexity"):  # fine-tuning alone nominally ahead
+            use = "fine-tune or KD (nothing resolved; fine-tuning alone needs no teacher)"
         else:
             use = "KD (nothing resolved; the cheapest distillation)"
         cells = [f"{evidence.format_interval(c['by_seed'])}{' (resolved)' if ' beats ' in c['verdict'] else ''}"
