@@ -61,7 +61,7 @@ test-fast: install lint
 
 # After every edit: tiny models in this process only (no launches, kills, servers or real models).
 test-unit: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not process"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not process and not long"
 
 # The fault battery (issue 39, docs/design.md "Faults"): a disk too small, a disk filling up, a read-only
 # disk, SIGKILLs at seeded moments of an extraction, of Stage I and of a TED distill, a flaky object store

@@ -66,6 +66,10 @@ def init_student(cfg: StudentConfig) -> Path:
     source = _load_source(cfg.source, cfg.trust_remote_code)
     have = source_shape(source.config)
     own_head_size = getattr(source.config, "head_dim", None) is not None
+    if cfg.init != "random" and model_parts(source).shared:
+        raise TedcacheError(f"--init {cfg.init} takes layers out of the source's stack, and {type(source).__name__} "
+                            f"applies one shared layer at each of its {have.depth} depths: use --init random --depth K "
+                            "(a model of its kind that applies its layer K times)")
     if cfg.init == "copy":
         if not cfg.layers:
             raise TedcacheError("--init copy needs --layers: the source's 0-based layers to keep (e.g. 0,5)")
@@ -97,17 +101,12 @@ def init_student(cfg: StudentConfig) -> Path:
 def _load_source(source: str, trust_remote_code: bool):
     """The source model with its task head (sequence or token classifier, QA model, causal LM, else bare)."""
     check_source(source, "source model")
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    architectures = config.architectures or []
-    auto = AutoModel
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
-        auto = AutoModelForSequenceClassification
-    elif any(a.endswith("ForTokenClassification") for a in architectures):
-        auto = AutoModelForTokenClassification
-    elif any(a.endswith("ForQuestionAnswering") for a in architectures):
-        auto = AutoModelForQuestionAnswering
-    elif any(is_causal_lm_class(a) for a in architectures):
-        auto = AutoModelForCausalLM
+    names = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).architectures or []
+    heads = {"ForSequenceClassification": AutoModelForSequenceClassification,
+             "ForTokenClassification": AutoModelForTokenClassification,
+             "ForQuestionAnswering": AutoModelForQuestionAnswering}
+    auto = next((auto for suffix, auto in heads.items() if any(n.endswith(suffix) for n in names)),
+                AutoModelForCausalLM if any(is_causal_lm_class(n) for n in names) else AutoModel)
     return auto.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
@@ -251,8 +250,12 @@ def _take_embeddings(source, student) -> None:
         project = torch.linalg.svd(tokens - tokens.mean(0), full_matrices=False)[2][:width].T
     targets = dict(student.named_modules())
     for name, module in source.named_modules():
-        if isinstance(module, nn.Embedding) and module.embedding_dim == have and name in targets:
+        if not isinstance(module, nn.Embedding) or name not in targets:
+            continue
+        if module.embedding_dim == have:
             targets[name].weight.copy_(module.weight.float() @ project)
+        elif targets[name].weight.shape == module.weight.shape:  # factorised tables of their own width (ALBERT's)
+            targets[name].weight.copy_(module.weight)
     output, target = source.get_output_embeddings(), student.get_output_embeddings()
     if target is not None and output is not None and target.weight is not student.get_input_embeddings().weight:
         target.weight.copy_(output.weight.float() @ project)

@@ -88,9 +88,14 @@ def pooled(states: torch.Tensor, mask: torch.Tensor, last: bool) -> torch.Tensor
 class ModelParts:
     """The parts of a model tedcache reads, found by running it (see model_parts)."""
 
-    layers: torch.nn.ModuleList  # the transformer layer stack, in the order the layers run
+    layers: torch.nn.ModuleList  # the layer stack, in the order the layers run (ALBERT: one per application)
     final_norm: torch.nn.Module | None  # the first norm the base model runs after its last layer (None: none)
     head: torch.nn.Module | None  # the module that produces the output logits (None: a bare base model)
+
+    @property
+    def shared(self) -> bool:
+        """Whether one layer is applied at several depths (ALBERT), so that depths are not separate modules."""
+        return len({id(layer) for layer in self.layers}) < len(self.layers)
 
 
 _PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -138,13 +143,16 @@ def _find_parts(model) -> ModelParts:
     stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == total
               and all(child in order for child in m)
               and [order[c] for c in m] == sorted(order[c] for c in m)]
-    if not stacks:
+    largest = max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+    layers = largest if largest is not None else _applications(model, finished, total)
+    if layers is None:
         raise TedcacheError(f"cannot find the transformer layer stack of {name}: no list of {total} layers "
-                            "(config.num_hidden_layers) ran one after another on a dummy input")
-    layers = max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()))
+                            "(config.num_hidden_layers) ran one after another on a dummy input, nor a list of "
+                            f"shared layers applied {total} times")
     width = hidden_size(model)
     inside_base = set(model.base_model.modules())
-    after_last = [m for m in finished[order[layers[-1]] + 1:] if m in inside_base]
+    last = max(i for i, module in enumerate(finished) if module is layers[-1])
+    after_last = [m for m in finished[last + 1:] if m in inside_base]
     norms = [m for m in after_last if holds_only_vectors(m, width)]
     head = None
     if getattr(out, "logits", None) is not None or getattr(out, "start_logits", None) is not None:
@@ -155,6 +163,19 @@ def _find_parts(model) -> ModelParts:
             raise TedcacheError(f"cannot find the output head of {name}: no module's output is as wide as its logits")
         head = heads[-1]
     return ModelParts(layers=layers, final_norm=norms[0] if norms else None, head=head)
+
+
+def _applications(model, finished: list[torch.nn.Module], total: int) -> torch.nn.ModuleList | None:
+    """A model that applies shared layers (ALBERT: one layer group, run `total` times): the list of shared
+    layers whose runs number `total`, as one entry per application, in the order they ran (None: none)."""
+    for candidate in model.modules():
+        if not isinstance(candidate, torch.nn.ModuleList) or len(candidate) >= total:
+            continue
+        members = set(candidate)
+        runs = [m for m in finished if m in members]
+        if len(runs) == total and members <= set(runs):
+            return torch.nn.ModuleList(runs)
+    return None
 
 
 def holds_only_vectors(module, width: int) -> bool:

@@ -12,7 +12,7 @@ from helpers.builders import documents, make_lm_tokenizer, make_tokenizer, write
 from helpers.commands import assert_one_line_error, run_cli
 
 from tedcache import DataConfig, DistillConfig, ExtractConfig, OptimConfig, distill, extract
-from tedcache.cache import load_metadata
+from tedcache.cache import Cache, load_metadata
 from tedcache.config import FilterConfig, StudentConfig
 from tedcache.students import init_student
 from tedcache.taps import final_norm, is_decoder_only
@@ -230,3 +230,37 @@ def test_each_construction_of_other_block_kinds_works_or_is_one_line(family, tmp
     if family != "jamba":  # attention-free: their width is set by fields of their own kind
         wider = run_cli("init-student", "--from", teacher, "--init", "random", "--width", "16", "--out", tmp_path / "w")
         assert_one_line_error(wider, "--width", "has no attention", "--depth")
+
+
+def test_a_shared_layer_encoder_is_tapped_per_application(assets, tmp_path):
+    """ALBERT applies one layer at each of its 4 depths: the cache holds the state after each application (the
+    model's own hidden state of that depth), a random student of 2 applications distils from it on TED's interval
+    map, and the constructions that cut layers out of a stack are refused in one line."""
+    tokenizer = make_tokenizer(tmp_path / "teacher")
+    config = transformers.AlbertConfig(vocab_size=len(tokenizer), embedding_size=16, num_labels=2, **SIZE)
+    torch.manual_seed(0)
+    transformers.AlbertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
+    teacher = str(tmp_path / "teacher")
+    data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], test=[str(assets["test"])],
+                      max_length=32)
+    raw = extract(ExtractConfig(teacher=teacher, data=data, filters=FilterConfig(layers="all"), states="raw",
+                                precision="fp32", cache_dir=str(tmp_path / "caches")))
+    split = Cache(raw).split("train")
+    length = int(split.lengths[0])
+    ids = torch.from_numpy(split.tokens("input_ids", 0, length).astype("int64"))[None]
+    model = transformers.AlbertForSequenceClassification.from_pretrained(teacher).eval()
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    for depth in range(4):
+        stored = torch.from_numpy(split.states(depth, 0, length)[0])
+        torch.testing.assert_close(stored, hidden[depth + 1][0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(hidden[2], hidden[3])  # the same layer, applied again, moves the state
+    copied = run_cli("init-student", "--from", teacher, "--layers", "0,3", "--out", tmp_path / "copy")
+    assert_one_line_error(copied, "applies one shared layer", "--init random --depth")
+    student = init_student(StudentConfig(source=teacher, init="random", depth=2, out=str(tmp_path / "student")))
+    assert transformers.AutoConfig.from_pretrained(student).num_hidden_layers == 2
+    cache = extract(ExtractConfig(teacher=teacher, data=data, filters=FilterConfig(layers="all"), stage1=QUICK,
+                                  cache_dir=str(tmp_path / "caches")))
+    metrics = distill(DistillConfig(cache=cache, student=str(student), out=str(tmp_path / "ted"), method="ted",
+                                    optim=QUICK, stage1=QUICK, max_steps=3))
+    assert metrics["layer_map"] == {0: 1, 1: 3} and 0.0 <= metrics["test"]["accuracy"] <= 1.0

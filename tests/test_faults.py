@@ -57,6 +57,7 @@ def _one_line(stderr: str) -> str:
     return lines[0]
 
 
+@pytest.mark.process  # mounts a disk of its own
 def test_a_disk_clearly_too_small_is_refused_before_anything_is_written(assets, tmp_path, small_disk, fault_log):
     disk = small_disk("64k")
     data = write_rows(tmp_path / "train.csv", sentiment_rows(600, seed=7))
@@ -68,6 +69,7 @@ def test_a_disk_clearly_too_small_is_refused_before_anything_is_written(assets, 
     fault_log("a 64 KiB disk for a bigger cache: refused before writing, both sizes named; lost: nothing")
 
 
+@pytest.mark.process  # mounts a disk of its own (and the filler races an extraction process)
 def test_a_disk_filling_up_mid_extraction_is_said_as_such_and_the_same_command_resumes(assets, tmp_path, small_disk,
                                                                                        fault_log):
     disk = small_disk("32m")
@@ -103,6 +105,7 @@ def test_a_disk_filling_up_mid_extraction_is_said_as_such_and_the_same_command_r
               "same command resumed; lost: nothing (the clean cache, array for array)")
 
 
+@pytest.mark.process  # mounts a disk of its own
 def test_a_read_only_file_system_is_named_in_one_line(assets, tmp_path, small_disk, fault_log):
     disk = small_disk("1m", read_only=True)
     data = write_rows(tmp_path / "train.csv", sentiment_rows(60, seed=7))

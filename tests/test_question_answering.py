@@ -38,7 +38,7 @@ def answered(tmp_path_factory) -> dict:
                       task="question-answering", max_length=24, doc_stride=6)
     teacher = root / "teacher"
     finetune(FinetuneConfig(model=str(root / "base"), data=data, out=str(teacher), seed=0,
-                            optim=OptimConfig(epochs=20, lr=3e-3, batch_size=16)))
+                            optim=OptimConfig(epochs=8, lr=3e-3, batch_size=16)))
     return {"root": root, "data": data, "teacher": str(teacher), "files": files,
             "student": str(init_student(StudentConfig(source=str(teacher), layers=[0, 3], out=str(root / "student"))))}
 

@@ -65,6 +65,7 @@ def test_a_bf16_causal_lm_teacher_with_its_tied_head_and_hidden_logits(tmp_path)
     assert np.isfinite(report["history"][-1]["loss"])
 
 
+@pytest.mark.process  # torch.compile starts its compile workers
 def test_a_compiled_teacher_writes_what_the_eager_one_does_to_float_rounding_and_the_cache_says_so(assets, tmp_path):
     data = DataConfig(train=[str(assets["train"])], eval=[str(assets["eval"])], max_length=24)
     base = ExtractConfig(teacher=str(assets["teacher"]), data=data, cache_dir=str(tmp_path / "caches"), states="raw",
