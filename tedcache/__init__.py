@@ -1,8 +1,8 @@
 """tedcache: task-aware layer-wise distillation (TED) through an offline teacher feature cache.
 
 Python API: `extract(ExtractConfig)`, `distill(DistillConfig)`, `finetune(FinetuneConfig)`,
-`compare(CompareConfig)`, `tune(TuneConfig)`, `init_student(StudentConfig)`; the `tedcache` CLI only builds these
-configs from flags and config files."""
+`compare(CompareConfig)`, `tune(TuneConfig)`, `select(SelectConfig)`, `init_student(StudentConfig)`; the
+`tedcache` CLI only builds these configs from flags and config files."""
 
 from importlib.metadata import PackageNotFoundError, version
 
@@ -14,12 +14,14 @@ from .config import (
     FilterConfig,
     FinetuneConfig,
     OptimConfig,
+    SelectConfig,
     StudentConfig,
     TuneConfig,
 )
 from .distillation import distill
 from .errors import TedcacheError
 from .experiments.compare import compare
+from .experiments.selection import select
 from .experiments.tune import tune
 from .extraction import extract
 from .finetuning import finetune
@@ -31,5 +33,5 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = ["CompareConfig", "DataConfig", "DistillConfig", "ExtractConfig", "FilterConfig", "FinetuneConfig",
-           "OptimConfig", "StudentConfig", "TedcacheError", "TuneConfig", "compare", "distill", "extract", "finetune",
-           "init_student", "tune", "__version__"]
+           "OptimConfig", "SelectConfig", "StudentConfig", "TedcacheError", "TuneConfig", "compare", "distill", "extract",
+           "finetune", "init_student", "select", "tune", "__version__"]

@@ -31,7 +31,7 @@ MSE_NORMS = ("none", "variance")
 STATE_KINDS = ("filtered", "raw", "none")  # raw: unfiltered hidden states (LWD); none: logits only (KD)
 LM_HEADS = ("tied", "new")  # causal-lm Stage-I heads: the frozen output embedding, or a fresh one
 KD_TARGETS = ("auto", "sampled", "logits")
-STAGE1_STATES = ("stored", "live")  # see stage1.stage1_sources
+STAGE1_STATES = ("stored", "live")  # see state_store.stored_source
 
 
 def stage1_states_setting(default: str):

@@ -21,7 +21,7 @@ from .losses import labelled, labels_or_teacher, lm_loss, task_loss
 from .models import input_device
 from .reader import iterate_batches, num_batches
 from .state_store import frozen_forward
-from .taps import in_own_dtype, is_decoder_only, model_parts
+from .taps import in_own_dtype, is_decoder_only, model_parts, pooled
 from .tasks import TASK
 from .transfer import to_device
 
@@ -71,6 +71,7 @@ def train_filters(model, bank: FilterBank, source, training: FilterTraining, eva
 
     def loss_fn(batch):
         logits, hidden = frozen_forward(model, batch, bank.spec.layers)
+        hidden, batch = at_head_positions(model, hidden, batch, task)
         if not TASK[task].causal:  # unlabelled examples: the teacher's prediction (the cache's, or this model's own)
             batch = {**batch, "labels": labels_or_teacher(batch["labels"], batch.get("teacher_logits", logits), task)}
         share = (batch.get("share") or {}).get("pairs" if TASK[task].causal else "examples", 1.0)  # loop.batch_shares
@@ -122,6 +123,18 @@ def head_dropout(config) -> float:
     return 0.1
 
 
+def at_head_positions(model, hidden: list[torch.Tensor], batch: dict, task: str) -> tuple[list[torch.Tensor], dict]:
+    """For a sequence task, each state at the one position its head reads (taps.pooled), as (B, 1, d) under a
+    mask of ones; other tasks' as they are. A filter maps each token on its own, so the head sees what it saw
+    when every token was filtered, and the filters do one token's arithmetic an example instead of all of them."""
+    if TASK[task].causal or TASK[task].per_token:
+        return hidden, batch
+    mask = batch["attention_mask"]
+    last = is_decoder_only(model)
+    ones = torch.ones(len(mask), 1, dtype=mask.dtype, device=mask.device)
+    return [pooled(state, mask, last)[:, None] for state in hidden], {**batch, "attention_mask": ones}
+
+
 def head_loss(head, filtered: torch.Tensor, batch: dict, task: str) -> torch.Tensor:
     if TASK[task].causal:
         return lm_loss(head(filtered), batch["input_ids"], batch["attention_mask"])
@@ -145,6 +158,7 @@ def filter_metrics(model, bank: FilterBank, heads, source, task: str, pad_id: in
     for batch in iterate_batches(source, batch_size, pad_id):
         batch = to_device(batch, device)
         _, hidden = frozen_forward(model, batch, layers)
+        hidden, batch = at_head_positions(model, hidden, batch, task)
         mask = batch["attention_mask"]
         weight = float(mask[:, 1:].sum()) if TASK[task].causal else float(labelled(batch["labels"], task).sum())
         if weight == 0:

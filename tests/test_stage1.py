@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 from helpers.builders import FILLER, NEGATIVE, POSITIVE, make_tokenizer, without_dropout, write_rows
-from transformers import GPT2Config, GPT2ForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
 from tedcache import DataConfig, ExtractConfig, FinetuneConfig, OptimConfig, TedcacheError, extract, finetune
 from tedcache.cache import Cache
@@ -156,3 +156,32 @@ def test_stage1_reuse_is_on_by_default_and_can_be_turned_off_on_the_command_line
     def given(*flags):
         return app.commands["distill"].make_context("distill", ["--cache", "c", "--student", "s", "--out", "o", *flags])
     assert given().params["reuse_stage1"] is True and given("--no-reuse-stage1").params["reuse_stage1"] is False
+
+
+@pytest.mark.parametrize("kind, decoder", [("linear", False), ("mlp", False), ("linear", True)])
+def test_filtering_only_the_head_s_position_gives_the_loss_and_gradients_of_filtering_every_token(kind, decoder):
+    """A sequence head reads one position (token 0, or a decoder's last real token); Stage I filters only that
+    position's state: the same loss and the same filter and head gradients as filtering every token."""
+    from tedcache.filters import SequenceHead
+    from tedcache.stage1 import at_head_positions, head_loss
+
+    torch.manual_seed(0)
+    model = (GPT2ForSequenceClassification(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50)) if decoder else
+             BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                      intermediate_size=32, vocab_size=50)))
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+    batch = {"attention_mask": mask, "labels": torch.tensor([0, 1, 1])}
+    hidden = [torch.randn(3, 5, 16) for _ in range(2)]
+    bank = FilterBank(FilterSpec([0, 1], 16, 8, kind))
+    heads = torch.nn.ModuleList(SequenceHead(8, 2, last_token=decoder, dropout=0.0) for _ in range(2))
+    results = []
+    for states, inputs in ((hidden, batch), at_head_positions(model, hidden, batch, "classification")):
+        bank.zero_grad(), heads.zero_grad()
+        loss = sum(head_loss(head, f, inputs, "classification") for head, f in zip(heads, bank(states)))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in [*bank.parameters(), *heads.parameters()]]))
+    (full, full_grads), (pooled, pooled_grads) = results
+    assert at_head_positions(model, hidden, batch, "classification")[0][0].shape == (3, 1, 16)
+    torch.testing.assert_close(pooled, full)
+    for a, b in zip(pooled_grads, full_grads):
+        torch.testing.assert_close(a, b)

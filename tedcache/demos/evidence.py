@@ -15,7 +15,7 @@ COMPARISONS = [("ted", "kd"), ("ted", "lwd"), ("ted", "finetune"), ("kd", "finet
 
 
 def compact(summary: dict, title: str, tuned: dict) -> dict:
-    """The part of a `tedcache.results.summarize` summary the demos print (kept small: it ships)."""
+    """The part of a `tedcache.experiments.results.summarize` summary the demos print (kept small: it ships)."""
     comparisons = [{"a": c["a"], "b": c["b"], "seeds": len(c["seeds"]), "by_seed": c["by_seed"],
                     "verdict": c["verdict"]} for c in summary["comparisons"] if (c["a"], c["b"]) in COMPARISONS]
     comparisons.sort(key=lambda c: COMPARISONS.index((c["a"], c["b"])))
@@ -31,7 +31,7 @@ def load(setting: str) -> dict | None:
 
 def tuned_params(setting: str, method: str) -> dict:
     """The best configuration the study's tuner found for `method` in `setting` (DistillConfig names, dotted
-    into optim as `tedcache.tune.apply` takes them), or {} where the study has none."""
+    into optim as `tedcache.experiments.tune.apply` takes them), or {} where the study has none."""
     found = load(setting) or {}
     return dict(found.get("tuned", {}).get(method, {}).get("params", {}))
 
