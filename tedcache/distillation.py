@@ -140,10 +140,10 @@ def _student_filters(cfg: DistillConfig, cache: Cache, student, log) -> tuple[Fi
                             f"{meta.states} ones; extract one with --states {needed}")
     total, origin = num_layers(student), copied_from(student)
     requested = parse_layers(cfg.student_layers, total)
-    student_layers, teacher_layers = map_layers(requested, cache.layers, cfg.layer_map, total, origin,
-                                                meta.teacher_num_layers)
-    bank = FilterBank(FilterSpec(student_layers, hidden_size(student), meta.filter_dim, meta.filter_kind or "linear"))
     rule = map_rule(cfg.layer_map, requested, cache.layers, origin, meta.teacher_num_layers)
+    student_layers, teacher_layers = map_layers(requested, cache.layers, rule if cfg.layer_map == "auto" else cfg.layer_map,
+                                                total, origin, meta.teacher_num_layers)
+    bank = FilterBank(FilterSpec(student_layers, hidden_size(student), meta.filter_dim, meta.filter_kind or "linear"))
     log(describe_map(cfg.layer_map, rule, requested, dict(zip(student_layers, teacher_layers)), origin))
     return bank.to(next(student.parameters()).device), teacher_layers, rule
 
