@@ -22,13 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from tedcache.cache import Cache
 from tedcache.demos.bench import read_throughput
 from tedcache.demos.demo import QUICK_DEMO, prepare
 from tedcache.filters import FilterBank, FilterSpec
 from tedcache.layer_maps import map_layers
+from tedcache.loop import adamw
 from tedcache.losses import Stage2Loss
 from tedcache.models import load_classifier
 from tedcache.reader import CacheBatches
@@ -43,7 +42,7 @@ def step_rate(setup, cache: str, layers: list[int], batch_size: int, steps: int 
     s_layers, _ = map_layers([0, 1], Cache(cache).layers, "interval", 2)
     bank = FilterBank(FilterSpec(s_layers, hidden_size(student), meta.filter_dim))
     params = list(student.parameters()) + list(bank.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = adamw(params, 1e-5)
     loss_of = Stage2Loss(meta.task, "ted", filters=bank)
     batches = []
     for batch in CacheBatches(cache, "train", layers, batch_size, shuffle=True, seed=1):

@@ -180,6 +180,15 @@ class Runtime:
     checkpoint: Checkpoint | None = None
 
 
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where every parameter's device has one (CPU, CUDA): one pass over each
+    tensor instead of a dozen elementwise ones, 6x faster a step on a 16M-parameter student on a CPU
+    (docs/performance.md); elsewhere torch's default implementation. Both compute AdamW; their results
+    differ in the last bits, and each is deterministic."""
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def fit(phase: Phase, runtime: Runtime = Runtime()) -> dict:
     """AdamW + linear warm-up/decay over `phase.optim.epochs` (fractions allowed) of the phase's batches; an
     optimiser step takes `grad_accum` micro-batches (and, with several processes, one from each: the modules
@@ -218,7 +227,7 @@ class _Fitting:
         # taken after wrapping: FSDP replaces the parameters with sharded ones
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.trained = [m for m in phase.modules if any(p.requires_grad for p in m.parameters())]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(params, cfg.lr, cfg.weight_decay)
         self.schedule = get_linear_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * self.total), self.total)
         self.state = _resume(runtime.checkpoint, self.model, self.trained, self.optimizer, self.schedule,
                              runtime.processes)

@@ -84,7 +84,7 @@ def test_the_dataset_carries_a_causal_lm_cache_s_sparse_rows(lm_assets, tmp_path
 def _trainer_args(out, **extra) -> TrainingArguments:
     return TrainingArguments(str(out), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-3, warmup_steps=0,
                              weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, seed=3, report_to=[],
-                             save_strategy="no", use_cpu=True, optim="adamw_torch", disable_tqdm=True, **extra)
+                             save_strategy="no", use_cpu=True, optim="adamw_torch_fused", disable_tqdm=True, **extra)
 
 
 def test_the_trainer_trains_on_distill_s_losses(ted_cache, tmp_path):

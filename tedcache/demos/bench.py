@@ -31,6 +31,7 @@ from ..errors import note
 from ..extraction import extract
 from ..filters import FilterBank, FilterSpec
 from ..layer_maps import map_layers
+from ..loop import adamw
 from ..losses import Stage2Loss, task_loss
 from ..models import load_classifier, load_for_task, load_tokenizer
 from ..reader import CacheBatches, ExamplesSource, iterate_batches
@@ -125,7 +126,7 @@ def measure_steps(pair: str, mode: str, workdir: str, steps: int, batch_size: in
     s_layers, t_layers = map_layers(list(range(total)), cache.layers, "interval", total)
     bank = FilterBank(FilterSpec(s_layers, hidden_size(student), meta.filter_dim)).to(device)
     params = list(student.parameters()) + (list(bank.parameters()) if mode != "student" else [])
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = adamw(params, 1e-5)
     loss_of = Stage2Loss("classification", "ted", kl_alpha=1.0, mse_alpha=1.0, temperature=2.0, filters=bank).to(device)
     live = LiveTargets(info["teacher"], cache, t_layers, device) if mode == "online" else None
     # every mode the same batches in the same order (distill's reader); only offline reads the targets
