@@ -59,7 +59,8 @@ def train_filters(model, bank: FilterBank, source, training: FilterTraining, eva
     With `checkpoint`, the filters, heads, optimiser, schedule, data position and generators are saved
     as fit saves them, and a saved state is resumed: the result equals an uninterrupted run's.
 
-    Returns fit's result plus "filters": each filter's metrics (see filter_metrics) on `eval_source`,
+    Returns fit's result plus "filters": each filter's metrics (see filter_metrics; a causal LM's also
+    logit_lens_losses) on `eval_source`,
     else on the training data, with the split they were measured on and the steps trained."""
     task, cfg, seed, pad_id = training.task, training.optim, training.seed, training.pad_id
     if cfg.batch_size % processes.size:
@@ -95,6 +96,8 @@ def train_filters(model, bank: FilterBank, source, training: FilterTraining, eva
                  Runtime(Validation(measure, "loss", lower_is_better=True) if eval_source is not None else None,
                          device=device, processes=processes, checkpoint=checkpoint))
     final = result["best"] if eval_source is not None else measure()
+    if TASK[task].causal:
+        final = {**final, **logit_lens_losses(model, bank.spec.layers, scored, pad_id, cfg.batch_size)}
     model.train()
     result["filters"] = {"split": "eval" if eval_source is not None else "train", "steps": result["steps"],
                          "stopped_early": result["stopped_early"], "metrics": final}
@@ -145,30 +148,19 @@ def head_loss(head, filtered: torch.Tensor, batch: dict, task: str) -> torch.Ten
 def filter_metrics(model, bank: FilterBank, heads, source, task: str, pad_id: int, batch_size: int) -> dict:
     """Every filter through its head over `source`, dropout off: {"loss": mean over filters, and per
     layer "<layer>/loss" (the task loss: cross-entropy, squared error, or next-token loss), classification
-    "<layer>/accuracy" (question answering: of whole answer spans in a window), causal-lm
-    "<layer>/logit_lens_loss" (the same layer's state read by the model's own final norm and output head,
-    no filter: what the layer says without training). Examples without a gold label count only in
-    causal-lm."""
+    "<layer>/accuracy" (question answering: of whole answer spans in a window)}. Examples without a gold
+    label count only in causal-lm."""
     for module in (model, bank, heads):
         module.eval()
-    device = input_device(model)
     layers = bank.spec.layers
     sums: dict[str, float] = {}
     total = 0.0
-    for batch in iterate_batches(source, batch_size, pad_id):
-        batch = to_device(batch, device)
-        _, hidden = frozen_forward(model, batch, layers)
-        hidden, batch = at_head_positions(model, hidden, batch, task)
-        mask = batch["attention_mask"]
-        weight = float(mask[:, 1:].sum()) if TASK[task].causal else float(labelled(batch["labels"], task).sum())
-        if weight == 0:
-            continue
+    for batch, hidden, weight in _frozen_batches(model, source, layers, task, pad_id, batch_size):
         total += weight
-        for layer, head, state, filtered in zip(layers, heads, hidden, bank(hidden)):
+        mask = batch["attention_mask"]
+        for layer, head, filtered in zip(layers, heads, bank(hidden)):
             values = {"loss": head_loss(head, filtered, batch, task)}
-            if TASK[task].causal:
-                values["logit_lens_loss"] = lm_loss(in_own_dtype(model_parts(model).head, state), batch["input_ids"], mask)
-            elif task in ("classification", "token-classification"):
+            if task in ("classification", "token-classification"):
                 known = labelled(batch["labels"], task)
                 values["accuracy"] = (head(filtered, mask).argmax(-1) == batch["labels"])[known].float().mean()
             elif task == "question-answering":  # both ends of the window's answer span right
@@ -181,6 +173,36 @@ def filter_metrics(model, bank: FilterBank, heads, source, task: str, pad_id: in
     result = {key: value / max(total, 1.0) for key, value in sums.items()}
     result["loss"] = sum(result[f"{layer}/loss"] for layer in layers) / len(layers)
     return result
+
+
+@torch.no_grad()
+def logit_lens_losses(model, layers: list[int], source, pad_id: int, batch_size: int) -> dict:
+    """A causal LM's {"<layer>/logit_lens_loss"}: each layer's state read by the model's own final norm and
+    output head, no filter, over `source` (what the layer says without training). It does not depend on
+    the filters, so Stage I measures it once, not at every validation."""
+    model.eval()
+    head = model_parts(model).head
+    sums, total = [0.0] * len(layers), 0.0
+    for batch, hidden, weight in _frozen_batches(model, source, layers, "causal-lm", pad_id, batch_size):
+        total += weight
+        for j, state in enumerate(hidden):
+            sums[j] += float(lm_loss(in_own_dtype(head, state), batch["input_ids"], batch["attention_mask"])) * weight
+    return {f"{layer}/logit_lens_loss": value / max(total, 1.0) for layer, value in zip(layers, sums)}
+
+
+def _frozen_batches(model, source, layers: list[int], task: str, pad_id: int, batch_size: int):
+    """(batch, the frozen model's states at the positions the heads read, the batch's weight in a mean over
+    the source: its next-token pairs for a causal LM, else its labelled examples) for each batch of `source`
+    that has any weight."""
+    device = input_device(model)
+    for batch in iterate_batches(source, batch_size, pad_id):
+        batch = to_device(batch, device)
+        _, hidden = frozen_forward(model, batch, layers)
+        hidden, batch = at_head_positions(model, hidden, batch, task)
+        weight = (float(batch["attention_mask"][:, 1:].sum()) if TASK[task].causal
+                  else float(labelled(batch["labels"], task).sum()))
+        if weight:
+            yield batch, hidden, weight
 
 
 def describe_filters(measured: dict) -> str:

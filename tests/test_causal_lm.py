@@ -20,6 +20,7 @@ from tedcache.cache.logits import check_rebuilt, head_logits, parse_logit_spec, 
 from tedcache.data import load_blocks
 from tedcache.distributed import pick_device
 from tedcache.errors import TedcacheError
+from tedcache.evaluate import evaluate
 from tedcache.filters import FilterBank, FilterSpec
 from tedcache.losses import Stage2Loss, hidden_kd_loss, kd_loss
 from tedcache.models import load_causal_lm, load_tokenizer
@@ -79,6 +80,9 @@ def test_stage1_lm_heads_train_only_filters(lm_assets, family, head):
     assert history[-1]["loss"] < history[0]["loss"] - 0.3  # the heads learn next-token prediction
     metrics = result["filters"]["metrics"]  # each filter beside what its layer says through the model's own head
     assert all(metrics[f"{layer}/loss"] > 0 and metrics[f"{layer}/logit_lens_loss"] > 0 for layer in (1, 3))
+    # the last layer read through the model's own head is the model: its logit lens is the model's own loss
+    own = evaluate(model, iterate_batches(ExamplesSource(blocks), 8, 0), "causal-lm")["loss"]
+    assert metrics["3/logit_lens_loss"] == pytest.approx(own, rel=1e-5)
 
 
 @pytest.mark.parametrize("logits", ["topk:8", "sample:20", "full"])
