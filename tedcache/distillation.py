@@ -27,7 +27,7 @@ from .errors import TedcacheError, note
 from .evaluate import evaluate, task_validation
 from .filters import FilterBank, FilterSpec
 from .layer_maps import describe_map, map_layers, map_rule
-from .loop import Checkpoint, Phase, Runtime, fit
+from .loop import ADAMW_KERNEL, Checkpoint, Phase, Runtime, fit
 from .losses import Stage2Loss
 from .models import load_for_task, load_tokenizer, vocab_hash, weights_hash
 from .reader import CacheBatches, CacheSource, iterate_batches, num_batches
@@ -181,7 +181,7 @@ def _student_stage1(run: DistillRun, labels_only: CacheSource) -> dict:
         "student": weights_hash(student), "config": student.config.to_dict(), "filters": weights_hash(bank),
         "student_layers": bank.spec.layers, "teacher_layers": run.teacher_layers, "cache": run.meta.content_key,
         "stage1": asdict(cfg.stage1), "states": cfg.stage1_states, "seed": cfg.seed, "processes": run.procs.size,
-        "tedcache": version("tedcache")}, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        "tedcache": version("tedcache"), "adamw": ADAMW_KERNEL}, sort_keys=True, default=str).encode()).hexdigest()[:24]
     kept = stored_filters(STAGE1_STORE, key, bank) if cfg.reuse_stage1 else None
     if kept is not None:
         run.log(f"stage I (student filters): the filters an earlier run trained with the same key ({key}), reused")
