@@ -98,15 +98,16 @@ def test_a_finished_study_is_kept_and_a_foreign_one_refused(assets, labelled_cac
 
 
 @pytest.mark.process
-def test_a_killed_tune_resumes_and_retries_the_trial_it_was_running(assets, labelled_cache, tmp_path):
+def test_a_killed_tune_resumes_retries_the_trial_it_was_running_and_draws_new_ones(assets, labelled_cache, tmp_path):
     out = tmp_path / "t"
     args = ["tune", "--cache", labelled_cache, "--student", assets["student"], "--out", out, "--methods", "kd",
-            "--trials", "3", "--pruner", "none", "--max-steps", "40", "--batch-size", "8", "--seed", "3"]
+            "--trials", "3", "--search", "optim.lr,kl_alpha", "--pruner", "none", "--max-steps", "40", "--batch-size", "8",
+            "--seed", "3"]  # the base configuration fixes every searched value: its trial draws nothing
     process = subprocess.Popen([sys.executable, "-m", "tedcache.cli.main", *map(str, args)], stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.time() + 120
-    while time.time() < deadline and not list((out / "trials" / "kd").glob("*.checkpoint")):
-        time.sleep(0.2)  # a trial is mid-way once its first epoch has been checkpointed
+    while time.time() < deadline and not list((out / "trials" / "kd").glob("0001*.checkpoint")):
+        time.sleep(0.2)  # the first randomly drawn trial is mid-way once its first epoch has been checkpointed
     process.send_signal(signal.SIGKILL)
     process.wait()
     import optuna
@@ -121,6 +122,8 @@ def test_a_killed_tune_resumes_and_retries_the_trial_it_was_running(assets, labe
     finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished) == 3 and [t.state for t in trials].count(optuna.trial.TrialState.FAIL) == 1
     assert any(t.params == killed[0].params for t in finished)  # the killed trial's parameters ran again
+    # the resumed process drew a configuration of its own, not the one its sampler's stream began with
+    assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == 3
 
 
 @pytest.mark.process

@@ -152,6 +152,8 @@ def tune(cfg: TuneConfig, log=None) -> dict:
     hour)."""
     import optuna
 
+    from .sampling import TrialSeededTPE
+
     log = log or note
     _check(cfg)
     if cfg.trials <= TPE_STARTUP_TRIALS:
@@ -175,7 +177,7 @@ def tune(cfg: TuneConfig, log=None) -> dict:
         study = optuna.create_study(
             study_name=method, storage=storage, load_if_exists=True,
             direction="minimize" if metric in LOWER_IS_BETTER else "maximize",
-            sampler=optuna.samplers.TPESampler(n_startup_trials=TPE_STARTUP_TRIALS, seed=cfg.base.seed + number),
+            sampler=TrialSeededTPE(n_startup_trials=TPE_STARTUP_TRIALS, seed=cfg.base.seed + number),
             pruner=_pruner(cfg.pruner, optuna))
         made_for = study.user_attrs.get("identity")
         if made_for is None:
