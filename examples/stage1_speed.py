@@ -5,11 +5,12 @@ arithmetic"):
     python examples/stage1_speed.py demo|lm-demo WORKDIR [REPEATS] [VARIANT,...]
 
 WORKDIR is the folder `tedcache demo` (demo) or `tedcache demo --task causal-lm` (lm-demo) worked in
-(~/.cache/tedcache/demo): its fine-tuned teacher and data are measured. The demo pair runs extract's defaults;
-the LM demo its own filtered layers (every:10) with Stage I at extract's defaults (to convergence, not the
-demo's quarter epoch). The variants (all by default): "before", Stage I filtering every token, AdamW run tensor
-by tensor, a causal LM's logit lens measured at every validation; "positions", filtering only the positions a
-head reads (a sequence task only); "shipped", that with the fused AdamW and the logit lens measured once.
+(~/.cache/tedcache/demo): its fine-tuned teacher and data are measured. The demo pair runs extract's defaults; the
+LM demo its own filtered layers (every:10) with Stage I at extract's defaults (to convergence, not the demo's
+quarter epoch). The variants (all by default): "before", Stage I filtering every token, AdamW run tensor by tensor,
+a causal LM's logit lens measured at every validation (and once more after training, which the old code did not);
+"positions", filtering only the positions a head reads (a sequence task only); "shipped", that with the fused AdamW
+and the logit lens measured once.
 Prints one markdown table of medians over the repeats: whole extraction, Stage I (seconds, steps, the median
 step in milliseconds) and the bare forward over the same batches, and the whole extraction in forwards."""
 

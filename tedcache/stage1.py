@@ -60,8 +60,8 @@ def train_filters(model, bank: FilterBank, source, training: FilterTraining, eva
     as fit saves them, and a saved state is resumed: the result equals an uninterrupted run's.
 
     Returns fit's result plus "filters": each filter's metrics (see filter_metrics; a causal LM's also
-    logit_lens_losses) on `eval_source`,
-    else on the training data, with the split they were measured on and the steps trained."""
+    logit_lens_losses) on `eval_source`, else on the training data, with the split they were measured on
+    and the steps trained."""
     task, cfg, seed, pad_id = training.task, training.optim, training.seed, training.pad_id
     if cfg.batch_size % processes.size:
         raise TedcacheError(f"--stage1-batch-size ({cfg.batch_size}) must be a multiple of the number of "
